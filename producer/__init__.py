@@ -1,0 +1,35 @@
+"""The bot's client: depends on ``protocol`` only (no onnxruntime, no torch).
+
+>>> client = Client.from_url("redis://localhost:6379/0")
+>>> p = client.predict("hybrid_cnn_lstm", window, route="BTCUSDT", timeout_s=0.05)
+>>> p.label, p.confidence, p.outputs["probs"], p.model_version
+"""
+
+from producer.aio import AsyncClient
+from producer.client import Client
+from producer.health import Health, WorkerInfo
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ReplyError,
+    StreamserveError,
+)
+from protocol.messages import Prediction
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadlineExceeded",
+    "Health",
+    "InternalError",
+    "InvalidInput",
+    "ModelNotFound",
+    "Overloaded",
+    "Prediction",
+    "ReplyError",
+    "StreamserveError",
+    "WorkerInfo",
+]

@@ -1,0 +1,71 @@
+"""The bot's asyncio client: the same calls as :class:`producer.Client`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+
+from producer import _core
+from producer.health import Health, build, members_query
+from protocol import keys
+from protocol.errors import ReplyError
+from protocol.messages import Prediction
+
+
+class AsyncClient:
+    """Asyncio client; many concurrent ``predict`` calls share one connection pool."""
+
+    def __init__(self, client: aioredis.Redis, *, timeout_s: float = 1.0) -> None:
+        self.redis = client
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs) -> AsyncClient:
+        """A client for ``redis://host:port/db``."""
+        return cls(aioredis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
+
+    async def predict(self, model: str, features: _core.Features, *, route: str = "",
+                      timeout_s: float | None = None, sample_ndim: int | None = None,
+                      request_id: str | None = None) -> Prediction:
+        """One request; XADD + BLPOP in one pipelined round trip."""
+        timeout_s = timeout_s or self.timeout_s
+        pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
+                                sample_ndim=sample_ndim, request_id=request_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(keys.request_stream(model), pending.fields)
+            pipe.blpop([pending.reply_key], timeout=_core.block_s(pending.deadline_s))
+            _, popped = await pipe.execute()
+        if popped is None:
+            raise _core.timed_out(pending, timeout_s)
+        result = _core.parse(popped[1])
+        if isinstance(result, ReplyError):
+            raise result
+        return result
+
+    async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
+                           timeout_s: float | None = None,
+                           return_exceptions: bool = False) -> list[Prediction | ReplyError]:
+        """Many requests concurrently; errors raised or, with ``return_exceptions``, returned."""
+        calls = [self.predict(model, f, route=route, timeout_s=timeout_s) for f in batch]
+        return await asyncio.gather(*calls, return_exceptions=return_exceptions)
+
+    async def health(self, model: str) -> Health:
+        """Live workers of ``model`` and the versions they serve."""
+        members = await self.redis.zrangebyscore(*members_query(model))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for m in members:
+                pipe.hgetall(keys.worker_hash(model, m.decode() if isinstance(m, bytes) else m))
+            hashes = await pipe.execute() if members else []
+        return build(model, hashes)
+
+    async def close(self) -> None:
+        """Release the connection pool."""
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

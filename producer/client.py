@@ -1,0 +1,106 @@
+"""The bot's synchronous client."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from producer import _core
+from producer.health import Health, read_health
+from protocol import keys
+from protocol.errors import ReplyError
+from protocol.messages import Prediction
+
+
+class Client:
+    """Send feature tensors to a model's stream and wait for the replies.
+
+    Thread-safe: redis-py's connection pool hands each call its own connection.
+    """
+
+    def __init__(self, client: redis.Redis, *, timeout_s: float = 1.0) -> None:
+        self.redis = client
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs) -> Client:
+        """A client for ``redis://host:port/db``."""
+        return cls(redis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
+
+    def predict(self, model: str, features: _core.Features, *, route: str = "",
+                timeout_s: float | None = None, sample_ndim: int | None = None,
+                request_id: str | None = None) -> Prediction:
+        """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
+
+        XADD and BLPOP go in one pipeline: one round trip to Redis.
+        Raises the ``ReplyError`` subclass matching the reply's code.
+        """
+        timeout_s = timeout_s or self.timeout_s
+        pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
+                                sample_ndim=sample_ndim, request_id=request_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(keys.request_stream(model), pending.fields)
+        pipe.blpop([pending.reply_key], timeout=_core.block_s(pending.deadline_s))
+        _, popped = pipe.execute()
+        if popped is None:
+            raise _core.timed_out(pending, timeout_s)
+        return _raise_or_return(_core.parse(popped[1]))
+
+    def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
+                     timeout_s: float | None = None,
+                     return_exceptions: bool = False) -> list[Prediction | ReplyError]:
+        """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
+
+        With ``return_exceptions`` a failed request's error takes its place in the list;
+        otherwise the first error is raised after all replies are in.
+        """
+        timeout_s = timeout_s or self.timeout_s
+        pendings = [_core.prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None)
+                    for f in batch]
+        pipe = self.redis.pipeline(transaction=False)
+        for p in pendings:
+            pipe.xadd(keys.request_stream(model), p.fields)
+        pipe.execute()
+        results = self._gather(pendings, timeout_s)
+        return results if return_exceptions else [_raise_or_return(r) for r in results]
+
+    def _gather(self, pendings: list[_core.Pending], timeout_s: float) -> list:
+        results: dict[str, Prediction | ReplyError] = {}
+        waiting = {p.reply_key: p for p in pendings}
+        deadline_s = max(p.deadline_s for p in pendings) if pendings else 0
+        while waiting:
+            popped = self.redis.blpop(list(waiting), timeout=_core.block_s(deadline_s))
+            if popped is None:
+                break
+            results[popped[0].decode()] = _core.parse(popped[1])
+            del waiting[popped[0].decode()]
+            # Whatever else is ready comes back in one more round trip.
+            pipe = self.redis.pipeline(transaction=False)
+            for key in waiting:
+                pipe.lpop(key)
+            for key, payload in zip(list(waiting), pipe.execute(), strict=True):
+                if payload is not None:
+                    results[key] = _core.parse(payload)
+                    del waiting[key]
+        return [results.get(p.reply_key) or _core.timed_out(p, timeout_s) for p in pendings]
+
+    def health(self, model: str) -> Health:
+        """Live workers of ``model`` (from their heartbeats) and the versions they serve."""
+        return read_health(self.redis, model)
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _raise_or_return(result: Prediction | ReplyError) -> Prediction:
+    if isinstance(result, ReplyError):
+        raise result
+    return result

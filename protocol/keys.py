@@ -1,0 +1,89 @@
+"""Every Redis key and channel streamserve uses is spelled here, and only here.
+
+Per-model keys carry the hash tag ``{<model>}`` so that every multi-key command
+(the reply+ack transaction, BLPOP over several reply keys, registry updates)
+touches a single Redis Cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+
+from protocol.errors import InvalidInput
+
+PREFIX = "ss"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def check_model_name(model: str) -> str:
+    """Return ``model`` if it is a valid model name (no braces, ≤ 64 chars), else raise."""
+    if not _NAME.match(model):
+        raise InvalidInput(f"invalid model name {model!r}: use [A-Za-z0-9_.-], at most 64 chars")
+    return model
+
+
+def check_request_id(request_id: str) -> str:
+    """Return ``request_id`` if it is a valid request id, else raise ``InvalidInput``."""
+    if not _REQUEST_ID.match(request_id):
+        raise InvalidInput(f"invalid request id {request_id!r}: use [A-Za-z0-9_-], 1-64 chars")
+    return request_id
+
+
+def _tag(model: str) -> str:
+    return f"{PREFIX}:{{{check_model_name(model)}}}"
+
+
+def request_stream(model: str) -> str:
+    """The stream bots XADD requests to."""
+    return f"{_tag(model)}:requests"
+
+
+def consumer_group(model: str) -> str:
+    """The consumer group all workers of ``model`` share (not a key, but named here)."""
+    return "workers"
+
+
+def reply_key(model: str, request_id: str) -> str:
+    """The list a worker LPUSHes the reply to and the bot BLPOPs."""
+    return f"{_tag(model)}:reply:{check_request_id(request_id)}"
+
+
+def dead_letter_stream(model: str) -> str:
+    """Entries delivered too many times, with the reason."""
+    return f"{_tag(model)}:dead"
+
+
+def workers_zset(model: str) -> str:
+    """Live workers of a model: member = worker id, score = last heartbeat (ms)."""
+    return f"{_tag(model)}:workers"
+
+
+def worker_hash(model: str, worker_id: str) -> str:
+    """A worker's self-description (version served, pid, host, counters), with a TTL."""
+    return f"{_tag(model)}:worker:{worker_id}"
+
+
+def batch_histogram(model: str) -> str:
+    """Hash: batch size → number of batches run (all workers of the model)."""
+    return f"{_tag(model)}:stats:batch_sizes"
+
+
+def models_set() -> str:
+    """Set of registered model names."""
+    return f"{PREFIX}:registry:models"
+
+
+def model_hash(model: str) -> str:
+    """Registry hash of a model: version counter, production version, timestamps."""
+    return f"{PREFIX}:registry:{{{check_model_name(model)}}}:model"
+
+
+def version_hash(model: str, version: int) -> str:
+    """Registry hash of one version: artifact, sha256, format, spec, labels, metrics, stage."""
+    return f"{PREFIX}:registry:{{{check_model_name(model)}}}:version:{int(version)}"
+
+
+def control_channel() -> str:
+    """Pub/sub channel for fleet commands (reload); a nudge, the registry is the truth."""
+    return f"{PREFIX}:control"

@@ -1,0 +1,53 @@
+"""One validated settings object, built once at start-up and passed down.
+
+Every field can be set from the environment with the ``STREAMSERVE_`` prefix
+(``STREAMSERVE_MAX_BATCH=32``); CLI flags override it. No other module reads
+the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Connection, batching, reliability and limits; see docs/protocol.md for the wire side."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMSERVE_", frozen=True, extra="forbid")
+
+    redis_url: str = "redis://localhost:6379/0"
+    artifact_dir: Path = Path("var/artifacts")
+
+    max_batch: int = Field(32, ge=1, le=4096, description="rows per model call")
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="wait after a batch's first item")
+    block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
+    reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")
+
+    reclaim_min_idle_ms: int = Field(30_000, ge=0, description="pending idle time before reclaim")
+    reclaim_interval_s: float = Field(5.0, gt=0)
+    max_deliveries: int = Field(3, ge=1, description="deliveries before dead-lettering")
+    dead_letter_maxlen: int = Field(100_000, ge=1)
+
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_ttl_s: float = Field(5.0, gt=0)
+    reconcile_interval_s: float = Field(10.0, gt=0, description="re-read the registry")
+    grace_period_s: float = Field(10.0, gt=0, description="SIGTERM: time to finish the batch")
+
+    max_message_bytes: int = Field(16 << 20, ge=1024, description="bound on one decoded entry")
+    max_request_rows: int = Field(1024, ge=1, description="samples one request may carry")
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_interval(self) -> Settings:
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
+        return self
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A validated copy with ``changes`` applied (``None`` values ignored)."""
+        data = self.model_dump()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return Settings.model_validate(data)

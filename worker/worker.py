@@ -1,0 +1,343 @@
+"""The worker: read a model's stream through its consumer group, micro-batch, infer, reply, ack.
+
+One process serves one model with one ONNX Runtime session. The loop is
+synchronous on purpose: a batch is read, computed and answered in order, so
+"finish the in-flight batch" on SIGTERM is simply "finish this iteration".
+Replies and the XACK go out in one MULTI/EXEC: an entry is acked only together
+with its reply, and an entry never answered stays pending for another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+
+from protocol import keys, messages
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ReplyError,
+    StreamserveError,
+)
+from protocol.settings import Settings
+from registry import Registry
+from worker.batcher import Batcher
+from worker.loader import LoadedModel, load_version
+
+log = logging.getLogger(__name__)
+Entry = tuple[str, dict[bytes, bytes]]
+
+
+@dataclass
+class Outbox:
+    """What one batch writes back: replies, entries to ack, entries to dead-letter."""
+
+    replies: list[tuple[str, bytes]] = field(default_factory=list)
+    ack_ids: list[str] = field(default_factory=list)
+    dead: list[tuple[Entry, str]] = field(default_factory=list)
+    rows: int = 0
+
+
+class Worker:
+    """Serve one model from its request stream until stopped (or drained, with ``burst``)."""
+
+    def __init__(self, settings: Settings, model: str, *, burst: bool = False,
+                 max_queue_ms: float = 0.0, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.model = keys.check_model_name(model)
+        self.burst = burst
+        self.max_queue_ms = max_queue_ms
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_keepalive=True)
+        self.registry = Registry(self.redis, settings.artifact_dir)
+        self.stream = keys.request_stream(model)
+        self.group = keys.consumer_group(model)
+        self.loaded: LoadedModel | None = None
+        self.load_error = "not loaded yet"
+        self.stopping = threading.Event()
+        self.batches = self.requests = 0
+        self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0}
+        self.batcher = Batcher(self._read, max_batch=settings.max_batch,
+                               max_wait_ms=settings.max_wait_ms)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
+        self._ensure_group()
+        self.reconcile()
+        log.info("worker %s serving %s (%s)", self.worker_id, self.model, self._serving())
+        try:
+            while not self.stopping.is_set():
+                self._maintain()
+                wait_ms = 0 if self.burst else self._idle_wait_ms()
+                batch = self.batcher.next_batch(wait_ms)
+                if batch:
+                    self.process(batch)
+                elif self.burst and not self.reclaim():
+                    break
+        finally:
+            self._sign_off()
+
+    def stop(self) -> None:
+        """Stop reading; the batch in hand is finished and acked first."""
+        self.stopping.set()
+
+    def install_signal_handlers(self, *, sigint: bool = True) -> None:
+        """SIGTERM (and SIGINT) stop gracefully; a second signal, or the grace period, forces exit."""
+        def handle(signum: int, _frame: object) -> None:
+            if self.stopping.is_set():
+                log.warning("second signal: forcing exit")
+                os._exit(1)
+            log.info("signal %s: finishing the current batch, then exiting", signum)
+            self.stop()
+            timer = threading.Timer(self.settings.grace_period_s, os._exit, (1,))
+            timer.daemon = True
+            timer.start()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle if sigint else signal.SIG_IGN)
+
+    def _ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def _idle_wait_ms(self) -> float:
+        next_due = min(self._due.values())
+        return max(1.0, min(self.settings.block_ms, (next_due - time.monotonic()) * 1000))
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        s = self.settings
+        if now >= self._due["heartbeat"]:
+            self._due["heartbeat"] = now + s.heartbeat_interval_s
+            self.heartbeat()
+        if now >= self._due["reconcile"]:
+            self._due["reconcile"] = now + s.reconcile_interval_s
+            self.reconcile()
+        if now >= self._due["reclaim"]:
+            self._due["reclaim"] = now + s.reclaim_interval_s
+            self.reclaim()
+
+    # ---- model -----------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Serve the registry's Production version; keep the old one if the new cannot load."""
+        try:
+            target = self.registry.production(self.model)
+        except StreamserveError as e:
+            if self.loaded is None:
+                self.load_error = str(e)
+            return
+        if self.loaded is not None and self.loaded.version.version == target.version:
+            return
+        try:
+            self.loaded = load_version(self.registry, target, self.settings)
+            self.load_error = ""
+        except StreamserveError as e:
+            self.load_error = f"v{target.version}: {e}"
+            log.error("cannot load %s v%s: %s", self.model, target.version, e)
+
+    def _serving(self) -> str:
+        return f"v{self.loaded.version.version}" if self.loaded else f"nothing: {self.load_error}"
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _read(self, count: int, wait_ms: float) -> list[Entry]:
+        block = int(wait_ms) if wait_ms >= 1 else None
+        response = self.redis.xreadgroup(self.group, self.worker_id, {self.stream: ">"},
+                                         count=count, block=block)
+        return [(_text(i), f) for i, f in response[0][1]] if response else []
+
+    def reclaim(self) -> int:
+        """Take over entries idle in dead consumers' pending lists; dead-letter the over-delivered."""
+        start, handled = "0-0", 0
+        while True:
+            start, claimed, deleted = self._autoclaim(start)
+            if deleted:  # trimmed away while pending: nothing left to answer
+                self.redis.xack(self.stream, self.group, *deleted)
+            if claimed:
+                handled += len(claimed)
+                self._process_claimed(claimed)
+            if start in ("0-0", b"0-0"):
+                return handled
+
+    def _autoclaim(self, start: str) -> tuple[str, list[Entry], list[str]]:
+        result = self.redis.xautoclaim(self.stream, self.group, self.worker_id,
+                                       self.settings.reclaim_min_idle_ms, start_id=start,
+                                       count=self.settings.max_batch)
+        claimed = [(_text(i), f) for i, f in result[1] if f is not None]
+        deleted = [_text(i) for i in (result[2] if len(result) > 2 else [])]
+        return _text(result[0]), claimed, deleted
+
+    def _process_claimed(self, claimed: list[Entry]) -> None:
+        ids = [entry_id for entry_id, _ in claimed]
+        pending = self.redis.xpending_range(self.stream, self.group, min=min(ids, key=_id_key),
+                                            max=max(ids, key=_id_key), count=len(ids) + 1000,
+                                            consumername=self.worker_id)
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        over = [e for e in claimed if deliveries.get(e[0], 0) > self.settings.max_deliveries]
+        fresh = [e for e in claimed if deliveries.get(e[0], 0) <= self.settings.max_deliveries]
+        log.warning("reclaimed %d entries (%d over %d deliveries)", len(claimed), len(over),
+                    self.settings.max_deliveries)
+        self.process(fresh, dead_letter=over)
+
+    # ---- processing ------------------------------------------------------------------------
+
+    def process(self, entries: list[Entry], *, dead_letter: list[Entry] = ()) -> None:
+        """Answer every entry (computed, or with its own error), then ack them with the replies."""
+        started_ms = time.time() * 1000
+        out = Outbox()
+        for entry in dead_letter:
+            self._dead_letter(out, entry, f"delivered more than {self.settings.max_deliveries} times")
+        valid = [r for r in (self._admit(out, e, started_ms) for e in entries) if r is not None]
+        if valid:
+            self._infer(out, valid, started_ms)
+        self._write(out)
+
+    def _admit(self, out: Outbox, entry: Entry, now_ms: float) -> messages.Request | None:
+        entry_id, fields = entry
+        out.ack_ids.append(entry_id)
+        try:
+            request = messages.decode_request(entry_id, fields, max_bytes=self.settings.max_message_bytes)
+            queue_ms = now_ms - _id_ms(entry_id)
+            if request.deadline_ms and request.deadline_ms < now_ms:
+                raise DeadlineExceeded(f"deadline passed {now_ms - request.deadline_ms:.1f} ms "
+                                       f"before compute (queued {queue_ms:.1f} ms)")
+            if self.max_queue_ms and queue_ms > self.max_queue_ms:
+                raise Overloaded(f"queued {queue_ms:.1f} ms > {self.max_queue_ms} ms; shed")
+            if self.loaded is None:
+                raise ModelNotFound(f"model {self.model!r} has no servable version ({self.load_error})")
+            self.loaded.spec.check(request.inputs, self.settings.max_request_rows)
+            return request
+        except ReplyError as e:
+            request_id = e.request_id or messages.request_id_of(fields)
+            if request_id is None:
+                self._dead_letter(out, entry, f"unanswerable: {e}")
+            else:
+                timings = {"queue_ms": now_ms - _id_ms(entry_id), "infer_ms": 0.0}
+                out.replies.append((request_id, self._error(request_id, e, timings)))
+            return None
+
+    def _infer(self, out: Outbox, batch: list[messages.Request], started_ms: float) -> None:
+        loaded = self.loaded
+        assert loaded is not None  # _admit rejects everything when nothing is loaded
+        t0 = time.perf_counter()
+        try:
+            stacked = {n: np.concatenate([r.inputs[n] for r in batch]) for n in loaded.spec.fields}
+            outputs = loaded.backend.run(stacked)
+            rows = sum(r.n_rows for r in batch)
+            if any(o.shape[:1] != (rows,) for o in outputs.values()):
+                raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+        except Exception as e:  # a model failure fails this batch only, never the worker
+            log.exception("batch of %d failed", len(batch))
+            err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
+            out.replies += [(r.request_id, self._error(r.request_id, err, {})) for r in batch]
+            return
+        infer_ms = (time.perf_counter() - t0) * 1000
+        out.rows = rows
+        offset = 0
+        for r in batch:
+            part = {name: value[offset:offset + r.n_rows] for name, value in outputs.items()}
+            offset += r.n_rows
+            timings = {"queue_ms": started_ms - _id_ms(r.entry_id), "infer_ms": infer_ms}
+            out.replies.append((r.request_id, messages.encode_ok(
+                r, model=self.model, version=loaded.version.version, outputs=part,
+                labels=loaded.version.labels, timings=timings, worker=self.worker_id)))
+
+    def _error(self, request_id: str, error: ReplyError, timings: dict[str, float]) -> bytes:
+        version = self.loaded.version.version if self.loaded else None
+        return messages.encode_error(request_id, error, model=self.model, version=version,
+                                     timings=timings, worker=self.worker_id)
+
+    def _dead_letter(self, out: Outbox, entry: Entry, reason: str) -> None:
+        entry_id, fields = entry
+        out.ack_ids.append(entry_id)
+        out.dead.append((entry, reason))
+        request_id = messages.request_id_of(fields)
+        if request_id is not None:
+            err = InternalError(f"dead-lettered: {reason}", request_id=request_id)
+            out.replies.append((request_id, self._error(request_id, err, {})))
+
+    def _write(self, out: Outbox) -> None:
+        """Replies, dead letters, histogram and XACK in one MULTI/EXEC (one slot: same hash tag)."""
+        ttl_ms = int(self.settings.reply_ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        for request_id, payload in out.replies:
+            key = keys.reply_key(self.model, request_id)
+            pipe.lpush(key, payload)
+            pipe.pexpire(key, ttl_ms)
+        for (entry_id, fields), reason in out.dead:
+            record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.worker_id}
+            pipe.xadd(keys.dead_letter_stream(self.model), record,
+                      maxlen=self.settings.dead_letter_maxlen, approximate=True)
+        if out.rows:
+            pipe.hincrby(keys.batch_histogram(self.model), str(out.rows), 1)
+        if out.ack_ids:
+            pipe.xack(self.stream, self.group, *out.ack_ids)
+        pipe.execute()
+        self.batches += 1
+        self.requests += len(out.ack_ids)
+
+    # ---- presence --------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """Publish what this worker serves; stale members are pruned by every heartbeat."""
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        key = keys.worker_hash(self.model, self.worker_id)
+        state = {
+            "worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+            "model": self.model, "version": self.loaded.version.version if self.loaded else "",
+            "backend": self.loaded.backend.name if self.loaded else "", "error": self.load_error,
+            "batches": self.batches, "requests": self.requests, "heartbeat_ms": now_ms,
+            "state": "stopping" if self.stopping.is_set() else "serving",
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=state)
+        pipe.pexpire(key, ttl_ms)
+        pipe.zadd(keys.workers_zset(self.model), {self.worker_id: now_ms})
+        pipe.zremrangebyscore(keys.workers_zset(self.model), "-inf", now_ms - ttl_ms)
+        pipe.execute()
+
+    def _sign_off(self) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(keys.workers_zset(self.model), self.worker_id)
+            pipe.delete(keys.worker_hash(self.model, self.worker_id))
+            # Leave no empty consumer behind; a consumer with pending entries must stay for reclaim.
+            pipe.execute()
+            if not self.redis.xpending_range(self.stream, self.group, "-", "+", 1, self.worker_id):
+                self.redis.xgroup_delconsumer(self.stream, self.group, self.worker_id)
+        except redis.RedisError as e:
+            log.warning("sign-off failed: %s", e)
+        log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
+                 self.batches, self.requests)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id_ms(entry_id: str) -> float:
+    return float(entry_id.split("-", 1)[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-", 1)
+    return int(ms), int(seq)
