@@ -1,0 +1,51 @@
+"""``streamserve predict`` and ``streamserve health``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from producer.client import Client
+from protocol.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the client-side commands."""
+    p = subparsers.add_parser("predict", help="send one request (random or from a .npy file)")
+    p.add_argument("model")
+    p.add_argument("--npy", help="a float32 array of one sample, e.g. shape (60, 110)")
+    p.add_argument("--shape", default="60,110", help="shape of the random sample if no --npy")
+    p.add_argument("--route", default="")
+    p.add_argument("--timeout-s", type=float, default=1.0)
+    p.set_defaults(func=_predict)
+
+    p = subparsers.add_parser("health", help="live workers of a model and the versions they serve")
+    p.add_argument("model")
+    p.set_defaults(func=_health)
+
+
+def _predict(args: argparse.Namespace, settings: Settings) -> int:
+    if args.npy:
+        features = np.load(args.npy, allow_pickle=False)
+    else:
+        shape = tuple(int(d) for d in args.shape.split(","))
+        features = np.random.default_rng().standard_normal(shape).astype(np.float32)
+    with Client.from_url(settings.redis_url) as client:
+        p = client.predict(args.model, features, route=args.route, timeout_s=args.timeout_s)
+    print(json.dumps({
+        "model": p.model, "version": p.model_version, "label": p.labels, "confidence": p.confidences,
+        "outputs": {k: v.tolist() for k, v in p.outputs.items()},
+        "queue_ms": round(p.queue_ms, 3), "infer_ms": round(p.infer_ms, 3), "worker": p.worker,
+    }, indent=2))
+    return 0
+
+
+def _health(args: argparse.Namespace, settings: Settings) -> int:
+    with Client.from_url(settings.redis_url) as client:
+        health = client.health(args.model)
+    for w in health.workers:
+        print(f"{w.worker_id:<40} v{w.version} {w.backend:<12} {w.state:<9} age={w.age_ms}ms {w.error}")
+    print(repr(health))
+    return 0 if health.ok else 1

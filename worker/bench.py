@@ -1,0 +1,216 @@
+"""``streamserve bench``: the in-process floor versus end to end through Redis, in one run.
+
+(a) ONNX Runtime in this process on the reference model: B=1 latency and the
+    batch size with the best throughput, then that batch in ``processes``
+    concurrent processes (the ceiling for a fleet of that size).
+(b) Through Redis with a real worker fleet: one sequential client (latency),
+    then enough concurrent clients to saturate the fleet (throughput).
+Ratios (b)/(a) are the numbers to watch; absolute times on a shared box are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from protocol.settings import Settings
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench``."""
+    p = subparsers.add_parser("bench", help="in-process floor vs end-to-end latency and throughput")
+    p.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    p.add_argument("--processes", type=int, default=2, help="worker processes")
+    p.add_argument("--requests", type=int, default=2000, help="sequential low-load requests")
+    p.add_argument("--seconds", type=float, default=3.0, help="per in-process measurement")
+    p.add_argument("--bots", type=int, default=2, help="client processes at saturation")
+    p.add_argument("--concurrency", type=int, default=24, help="in-flight requests per client")
+    p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.set_defaults(func=_bench)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _time_runs(session, x: np.ndarray, seconds: float) -> np.ndarray:
+    for _ in range(5):
+        session.run(None, {"features": x})
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        session.run(None, {"features": x})
+        times.append(time.perf_counter() - t0)
+    return np.array(times) * 1000
+
+
+def in_process(path: Path, seconds: float) -> dict:
+    """B=1 latency and throughput at each batch size, one thread, this process."""
+    session = _session(path)
+    x = np.random.default_rng(0).standard_normal((max(BATCH_SIZES), 60, 110)).astype(np.float32)
+    sweep = {}
+    for b in BATCH_SIZES:
+        ms = _time_runs(session, x[:b], seconds / 2 if b > 1 else seconds)
+        sweep[b] = {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+                    "throughput_rps": b * len(ms) / (ms.sum() / 1000)}
+    best = max(sweep, key=lambda b: sweep[b]["throughput_rps"])
+    return {"b1_p50_ms": sweep[1]["p50_ms"], "b1_p99_ms": sweep[1]["p99_ms"], "best_batch": best,
+            "best_batch_rps": sweep[best]["throughput_rps"], "sweep": sweep}
+
+
+def _parallel_child(path: str, batch: int, seconds: float, gate, out) -> None:
+    session = _session(Path(path))
+    x = np.random.default_rng(1).standard_normal((batch, 60, 110)).astype(np.float32)
+    session.run(None, {"features": x})
+    gate.wait()
+    ms = _time_runs(session, x, seconds)
+    out.put(batch * len(ms) / seconds)
+
+
+def in_process_parallel(path: Path, batch: int, processes: int, seconds: float) -> float:
+    """Summed throughput of ``processes`` concurrent single-thread sessions at ``batch``."""
+    ctx = mp.get_context("spawn")
+    gate, out = ctx.Event(), ctx.Queue()
+    children = [ctx.Process(target=_parallel_child, args=(str(path), batch, seconds, gate, out))
+                for _ in range(processes)]
+    for c in children:
+        c.start()
+    time.sleep(2.0)  # let every child load its session before the gate opens
+    gate.set()
+    total = sum(out.get(timeout=seconds + 60) for _ in children)
+    for c in children:
+        c.join()
+    return total
+
+
+def low_load(url: str, model: str, requests: int) -> dict:
+    """One sequential client: each request waits for its reply before the next is sent."""
+    from producer import Client
+
+    x = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
+    with Client.from_url(url, timeout_s=5.0) as client:
+        for _ in range(50):
+            client.predict(model, x)
+        ms = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            client.predict(model, x)
+            ms.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "n": requests}
+
+
+def saturated(url: str, model: str, bots: int, concurrency: int, requests: int) -> dict:
+    """``bots`` client processes with ``concurrency`` requests in flight each."""
+    from worker.loadgen import LoadSpec, run_load
+
+    spec = LoadSpec(url, model, requests=requests, concurrency=concurrency, timeout_s=10.0)
+    result = run_load(spec, bots)
+    return {"throughput_rps": len(result.latencies_ms) / result.elapsed_s,
+            "p50_ms": result.percentile(50), "p99_ms": result.percentile(99),
+            "errors": dict(result.errors), "n": result.requests, "bots": bots,
+            "concurrency": concurrency}
+
+
+def reference_artifact(directory: Path) -> Path:
+    """The reference architecture with seeded weights (speed does not depend on training)."""
+    import torch
+
+    from worker import reference
+
+    torch.manual_seed(0)
+    return reference.export_onnx(reference.HybridCNNLSTM(), directory / "reference.onnx")
+
+
+def machine() -> dict:
+    """Where the numbers were measured."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
+    """All measurements; returns the JSON document."""
+    from redis import Redis
+
+    from registry import Registry
+    from worker import reference
+    from worker.embedded_redis import EmbeddedRedis
+    from worker.fleet import Fleet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = reference_artifact(Path(tmp))
+        progress("in-process ONNX Runtime sweep …")
+        floor = in_process(path, args.seconds)
+        progress(f"in-process at batch {floor['best_batch']} in {args.processes} processes …")
+        floor["parallel_rps"] = in_process_parallel(path, floor["best_batch"], args.processes, args.seconds)
+        with EmbeddedRedis() as server:
+            s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
+            registry = Registry(Redis.from_url(server.url), s.artifact_dir)
+            mv = registry.register("bench", path, input_spec=reference.input_spec(),
+                                   output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
+            registry.promote("bench", mv.version)
+            fleet_args = ("--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms))
+            with Fleet(s, "bench", args.processes, *fleet_args):
+                progress("end to end, one sequential client …")
+                low = low_load(server.url, "bench", args.requests)
+                progress(f"end to end, {args.bots} clients x {args.concurrency} in flight …")
+                sat = saturated(server.url, "bench", args.bots, args.concurrency, args.saturation_requests)
+    ratios = {"low_load_p50_vs_inprocess_b1": low["p50_ms"] / floor["b1_p50_ms"],
+              "saturated_vs_inprocess_parallel": sat["throughput_rps"] / floor["parallel_rps"]}
+    return {"machine": machine(), "config": vars(args) | {"out": str(args.out)},
+            "in_process": floor, "low_load": low, "saturated": sat, "ratios": ratios,
+            "targets": {"low_load_p50_vs_inprocess_b1": "<= 1.25",
+                        "saturated_vs_inprocess_parallel": ">= 0.85"}}
+
+
+def print_table(doc: dict) -> None:
+    """The human-readable summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    f, low, sat, r = doc["in_process"], doc["low_load"], doc["saturated"], doc["ratios"]
+    table = Table(title=f"streamserve bench — {doc['machine']['cpu']} ({doc['machine']['cores']} cores)")
+    for col in ("measurement", "p50 ms", "p99 ms", "throughput/s"):
+        table.add_column(col, justify="right" if col != "measurement" else "left")
+    table.add_row("in-process ORT, B=1, 1 thread", f"{f['b1_p50_ms']:.3f}", f"{f['b1_p99_ms']:.3f}",
+                  f"{f['sweep'][1]['throughput_rps']:.0f}")
+    best = f["sweep"][f["best_batch"]]
+    table.add_row(f"in-process ORT, B={f['best_batch']} (best), 1 proc", f"{best['p50_ms']:.3f}",
+                  f"{best['p99_ms']:.3f}", f"{best['throughput_rps']:.0f}")
+    table.add_row(f"in-process ORT, B={f['best_batch']}, {doc['config']['processes']} procs", "", "",
+                  f"{f['parallel_rps']:.0f}")
+    table.add_row("end to end, 1 sequential client", f"{low['p50_ms']:.3f}", f"{low['p99_ms']:.3f}",
+                  f"{1000 / low['p50_ms']:.0f}")
+    table.add_row(f"end to end, saturated ({sat['bots']}x{sat['concurrency']})", f"{sat['p50_ms']:.2f}",
+                  f"{sat['p99_ms']:.2f}", f"{sat['throughput_rps']:.0f}")
+    Console().print(table)
+    print(f"low-load p50 / in-process B=1 p50 = {r['low_load_p50_vs_inprocess_b1']:.2f} (target <= 1.25)")
+    print(f"saturated / in-process parallel = {r['saturated_vs_inprocess_parallel']:.2f} (target >= 0.85)")
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    doc = run(settings, args)
+    args.out.write_text(json.dumps(doc, indent=2, default=str))
+    print_table(doc)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,124 @@
+"""``streamserve``: one command; each package contributes its subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import pydantic
+
+from producer import cli as producer_cli
+from protocol.errors import StreamserveError
+from protocol.settings import Settings
+from registry import cli as registry_cli
+
+DEFAULT_MODEL = "hybrid_cnn_lstm"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command tree (``streamserve --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="streamserve", description="Redis-stream inference workers, client, registry.",
+        epilog="Every setting can also come from STREAMSERVE_<NAME> environment variables.")
+    parser.add_argument("--redis-url", help="default: $STREAMSERVE_REDIS_URL or redis://localhost:6379/0")
+    parser.add_argument("--artifact-dir", type=Path, help="content-addressed artifact store")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_worker(sub)
+    _add_train(sub)
+    producer_cli.register(sub)
+    registry_cli.register(sub)
+    from worker import bench, demo
+
+    bench.register(sub)
+    demo.register(sub)
+    return parser
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="serve a model from its request stream")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--processes", type=int, default=1, help="worker processes (one per core)")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--intra-op-threads", type=int)
+    p.add_argument("--max-queue-ms", type=float, default=0.0,
+                   help="shed requests queued longer than this with OVERLOADED (0 = never)")
+    p.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    p.set_defaults(func=_worker)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                       intra_op_threads=args.intra_op_threads)
+    if args.processes > 1 and not args.burst:
+        from worker.supervisor import Supervisor
+
+        return Supervisor(settings, args.model, args.processes, max_queue_ms=args.max_queue_ms).run()
+    from worker.worker import Worker
+
+    worker = Worker(settings, args.model, burst=args.burst, max_queue_ms=args.max_queue_ms)
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the reference HybridCNNLSTM on synthetic data and register it")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", default="Production", choices=["None", "Staging", "Production"])
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rich.progress import Progress
+
+    from registry import Registry
+    from worker import reference
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("training HybridCNNLSTM", total=args.epochs)
+        result = reference.train(n_train=args.n_train, epochs=args.epochs, seed=args.seed,
+                                 progress=lambda done, total: bar.update(task, completed=done))
+    print(f"held-out accuracy {result.accuracy:.4f} on {result.n_test} samples "
+          f"({result.train_seconds:.1f} s on CPU)")
+    registry = Registry(redis.Redis.from_url(settings.redis_url), settings.artifact_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
+        mv = registry.register(
+            args.model, path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
+            labels=list(reference.LABELS), description="HybridCNNLSTM on synthetic series",
+            metrics={"accuracy": result.accuracy, "train_seconds": result.train_seconds,
+                     "n_train": result.n_train, "n_test": result.n_test, "seed": args.seed})
+    if args.stage != "None":
+        mv = registry.promote(args.model, mv.version, args.stage)
+    print(f"registered {mv!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``streamserve`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings().with_overrides(redis_url=args.redis_url, artifact_dir=args.artifact_dir)
+        return args.func(args, settings)
+    except pydantic.ValidationError as e:
+        print(f"streamserve: invalid settings:\n{e}", file=sys.stderr)
+    except StreamserveError as e:
+        print(f"streamserve: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

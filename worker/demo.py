@@ -1,0 +1,92 @@
+"""``streamserve demo``: the whole story on one machine, with an embedded Redis."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from protocol import keys
+from protocol.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``demo``."""
+    p = subparsers.add_parser("demo", help="embedded Redis, train + register, 2 workers, bot load, summary")
+    p.add_argument("--processes", type=int, default=2, help="worker processes")
+    p.add_argument("--bots", type=int, default=4, help="bot (producer) processes")
+    p.add_argument("--requests", type=int, default=1500, help="predictions per bot")
+    p.add_argument("--epochs", type=int, default=4)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rich.console import Console
+
+    from worker.embedded_redis import EmbeddedRedis
+    from worker.fleet import Fleet
+
+    console = Console()
+    with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
+        console.rule(f"[bold]1. Redis-compatible server {server.binary.name} on {server.url}")
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
+        console.rule("[bold]2. Train the reference HybridCNNLSTM and register it in Production")
+        _train(s, args.epochs, console)
+        console.rule(f"[bold]3. Start {args.processes} worker processes")
+        fleet = Fleet(s, "hybrid_cnn_lstm", args.processes).start(log_path=str(Path(tmp) / "workers.log"))
+        console.print(f"workers up: {fleet.args[3:]}")
+        console.rule(f"[bold]4. {args.bots} bots: single and batched requests (1% malformed on purpose)")
+        result = _load(s, args, console)
+        console.rule("[bold]5. Stop the workers (SIGTERM: finish the batch, ack, exit)")
+        code = fleet.stop()
+        console.print(f"worker fleet exited with {code}")
+        histogram = redis.Redis.from_url(server.url).hgetall(keys.batch_histogram("hybrid_cnn_lstm"))
+        _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
+    return 0 if code == 0 and not set(result.errors) - {"INVALID_INPUT"} else 1
+
+
+def _train(settings: Settings, epochs: int, console) -> None:
+    from worker.cli import main
+
+    code = main(["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir),
+                 "train", "--epochs", str(epochs)])
+    if code:
+        raise SystemExit(code)
+
+
+def _load(settings: Settings, args: argparse.Namespace, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from worker.loadgen import LoadSpec, run_load
+
+    spec = LoadSpec(settings.redis_url, "hybrid_cnn_lstm", requests=args.requests, concurrency=4,
+                    batch_every=5, batch_size=8, bad_every=100)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("predictions", total=spec.requests * args.bots)
+        return run_load(spec, args.bots, on_progress=lambda n: bar.advance(task, n))
+
+
+def _summary(console, result, histogram: dict[int, int]) -> None:
+    from rich.table import Table
+
+    table = Table(title="demo summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("predictions", f"{result.requests}")
+    table.add_row("answered ok", f"{len(result.latencies_ms)}")
+    for code, n in sorted(result.errors.items()):
+        table.add_row(f"errors {code}", f"{n}")
+    table.add_row("latency p50 / p99 (ms, per call)",
+                  f"{result.percentile(50):.2f} / {result.percentile(99):.2f}")
+    table.add_row("throughput (predictions/s)", f"{result.requests / result.elapsed_s:.0f}")
+    table.add_row("versions that answered", ", ".join(f"v{v}: {n}" for v, n in result.versions.items()))
+    console.print(table)
+    hist = Table(title="batch sizes (rows per model call)")
+    hist.add_column("rows", justify="right")
+    hist.add_column("batches", justify="right")
+    for low, high in ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 10**9)):
+        n = sum(c for size, c in histogram.items() if low <= size <= high)
+        hist.add_row(f"{low}" if low == high else f"{low}-{high if high < 10**9 else ''}", f"{n}")
+    console.print(hist)

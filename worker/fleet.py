@@ -1,0 +1,60 @@
+"""Start a supervised worker fleet as a subprocess and wait until it serves (demo, bench)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from producer import Client
+from protocol.errors import ConfigError
+from protocol.settings import Settings
+
+
+class Fleet:
+    """``streamserve worker --processes N`` in a child process; a context manager."""
+
+    def __init__(self, settings: Settings, model: str, processes: int, *extra_args: str) -> None:
+        self.settings, self.model, self.processes = settings, model, processes
+        self.args = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url,
+                     "--artifact-dir", str(settings.artifact_dir), "worker", "--model", model,
+                     "--processes", str(processes), *extra_args]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def start(self, timeout_s: float = 60.0, log_path: str | None = None) -> Fleet:
+        """Start and wait until ``processes`` live workers report a loaded version."""
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        with Client.from_url(self.settings.redis_url) as client:
+            while time.monotonic() < deadline:
+                health = client.health(self.model)
+                if sum(w.version is not None for w in health.workers) >= self.processes:
+                    return self
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise ConfigError(f"worker fleet for {self.model!r} did not come up within {timeout_s} s")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (drain and exit), SIGKILL if it takes longer than ``timeout_s``."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.exit_code = self.process.returncode
+        return self.exit_code
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,144 @@
+"""Simulated bots: producer processes that send requests and report latencies and errors.
+
+Used by ``streamserve demo`` and ``streamserve bench``. Each bot process runs an
+asyncio client with ``concurrency`` requests in flight; a share of its calls are
+batched (``predict_many``). Counts stream back to the parent over a queue so it
+can draw a progress bar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from producer import AsyncClient, ReplyError
+
+SAMPLE_SHAPE = (60, 110)
+
+
+@dataclass
+class LoadSpec:
+    """What each bot process does."""
+
+    redis_url: str
+    model: str
+    requests: int
+    concurrency: int = 1
+    batch_every: int = 0  # every Nth call is a predict_many of batch_size
+    batch_size: int = 8
+    bad_every: int = 0  # every Nth single call sends a wrongly shaped window (INVALID_INPUT)
+    timeout_s: float = 2.0
+    routes: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
+
+
+@dataclass
+class LoadResult:
+    """Aggregated over all bot processes."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        """Predictions asked for (a predict_many of 8 counts 8)."""
+        return len(self.latencies_ms) + sum(self.errors.values())
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile of successful requests, in ms."""
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def merge(self, other: dict) -> None:
+        """Add one bot's report."""
+        self.latencies_ms += other["latencies_ms"]
+        self.errors.update(other["errors"])
+        self.versions.update(other["versions"])
+
+
+async def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
+    rng = np.random.default_rng(seed)
+    windows = rng.standard_normal((16, *SAMPLE_SHAPE)).astype(np.float32)
+    report = {"latencies_ms": [], "errors": Counter(), "versions": Counter()}
+    remaining = [spec.requests]
+    async with AsyncClient.from_url(spec.redis_url, timeout_s=spec.timeout_s) as client:
+        await client.redis.ping()
+        gate.wait()  # every bot is connected: start together so throughput is measured fairly
+        report["t0"] = time.time()
+
+        async def loop(lane: int) -> None:
+            calls = 0
+            while remaining[0] > 0:
+                calls += 1
+                many = spec.batch_every and calls % spec.batch_every == 0
+                n = min(spec.batch_size if many else 1, remaining[0])
+                remaining[0] -= n
+                route = spec.routes[(lane + calls) % len(spec.routes)]
+                started = time.perf_counter()
+                if many:
+                    results = await client.predict_many(spec.model, list(windows[:n]), route=route,
+                                                        return_exceptions=True)
+                else:
+                    bad = spec.bad_every and calls % spec.bad_every == 0
+                    window = windows[calls % 16, :, :100] if bad else windows[calls % 16]
+                    try:
+                        results = [await client.predict(spec.model, window, route=route)]
+                    except ReplyError as e:
+                        results = [e]
+                _record(report, results, (time.perf_counter() - started) * 1000)
+                if progress is not None:
+                    progress.put(n)
+
+        await asyncio.gather(*(loop(i) for i in range(spec.concurrency)))
+    report["t1"] = time.time()
+    return report
+
+
+def _record(report: dict, results: list, latency_ms: float) -> None:
+    for r in results:
+        if isinstance(r, ReplyError):
+            report["errors"][r.code] += 1
+        else:
+            report["latencies_ms"].append(latency_ms)
+            report["versions"][r.model_version] += 1
+
+
+def _bot_process(spec: LoadSpec, seed: int, progress: mp.Queue | None, results: mp.Queue,
+                 ready, gate) -> None:
+    ready.release()
+    results.put(asyncio.run(_bot(spec, seed, progress, gate)))
+
+
+def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
+    """Run ``processes`` bots of ``spec`` each and wait for all; ``on_progress(n)`` per reply."""
+    ctx = mp.get_context("spawn")
+    progress, results = ctx.Queue(), ctx.Queue()
+    ready, gate = ctx.Semaphore(0), ctx.Event()
+    bots = [ctx.Process(target=_bot_process, args=(spec, seed, progress, results, ready, gate))
+            for seed in range(processes)]
+    for bot in bots:
+        bot.start()
+    for _ in bots:
+        ready.acquire()
+    gate.set()
+    total, reports = LoadResult(), []
+    while len(reports) < processes:
+        while not progress.empty():
+            n = progress.get()
+            if on_progress:
+                on_progress(n)
+        try:
+            reports.append(results.get(timeout=0.05))
+        except Exception:  # queue.Empty: keep draining progress
+            continue
+    total.elapsed_s = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+    for bot in bots:
+        bot.join()
+    for report in reports:
+        total.merge(report)
+    return total
