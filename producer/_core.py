@@ -56,6 +56,13 @@ def parse(payload: bytes) -> messages.Prediction | ReplyError:
         return e
 
 
+def unwrap(result: messages.Prediction | ReplyError) -> messages.Prediction:
+    """Return a prediction, raise an error."""
+    if isinstance(result, ReplyError):
+        raise result
+    return result
+
+
 def timed_out(pending: Pending, timeout_s: float) -> DeadlineExceeded:
     """The client-side error for a reply that did not come in time."""
     return DeadlineExceeded(f"no reply within {timeout_s:.3f} s", request_id=pending.request_id)
@@ -64,3 +71,37 @@ def timed_out(pending: Pending, timeout_s: float) -> DeadlineExceeded:
 def block_s(deadline_s: float) -> float:
     """BLPOP timeout until ``deadline_s``; never 0, which would block forever."""
     return max(0.001, round(deadline_s - time.time(), 3))
+
+
+class Gatherer:
+    """Collects replies for many pending requests; the clients only do the I/O.
+
+    Loop: BLPOP on every key still waiting (one reply), then LPOP the rest in one
+    pipeline (whatever is already there), until all are in or the deadline passes.
+    """
+
+    def __init__(self, pendings: list[Pending], timeout_s: float) -> None:
+        self.pendings = pendings
+        self.timeout_s = timeout_s
+        self.waiting = {p.reply_key: p for p in pendings}
+        self.results: dict[str, messages.Prediction | ReplyError] = {}
+        self.deadline_s = max((p.deadline_s for p in pendings), default=0.0)
+
+    def keys(self) -> list[str]:
+        """Reply keys still waiting."""
+        return list(self.waiting)
+
+    def take(self, key: bytes | str, payload: bytes | None) -> None:
+        """Record one popped reply (``None`` = nothing there yet)."""
+        if payload is not None:
+            key = key.decode() if isinstance(key, bytes) else key
+            self.results[key] = parse(payload)
+            del self.waiting[key]
+
+    def done(self) -> bool:
+        """All replies in, or out of time."""
+        return not self.waiting or time.time() >= self.deadline_s
+
+    def outcome(self) -> list[messages.Prediction | ReplyError]:
+        """Results in request order; missing replies become client-side DeadlineExceeded."""
+        return [self.results.get(p.reply_key) or timed_out(p, self.timeout_s) for p in self.pendings]

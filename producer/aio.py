@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -39,17 +38,37 @@ class AsyncClient:
             _, popped = await pipe.execute()
         if popped is None:
             raise _core.timed_out(pending, timeout_s)
-        result = _core.parse(popped[1])
-        if isinstance(result, ReplyError):
-            raise result
-        return result
+        return _core.unwrap(_core.parse(popped[1]))
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                            timeout_s: float | None = None,
                            return_exceptions: bool = False) -> list[Prediction | ReplyError]:
-        """Many requests concurrently; errors raised or, with ``return_exceptions``, returned."""
-        calls = [self.predict(model, f, route=route, timeout_s=timeout_s) for f in batch]
-        return await asyncio.gather(*calls, return_exceptions=return_exceptions)
+        """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
+
+        With ``return_exceptions`` a failed request's error takes its place in the list;
+        otherwise the first error is raised after all replies are in.
+        """
+        timeout_s = timeout_s or self.timeout_s
+        pendings = [_core.prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None)
+                    for f in batch]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p in pendings:
+                pipe.xadd(keys.request_stream(model), p.fields)
+            await pipe.execute()
+        gatherer = _core.Gatherer(pendings, timeout_s)
+        while not gatherer.done():
+            popped = await self.redis.blpop(gatherer.keys(), timeout=_core.block_s(gatherer.deadline_s))
+            if popped is None:
+                break
+            gatherer.take(*popped)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in gatherer.keys():
+                    pipe.lpop(key)
+                ready = await pipe.execute()
+            for key, payload in zip(gatherer.keys(), ready, strict=True):
+                gatherer.take(key, payload)
+        results = gatherer.outcome()
+        return results if return_exceptions else [_core.unwrap(r) for r in results]
 
     async def health(self, model: str) -> Health:
         """Live workers of ``model`` and the versions they serve."""
@@ -69,3 +88,4 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+

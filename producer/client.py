@@ -45,7 +45,7 @@ class Client:
         _, popped = pipe.execute()
         if popped is None:
             raise _core.timed_out(pending, timeout_s)
-        return _raise_or_return(_core.parse(popped[1]))
+        return _core.unwrap(_core.parse(popped[1]))
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                      timeout_s: float | None = None,
@@ -63,27 +63,21 @@ class Client:
             pipe.xadd(keys.request_stream(model), p.fields)
         pipe.execute()
         results = self._gather(pendings, timeout_s)
-        return results if return_exceptions else [_raise_or_return(r) for r in results]
+        return results if return_exceptions else [_core.unwrap(r) for r in results]
 
     def _gather(self, pendings: list[_core.Pending], timeout_s: float) -> list:
-        results: dict[str, Prediction | ReplyError] = {}
-        waiting = {p.reply_key: p for p in pendings}
-        deadline_s = max(p.deadline_s for p in pendings) if pendings else 0
-        while waiting:
-            popped = self.redis.blpop(list(waiting), timeout=_core.block_s(deadline_s))
+        gatherer = _core.Gatherer(pendings, timeout_s)
+        while not gatherer.done():
+            popped = self.redis.blpop(gatherer.keys(), timeout=_core.block_s(gatherer.deadline_s))
             if popped is None:
                 break
-            results[popped[0].decode()] = _core.parse(popped[1])
-            del waiting[popped[0].decode()]
-            # Whatever else is ready comes back in one more round trip.
+            gatherer.take(*popped)
             pipe = self.redis.pipeline(transaction=False)
-            for key in waiting:
+            for key in gatherer.keys():
                 pipe.lpop(key)
-            for key, payload in zip(list(waiting), pipe.execute(), strict=True):
-                if payload is not None:
-                    results[key] = _core.parse(payload)
-                    del waiting[key]
-        return [results.get(p.reply_key) or _core.timed_out(p, timeout_s) for p in pendings]
+            for key, payload in zip(gatherer.keys(), pipe.execute(), strict=True):
+                gatherer.take(key, payload)
+        return gatherer.outcome()
 
     def health(self, model: str) -> Health:
         """Live workers of ``model`` (from their heartbeats) and the versions they serve."""
@@ -99,8 +93,3 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _raise_or_return(result: Prediction | ReplyError) -> Prediction:
-    if isinstance(result, ReplyError):
-        raise result
-    return result

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=2000, help="sequential low-load requests")
     p.add_argument("--seconds", type=float, default=3.0, help="per in-process measurement")
     p.add_argument("--bots", type=int, default=2, help="client processes at saturation")
-    p.add_argument("--concurrency", type=int, default=24, help="in-flight requests per client")
+    p.add_argument("--concurrency", type=int, default=4, help="in-flight calls per client process")
+    p.add_argument("--client-batch", type=int, default=16, help="predict_many size at saturation")
     p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
@@ -116,16 +117,17 @@ def low_load(url: str, model: str, requests: int) -> dict:
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "n": requests}
 
 
-def saturated(url: str, model: str, bots: int, concurrency: int, requests: int) -> dict:
-    """``bots`` client processes with ``concurrency`` requests in flight each."""
+def saturated(url: str, model: str, bots: int, concurrency: int, requests: int, batch: int) -> dict:
+    """``bots`` client processes, each with ``concurrency`` pipelined predict_many calls of ``batch``."""
     from worker.loadgen import LoadSpec, run_load
 
-    spec = LoadSpec(url, model, requests=requests, concurrency=concurrency, timeout_s=10.0)
+    spec = LoadSpec(url, model, requests=requests, concurrency=concurrency, timeout_s=10.0,
+                    batch_every=1 if batch > 1 else 0, batch_size=batch)
     result = run_load(spec, bots)
     return {"throughput_rps": len(result.latencies_ms) / result.elapsed_s,
             "p50_ms": result.percentile(50), "p99_ms": result.percentile(99),
             "errors": dict(result.errors), "n": result.requests, "bots": bots,
-            "concurrency": concurrency}
+            "concurrency": concurrency, "client_batch": batch}
 
 
 def reference_artifact(directory: Path) -> Path:
@@ -174,7 +176,8 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
                 progress("end to end, one sequential client …")
                 low = low_load(server.url, "bench", args.requests)
                 progress(f"end to end, {args.bots} clients x {args.concurrency} in flight …")
-                sat = saturated(server.url, "bench", args.bots, args.concurrency, args.saturation_requests)
+                sat = saturated(server.url, "bench", args.bots, args.concurrency,
+                                args.saturation_requests, args.client_batch)
     ratios = {"low_load_p50_vs_inprocess_b1": low["p50_ms"] / floor["b1_p50_ms"],
               "saturated_vs_inprocess_parallel": sat["throughput_rps"] / floor["parallel_rps"]}
     return {"machine": machine(), "config": vars(args) | {"out": str(args.out)},
