@@ -40,7 +40,8 @@ class Health:
         return {w.version for w in self.workers if w.version is not None}
 
     def __repr__(self) -> str:
-        return f"Health({self.model} ok={self.ok} workers={len(self.workers)} versions={sorted(self.versions)})"
+        versions = sorted(self.versions)
+        return f"Health({self.model} ok={self.ok} workers={len(self.workers)} versions={versions})"
 
 
 def _info(data: dict, now_ms: int) -> WorkerInfo:

@@ -77,7 +77,7 @@ def unpack(payload: bytes, *, max_bytes: int) -> Any:
             max_str_len=1 << 16,
             max_array_len=1 << 12,
             max_map_len=256,
-            max_ext_len=0,
+            max_ext_len=64,
         )
     except InvalidInput:
         raise

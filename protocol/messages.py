@@ -55,22 +55,23 @@ def request_id_of(fields: dict[bytes, bytes]) -> str | None:
 
 
 def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int) -> Request:
-    """Validate and decode a raw stream entry; raises ``InvalidInput`` with a clear message."""
+    """Validate and decode a raw stream entry; raises ``InvalidInput`` with a clear message.
+
+    Once the request id is known, every error carries it, so the worker can reply.
+    """
     request_id = request_id_of(fields)
     if request_id is None:
         raise InvalidInput("entry has no valid 'id' field")
-    version = _text(fields, b"v")
-    if version != str(PROTOCOL_VERSION):
-        raise InvalidInput(
-            f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}",
-            request_id=request_id,
-        )
     try:
+        version = _text(fields, b"v")
+        if version != str(PROTOCOL_VERSION):
+            raise InvalidInput(
+                f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}")
         deadline_ms = int(_text(fields, b"deadline_ms") or 0)
         inputs = _decode_inputs(fields.get(b"inputs", b""), max_bytes)
+        route = _text(fields, b"route") or ""
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
-    route = _text(fields, b"route") or ""
     return Request(entry_id, request_id, deadline_ms, route, inputs)
 
 

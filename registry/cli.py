@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -44,40 +46,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_promote)
 
 
-def _registry(settings: Settings) -> Registry:
-    return Registry(redis.Redis.from_url(settings.redis_url), settings.artifact_dir)
+@contextmanager
+def _registry(settings: Settings) -> Iterator[Registry]:
+    with redis.Redis.from_url(settings.redis_url) as client:
+        yield Registry(client, settings.artifact_dir)
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    reg = _registry(settings)
-    if args.name is None:
-        for name in reg.models():
-            print(name)
-        return 0
-    for mv in reg.versions(args.name):
+    with _registry(settings) as reg:
+        names = reg.models() if args.name is None else []
+        versions = reg.versions(args.name) if args.name else []
+    for name in names:
+        print(name)
+    for mv in versions:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in mv.metrics.items())
         print(f"v{mv.version:<4} {mv.stage:<10} {mv.format:<5} {mv.sha256[:12]} {metrics}")
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    mv = _registry(settings).get(args.name, args.version)
+    with _registry(settings) as reg:
+        mv = reg.get(args.name, args.version)
     print(json.dumps(mv.__dict__, indent=2, default=str))
     return 0
 
 
 def _register(args: argparse.Namespace, settings: Settings) -> int:
     metrics = {k: float(v) for k, v in (m.split("=", 1) for m in args.metric)}
-    mv = _registry(settings).register(
-        args.name, args.artifact, input_spec=args.input_spec,
-        output_names=[o for o in args.outputs.split(",") if o],
-        labels=[label for label in args.labels.split(",") if label],
-        metrics=metrics, description=args.description)
+    with _registry(settings) as reg:
+        mv = reg.register(
+            args.name, args.artifact, input_spec=args.input_spec,
+            output_names=[o for o in args.outputs.split(",") if o],
+            labels=[label for label in args.labels.split(",") if label],
+            metrics=metrics, description=args.description)
     print(f"registered {mv!r}")
     return 0
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    mv = _registry(settings).promote(args.name, args.version, args.stage)
+    with _registry(settings) as reg:
+        mv = reg.promote(args.name, args.version, args.stage)
     print(f"promoted {mv!r}")
     return 0

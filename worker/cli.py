@@ -89,16 +89,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
                                  progress=lambda done, total: bar.update(task, completed=done))
     print(f"held-out accuracy {result.accuracy:.4f} on {result.n_test} samples "
           f"({result.train_seconds:.1f} s on CPU)")
-    registry = Registry(redis.Redis.from_url(settings.redis_url), settings.artifact_dir)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir)
         path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
         mv = registry.register(
             args.model, path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
             labels=list(reference.LABELS), description="HybridCNNLSTM on synthetic series",
             metrics={"accuracy": result.accuracy, "train_seconds": result.train_seconds,
                      "n_train": result.n_train, "n_test": result.n_test, "seed": args.seed})
-    if args.stage != "None":
-        mv = registry.promote(args.model, mv.version, args.stage)
+        if args.stage != "None":
+            mv = registry.promote(args.model, mv.version, args.stage)
     print(f"registered {mv!r}")
     return 0
 

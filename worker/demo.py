@@ -41,7 +41,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         console.rule("[bold]5. Stop the workers (SIGTERM: finish the batch, ack, exit)")
         code = fleet.stop()
         console.print(f"worker fleet exited with {code}")
-        histogram = redis.Redis.from_url(server.url).hgetall(keys.batch_histogram("hybrid_cnn_lstm"))
+        with redis.Redis.from_url(server.url) as client:
+            histogram = client.hgetall(keys.batch_histogram("hybrid_cnn_lstm"))
         _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
     return 0 if code == 0 and not set(result.errors) - {"INVALID_INPUT"} else 1
 

@@ -8,6 +8,7 @@ CPU training run reaches a stable held-out accuracy.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,22 +111,21 @@ def evaluate(model: HybridCNNLSTM, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def export_onnx(model: HybridCNNLSTM, path: Path) -> Path:
-    """Export with a dynamic batch axis and check the graph with the onnx checker."""
+    """Export with torch.export (dynamic batch axis) and check the graph with the onnx checker."""
     import onnx
 
     model.eval()
     example = torch.zeros(2, TIMESTEPS, N_FEATURES)
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    onnx.checker.check_model(onnx.load(str(path)))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        # Tracing nn.LSTM makes torch warn about its own internals (flat weights re-assigned,
+        # non-leaf .grad); the result is checked below and by the parity tests instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), opset_version=18, dynamo=True, verbose=False,
+        )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 
 

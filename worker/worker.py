@@ -25,7 +25,6 @@ from protocol import keys, messages
 from protocol.errors import (
     DeadlineExceeded,
     InternalError,
-    InvalidInput,
     ModelNotFound,
     Overloaded,
     ReplyError,
@@ -326,6 +325,7 @@ class Worker:
                 self.redis.xgroup_delconsumer(self.stream, self.group, self.worker_id)
         except redis.RedisError as e:
             log.warning("sign-off failed: %s", e)
+        self.redis.close()  # the pool reconnects if run() is called again
         log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
                  self.batches, self.requests)
 

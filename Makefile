@@ -1,0 +1,34 @@
+# streamserve: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench lint compose-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch is pinned in the `train` extra (torch==2.13.0, the CPU build on these machines).
+	$(BIN)/pip install -e '.[worker,train,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/streamserve demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/streamserve bench --out bench-results.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+compose-check:
+	docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"
+
+clean:
+	rm -rf $(VENV) var bench-results.json .pytest_cache

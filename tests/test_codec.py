@@ -1,0 +1,102 @@
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import codec, messages
+from protocol.errors import InvalidInput
+
+LIMIT = 1 << 20
+
+
+@pytest.mark.parametrize("dtype", sorted(codec.DTYPES))
+def test_round_trip_every_supported_dtype(dtype):
+    array = (np.arange(24) % 3).astype(np.dtype(dtype)).reshape(2, 3, 4)
+    wire = codec.unpack(codec.pack(codec.encode_tensor(array)), max_bytes=LIMIT)
+    decoded = codec.decode_tensor(wire, max_bytes=LIMIT)
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_big_endian_input_is_sent_little_endian():
+    array = np.arange(4, dtype=">f4")
+    wire = codec.encode_tensor(array)
+    assert wire["dtype"] == "<f4"
+    np.testing.assert_array_equal(codec.decode_tensor(wire, max_bytes=LIMIT), array)
+
+
+@pytest.mark.parametrize("array", [np.array(["a"], dtype=object), np.array(["ab"]),
+                                   np.zeros(2, dtype=np.complex64)])
+def test_object_string_and_complex_dtypes_are_rejected(array):
+    with pytest.raises(InvalidInput, match="unsupported dtype"):
+        codec.encode_tensor(array)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    ({"dtype": "|O", "shape": [1], "data": b"\0" * 8}, "unsupported tensor dtype"),
+    ({"dtype": "<f4", "shape": [2], "data": b"\0" * 4}, "needs 8"),
+    ({"dtype": "<f4", "shape": [-1], "data": b""}, "non-negative"),
+    ({"dtype": "<f4", "shape": [1 << 40], "data": b""}, "exceeds"),
+    ({"dtype": "<f4", "shape": [1] * 9, "data": b"\0" * 4}, "at most 8"),
+    ({"dtype": "<f4", "shape": [1], "data": "text"}, "bin"),
+    ({"dtype": "<f4", "shape": [1]}, "exactly"),
+])
+def test_malformed_tensors_are_rejected(tensor, message):
+    with pytest.raises(InvalidInput, match=message):
+        codec.decode_tensor(tensor, max_bytes=LIMIT)
+
+
+def test_oversized_message_is_rejected_before_decoding():
+    with pytest.raises(InvalidInput, match="exceeds"):
+        codec.unpack(b"\x00" * 2048, max_bytes=1024)
+
+
+def test_msgpack_extension_types_are_rejected():
+    with pytest.raises(InvalidInput, match="extension"):
+        codec.unpack(msgpack.packb(msgpack.ExtType(5, b"x")), max_bytes=LIMIT)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_unpack_and_decode_only_raise_our_error(payload):
+    try:
+        obj = codec.unpack(payload, max_bytes=LIMIT)
+        codec.decode_tensor(obj, max_bytes=LIMIT)
+    except InvalidInput:
+        pass
+
+
+tensor_like = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["<f4", "<i8", "|O", "", "<f4\x00"]) | st.text(max_size=5),
+    "shape": st.lists(st.integers(-2, 10) | st.booleans() | st.text(max_size=2), max_size=10),
+    "data": st.binary(max_size=64) | st.text(max_size=4),
+})
+
+
+@settings(max_examples=300, deadline=None)
+@given(inputs=st.dictionaries(st.text(max_size=8), tensor_like, max_size=3) | st.binary(max_size=64),
+       version=st.sampled_from([b"1", b"2", b"", b"\xff"]), deadline=st.binary(max_size=8))
+def test_fuzz_decode_request_only_raises_invalid_input(inputs, version, deadline):
+    body = inputs if isinstance(inputs, bytes) else msgpack.packb(inputs, use_bin_type=True)
+    fields = {b"v": version, b"id": b"req1", b"deadline_ms": deadline, b"inputs": body}
+    try:
+        messages.decode_request("1-1", fields, max_bytes=LIMIT)
+    except InvalidInput as e:
+        assert e.request_id == "req1"
+
+
+def test_request_round_trip_and_reply_codes():
+    x = np.ones((2, 60, 110), np.float32)
+    fields = messages.encode_request("abc", {"features": x}, deadline_ms=123, route="BTCUSDT")
+    raw = {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    request = messages.decode_request("5-0", raw, max_bytes=LIMIT)
+    got = (request.request_id, request.deadline_ms, request.route, request.n_rows)
+    assert got == ("abc", 123, "BTCUSDT", 2)
+    np.testing.assert_array_equal(request.inputs["features"], x)
+
+
+def test_unknown_protocol_version_is_a_clear_invalid_input():
+    fields = {b"v": b"2", b"id": b"abc", b"inputs": b""}
+    with pytest.raises(InvalidInput, match="unsupported protocol version '2'; this worker speaks 1"):
+        messages.decode_request("1-1", fields, max_bytes=LIMIT)

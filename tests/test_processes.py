@@ -1,0 +1,139 @@
+"""Real worker processes: SIGKILL under load, SIGTERM drain, the --processes supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import models
+import numpy as np
+import pytest
+from conftest import MODEL
+
+from producer import Client, _core
+from protocol import keys
+from worker.worker import Worker
+
+X = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
+FAST_ENV = {"STREAMSERVE_RECLAIM_MIN_IDLE_MS": "500", "STREAMSERVE_RECLAIM_INTERVAL_S": "0.2",
+            "STREAMSERVE_HEARTBEAT_INTERVAL_S": "0.2", "STREAMSERVE_HEARTBEAT_TTL_S": "2",
+            "STREAMSERVE_BLOCK_MS": "50"}
+
+
+@pytest.fixture
+def slow_production(registry, tmp_path):
+    path = models.linear_softmax(tmp_path / "slow.onnx", slow_width=1024)
+    mv = registry.register(MODEL, path, input_spec=models.SPEC, output_names=["probs"],
+                           labels=models.LABELS)
+    return registry.promote(MODEL, mv.version)
+
+
+@pytest.fixture
+def start_worker(settings, tmp_path):
+    """Start ``streamserve worker`` processes; all are killed at teardown; logs in tmp_path."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url, "--artifact-dir",
+               str(settings.artifact_dir), "worker", "--model", MODEL, *args]
+        with open(tmp_path / f"worker{len(started)}.log", "wb") as log:
+            started.append(subprocess.Popen(cmd, env={**os.environ, **FAST_ENV}, stdout=log,
+                                            stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def client(settings):
+    with Client.from_url(settings.redis_url, timeout_s=60.0) as c:
+        yield c
+
+
+def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[int, str]:
+    """pid → worker id once ``n`` workers have a version loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = client.health(MODEL).workers
+        if sum(w.version is not None for w in workers) >= n:
+            return {int(w.worker_id.split("-")[-2]): w.worker_id for w in workers}
+        time.sleep(0.05)
+    raise AssertionError(f"{n} workers did not come up")
+
+
+def pending_of(r, consumer: str) -> list[bytes]:
+    rows = r.xpending_range(keys.request_stream(MODEL), keys.consumer_group(MODEL), "-", "+", 1000,
+                            consumername=consumer)
+    return [row["message_id"] for row in rows]
+
+
+def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 20.0) -> bool:
+    """SIGSTOP ``proc`` at a moment its consumer holds unacked entries (retrying until it does)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pending_of(r, consumer):
+            proc.send_signal(signal.SIGSTOP)
+            if pending_of(r, consumer):
+                return True
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+    return False
+
+
+def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production):
+    procs = [start_worker("--max-batch", "8") for _ in range(2)]
+    results: list = []
+    ids = wait_for_workers(client, 2)
+    victim = procs[0]
+    load = threading.Thread(target=lambda: results.extend(
+        client.predict_many(MODEL, [X * (i % 7 + 1) for i in range(160)], return_exceptions=True)))
+    load.start()
+    try:
+        assert freeze_mid_batch(r, victim, ids[victim.pid]), "caught the victim with a batch in flight"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        load.join(60)
+    errors = [e for e in results if isinstance(e, Exception)]
+    assert len(results) == 160 and not errors, errors[:3]
+    assert all(p.worker != ids[victim.pid] for p in results[-20:])
+    assert r.xpending(keys.request_stream(MODEL), keys.consumer_group(MODEL))["pending"] == 0
+
+
+def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(r, settings, client, start_worker,
+                                                             slow_production):
+    proc = start_worker("--max-batch", "4")
+    ids = wait_for_workers(client, 1)
+    stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
+    pendings = [_core.prepare(MODEL, X, route="", timeout_s=60, sample_ndim=None) for _ in range(12)]
+    for p in pendings:
+        r.xadd(stream, p.fields)
+    deadline, in_flight = time.monotonic() + 20, []
+    while not in_flight and time.monotonic() < deadline:
+        in_flight = pending_of(r, ids[proc.pid])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert in_flight
+    assert r.xpending(stream, group)["pending"] == 0, "the in-flight batch was acked"
+    answered = [p for p in pendings if r.exists(p.reply_key)]
+    unread = r.xinfo_groups(stream)[0]["lag"]
+    assert len(answered) >= len(in_flight) and len(answered) + unread == 12, "nothing lost"
+    Worker(settings, MODEL, burst=True).run()
+    assert all(r.exists(p.reply_key) for p in pendings)
+
+
+def test_processes_flag_runs_a_supervised_fleet_that_stops_cleanly(r, client, start_worker, production):
+    proc = start_worker("--processes", "2")
+    ids = wait_for_workers(client, 2)
+    assert len(ids) == 2 and proc.pid not in ids, "two child processes serve"
+    assert client.predict(MODEL, X).model_version == production.version
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert r.zcard(keys.workers_zset(MODEL)) == 0

@@ -1,0 +1,191 @@
+"""Worker behaviour on a real Redis, in burst mode (drain the stream, return)."""
+
+import time
+
+import models
+import numpy as np
+import pytest
+from conftest import MODEL
+
+from protocol import codec, keys, messages
+from protocol.errors import InternalError
+from worker.worker import Worker
+
+X = np.random.default_rng(0).standard_normal((60, 110)).astype(np.float32)
+
+
+def send(r, request_id, features=X, *, deadline_ms=None, version=1, rows=True):
+    arrays = {"features": features[np.newaxis] if rows else features}
+    fields = messages.encode_request(request_id, arrays,
+                                     deadline_ms=deadline_ms or int(time.time() * 1000) + 60_000)
+    fields["v"] = version
+    return r.xadd(keys.request_stream(MODEL), fields)
+
+
+def reply(r, request_id):
+    raw = r.lpop(keys.reply_key(MODEL, request_id))
+    assert raw is not None, f"no reply for {request_id}"
+    return codec.unpack(raw, max_bytes=1 << 24)
+
+
+def drain(settings, **kwargs):
+    worker = Worker(settings, MODEL, burst=True, **kwargs)
+    worker.run()
+    return worker
+
+
+def pending_count(r):
+    return r.xpending(keys.request_stream(MODEL), keys.consumer_group(MODEL))["pending"]
+
+
+def test_batch_with_one_invalid_request_answers_the_others(r, settings, production, model_path):
+    for i in range(5):
+        send(r, f"ok{i}")
+    send(r, "bad", X[:, :100])
+    worker = drain(settings)
+    assert worker.batches == 1, "all six were read as one batch"
+    bad = reply(r, "bad")
+    assert bad["ok"] is False and bad["error"]["code"] == "INVALID_INPUT"
+    assert "per-sample shape [60, 100], expected [60, 110]" in bad["error"]["message"]
+    expected = models.reference_outputs(model_path, X[np.newaxis])
+    for i in range(5):
+        ok = reply(r, f"ok{i}")
+        assert ok["ok"] and ok["version"] == production.version and len(ok["label"]) == 1
+        probs = codec.decode_tensor(ok["outputs"]["probs"], max_bytes=1 << 20)
+        np.testing.assert_allclose(probs, expected, rtol=1e-5)
+        assert ok["label"][0] == models.LABELS[int(expected.argmax())]
+    assert pending_count(r) == 0
+    assert r.hgetall(keys.batch_histogram(MODEL)) == {b"5": b"1"}
+
+
+def test_multi_row_request_is_split_back_per_request(r, settings, production, model_path):
+    batch = np.stack([X, X * 2, X * 3])
+    send(r, "three", batch, rows=False)
+    send(r, "one", X)
+    drain(settings)
+    three = reply(r, "three")
+    probs = codec.decode_tensor(three["outputs"]["probs"], max_bytes=1 << 20)
+    np.testing.assert_allclose(probs, models.reference_outputs(model_path, batch), rtol=1e-5)
+    assert len(three["label"]) == 3 and len(three["confidence"]) == 3
+    assert codec.decode_tensor(reply(r, "one")["outputs"]["probs"], max_bytes=1 << 20).shape == (1, 3)
+
+
+def test_expired_deadline_is_answered_without_compute(r, settings, production):
+    send(r, "late", deadline_ms=int(time.time() * 1000) - 5)
+    send(r, "fine")
+    worker = drain(settings)
+    late = reply(r, "late")
+    assert late["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert late["timings"]["infer_ms"] == 0.0
+    assert reply(r, "fine")["ok"]
+    assert r.hgetall(keys.batch_histogram(MODEL)) == {b"1": b"1"}, "only 'fine' was computed"
+    assert worker.requests == 2 and pending_count(r) == 0
+
+
+def test_queue_time_over_the_limit_is_shed_as_overloaded(r, settings, production):
+    send(r, "old")
+    time.sleep(0.05)
+    drain(settings, max_queue_ms=10)
+    assert reply(r, "old")["error"]["code"] == "OVERLOADED"
+
+
+def test_unknown_protocol_version_gets_an_error_reply(r, settings, production):
+    send(r, "future", version=2)
+    drain(settings)
+    assert "unsupported protocol version '2'" in reply(r, "future")["error"]["message"]
+
+
+def test_no_production_version_answers_model_not_found(r, settings, registry, model_path):
+    registry.register(MODEL, model_path, input_spec=models.SPEC, output_names=["probs"])
+    send(r, "q")
+    drain(settings)
+    error = reply(r, "q")["error"]
+    assert error["code"] == "MODEL_NOT_FOUND" and "no version in Production" in error["message"]
+
+
+def test_sha256_mismatch_is_refused_and_nothing_is_served(r, settings, registry, production):
+    path = settings.artifact_dir / production.artifact
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes() + b"tampered")
+    send(r, "q")
+    worker = drain(settings)
+    assert worker.loaded is None
+    error = reply(r, "q")["error"]
+    assert error["code"] == "MODEL_NOT_FOUND"
+    assert "refusing to load" in error["message"] and "sha256" in error["message"]
+
+
+def test_entry_without_request_id_is_dead_lettered(r, settings, production):
+    r.xadd(keys.request_stream(MODEL), {"v": 1, "inputs": b"junk"})
+    drain(settings)
+    dead = r.xrange(keys.dead_letter_stream(MODEL))
+    assert len(dead) == 1 and b"unanswerable" in dead[0][1][b"reason"]
+    assert pending_count(r) == 0
+
+
+def test_entry_delivered_too_often_is_dead_lettered_with_internal_reply(r, settings, production):
+    settings = settings.with_overrides(max_deliveries=2, reclaim_min_idle_ms=0)
+    stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
+    r.xgroup_create(stream, group, id="0", mkstream=True)
+    entry_id = send(r, "poison")
+    r.xreadgroup(group, "crashed-1", {stream: ">"})            # delivery 1, never acked
+    r.xclaim(stream, group, "crashed-2", 0, [entry_id])         # delivery 2, never acked
+    drain(settings)                                             # delivery 3 > 2
+    error = reply(r, "poison")["error"]
+    assert error["code"] == "INTERNAL" and "delivered more than 2 times" in error["message"]
+    dead = r.xrange(keys.dead_letter_stream(MODEL))
+    assert dead[0][1][b"id"] == b"poison" and dead[0][1][b"entry_id"] == entry_id
+    assert pending_count(r) == 0
+
+
+def test_entry_left_pending_by_a_dead_consumer_is_reclaimed_and_answered(r, settings, production):
+    stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
+    r.xgroup_create(stream, group, id="0", mkstream=True)
+    send(r, "orphan")
+    r.xreadgroup(group, "dead-worker", {stream: ">"})
+    time.sleep(settings.reclaim_min_idle_ms / 1000 + 0.05)
+    drain(settings)
+    assert reply(r, "orphan")["ok"]
+    assert pending_count(r) == 0
+
+
+def test_model_failure_fails_the_batch_not_the_worker(r, settings, production, monkeypatch):
+    send(r, "a")
+    send(r, "b")
+    worker = Worker(settings, MODEL, burst=True)
+    worker.reconcile()
+
+    def explode(inputs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(worker.loaded.backend, "run", explode)
+    worker.run()
+    for rid in ("a", "b"):
+        error = reply(r, rid)["error"]
+        assert error["code"] == InternalError.code and "kaboom" in error["message"]
+    monkeypatch.undo()
+    send(r, "c")
+    worker.run()
+    assert reply(r, "c")["ok"], "the same worker serves the next batch"
+
+
+def test_existing_group_is_reused_and_other_group_errors_raise(r, settings, production):
+    drain(settings)
+    drain(settings)  # BUSYGROUP ignored the second time
+    r.delete(keys.request_stream(MODEL))
+    r.set(keys.request_stream(MODEL), "not a stream")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        drain(settings)
+
+
+def test_heartbeat_is_published_and_removed_on_exit(r, settings, production):
+    worker = Worker(settings, MODEL, burst=True)
+    worker.reconcile()
+    worker.heartbeat()
+    members = r.zrange(keys.workers_zset(MODEL), 0, -1)
+    assert members == [worker.worker_id.encode()]
+    state = r.hgetall(keys.worker_hash(MODEL, worker.worker_id))
+    assert state[b"version"] == b"1" and state[b"backend"] == b"onnxruntime"
+    assert 0 < r.pttl(keys.worker_hash(MODEL, worker.worker_id)) <= 1000
+    worker.run()
+    assert r.zcard(keys.workers_zset(MODEL)) == 0
