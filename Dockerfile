@@ -1,0 +1,25 @@
+# Two targets from one file:
+#   worker  - serves models; ONNX Runtime only (no torch).
+#   trainer - trains the reference model and registers it (adds torch).
+FROM python:3.11-slim AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY protocol ./protocol
+COPY producer ./producer
+COPY registry ./registry
+COPY experiments ./experiments
+COPY worker ./worker
+RUN useradd --create-home --uid 10001 streamserve && mkdir -p /artifacts && chown streamserve /artifacts
+
+FROM base AS worker
+RUN pip install '.[worker]'
+USER streamserve
+ENTRYPOINT ["streamserve"]
+CMD ["worker"]
+
+FROM base AS trainer
+RUN pip install '.[worker,train]'
+USER streamserve
+ENTRYPOINT ["streamserve"]
+CMD ["train"]
