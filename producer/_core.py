@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +25,11 @@ class Pending:
     reply_key: str
     fields: dict
     deadline_s: float
-    single: bool
 
 
 def prepare(model: str, features: Features, *, route: str, timeout_s: float,
-            sample_ndim: int | None, request_id: str | None = None) -> Pending:
+            sample_ndim: int | None, request_id: str | None = None,
+            reply_to: str | None = None) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
@@ -39,13 +40,21 @@ def prepare(model: str, features: Features, *, route: str, timeout_s: float,
     inputs = features if isinstance(features, dict) else {DEFAULT_INPUT: features}
     arrays = {name: np.asarray(a) for name, a in inputs.items()}
     first = next(iter(arrays.values()))
-    single = sample_ndim is None or first.ndim == sample_ndim
-    if single:
+    if sample_ndim is None or first.ndim == sample_ndim:
         arrays = {name: a[np.newaxis] for name, a in arrays.items()}
     request_id = request_id or uuid.uuid4().hex
     deadline_s = time.time() + timeout_s
-    fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000), route=route)
-    return Pending(request_id, keys.reply_key(model, request_id), fields, deadline_s, single)
+    fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
+                                     route=route, reply_to=reply_to)
+    return Pending(request_id, keys.reply_key(model, reply_to or request_id), fields, deadline_s)
+
+
+def prepare_many(model: str, batch: Sequence[Features], *, route: str,
+                 timeout_s: float) -> list[Pending]:
+    """Single-sample requests that share one reply list (one BLPOP/LPOP collects them all)."""
+    token = uuid.uuid4().hex
+    return [prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token)
+            for f in batch]
 
 
 def parse(payload: bytes) -> messages.Prediction | ReplyError:
@@ -74,34 +83,37 @@ def block_s(deadline_s: float) -> float:
 
 
 class Gatherer:
-    """Collects replies for many pending requests; the clients only do the I/O.
+    """Collects the replies of requests that share one reply list; the clients do the I/O.
 
-    Loop: BLPOP on every key still waiting (one reply), then LPOP the rest in one
-    pipeline (whatever is already there), until all are in or the deadline passes.
+    Loop: LPOP up to ``remaining`` replies; when the list is empty, BLPOP for the next.
+    Replies are matched to requests by their ``id``.
     """
 
     def __init__(self, pendings: list[Pending], timeout_s: float) -> None:
         self.pendings = pendings
         self.timeout_s = timeout_s
-        self.waiting = {p.reply_key: p for p in pendings}
+        self.reply_key = pendings[0].reply_key if pendings else ""
+        self.wanted = {p.request_id for p in pendings}
         self.results: dict[str, messages.Prediction | ReplyError] = {}
         self.deadline_s = max((p.deadline_s for p in pendings), default=0.0)
 
-    def keys(self) -> list[str]:
-        """Reply keys still waiting."""
-        return list(self.waiting)
+    @property
+    def remaining(self) -> int:
+        """Replies still missing."""
+        return len(self.wanted) - len(self.results)
 
-    def take(self, key: bytes | str, payload: bytes | None) -> None:
-        """Record one popped reply (``None`` = nothing there yet)."""
-        if payload is not None:
-            key = key.decode() if isinstance(key, bytes) else key
-            self.results[key] = parse(payload)
-            del self.waiting[key]
+    def take(self, payloads: list[bytes] | None) -> None:
+        """Record popped replies; strays (e.g. late replies of an earlier call) are dropped."""
+        for payload in payloads or ():
+            result = parse(payload)
+            request_id = result.request_id
+            if request_id in self.wanted:
+                self.results[request_id] = result
 
     def done(self) -> bool:
         """All replies in, or out of time."""
-        return not self.waiting or time.time() >= self.deadline_s
+        return self.remaining == 0 or time.time() >= self.deadline_s
 
     def outcome(self) -> list[messages.Prediction | ReplyError]:
         """Results in request order; missing replies become client-side DeadlineExceeded."""
-        return [self.results.get(p.reply_key) or timed_out(p, self.timeout_s) for p in self.pendings]
+        return [self.results.get(p.request_id) or timed_out(p, self.timeout_s) for p in self.pendings]

@@ -45,28 +45,26 @@ class AsyncClient:
                            return_exceptions: bool = False) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
-        With ``return_exceptions`` a failed request's error takes its place in the list;
-        otherwise the first error is raised after all replies are in.
+        Same contract as :meth:`producer.Client.predict_many`.
         """
         timeout_s = timeout_s or self.timeout_s
-        pendings = [_core.prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None)
-                    for f in batch]
+        pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
+        if not pendings:
+            return []
+        gatherer = _core.Gatherer(pendings, timeout_s)
         async with self.redis.pipeline(transaction=False) as pipe:
             for p in pendings:
                 pipe.xadd(keys.request_stream(model), p.fields)
-            await pipe.execute()
-        gatherer = _core.Gatherer(pendings, timeout_s)
-        while not gatherer.done():
-            popped = await self.redis.blpop(gatherer.keys(), timeout=_core.block_s(gatherer.deadline_s))
-            if popped is None:
-                break
-            gatherer.take(*popped)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key in gatherer.keys():
-                    pipe.lpop(key)
-                ready = await pipe.execute()
-            for key, payload in zip(gatherer.keys(), ready, strict=True):
-                gatherer.take(key, payload)
+            pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+            first = (await pipe.execute())[-1]
+        gatherer.take([first[1]] if first else None)
+        while first and not gatherer.done():
+            popped = await self.redis.lpop(gatherer.reply_key, gatherer.remaining)
+            if popped:
+                gatherer.take(popped)
+                continue
+            first = await self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+            gatherer.take([first[1]] if first else None)
         results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 

@@ -52,32 +52,30 @@ class Client:
                      return_exceptions: bool = False) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
-        With ``return_exceptions`` a failed request's error takes its place in the list;
-        otherwise the first error is raised after all replies are in.
+        The requests share one reply list, so collecting N replies costs a few
+        LPOP/BLPOP calls, not N. With ``return_exceptions`` a failed request's error
+        takes its place in the list; otherwise the first error is raised.
         """
         timeout_s = timeout_s or self.timeout_s
-        pendings = [_core.prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None)
-                    for f in batch]
+        pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
+        if not pendings:
+            return []
+        gatherer = _core.Gatherer(pendings, timeout_s)
         pipe = self.redis.pipeline(transaction=False)
         for p in pendings:
             pipe.xadd(keys.request_stream(model), p.fields)
-        pipe.execute()
-        results = self._gather(pendings, timeout_s)
+        pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+        first = pipe.execute()[-1]
+        gatherer.take([first[1]] if first else None)
+        while first and not gatherer.done():
+            popped = self.redis.lpop(gatherer.reply_key, gatherer.remaining)
+            if popped:
+                gatherer.take(popped)
+                continue
+            first = self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+            gatherer.take([first[1]] if first else None)
+        results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
-
-    def _gather(self, pendings: list[_core.Pending], timeout_s: float) -> list:
-        gatherer = _core.Gatherer(pendings, timeout_s)
-        while not gatherer.done():
-            popped = self.redis.blpop(gatherer.keys(), timeout=_core.block_s(gatherer.deadline_s))
-            if popped is None:
-                break
-            gatherer.take(*popped)
-            pipe = self.redis.pipeline(transaction=False)
-            for key in gatherer.keys():
-                pipe.lpop(key)
-            for key, payload in zip(gatherer.keys(), pipe.execute(), strict=True):
-                gatherer.take(key, payload)
-        return gatherer.outcome()
 
     def health(self, model: str) -> Health:
         """Live workers of ``model`` (from their heartbeats) and the versions they serve."""

@@ -21,6 +21,7 @@ class Request:
 
     entry_id: str
     request_id: str
+    reply_to: str
     deadline_ms: int
     route: str
     inputs: dict[str, np.ndarray]
@@ -32,26 +33,44 @@ class Request:
 
 
 def encode_request(
-    request_id: str, inputs: dict[str, np.ndarray], *, deadline_ms: int, route: str = ""
+    request_id: str, inputs: dict[str, np.ndarray], *, deadline_ms: int, route: str = "",
+    reply_to: str | None = None,
 ) -> dict[str, bytes | str | int]:
-    """Stream entry fields for XADD. Every input must already have its batch axis."""
+    """Stream entry fields for XADD. Every input must already have its batch axis.
+
+    ``reply_to`` names the reply list (default: the request id); several requests
+    may share one, and their replies are told apart by their ``id``.
+    """
     body = {name: codec.encode_tensor(array) for name, array in inputs.items()}
-    return {
+    fields = {
         "v": PROTOCOL_VERSION,
         "id": check_request_id(request_id),
         "deadline_ms": int(deadline_ms),
         "route": route,
         "inputs": codec.pack(body),
     }
+    if reply_to is not None and reply_to != request_id:
+        fields["reply_to"] = check_request_id(reply_to)
+    return fields
 
 
-def request_id_of(fields: dict[bytes, bytes]) -> str | None:
-    """The entry's request id if it is usable for a reply key, else None."""
-    raw = fields.get(b"id")
+def _token(fields: dict[bytes, bytes], name: bytes) -> str | None:
+    raw = fields.get(name)
     try:
         return check_request_id(raw.decode()) if raw is not None else None
     except (UnicodeDecodeError, InvalidInput):
         return None
+
+
+def reply_address(fields: dict[bytes, bytes]) -> tuple[str, str] | None:
+    """(request id, reply token) if the entry can be answered at all, else None."""
+    request_id = _token(fields, b"id")
+    if request_id is None:
+        return None
+    if b"reply_to" not in fields:
+        return request_id, request_id
+    reply_to = _token(fields, b"reply_to")
+    return None if reply_to is None else (request_id, reply_to)
 
 
 def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int) -> Request:
@@ -59,9 +78,10 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
 
     Once the request id is known, every error carries it, so the worker can reply.
     """
-    request_id = request_id_of(fields)
-    if request_id is None:
-        raise InvalidInput("entry has no valid 'id' field")
+    address = reply_address(fields)
+    if address is None:
+        raise InvalidInput("entry has no valid 'id' (or 'reply_to') field")
+    request_id, reply_to = address
     try:
         version = _text(fields, b"v")
         if version != str(PROTOCOL_VERSION):
@@ -72,7 +92,7 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
         route = _text(fields, b"route") or ""
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
-    return Request(entry_id, request_id, deadline_ms, route, inputs)
+    return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs)
 
 
 def _text(fields: dict[bytes, bytes], name: bytes) -> str | None:

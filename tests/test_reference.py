@@ -7,6 +7,7 @@ import torch
 
 from worker import reference
 from worker.cli import main
+from worker.loader import load_version
 
 
 def test_synthetic_data_has_a_learnable_signal_and_is_seeded():
@@ -44,4 +45,7 @@ def test_train_command_registers_a_version_with_metrics(settings, registry, caps
     assert mv.labels == ["down", "flat", "up"] and mv.input_spec == reference.input_spec()
     assert mv.metrics["accuracy"] > 0.5, "well above the 1/3 of chance after a short run"
     assert "held-out accuracy" in capsys.readouterr().out
-    registry.artifact_path(mv)  # sha256 verifies
+    loaded = load_version(registry, mv, settings)  # verifies sha256, loads the stored file alone
+    x, y = reference.synthetic_dataset(200, seed=7)
+    probs = loaded.backend.run({"features": x})["probs"]
+    assert probs.shape == (200, 3) and (probs.argmax(axis=1) == y).mean() > 0.5

@@ -189,3 +189,27 @@ def test_heartbeat_is_published_and_removed_on_exit(r, settings, production):
     assert 0 < r.pttl(keys.worker_hash(MODEL, worker.worker_id)) <= 1000
     worker.run()
     assert r.zcard(keys.workers_zset(MODEL)) == 0
+
+
+def test_requests_sharing_a_reply_list_are_answered_there_by_id(r, settings, production):
+    for i in range(3):
+        fields = messages.encode_request(f"m{i}", {"features": X[None] if i != 1 else X[None, :, :5]},
+                                         deadline_ms=int(time.time() * 1000) + 60_000, reply_to="shared")
+        r.xadd(keys.request_stream(MODEL), fields)
+    drain(settings)
+    replies = [codec.unpack(p, max_bytes=1 << 24) for p in r.lrange(keys.reply_key(MODEL, "shared"), 0, -1)]
+    by_id = {rep["id"]: rep for rep in replies}
+    assert sorted(by_id) == ["m0", "m1", "m2"]
+    assert by_id["m0"]["ok"] and by_id["m2"]["ok"]
+    assert by_id["m1"]["error"]["code"] == "INVALID_INPUT"
+    assert 0 < r.pttl(keys.reply_key(MODEL, "shared")) <= settings.reply_ttl_s * 1000
+    assert not r.exists(keys.reply_key(MODEL, "m0")), "no reply under the request id"
+
+
+def test_invalid_reply_to_is_dead_lettered_not_written_anywhere(r, settings, production):
+    fields = messages.encode_request("ok1", {"features": X[None]}, deadline_ms=0)
+    fields["reply_to"] = "other:{model}"
+    r.xadd(keys.request_stream(MODEL), fields)
+    drain(settings)
+    assert b"unanswerable" in r.xrange(keys.dead_letter_stream(MODEL))[0][1][b"reason"]
+    assert r.keys(f"ss:{{{MODEL}}}:reply:*") == []

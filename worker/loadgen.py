@@ -44,6 +44,7 @@ class LoadResult:
     errors: Counter = field(default_factory=Counter)
     versions: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    client_cpu_s: float = 0.0
 
     @property
     def requests(self) -> int:
@@ -59,6 +60,7 @@ class LoadResult:
         self.latencies_ms += other["latencies_ms"]
         self.errors.update(other["errors"])
         self.versions.update(other["versions"])
+        self.client_cpu_s += other["cpu_s"]
 
 
 async def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
@@ -69,7 +71,7 @@ async def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> di
     async with AsyncClient.from_url(spec.redis_url, timeout_s=spec.timeout_s) as client:
         await client.redis.ping()
         gate.wait()  # every bot is connected: start together so throughput is measured fairly
-        report["t0"] = time.time()
+        report["t0"], cpu0 = time.time(), time.process_time()
 
         async def loop(lane: int) -> None:
             calls = 0
@@ -96,6 +98,7 @@ async def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> di
 
         await asyncio.gather(*(loop(i) for i in range(spec.concurrency)))
     report["t1"] = time.time()
+    report["cpu_s"] = time.process_time() - cpu0
     return report
 
 

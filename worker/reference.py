@@ -124,6 +124,7 @@ def export_onnx(model: HybridCNNLSTM, path: Path) -> Path:
         torch.onnx.export(
             model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: batch},), opset_version=18, dynamo=True, verbose=False,
+            external_data=False,  # one self-contained file: the artifact is content-addressed
         )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path

@@ -43,10 +43,14 @@ Entry = tuple[str, dict[bytes, bytes]]
 class Outbox:
     """What one batch writes back: replies, entries to ack, entries to dead-letter."""
 
-    replies: list[tuple[str, bytes]] = field(default_factory=list)
+    replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
     ack_ids: list[str] = field(default_factory=list)
     dead: list[tuple[Entry, str]] = field(default_factory=list)
     rows: int = 0
+
+    def reply(self, reply_to: str, payload: bytes) -> None:
+        """Queue a reply; replies sharing a token go out in one LPUSH."""
+        self.replies.setdefault(reply_to, []).append(payload)
 
 
 class Worker:
@@ -225,12 +229,12 @@ class Worker:
             self.loaded.spec.check(request.inputs, self.settings.max_request_rows)
             return request
         except ReplyError as e:
-            request_id = e.request_id or messages.request_id_of(fields)
-            if request_id is None:
+            address = messages.reply_address(fields)
+            if address is None:
                 self._dead_letter(out, entry, f"unanswerable: {e}")
             else:
                 timings = {"queue_ms": now_ms - _id_ms(entry_id), "infer_ms": 0.0}
-                out.replies.append((request_id, self._error(request_id, e, timings)))
+                out.reply(address[1], self._error(address[0], e, timings))
             return None
 
     def _infer(self, out: Outbox, batch: list[messages.Request], started_ms: float) -> None:
@@ -246,7 +250,8 @@ class Worker:
         except Exception as e:  # a model failure fails this batch only, never the worker
             log.exception("batch of %d failed", len(batch))
             err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
-            out.replies += [(r.request_id, self._error(r.request_id, err, {})) for r in batch]
+            for r in batch:
+                out.reply(r.reply_to, self._error(r.request_id, err, {}))
             return
         infer_ms = (time.perf_counter() - t0) * 1000
         out.rows = rows
@@ -255,9 +260,9 @@ class Worker:
             part = {name: value[offset:offset + r.n_rows] for name, value in outputs.items()}
             offset += r.n_rows
             timings = {"queue_ms": started_ms - _id_ms(r.entry_id), "infer_ms": infer_ms}
-            out.replies.append((r.request_id, messages.encode_ok(
+            out.reply(r.reply_to, messages.encode_ok(
                 r, model=self.model, version=loaded.version.version, outputs=part,
-                labels=loaded.version.labels, timings=timings, worker=self.worker_id)))
+                labels=loaded.version.labels, timings=timings, worker=self.worker_id))
 
     def _error(self, request_id: str, error: ReplyError, timings: dict[str, float]) -> bytes:
         version = self.loaded.version.version if self.loaded else None
@@ -268,18 +273,18 @@ class Worker:
         entry_id, fields = entry
         out.ack_ids.append(entry_id)
         out.dead.append((entry, reason))
-        request_id = messages.request_id_of(fields)
-        if request_id is not None:
-            err = InternalError(f"dead-lettered: {reason}", request_id=request_id)
-            out.replies.append((request_id, self._error(request_id, err, {})))
+        address = messages.reply_address(fields)
+        if address is not None:
+            err = InternalError(f"dead-lettered: {reason}", request_id=address[0])
+            out.reply(address[1], self._error(address[0], err, {}))
 
     def _write(self, out: Outbox) -> None:
         """Replies, dead letters, histogram and XACK in one MULTI/EXEC (one slot: same hash tag)."""
         ttl_ms = int(self.settings.reply_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=True)
-        for request_id, payload in out.replies:
-            key = keys.reply_key(self.model, request_id)
-            pipe.lpush(key, payload)
+        for reply_to, payloads in out.replies.items():
+            key = keys.reply_key(self.model, reply_to)
+            pipe.lpush(key, *payloads)
             pipe.pexpire(key, ttl_ms)
         for (entry_id, fields), reason in out.dead:
             record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.worker_id}
