@@ -20,6 +20,8 @@ class WorkerInfo:
     state: str
     error: str
     age_ms: int
+    host: str = ""
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ def _info(data: dict, now_ms: int) -> WorkerInfo:
          for k, v in data.items()}
     return WorkerInfo(d["worker_id"], int(d["version"]) if d.get("version") else None,
                       d.get("backend", ""), d.get("state", ""), d.get("error", ""),
-                      now_ms - int(d.get("heartbeat_ms", now_ms)))
+                      now_ms - int(d.get("heartbeat_ms", now_ms)), d.get("host", ""),
+                      int(d.get("pid", 0)))
 
 
 def members_query(model: str) -> tuple[str, int, str]:
