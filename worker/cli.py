@@ -103,11 +103,18 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our packages at INFO (DEBUG with -v); third-party libraries only at WARNING."""
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    for package in ("protocol", "producer", "registry", "experiments", "worker"):
+        logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``streamserve`` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         settings = Settings().with_overrides(redis_url=args.redis_url, artifact_dir=args.artifact_dir)
         return args.func(args, settings)

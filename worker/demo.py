@@ -24,6 +24,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     import redis
     from rich.console import Console
 
+    from producer import Client
     from worker.embedded_redis import EmbeddedRedis
     from worker.fleet import Fleet
 
@@ -35,7 +36,10 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         _train(s, args.epochs, console)
         console.rule(f"[bold]3. Start {args.processes} worker processes")
         fleet = Fleet(s, "hybrid_cnn_lstm", args.processes).start(log_path=str(Path(tmp) / "workers.log"))
-        console.print(f"workers up: {fleet.args[3:]}")
+        with Client.from_url(s.redis_url) as client:
+            health = client.health("hybrid_cnn_lstm")
+        for w in health.workers:
+            console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
         console.rule(f"[bold]4. {args.bots} bots: single and batched requests (1% malformed on purpose)")
         result = _load(s, args, console)
         console.rule("[bold]5. Stop the workers (SIGTERM: finish the batch, ack, exit)")

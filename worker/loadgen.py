@@ -78,6 +78,7 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
             return n
 
     def loop(client: Client, lane: int) -> None:
+        singles = 0
         for calls in itertools.count(1):
             many = bool(spec.batch_every) and calls % spec.batch_every == 0
             n = take(spec.batch_size if many else 1)
@@ -89,7 +90,8 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
                 results = client.predict_many(spec.model, list(windows[:n]), route=route,
                                               return_exceptions=True)
             else:
-                bad = spec.bad_every and calls % spec.bad_every == 0
+                singles += 1
+                bad = spec.bad_every and singles % spec.bad_every == 0
                 window = windows[calls % 16, :, :100] if bad else windows[calls % 16]
                 try:
                     results = [client.predict(spec.model, window, route=route)]
@@ -153,6 +155,10 @@ def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
             reports.append(results.get(timeout=0.05))
         except Exception:  # queue.Empty: keep draining progress
             continue
+    while not progress.empty():  # the last counts may arrive after the last report
+        n = progress.get()
+        if on_progress:
+            on_progress(n)
     total.elapsed_s = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
     for bot in bots:
         bot.join()

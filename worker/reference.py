@@ -7,6 +7,7 @@ CPU training run reaches a stable held-out accuracy.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ def export_onnx(model: HybridCNNLSTM, path: Path) -> Path:
     model.eval()
     example = torch.zeros(2, TIMESTEPS, N_FEATURES)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter logs a warning per torchvision op it cannot register; we use none.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         # Tracing nn.LSTM makes torch warn about its own internals (flat weights re-assigned,
         # non-leaf .grad); the result is checked below and by the parity tests instead.

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
 
-def _child(settings_json: str, model: str, max_queue_ms: float, log_level: int) -> None:
+def _child(settings_json: str, model: str, max_queue_ms: float, verbose: bool) -> None:
+    from worker.cli import configure_logging
     from worker.worker import Worker
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(process)d %(name)s %(message)s")
+    configure_logging(verbose)
     worker = Worker(Settings.model_validate_json(settings_json), model, max_queue_ms=max_queue_ms)
     worker.install_signal_handlers(sigint=False)
     worker.run()
@@ -41,7 +42,7 @@ class Supervisor:
 
     def _spawn(self) -> mp.Process:
         args = (self.settings.model_dump_json(), self.model, self.max_queue_ms,
-                logging.getLogger().getEffectiveLevel())
+                logging.getLogger("worker").isEnabledFor(logging.DEBUG))
         child = self._ctx.Process(target=_child, args=args, daemon=False)
         child.start()
         return child
