@@ -5,10 +5,13 @@ import time
 import models
 import numpy as np
 import pytest
-from conftest import MODEL
+import redis
+from conftest import MODEL, ThreadedWorker
 
 from protocol import codec, keys, messages
 from protocol.errors import InternalError
+from protocol.settings import Settings
+from worker.embedded_redis import EmbeddedRedis
 from worker.worker import Worker
 
 X = np.random.default_rng(0).standard_normal((60, 110)).astype(np.float32)
@@ -213,3 +216,47 @@ def test_invalid_reply_to_is_dead_lettered_not_written_anywhere(r, settings, pro
     drain(settings)
     assert b"unanswerable" in r.xrange(keys.dead_letter_stream(MODEL))[0][1][b"reason"]
     assert r.keys(f"ss:{{{MODEL}}}:reply:*") == []
+
+
+
+def wait_for_reply(r, request_id, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not r.exists(keys.reply_key(MODEL, request_id)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return reply(r, request_id)
+
+
+def test_stream_deleted_under_a_running_worker_is_recreated(r, settings, production):
+    worker = Worker(settings, MODEL)
+    with ThreadedWorker(worker):
+        send(r, "before")
+        assert wait_for_reply(r, "before")["ok"]
+        r.delete(keys.request_stream(MODEL))  # the blocked read fails: UNBLOCKED / NOGROUP
+        time.sleep(0.1)
+        send(r, "after")
+        assert wait_for_reply(r, "after")["ok"]
+
+
+def test_worker_survives_a_redis_restart(registry, production):
+    server = EmbeddedRedis().start()
+    settings = Settings(redis_url=server.url, artifact_dir=registry.artifact_dir, block_ms=50)
+    client = redis.Redis.from_url(server.url)
+    copy_registry(registry.redis, client)
+    try:
+        with ThreadedWorker(Worker(settings, MODEL)):
+            send(client, "first")
+            assert wait_for_reply(client, "first")["ok"]
+            server.stop()
+            time.sleep(0.3)  # the worker meets connection errors and keeps retrying
+            server = EmbeddedRedis(port=server.port).start()
+            copy_registry(registry.redis, client)
+            send(client, "after-restart")
+            assert wait_for_reply(client, "after-restart")["ok"]
+    finally:
+        client.close()
+        server.stop()
+
+
+def copy_registry(source, target):
+    for key in (keys.model_hash(MODEL), keys.version_hash(MODEL, 1)):
+        target.hset(key, mapping=source.hgetall(key))

@@ -36,6 +36,7 @@ from worker.batcher import Batcher
 from worker.loader import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
+RECONNECT_DELAY_S = 0.5
 Entry = tuple[str, dict[bytes, bytes]]
 
 
@@ -84,15 +85,24 @@ class Worker:
         log.info("worker %s serving %s (%s)", self.worker_id, self.model, self._serving())
         try:
             while not self.stopping.is_set():
-                self._maintain()
-                wait_ms = 0 if self.burst else self._idle_wait_ms()
-                batch = self.batcher.next_batch(wait_ms)
-                if batch:
-                    self.process(batch)
-                elif self.burst and not self.reclaim():
-                    break
+                try:
+                    if not self._step():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    # The batch in hand (if any) stays pending and is reclaimed after the outage.
+                    log.warning("Redis unavailable (%s); retrying in %.1f s", e, RECONNECT_DELAY_S)
+                    self.stopping.wait(RECONNECT_DELAY_S)
         finally:
             self._sign_off()
+
+    def _step(self) -> bool:
+        """One loop iteration; False when a burst worker has drained the stream."""
+        self._maintain()
+        batch = self.batcher.next_batch(0 if self.burst else self._idle_wait_ms())
+        if batch:
+            self.process(batch)
+            return True
+        return not self.burst or self.reclaim() > 0
 
     def stop(self) -> None:
         """Stop reading; the batch in hand is finished and acked first."""
@@ -163,8 +173,16 @@ class Worker:
 
     def _read(self, count: int, wait_ms: float) -> list[Entry]:
         block = int(wait_ms) if wait_ms >= 1 else None
-        response = self.redis.xreadgroup(self.group, self.worker_id, {self.stream: ">"},
-                                         count=count, block=block)
+        try:
+            response = self.redis.xreadgroup(self.group, self.worker_id, {self.stream: ">"},
+                                             count=count, block=block)
+        except redis.ResponseError as e:
+            # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
+            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                raise
+            log.warning("stream or group vanished (%s); recreating", e)
+            self._ensure_group()
+            return []
         return [(_text(i), f) for i, f in response[0][1]] if response else []
 
     def reclaim(self) -> int:
