@@ -22,6 +22,8 @@ class WorkerInfo:
     age_ms: int
     host: str = ""
     pid: int = 0
+    target_version: int | None = None
+    failed_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,8 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        """True if some live worker has a model loaded."""
-        return any(w.version is not None and w.state == "serving" for w in self.workers)
+        """True if some live worker has a model loaded and is not shutting down."""
+        return any(w.version is not None and w.state in ("serving", "loading") for w in self.workers)
 
     @property
     def versions(self) -> set[int]:
@@ -49,10 +51,15 @@ class Health:
 def _info(data: dict, now_ms: int) -> WorkerInfo:
     d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
          for k, v in data.items()}
-    return WorkerInfo(d["worker_id"], int(d["version"]) if d.get("version") else None,
+    return WorkerInfo(d["worker_id"], _int_or_none(d.get("version")),
                       d.get("backend", ""), d.get("state", ""), d.get("error", ""),
                       now_ms - int(d.get("heartbeat_ms", now_ms)), d.get("host", ""),
-                      int(d.get("pid", 0)))
+                      int(d.get("pid", 0)), _int_or_none(d.get("target_version")),
+                      _int_or_none(d.get("failed_version")))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None
 
 
 def members_query(model: str) -> tuple[str, int, str]:

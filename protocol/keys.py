@@ -69,6 +69,16 @@ def batch_histogram(model: str) -> str:
     return f"{_tag(model)}:stats:batch_sizes"
 
 
+def history_stream(model: str) -> str:
+    """Every stage and alias change of a model: who, when, from, to, reason."""
+    return f"{PREFIX}:registry:{{{check_model_name(model)}}}:history"
+
+
+def aliases_hash(model: str) -> str:
+    """Hash: alias (e.g. ``champion``) → version."""
+    return f"{PREFIX}:registry:{{{check_model_name(model)}}}:aliases"
+
+
 def models_set() -> str:
     """Set of registered model names."""
     return f"{PREFIX}:registry:models"

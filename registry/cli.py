@@ -1,33 +1,57 @@
-"""``streamserve registry …`` subcommands."""
+"""``streamserve registry …`` subcommands.
+
+``promote --wait`` needs to read worker heartbeats, which the registry does not
+know about: the top-level CLI passes a ``fleet_waiter`` in.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 
+from protocol.errors import RegistryError
 from protocol.settings import Settings
 from registry.store import STAGES, Registry
 
+FleetWaiter = Callable[[redis.Redis, str, int, float], object]
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: argparse._SubParsersAction, *, fleet_waiter: FleetWaiter | None = None) -> None:
     """Add the ``registry`` command group."""
-    parser = subparsers.add_parser("registry", help="list, show, register and promote model versions")
+    parser = subparsers.add_parser("registry", help="versions, stages, aliases, history, artifacts")
     sub = parser.add_subparsers(dest="registry_command", required=True)
+    _add_reading(sub)
+    _add_register(sub)
+    _add_promote(sub, fleet_waiter)
+    _add_changes(sub)
 
+
+def _add_reading(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="models, or the versions of one model")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_list)
-
-    p = sub.add_parser("show", help="one version as JSON")
+    p = sub.add_parser("show", help="one version (number, alias or 'production') as JSON")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version")
     p.set_defaults(func=_show)
+    p = sub.add_parser("compare", help="two versions side by side, metric deltas = V2 − V1")
+    p.add_argument("name")
+    p.add_argument("v1")
+    p.add_argument("v2")
+    p.set_defaults(func=_compare)
+    p = sub.add_parser("history", help="stage and alias changes; --at T: what was in Production")
+    p.add_argument("name")
+    p.add_argument("--at", help="ISO time or Unix seconds")
+    p.set_defaults(func=_history)
 
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("register", help="copy an artifact into the store as a new version")
     p.add_argument("name")
     p.add_argument("artifact", type=Path)
@@ -36,14 +60,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outputs", default="probs", help="comma-separated output names")
     p.add_argument("--labels", default="", help="comma-separated class labels of the first output")
     p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--description", default="")
     p.set_defaults(func=_register)
 
+
+def _add_promote(sub: argparse._SubParsersAction, fleet_waiter: FleetWaiter | None) -> None:
     p = sub.add_parser("promote", help="move a version to a stage (Production archives the previous)")
     p.add_argument("name")
     p.add_argument("version", type=int)
-    p.add_argument("--stage", default="Production", choices=STAGES[1:])
-    p.set_defaults(func=_promote)
+    p.add_argument("--stage", default="Production", choices=STAGES)
+    p.add_argument("--reason", default="")
+    p.add_argument("--allow-archived", action="store_true", help="allow Archived → Production (rollback)")
+    p.add_argument("--wait", action="store_true", help="wait until every live worker serves it")
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.add_argument("--rollback-on-failure", action="store_true",
+                   help="with --wait: restore the previous Production if any worker fails to load")
+    p.set_defaults(func=_promote, fleet_waiter=fleet_waiter)
+
+
+def _add_changes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("alias", help="point an alias at a version (or --remove it)")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version", type=int, nargs="?")
+    p.add_argument("--remove", action="store_true")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=_alias)
+    p = sub.add_parser("metrics", help="add or update metrics/tags/description of a version")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--description")
+    p.set_defaults(func=_metrics)
+    p = sub.add_parser("delete", help="delete a version (not Production, not aliased)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=_delete)
+    p = sub.add_parser("gc", help="remove artifacts no version references")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=_gc)
 
 
 @contextmanager
@@ -52,39 +110,131 @@ def _registry(settings: Settings) -> Iterator[Registry]:
         yield Registry(client, settings.artifact_dir)
 
 
+def _pairs(items: list[str], cast=str) -> dict:
+    return {k: cast(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        names = reg.models() if args.name is None else []
-        versions = reg.versions(args.name) if args.name else []
-    for name in names:
-        print(name)
+        if args.name is None:
+            print("\n".join(reg.models()))
+            return 0
+        versions, aliases = reg.versions(args.name), reg.aliases(args.name)
     for mv in versions:
+        held = ",".join(a for a, v in aliases.items() if v == mv.version)
         metrics = " ".join(f"{k}={v:.4g}" for k, v in mv.metrics.items())
-        print(f"v{mv.version:<4} {mv.stage:<10} {mv.format:<5} {mv.sha256[:12]} {metrics}")
+        print(f"v{mv.version:<4} {mv.stage:<10} {held:<20} {mv.format:<5} {mv.sha256[:12]} {metrics}")
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        mv = reg.get(args.name, args.version)
+        mv = reg.resolve(args.name, args.version)
     print(json.dumps(mv.__dict__, indent=2, default=str))
     return 0
 
 
+def _compare(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        a, b = reg.resolve(args.name, args.v1), reg.resolve(args.name, args.v2)
+        result = reg.compare(args.name, a.version, b.version)
+    print(f"{'':<16} {'v' + str(a.version):>14} {'v' + str(b.version):>14} {'delta':>12}")
+    for name, m in result["metrics"].items():
+        delta = "" if m["delta"] is None else f"{m['delta']:+.4g}"
+        print(f"{name:<16} {_fmt(m['a']):>14} {_fmt(m['b']):>14} {delta:>12}")
+    for name, f in result["facts"].items():
+        mark = "" if f["a"] == f["b"] else "  (differs)"
+        print(f"{name:<16} {_fmt(f['a'])} | {_fmt(f['b'])}{mark}")
+    return 0
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _history(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        if args.at:
+            at_s = float(args.at) if args.at.replace(".", "").isdigit() else dt.datetime.fromisoformat(
+                args.at).timestamp()
+            version = reg.production_at(args.name, at_s)
+            print(f"v{version}" if version else "no version was in Production")
+            return 0
+        changes = reg.history(args.name)
+    for c in changes:
+        when = dt.datetime.fromtimestamp(c.at_ms / 1000).isoformat(timespec="milliseconds")
+        print(f"{when} {c.kind:<6} v{c.version:<4} {c.source} → {c.target}  by {c.who}  {c.reason}")
+    return 0
+
+
 def _register(args: argparse.Namespace, settings: Settings) -> int:
-    metrics = {k: float(v) for k, v in (m.split("=", 1) for m in args.metric)}
     with _registry(settings) as reg:
         mv = reg.register(
             args.name, args.artifact, input_spec=args.input_spec,
             output_names=[o for o in args.outputs.split(",") if o],
             labels=[label for label in args.labels.split(",") if label],
-            metrics=metrics, description=args.description)
+            metrics=_pairs(args.metric, float), tags=_pairs(args.tag), description=args.description)
     print(f"registered {mv!r}")
     return 0
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        mv = reg.promote(args.name, args.version, args.stage)
-    print(f"promoted {mv!r}")
+        previous = _production_version(reg, args.name)
+        mv = reg.promote(args.name, args.version, args.stage, reason=args.reason,
+                         allow_archived=args.allow_archived)
+        print(f"promoted {mv!r}")
+        if not (args.wait and args.stage == "Production" and args.fleet_waiter):
+            return 0
+        report = args.fleet_waiter(reg.redis, args.name, args.version, args.timeout_s)
+        print(f"fleet: switched {report.switched}, failed {report.failed}, pending {report.pending}")
+        if report.ok:
+            return 0
+        if args.rollback_on_failure and previous is not None and previous != args.version:
+            reg.promote(args.name, previous, "Production", allow_archived=True,
+                        reason=f"automatic rollback: v{args.version} failed on {sorted(report.failed)}")
+            print(f"rolled back to v{previous}")
+    return 1
+
+
+def _production_version(reg: Registry, name: str) -> int | None:
+    try:
+        return reg.production(name).version
+    except RegistryError:
+        return None
+
+
+def _alias(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        if args.remove:
+            reg.remove_alias(args.name, args.alias, reason=args.reason)
+        elif args.version is None:
+            print(f"{args.alias} → v{reg.resolve(args.name, args.alias).version}")
+        else:
+            reg.set_alias(args.name, args.alias, args.version, reason=args.reason)
+    return 0
+
+
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        mv = reg.update(args.name, args.version, metrics=_pairs(args.metric, float),
+                        tags=_pairs(args.tag), description=args.description)
+    print(json.dumps({"metrics": mv.metrics, "tags": mv.tags, "description": mv.description}, indent=2))
+    return 0
+
+
+def _delete(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        reg.delete(args.name, args.version, reason=args.reason)
+    print(f"deleted {args.name} v{args.version}; run `streamserve registry gc` to free its artifact")
+    return 0
+
+
+def _gc(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        removed = reg.gc(dry_run=args.dry_run)
+    for path in removed:
+        print(("would remove " if args.dry_run else "removed ") + str(path))
     return 0

@@ -1,21 +1,38 @@
-"""Model registry in Redis hashes: models, versions, stages, metadata, artifacts."""
+"""Model registry in Redis hashes: versions, stages, aliases, history, artifacts.
+
+Every stage or alias change is appended to the model's history stream (who,
+when, from, to, reason), so "what was in Production at time T" has an answer.
+A promotion to Production also publishes a reload command on the control
+channel; the registry hash stays the truth for workers that missed it.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
-from protocol import keys
+from protocol import control, keys
 from protocol.errors import RegistryError
 from registry import artifacts
 
 STAGES = ("None", "Staging", "Production", "Archived")
 FORMATS = ("onnx",)
+# Allowed stage moves; Archived → Production is a rollback and must be asked for.
+TRANSITIONS = {
+    "None": {"Staging", "Production", "Archived"},
+    "Staging": {"None", "Production", "Archived"},
+    "Production": {"Staging", "Archived"},
+    "Archived": {"Staging"},
+}
 _JSON_FIELDS = ("input_spec", "output_names", "labels", "metrics", "tags")
 
 
@@ -37,6 +54,9 @@ class ModelVersion:
     tags: dict[str, str] = field(default_factory=dict)
     description: str = ""
     created_at: float = 0.0
+    golden: str = ""
+    golden_sha256: str = ""
+    golden_atol: float = 1e-4
 
     def to_hash(self) -> dict[str, str]:
         """The Redis hash fields (JSON for structured values)."""
@@ -45,38 +65,69 @@ class ModelVersion:
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> ModelVersion:
-        """Inverse of :meth:`to_hash`."""
-        values: dict[str, Any] = {k: json.loads(data[k]) if k in _JSON_FIELDS else data[k] for k in data}
+        """Inverse of :meth:`to_hash`; fields added later fall back to their defaults."""
+        known = {f for f in cls.__dataclass_fields__}
+        values: dict[str, Any] = {k: json.loads(v) if k in _JSON_FIELDS else v
+                                  for k, v in data.items() if k in known}
         values["version"], values["size_bytes"] = int(values["version"]), int(values["size_bytes"])
         values["created_at"] = float(values["created_at"])
+        values["golden_atol"] = float(values.get("golden_atol", 1e-4))
         return cls(**values)
 
     def __repr__(self) -> str:
         return f"ModelVersion({self.name} v{self.version} {self.stage} {self.format} {self.sha256[:10]})"
 
 
-class Registry:
-    """Register, look up and stage model versions; artifacts go to a content-addressed store."""
+@dataclass(frozen=True)
+class Change:
+    """One history entry."""
 
-    def __init__(self, client: redis.Redis, artifact_dir: Path) -> None:
+    at_ms: int
+    kind: str  # "stage" | "alias" | "delete"
+    version: int
+    source: str
+    target: str
+    who: str
+    reason: str
+
+
+def default_actor() -> str:
+    """``user@host``, recorded in the history when no one is named."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+class Registry:
+    """Register, look up, stage, alias and delete model versions."""
+
+    def __init__(self, client: redis.Redis, artifact_dir: Path, *, actor: str | None = None) -> None:
         self.redis = client
         self.artifact_dir = Path(artifact_dir)
+        self.actor = actor or default_actor()
+
+    # ---- versions ------------------------------------------------------------------------
 
     def register(
         self, name: str, source: Path, *, input_spec: dict[str, dict[str, Any]],
         output_names: list[str], labels: list[str] | None = None, fmt: str = "onnx",
         metrics: dict[str, float] | None = None, description: str = "",
-        tags: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None, golden: dict[str, np.ndarray] | None = None,
+        golden_atol: float = 1e-4,
     ) -> ModelVersion:
-        """Copy the artifact into the store and record a new version in stage ``None``."""
+        """Copy the artifact (and golden inputs/outputs) into the store; new version in ``None``.
+
+        ``golden`` maps ``input:<name>`` and ``output:<name>`` to arrays; a worker
+        refuses to serve the version unless it reproduces the outputs within ``golden_atol``.
+        """
         keys.check_model_name(name)
         if fmt not in FORMATS:
             raise RegistryError(f"unsupported format {fmt!r}; supported: {FORMATS}")
         relative, sha256, size = artifacts.store(Path(source), self.artifact_dir)
+        golden_rel, golden_sha = self._store_golden(golden) if golden else ("", "")
         version = int(self.redis.hincrby(keys.model_hash(name), "latest_version", 1))
         mv = ModelVersion(
             name, version, "None", fmt, relative, sha256, size, input_spec, list(output_names),
             list(labels or []), dict(metrics or {}), dict(tags or {}), description, time.time(),
+            golden_rel, golden_sha, golden_atol,
         )
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.version_hash(name, version), mapping=mv.to_hash())
@@ -84,6 +135,13 @@ class Registry:
         pipe.sadd(keys.models_set(), name)
         pipe.execute()
         return mv
+
+    def _store_golden(self, golden: dict[str, np.ndarray]) -> tuple[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "golden.npz"
+            np.savez(path, **{k: np.asarray(v) for k, v in golden.items()})
+            relative, sha256, _ = artifacts.store(path, self.artifact_dir)
+        return relative, sha256
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version; ``RegistryError`` if it does not exist."""
@@ -97,7 +155,7 @@ class Registry:
         return sorted(_text(m) for m in self.redis.smembers(keys.models_set()))
 
     def versions(self, name: str) -> list[ModelVersion]:
-        """Every version of ``name``, oldest first."""
+        """Every existing version of ``name``, oldest first."""
         latest = int(self.redis.hget(keys.model_hash(name), "latest_version") or 0)
         pipe = self.redis.pipeline(transaction=False)
         for v in range(1, latest + 1):
@@ -111,37 +169,203 @@ class Registry:
             raise RegistryError(f"model {name!r} has no version in Production")
         return self.get(name, int(version))
 
-    def promote(self, name: str, version: int, stage: str = "Production") -> ModelVersion:
-        """Move a version to ``stage``; a new Production archives the previous one."""
-        if stage not in STAGES[1:]:
-            raise RegistryError(f"cannot promote to {stage!r}; choose one of {STAGES[1:]}")
-        model_key = keys.model_hash(name)
+    # ---- metadata ------------------------------------------------------------------------
+
+    def update(self, name: str, version: int, *, metrics: dict[str, float] | None = None,
+               tags: dict[str, str] | None = None, description: str | None = None) -> ModelVersion:
+        """Merge metrics and tags into a version, or replace its description."""
+        key = keys.version_hash(name, version)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(model_key, keys.version_hash(name, version))
-                    self.get(name, version)  # raises if absent
-                    current = pipe.hget(model_key, "production_version")
+                    pipe.watch(key)
+                    mv = self.get(name, version)
                     pipe.multi()
-                    self._queue_stage(pipe, name, version, stage, current)
+                    pipe.hset(key, mapping={
+                        "metrics": json.dumps({**mv.metrics, **(metrics or {})}),
+                        "tags": json.dumps({**mv.tags, **(tags or {})}),
+                        "description": mv.description if description is None else description,
+                    })
                     pipe.execute()
                     return self.get(name, version)
                 except redis.WatchError:
                     continue
 
-    def _queue_stage(self, pipe, name: str, version: int, stage: str, current) -> None:
-        model_key = keys.model_hash(name)
-        pipe.hset(keys.version_hash(name, version), "stage", stage)
-        if stage == "Production":
-            if current and int(current) != version:
-                pipe.hset(keys.version_hash(name, int(current)), "stage", "Archived")
-            pipe.hset(model_key, "production_version", str(version))
-        elif current and int(current) == version:
-            pipe.hdel(model_key, "production_version")
+    def compare(self, name: str, v1: int, v2: int) -> dict[str, Any]:
+        """Metrics side by side with deltas (v2 − v1), and the other facts that differ."""
+        a, b = self.get(name, v1), self.get(name, v2)
+        metrics = {k: {"a": a.metrics.get(k), "b": b.metrics.get(k),
+                       "delta": (b.metrics[k] - a.metrics[k]) if k in a.metrics and k in b.metrics else None}
+                   for k in sorted(set(a.metrics) | set(b.metrics))}
+        facts = {f: {"a": getattr(a, f), "b": getattr(b, f)}
+                 for f in ("stage", "format", "size_bytes", "input_spec", "output_names", "labels", "sha256")}
+        return {"name": name, "a": v1, "b": v2, "metrics": metrics, "facts": facts}
+
+    # ---- stages and aliases --------------------------------------------------------------
+
+    def promote(self, name: str, version: int, stage: str = "Production", *, reason: str = "",
+                allow_archived: bool = False, publish: bool = True) -> ModelVersion:
+        """Move a version to ``stage``; a new Production archives the previous one.
+
+        Archived → Production (a rollback) needs ``allow_archived``. Promotion to
+        Production publishes a reload command unless ``publish`` is False.
+        """
+        if stage not in STAGES:
+            raise RegistryError(f"unknown stage {stage!r}; choose one of {STAGES}")
+        model_key, version_key = keys.model_hash(name), keys.version_hash(name, version)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(model_key, version_key)
+                    current_stage = self.get(name, version).stage
+                    self._check_transition(current_stage, stage, allow_archived, name, version)
+                    production = pipe.hget(model_key, "production_version")
+                    pipe.multi()
+                    self._queue_stage(pipe, name, version, current_stage, stage, production, reason)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        if stage == "Production" and publish:
+            self.redis.publish(keys.control_channel(), control.reload(name, version).encode())
+        return self.get(name, version)
+
+    @staticmethod
+    def _check_transition(source: str, target: str, allow_archived: bool, name: str, version: int) -> None:
+        if source == target:
+            return
+        rollback = source == "Archived" and target == "Production" and allow_archived
+        if target not in TRANSITIONS[source] and not rollback:
+            hint = " (a rollback: pass allow_archived / --allow-archived)" if source == "Archived" else ""
+            raise RegistryError(f"{name} v{version}: {source} → {target} is not allowed{hint}")
+
+    def _queue_stage(self, pipe, name: str, version: int, source: str, target: str,
+                     production, reason: str) -> None:
+        current = int(production) if production else None
+        if target == "Production" and current not in (None, version):
+            # Archive the old one first: the history then reads old-out, new-in.
+            pipe.hset(keys.version_hash(name, current), "stage", "Archived")
+            self._queue_history(pipe, name, "stage", current, "Production", "Archived",
+                                f"replaced by v{version}")
+        pipe.hset(keys.version_hash(name, version), "stage", target)
+        self._queue_history(pipe, name, "stage", version, source, target, reason)
+        if target == "Production":
+            pipe.hset(keys.model_hash(name), "production_version", str(version))
+        elif current == version:
+            pipe.hdel(keys.model_hash(name), "production_version")
+
+    def _queue_history(self, pipe, name: str, kind: str, version: int, source: str, target: str,
+                       reason: str) -> None:
+        pipe.xadd(keys.history_stream(name), {
+            "kind": kind, "version": version, "from": source, "to": target,
+            "who": self.actor, "reason": reason, "at_ms": int(time.time() * 1000)})
+
+    def set_alias(self, name: str, alias: str, version: int, *, reason: str = "") -> None:
+        """Point ``alias`` (e.g. ``champion``) at a version; a version may hold several."""
+        keys.check_model_name(alias)
+        self.get(name, version)
+        previous = self.redis.hget(keys.aliases_hash(name), alias)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.aliases_hash(name), alias, str(version))
+        self._queue_history(pipe, name, "alias", version, f"{alias}@{_text(previous) if previous else '-'}",
+                            f"{alias}@{version}", reason)
+        pipe.execute()
+
+    def remove_alias(self, name: str, alias: str, *, reason: str = "") -> None:
+        """Drop an alias."""
+        previous = self.redis.hget(keys.aliases_hash(name), alias)
+        if previous is None:
+            raise RegistryError(f"model {name!r} has no alias {alias!r}")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(keys.aliases_hash(name), alias)
+        self._queue_history(pipe, name, "alias", int(previous), f"{alias}@{_text(previous)}", "-", reason)
+        pipe.execute()
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """alias → version."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(keys.aliases_hash(name)).items()}
+
+    def resolve(self, name: str, ref: str | int) -> ModelVersion:
+        """A version by number, alias, or the word ``production``."""
+        if isinstance(ref, int) or str(ref).isdigit():
+            return self.get(name, int(ref))
+        if ref == "production":
+            return self.production(name)
+        version = self.aliases(name).get(str(ref))
+        if version is None:
+            raise RegistryError(f"model {name!r} has no alias {ref!r}")
+        return self.get(name, version)
+
+    # ---- history -------------------------------------------------------------------------
+
+    def history(self, name: str, count: int = 1000) -> list[Change]:
+        """The newest ``count`` changes, oldest first."""
+        rows = self.redis.xrevrange(keys.history_stream(name), count=count)
+        return [_change(fields) for _, fields in reversed(rows)]
+
+    def production_at(self, name: str, at_s: float) -> int | None:
+        """The version that was in Production at Unix time ``at_s`` (None if none was)."""
+        end = f"{int(at_s * 1000)}-18446744073709551615"
+        cursor = end
+        while True:
+            rows = self.redis.xrevrange(keys.history_stream(name), max=cursor, count=100)
+            for _entry_id, fields in rows:
+                change = _change(fields)
+                if change.kind == "stage" and change.target == "Production":
+                    return change.version
+                if change.kind in ("stage", "delete") and change.source == "Production":
+                    return None
+            if len(rows) < 100:
+                return None
+            cursor = f"({_text(rows[-1][0])}"
+
+    # ---- deletion and garbage collection -------------------------------------------------
+
+    def delete(self, name: str, version: int, *, reason: str = "") -> None:
+        """Delete a version's record; refused while it is in Production or holds an alias."""
+        mv = self.get(name, version)
+        if mv.stage == "Production":
+            raise RegistryError(f"{name} v{version} is in Production; promote another version first")
+        held = [a for a, v in self.aliases(name).items() if v == version]
+        if held:
+            raise RegistryError(f"{name} v{version} holds aliases {held}; move or remove them first")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.version_hash(name, version))
+        self._queue_history(pipe, name, "delete", version, mv.stage, "deleted", reason)
+        pipe.execute()
+
+    def referenced_artifacts(self) -> set[str]:
+        """Store paths that some version of some model still points at."""
+        return {path for name in self.models() for mv in self.versions(name)
+                for path in (mv.artifact, mv.golden) if path}
+
+    def gc(self, *, dry_run: bool = False) -> list[Path]:
+        """Remove store files no version references; returns what was (or would be) removed."""
+        referenced = self.referenced_artifacts()
+        root = self.artifact_dir / "sha256"
+        orphans = [p for p in sorted(root.glob("*/*")) if p.is_file()
+                   and str(p.relative_to(self.artifact_dir)) not in referenced] if root.exists() else []
+        if not dry_run:
+            for path in orphans:
+                path.unlink()
+        return orphans
+
+    # ---- artifacts -----------------------------------------------------------------------
 
     def artifact_path(self, mv: ModelVersion) -> Path:
         """The verified local path of ``mv``'s artifact; ``ArtifactIntegrityError`` on mismatch."""
         return artifacts.verified_path(self.artifact_dir, mv.artifact, mv.sha256)
+
+    def golden(self, mv: ModelVersion) -> dict[str, np.ndarray]:
+        """The version's verified golden inputs and outputs (``input:x`` / ``output:y``)."""
+        path = artifacts.verified_path(self.artifact_dir, mv.golden, mv.golden_sha256)
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+
+def _change(fields: dict) -> Change:
+    d = _decoded(fields)
+    return Change(int(d["at_ms"]), d["kind"], int(d["version"]), d["from"], d["to"], d["who"], d["reason"])
 
 
 def _text(value: bytes | str) -> str:

@@ -1,7 +1,10 @@
 """Registry logic on fakeredis; the artifact store on disk."""
 
+import time
+
 import fakeredis
 import models
+import numpy as np
 import pytest
 
 from protocol import keys
@@ -57,11 +60,127 @@ def test_moving_production_to_staging_leaves_no_production(reg, artifact):
         reg.production("m")
 
 
-@pytest.mark.parametrize("stage", ["None", "Live", "production"])
-def test_bad_stage_is_refused(reg, artifact, stage):
+@pytest.mark.parametrize("stage", ["Live", "production", ""])
+def test_unknown_stage_is_refused(reg, artifact, stage):
     register(reg, artifact)
-    with pytest.raises(RegistryError, match="cannot promote"):
+    with pytest.raises(RegistryError, match="unknown stage"):
         reg.promote("m", 1, stage)
+
+
+def test_archived_to_production_needs_an_explicit_rollback(reg, artifact):
+    register(reg, artifact)
+    register(reg, artifact)
+    reg.promote("m", 1)
+    reg.promote("m", 2)  # v1 → Archived
+    with pytest.raises(RegistryError, match="Archived → Production is not allowed.*rollback"):
+        reg.promote("m", 1)
+    reg.promote("m", 1, allow_archived=True, reason="v2 misbehaves")
+    assert reg.production("m").version == 1 and reg.get("m", 2).stage == "Archived"
+
+
+def test_aliases_several_per_version_resolve_and_remove(reg, artifact):
+    register(reg, artifact)
+    register(reg, artifact)
+    reg.set_alias("m", "champion", 1)
+    reg.set_alias("m", "stable", 1)
+    reg.set_alias("m", "challenger", 2)
+    assert reg.aliases("m") == {"champion": 1, "stable": 1, "challenger": 2}
+    assert reg.resolve("m", "challenger").version == 2 and reg.resolve("m", "1").version == 1
+    reg.set_alias("m", "champion", 2)
+    reg.remove_alias("m", "stable")
+    assert reg.aliases("m") == {"champion": 2, "challenger": 2}
+    kinds = [(c.kind, c.source, c.target) for c in reg.history("m")]
+    assert ("alias", "champion@1", "champion@2") in kinds and ("alias", "stable@1", "-") in kinds
+    with pytest.raises(RegistryError, match="no alias"):
+        reg.resolve("m", "stable")
+
+
+def test_metrics_and_tags_merge_after_the_fact(reg, artifact):
+    register(reg, artifact, metrics={"accuracy": 0.8, "f1": 0.7})
+    mv = reg.update("m", 1, metrics={"accuracy": 0.82, "live_hit_rate": 0.55}, tags={"data": "2026-11"},
+                    description="retrained")
+    assert mv.metrics == {"accuracy": 0.82, "f1": 0.7, "live_hit_rate": 0.55}
+    assert mv.tags == {"data": "2026-11"} and mv.description == "retrained"
+
+
+def test_compare_gives_deltas_and_differing_facts(reg, artifact, tmp_path):
+    register(reg, artifact, metrics={"accuracy": 0.80, "loss": 0.5})
+    other = models.linear_softmax(tmp_path / "other.onnx", seed=1)
+    reg.register("m", other, input_spec=models.SPEC, output_names=["probs"], metrics={"accuracy": 0.83})
+    result = reg.compare("m", 1, 2)
+    assert result["metrics"]["accuracy"]["delta"] == pytest.approx(0.03)
+    assert result["metrics"]["loss"] == {"a": 0.5, "b": None, "delta": None}
+    assert result["facts"]["sha256"]["a"] != result["facts"]["sha256"]["b"]
+    assert result["facts"]["labels"] == {"a": models.LABELS, "b": []}
+
+
+def test_history_answers_what_was_in_production_at_time_t(reg, artifact):
+    for _ in range(3):
+        register(reg, artifact)
+    marks = [time.time()]
+    for version, kwargs in ((1, {}), (2, {}), (3, {}), (2, {"allow_archived": True})):
+        time.sleep(0.01)
+        reg.promote("m", version, reason=f"to v{version}", **kwargs)
+        time.sleep(0.01)
+        marks.append(time.time())
+    assert [reg.production_at("m", t) for t in marks] == [None, 1, 2, 3, 2]
+    stages = [(c.version, c.source, c.target) for c in reg.history("m") if c.kind == "stage"]
+    assert stages == [(1, "None", "Production"), (1, "Production", "Archived"), (2, "None", "Production"),
+                      (2, "Production", "Archived"), (3, "None", "Production"),
+                      (3, "Production", "Archived"), (2, "Archived", "Production")]
+    assert all(c.who for c in reg.history("m"))
+
+
+def test_delete_is_refused_for_production_and_aliased_versions(reg, artifact):
+    for _ in range(3):
+        register(reg, artifact)
+    reg.promote("m", 1)
+    reg.set_alias("m", "challenger", 2)
+    with pytest.raises(RegistryError, match="in Production"):
+        reg.delete("m", 1)
+    with pytest.raises(RegistryError, match="holds aliases"):
+        reg.delete("m", 2)
+    reg.delete("m", 3, reason="bad data")
+    assert [v.version for v in reg.versions("m")] == [1, 2]
+    assert reg.history("m")[-1].kind == "delete"
+
+
+def test_gc_removes_only_unreferenced_artifacts(reg, artifact, tmp_path):
+    register(reg, artifact)
+    other = reg.register("m", models.linear_softmax(tmp_path / "o.onnx", seed=3),
+                         input_spec=models.SPEC, output_names=["probs"])
+    reg.promote("m", 1)
+    assert reg.gc() == []
+    reg.delete("m", other.version)
+    assert reg.gc(dry_run=True) == [reg.artifact_dir / other.artifact]
+    assert (reg.artifact_dir / other.artifact).exists()
+    assert reg.gc() == [reg.artifact_dir / other.artifact]
+    assert not (reg.artifact_dir / other.artifact).exists()
+    assert (reg.artifact_dir / reg.get("m", 1).artifact).exists()
+
+
+def test_golden_inputs_round_trip_verified(reg, artifact):
+    x = np.ones((2, 60, 110), np.float32)
+    mv = register(reg, artifact, golden={"input:features": x, "output:probs": np.zeros((2, 3))})
+    golden = reg.golden(mv)
+    np.testing.assert_array_equal(golden["input:features"], x)
+    (reg.artifact_dir / mv.golden).write_bytes(b"tampered")
+    with pytest.raises(ArtifactIntegrityError):
+        reg.golden(mv)
+
+
+def test_promote_to_production_publishes_a_reload_command(r, settings, model_path):
+    from protocol import control
+
+    reg = Registry(r, settings.artifact_dir)
+    reg.register("m", model_path, input_spec=models.SPEC, output_names=["probs"])
+    with r.pubsub() as pubsub:
+        pubsub.subscribe(keys.control_channel())
+        pubsub.get_message(timeout=1)  # subscribe confirmation
+        reg.promote("m", 1)
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+    command = control.decode(message["data"])
+    assert (command.command, command.model, command.version) == ("reload", "m", 1)
 
 
 def test_unknown_version_and_format_are_refused(reg, artifact):

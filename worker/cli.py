@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_train(sub)
     producer_cli.register(sub)
-    registry_cli.register(sub)
-    from worker import bench, demo
+    from worker import bench, demo, ops
 
+    registry_cli.register(sub, fleet_waiter=ops.fleet_waiter)
+    ops.register(sub)
     bench.register(sub)
     demo.register(sub)
     return parser

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +15,7 @@ from registry import ModelVersion, Registry
 from worker.backend import Backend, InputSpec, OnnxBackend
 
 log = logging.getLogger(__name__)
+WARMUP_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,81 @@ class LoadedModel:
 
 
 def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> LoadedModel:
-    """Verify the artifact's sha256, load it, and warm it up on one zero sample."""
+    """Verify sha256, load, warm up, and check the golden outputs stored with the version."""
     path = registry.artifact_path(mv)  # raises ArtifactIntegrityError on mismatch
     if mv.format != "onnx":
         raise ConfigError(f"{mv!r}: format {mv.format!r} has no backend yet")
     backend = OnnxBackend(path, intra_op_threads=settings.intra_op_threads)
     spec = InputSpec(mv.input_spec)
     warm = {n: np.zeros((1, *shape), dtype=dt) for n, (dt, shape) in spec.fields.items()}
-    backend.run(warm)
+    for _ in range(WARMUP_RUNS):
+        backend.run(warm)
+    if mv.golden:
+        check_golden(backend, registry.golden(mv), mv.golden_atol)
     log.info("loaded %r from %s", mv, path)
     return LoadedModel(mv, backend, spec)
+
+
+def check_golden(backend: Backend, golden: dict[str, np.ndarray], atol: float) -> None:
+    """Run the golden inputs; every expected output must match within ``atol``."""
+    inputs = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
+    outputs = backend.run(inputs)
+    for key, expected in golden.items():
+        if not key.startswith("output:"):
+            continue
+        name = key.removeprefix("output:")
+        got = outputs.get(name)
+        if got is None or got.shape != expected.shape:
+            raise GoldenCheckFailed(f"golden output {name!r}: missing or shape mismatch")
+        worst = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        if worst > atol:
+            raise GoldenCheckFailed(f"golden output {name!r} differs by {worst:.3g} > atol {atol:g}")
+
+
+class GoldenCheckFailed(ConfigError):
+    """The loaded model does not reproduce the outputs recorded with its version."""
+
+
+class Reloader:
+    """Loads a new version beside the served one, in a background thread.
+
+    The worker asks for a target with :meth:`request` and, between batches,
+    swaps in whatever :meth:`take_ready` returns; in-flight batches finish on
+    the old version. A failed load leaves the old version serving and is kept
+    in ``failures`` (version → reason) for the heartbeat.
+    """
+
+    def __init__(self, load: Callable[[ModelVersion], LoadedModel]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._ready: LoadedModel | None = None
+        self.loading: int | None = None
+        self.failures: dict[int, str] = {}
+
+    def request(self, target: ModelVersion) -> None:
+        """Start loading ``target`` unless it is loading already."""
+        with self._lock:
+            if self.loading == target.version:
+                return
+            self.loading = target.version
+        threading.Thread(target=self._run, args=(target,), name=f"load-v{target.version}",
+                         daemon=True).start()
+
+    def _run(self, target: ModelVersion) -> None:
+        try:
+            loaded = self._load(target)
+        except Exception as e:  # any load failure must leave the old version serving
+            log.error("cannot load %s v%s: %s", target.name, target.version, e)
+            with self._lock:
+                self.failures[target.version] = f"{type(e).__name__}: {e}"
+                self.loading = None
+            return
+        with self._lock:
+            self._ready, self.loading = loaded, None
+            self.failures.pop(target.version, None)
+
+    def take_ready(self) -> LoadedModel | None:
+        """The loaded model waiting to be swapped in, if any (only once)."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+            return ready

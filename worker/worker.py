@@ -33,7 +33,8 @@ from protocol.errors import (
 from protocol.settings import Settings
 from registry import Registry
 from worker.batcher import Batcher
-from worker.loader import LoadedModel, load_version
+from worker.control import ControlListener
+from worker.loader import LoadedModel, Reloader, load_version
 
 log = logging.getLogger(__name__)
 RECONNECT_DELAY_S = 0.5
@@ -70,6 +71,9 @@ class Worker:
         self.group = keys.consumer_group(model)
         self.loaded: LoadedModel | None = None
         self.load_error = "not loaded yet"
+        self.target_version: int | None = None
+        self.reloader = Reloader(lambda mv: load_version(self.registry, mv, settings))
+        self.reload_requested = threading.Event()
         self.stopping = threading.Event()
         self.batches = self.requests = 0
         self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0}
@@ -83,6 +87,8 @@ class Worker:
         self._ensure_group()
         self.reconcile()
         log.info("worker %s serving %s (%s)", self.worker_id, self.model, self._serving())
+        listener = None if self.burst else ControlListener(
+            self.settings.redis_url, self.model, lambda _command: self.reload_requested.set()).start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -93,6 +99,8 @@ class Worker:
                     log.warning("Redis unavailable (%s); retrying in %.1f s", e, RECONNECT_DELAY_S)
                     self.stopping.wait(RECONNECT_DELAY_S)
         finally:
+            if listener is not None:
+                listener.stop()
             self._sign_off()
 
     def _step(self) -> bool:
@@ -140,9 +148,11 @@ class Worker:
         if now >= self._due["heartbeat"]:
             self._due["heartbeat"] = now + s.heartbeat_interval_s
             self.heartbeat()
-        if now >= self._due["reconcile"]:
+        if now >= self._due["reconcile"] or self.reload_requested.is_set():
+            self.reload_requested.clear()
             self._due["reconcile"] = now + s.reconcile_interval_s
             self.reconcile()
+        self._swap_if_ready()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + s.reclaim_interval_s
             self.reclaim()
@@ -150,14 +160,24 @@ class Worker:
     # ---- model -----------------------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """Serve the registry's Production version; keep the old one if the new cannot load."""
+        """Converge on the registry's Production version.
+
+        With nothing loaded yet (start-up) the version loads in line; otherwise it
+        loads beside the served one and is swapped in between batches. A version
+        that cannot load (sha256 mismatch, bad file, golden check) is reported and
+        the old one keeps serving.
+        """
         try:
             target = self.registry.production(self.model)
         except StreamserveError as e:
             if self.loaded is None:
                 self.load_error = str(e)
             return
+        self.target_version = target.version
         if self.loaded is not None and self.loaded.version.version == target.version:
+            return
+        if self.loaded is not None:
+            self.reloader.request(target)
             return
         try:
             self.loaded = load_version(self.registry, target, self.settings)
@@ -165,6 +185,19 @@ class Worker:
         except StreamserveError as e:
             self.load_error = f"v{target.version}: {e}"
             log.error("cannot load %s v%s: %s", self.model, target.version, e)
+
+    def _swap_if_ready(self) -> None:
+        ready = self.reloader.take_ready()
+        if ready is not None and ready.version.version == self.target_version:
+            previous = self.loaded.version.version if self.loaded else None
+            self.loaded, self.load_error = ready, ""
+            log.info("swapped %s v%s → v%s", self.model, previous, ready.version.version)
+            self.heartbeat()  # tell the fleet at once, not at the next interval
+        elif self.target_version in self.reloader.failures:
+            error = f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
+            if error != self.load_error:
+                self.load_error = error
+                self.heartbeat()
 
     def _serving(self) -> str:
         return f"v{self.loaded.version.version}" if self.loaded else f"nothing: {self.load_error}"
@@ -326,9 +359,11 @@ class Worker:
         state = {
             "worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
             "model": self.model, "version": self.loaded.version.version if self.loaded else "",
+            "target_version": self.target_version or "",
+            "failed_version": self.target_version if self.target_version in self.reloader.failures else "",
             "backend": self.loaded.backend.name if self.loaded else "", "error": self.load_error,
             "batches": self.batches, "requests": self.requests, "heartbeat_ms": now_ms,
-            "state": "stopping" if self.stopping.is_set() else "serving",
+            "state": self._state(),
         }
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=state)
@@ -336,6 +371,11 @@ class Worker:
         pipe.zadd(keys.workers_zset(self.model), {self.worker_id: now_ms})
         pipe.zremrangebyscore(keys.workers_zset(self.model), "-inf", now_ms - ttl_ms)
         pipe.execute()
+
+    def _state(self) -> str:
+        if self.stopping.is_set():
+            return "stopping"
+        return "loading" if self.reloader.loading is not None else "serving"
 
     def _sign_off(self) -> None:
         try:

@@ -1,0 +1,80 @@
+"""``streamserve reload`` and ``streamserve status``: the fleet as ops see it."""
+
+from __future__ import annotations
+
+import argparse
+
+import redis
+
+from producer.health import read_health
+from protocol import keys
+from protocol.errors import RegistryError
+from protocol.settings import Settings
+from registry import Registry
+from worker.control import FleetReport, publish_reload, wait_for_fleet
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``reload`` and ``status``."""
+    p = subparsers.add_parser("reload", help="tell every worker of a model to converge on the registry")
+    p.add_argument("model")
+    p.add_argument("--wait", action="store_true", help="wait until every live worker serves Production")
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.set_defaults(func=_reload)
+    p = subparsers.add_parser("status", help="workers, versions, stream length, pending, lag, dead letters")
+    p.add_argument("model", nargs="*", help="default: every registered model")
+    p.set_defaults(func=_status)
+
+
+def fleet_waiter(client: redis.Redis, model: str, version: int, timeout_s: float) -> FleetReport:
+    """What ``registry promote --wait`` calls."""
+    return wait_for_fleet(client, model, version, timeout_s=timeout_s)
+
+
+def print_report(report: FleetReport) -> None:
+    """One line per worker."""
+    for worker_id in report.switched:
+        print(f"  {worker_id:<40} serving v{report.version}")
+    for worker_id, error in report.failed.items():
+        print(f"  {worker_id:<40} FAILED: {error}")
+    for worker_id in report.pending:
+        print(f"  {worker_id:<40} not switched after {report.elapsed_s:.1f} s")
+    state = "switched" if report.ok else "NOT switched"
+    print(f"{report.model}: fleet {state} to v{report.version} in {report.elapsed_s:.2f} s")
+
+
+def _reload(args: argparse.Namespace, settings: Settings) -> int:
+    with redis.Redis.from_url(settings.redis_url) as client:
+        target = Registry(client, settings.artifact_dir).production(args.model).version
+        receivers = publish_reload(client, args.model, target)
+        print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
+        if not args.wait:
+            return 0
+        report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s)
+    print_report(report)
+    return 0 if report.ok else 1
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    with redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir)
+        for model in args.model or registry.models():
+            _print_model(client, registry, model)
+    return 0
+
+
+def _print_model(client: redis.Redis, registry: Registry, model: str) -> None:
+    try:
+        production = f"v{registry.production(model).version}"
+    except RegistryError:
+        production = "none"
+    stream = keys.request_stream(model)
+    groups = client.xinfo_groups(stream) if client.exists(stream) else []
+    group = next((g for g in groups if g["name"] in (b"workers", "workers")), {})
+    print(f"{model}: Production {production}; stream length {client.xlen(stream)}, "
+          f"pending {group.get('pending', 0)}, lag {group.get('lag', 0)}, "
+          f"dead letters {client.xlen(keys.dead_letter_stream(model))}")
+    for w in read_health(client, model).workers:
+        error = f" error: {w.error}" if w.error else ""
+        print(f"  {w.worker_id:<40} v{w.version} {w.backend:<12} {w.state:<9} "
+              f"pid {w.pid} on {w.host}, heartbeat {w.age_ms} ms ago{error}")
