@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +14,63 @@ import models
 import pytest
 import redis
 
+from producer import Client
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
 from worker.embedded_redis import EmbeddedRedis
 
 MODEL = "testmodel"
+
+
+FAST_ENV = {"STREAMSERVE_RECLAIM_MIN_IDLE_MS": "500", "STREAMSERVE_RECLAIM_INTERVAL_S": "0.2",
+            "STREAMSERVE_HEARTBEAT_INTERVAL_S": "0.2", "STREAMSERVE_HEARTBEAT_TTL_S": "2",
+            "STREAMSERVE_BLOCK_MS": "50"}
+
+
+@pytest.fixture
+def slow_production(registry, tmp_path):
+    path = models.linear_softmax(tmp_path / "slow.onnx", slow_width=1024)
+    mv = registry.register(MODEL, path, input_spec=models.SPEC, output_names=["probs"],
+                           labels=models.LABELS)
+    return registry.promote(MODEL, mv.version)
+
+
+@pytest.fixture
+def start_worker(settings, tmp_path):
+    """Start ``streamserve worker`` processes; all are killed at teardown; logs in tmp_path."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url, "--artifact-dir",
+               str(settings.artifact_dir), "worker", "--model", MODEL, *args]
+        with open(tmp_path / f"worker{len(started)}.log", "wb") as log:
+            started.append(subprocess.Popen(cmd, env={**os.environ, **FAST_ENV}, stdout=log,
+                                            stderr=subprocess.STDOUT))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def client(settings):
+    with Client.from_url(settings.redis_url, timeout_s=60.0) as c:
+        yield c
+
+
+def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[int, str]:
+    """pid → worker id once ``n`` workers have a version loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = client.health(MODEL).workers
+        if sum(w.version is not None for w in workers) >= n:
+            return {int(w.worker_id.split("-")[-2]): w.worker_id for w in workers}
+        time.sleep(0.05)
+    raise AssertionError(f"{n} workers did not come up")
+
+
 
 
 @pytest.fixture(scope="session")

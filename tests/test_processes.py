@@ -2,72 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
-import models
 import numpy as np
-import pytest
-from conftest import MODEL
+from conftest import MODEL, wait_for_workers
 
-from producer import Client, _core
+from producer import _core
 from protocol import keys
 from worker.worker import Worker
 
 X = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
-FAST_ENV = {"STREAMSERVE_RECLAIM_MIN_IDLE_MS": "500", "STREAMSERVE_RECLAIM_INTERVAL_S": "0.2",
-            "STREAMSERVE_HEARTBEAT_INTERVAL_S": "0.2", "STREAMSERVE_HEARTBEAT_TTL_S": "2",
-            "STREAMSERVE_BLOCK_MS": "50"}
-
-
-@pytest.fixture
-def slow_production(registry, tmp_path):
-    path = models.linear_softmax(tmp_path / "slow.onnx", slow_width=1024)
-    mv = registry.register(MODEL, path, input_spec=models.SPEC, output_names=["probs"],
-                           labels=models.LABELS)
-    return registry.promote(MODEL, mv.version)
-
-
-@pytest.fixture
-def start_worker(settings, tmp_path):
-    """Start ``streamserve worker`` processes; all are killed at teardown; logs in tmp_path."""
-    started: list[subprocess.Popen] = []
-
-    def start(*args: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url, "--artifact-dir",
-               str(settings.artifact_dir), "worker", "--model", MODEL, *args]
-        with open(tmp_path / f"worker{len(started)}.log", "wb") as log:
-            started.append(subprocess.Popen(cmd, env={**os.environ, **FAST_ENV}, stdout=log,
-                                            stderr=subprocess.STDOUT))
-        return started[-1]
-
-    yield start
-    for p in started:
-        p.kill()
-        p.wait()
-
-
-@pytest.fixture
-def client(settings):
-    with Client.from_url(settings.redis_url, timeout_s=60.0) as c:
-        yield c
-
-
-def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[int, str]:
-    """pid → worker id once ``n`` workers have a version loaded."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        workers = client.health(MODEL).workers
-        if sum(w.version is not None for w in workers) >= n:
-            return {int(w.worker_id.split("-")[-2]): w.worker_id for w in workers}
-        time.sleep(0.05)
-    raise AssertionError(f"{n} workers did not come up")
-
-
 def pending_of(r, consumer: str) -> list[bytes]:
     rows = r.xpending_range(keys.request_stream(MODEL), keys.consumer_group(MODEL), "-", "+", 1000,
                             consumername=consumer)

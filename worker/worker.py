@@ -193,11 +193,18 @@ class Worker:
             self.loaded, self.load_error = ready, ""
             log.info("swapped %s v%s → v%s", self.model, previous, ready.version.version)
             self.heartbeat()  # tell the fleet at once, not at the next interval
-        elif self.target_version in self.reloader.failures:
-            error = f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
-            if error != self.load_error:
-                self.load_error = error
-                self.heartbeat()
+        elif self._failed_target() and self._load_problem() != self.load_error:
+            self.load_error = self._load_problem()
+            self.heartbeat()
+
+    def _failed_target(self) -> bool:
+        return self.target_version in self.reloader.failures
+
+    def _load_problem(self) -> str:
+        """What to report: the target's load failure, else the last start-up error."""
+        if self._failed_target():
+            return f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
+        return self.load_error
 
     def _serving(self) -> str:
         return f"v{self.loaded.version.version}" if self.loaded else f"nothing: {self.load_error}"
@@ -360,8 +367,8 @@ class Worker:
             "worker_id": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
             "model": self.model, "version": self.loaded.version.version if self.loaded else "",
             "target_version": self.target_version or "",
-            "failed_version": self.target_version if self.target_version in self.reloader.failures else "",
-            "backend": self.loaded.backend.name if self.loaded else "", "error": self.load_error,
+            "failed_version": self.target_version if self._failed_target() else "",
+            "backend": self.loaded.backend.name if self.loaded else "", "error": self._load_problem(),
             "batches": self.batches, "requests": self.requests, "heartbeat_ms": now_ms,
             "state": self._state(),
         }
