@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--reload-threads", type=int, default=2, help="sequential clients during the reload")
+    p.add_argument("--reload-seconds", type=float, default=6.0)
     p.set_defaults(func=_bench)
 
 
@@ -162,14 +165,61 @@ def saturated(url: str, model: str, bots: int, concurrency: int, requests: int, 
             "concurrency": concurrency, "client_batch": batch}
 
 
-def reference_artifact(directory: Path) -> Path:
+def reference_artifact(directory: Path, seed: int = 0) -> Path:
     """The reference architecture with seeded weights (speed does not depend on training)."""
     import torch
 
     from worker import reference
 
-    torch.manual_seed(0)
-    return reference.export_onnx(reference.HybridCNNLSTM(), directory / "reference.onnx")
+    torch.manual_seed(seed)
+    return reference.export_onnx(reference.HybridCNNLSTM(), directory / f"reference-{seed}.onnx")
+
+
+def reload_latency(url: str, registry, model: str, new_path: Path, threads: int, seconds: float) -> dict:
+    """Latency of steady traffic before a reload versus in the seconds around it.
+
+    ``threads`` sequential clients keep the fleet moderately busy; halfway through,
+    a new version is registered, promoted (which publishes the reload), and the
+    fleet is awaited. "Around" spans 0.5 s before the promote to 1 s after the
+    last worker switched.
+    """
+    from producer import Client
+    from worker import reference
+    from worker.control import wait_for_fleet
+    from worker.loader import make_golden
+
+    samples: list[tuple[float, float, int]] = []
+    stop = threading.Event()
+    x = np.random.default_rng(4).standard_normal((60, 110)).astype(np.float32)
+
+    def loop() -> None:
+        with Client.from_url(url, timeout_s=5.0) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                p = client.predict(model, x)
+                samples.append((time.monotonic(), (time.perf_counter() - t0) * 1000, p.model_version))
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    time.sleep(seconds / 2)
+    mv = registry.register(model, new_path, input_spec=reference.input_spec(),
+                           output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS),
+                           golden=make_golden(new_path, {"features": x[None]}))
+    promoted_at = time.monotonic()
+    registry.promote(model, mv.version, reason="bench reload")
+    report = wait_for_fleet(registry.redis, model, mv.version, timeout_s=60)
+    switched_at = time.monotonic()
+    time.sleep(seconds / 2)
+    stop.set()
+    for w in workers:
+        w.join()
+    steady = [ms for t, ms, _ in samples if t < promoted_at - 0.5]
+    around = [ms for t, ms, _ in samples if promoted_at - 0.5 <= t <= switched_at + 1.0]
+    return {"steady_p50_ms": float(np.median(steady)), "steady_p99_ms": float(np.percentile(steady, 99)),
+            "reload_p50_ms": float(np.median(around)), "reload_p99_ms": float(np.percentile(around, 99)),
+            "switch_s": switched_at - promoted_at, "fleet_ok": report.ok, "n": len(samples),
+            "versions_seen": sorted({v for *_, v in samples}), "threads": threads}
 
 
 def machine() -> dict:
@@ -210,15 +260,19 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
                 progress(f"end to end, {args.bots} clients x {args.concurrency} in flight …")
                 sat = saturated(server.url, "bench", args.bots, args.concurrency,
                                 args.saturation_requests, args.client_batch, server.process.pid)
+                progress("latency around a hot reload …")
+                reload = reload_latency(server.url, registry, "bench", reference_artifact(Path(tmp), seed=1),
+                                        args.reload_threads, args.reload_seconds)
     in_process_cpu_us = 1e6 / floor["best_batch_rps"]
     ratios = {"low_load_p50_vs_inprocess_b1": low["p50_ms"] / floor["b1_p50_ms"],
               "low_load_p50_vs_inprocess_b1_idle_gap": low["p50_ms"] / floor["b1_idle_gap_p50_ms"],
               "saturated_vs_inprocess_parallel": sat["throughput_rps"] / floor["parallel_rps"],
-              "worker_cpu_vs_inprocess_cpu": sat["cpu_us_per_prediction"]["workers"] / in_process_cpu_us}
+              "worker_cpu_vs_inprocess_cpu": sat["cpu_us_per_prediction"]["workers"] / in_process_cpu_us,
+              "reload_p99_vs_steady_p99": reload["reload_p99_ms"] / reload["steady_p99_ms"]}
     return {"machine": machine(), "config": vars(args) | {"out": str(args.out)},
-            "in_process": floor, "low_load": low, "saturated": sat, "ratios": ratios,
+            "in_process": floor, "low_load": low, "saturated": sat, "reload": reload, "ratios": ratios,
             "targets": {"low_load_p50_vs_inprocess_b1": "<= 1.25",
-                        "saturated_vs_inprocess_parallel": ">= 0.85"}}
+                        "saturated_vs_inprocess_parallel": ">= 0.85", "reload_p99_vs_steady_p99": "<= 2"}}
 
 
 def print_table(doc: dict) -> None:
@@ -242,10 +296,16 @@ def print_table(doc: dict) -> None:
                   f"{1000 / low['p50_ms']:.0f}")
     table.add_row(f"end to end, saturated ({sat['bots']}x{sat['concurrency']})", f"{sat['p50_ms']:.2f}",
                   f"{sat['p99_ms']:.2f}", f"{sat['throughput_rps']:.0f}")
+    rl = doc["reload"]
+    table.add_row(f"end to end, {rl['threads']} clients, steady", f"{rl['steady_p50_ms']:.3f}",
+                  f"{rl['steady_p99_ms']:.3f}", "")
+    table.add_row(f"  … around a reload ({rl['switch_s']:.2f} s to switch)", f"{rl['reload_p50_ms']:.3f}",
+                  f"{rl['reload_p99_ms']:.3f}", "")
     Console().print(table)
     print(f"low-load p50 / in-process B=1 p50 = {r['low_load_p50_vs_inprocess_b1']:.2f} (target <= 1.25)")
     print(f"low-load p50 / in-process B=1 after idle p50 = {r['low_load_p50_vs_inprocess_b1_idle_gap']:.2f}")
     print(f"saturated / in-process parallel = {r['saturated_vs_inprocess_parallel']:.2f} (target >= 0.85)")
+    print(f"reload p99 / steady p99 = {r['reload_p99_vs_steady_p99']:.2f} (target <= 2)")
     cpu = sat["cpu_us_per_prediction"]
     print(f"CPU per prediction at saturation: workers {cpu['workers']:.0f} us, Redis {cpu['redis']:.0f} us, "
           f"bots {cpu['bots']:.0f} us; in-process model alone {1e6 / f['best_batch_rps']:.0f} us "

@@ -83,6 +83,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     from registry import Registry
     from worker import reference
+    from worker.loader import make_golden
 
     with Progress(transient=True) as bar:
         task = bar.add_task("training HybridCNNLSTM", total=args.epochs)
@@ -93,11 +94,13 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     with tempfile.TemporaryDirectory() as tmp, redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
         path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
+        held_out, _ = reference.synthetic_dataset(8, seed=args.seed + 2)
         mv = registry.register(
             args.model, path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
             labels=list(reference.LABELS), description="HybridCNNLSTM on synthetic series",
             metrics={"accuracy": result.accuracy, "train_seconds": result.train_seconds,
-                     "n_train": result.n_train, "n_test": result.n_test, "seed": args.seed})
+                     "n_train": result.n_train, "n_test": result.n_test, "seed": args.seed},
+            golden=make_golden(path, {reference.INPUT_NAME: held_out}))
         if args.stage != "None":
             mv = registry.promote(args.model, mv.version, args.stage)
     print(f"registered {mv!r}")

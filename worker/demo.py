@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 from pathlib import Path
 
 from protocol import keys
 from protocol.settings import Settings
+
+MODEL = "hybrid_cnn_lstm"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,45 +35,76 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
         console.rule(f"[bold]1. Redis-compatible server {server.binary.name} on {server.url}")
         s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
-        console.rule("[bold]2. Train the reference HybridCNNLSTM and register it in Production")
-        _train(s, args.epochs, console)
+        console.rule("[bold]2. Train HybridCNNLSTM: v1 to Production, a retrained v2 to Staging")
+        _train(s, args.epochs, seed=0, stage="Production")
+        _train(s, args.epochs, seed=1, stage="Staging")
         console.rule(f"[bold]3. Start {args.processes} worker processes")
-        fleet = Fleet(s, "hybrid_cnn_lstm", args.processes).start(log_path=str(Path(tmp) / "workers.log"))
+        fleet = Fleet(s, MODEL, args.processes).start(log_path=str(Path(tmp) / "workers.log"))
         with Client.from_url(s.redis_url) as client:
-            health = client.health("hybrid_cnn_lstm")
+            health = client.health(MODEL)
         for w in health.workers:
             console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
-        console.rule(f"[bold]4. {args.bots} bots: single and batched requests (1% malformed on purpose)")
-        result = _load(s, args, console)
+        console.rule(f"[bold]4. {args.bots} bots (1% malformed on purpose); v2 promoted mid-load")
+        promotion = threading.Event()
+        promoter = threading.Thread(target=_promote_when, args=(s, promotion, console))
+        promoter.start()
+        result = _load(s, args, console, promotion)
+        promoter.join()
         console.rule("[bold]5. Stop the workers (SIGTERM: finish the batch, ack, exit)")
         code = fleet.stop()
         console.print(f"worker fleet exited with {code}")
         with redis.Redis.from_url(server.url) as client:
-            histogram = client.hgetall(keys.batch_histogram("hybrid_cnn_lstm"))
+            histogram = client.hgetall(keys.batch_histogram(MODEL))
         _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
     return 0 if code == 0 and not set(result.errors) - {"INVALID_INPUT"} else 1
 
 
-def _train(settings: Settings, epochs: int, console) -> None:
+def _train(settings: Settings, epochs: int, *, seed: int, stage: str) -> None:
     from worker.cli import main
 
     code = main(["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir),
-                 "train", "--epochs", str(epochs)])
+                 "train", "--epochs", str(epochs), "--seed", str(seed), "--stage", stage])
     if code:
         raise SystemExit(code)
 
 
-def _load(settings: Settings, args: argparse.Namespace, console):
+def _promote_when(settings: Settings, go: threading.Event, console) -> None:
+    """Promote v2 once the load is under way and show the fleet switching."""
+    import redis
+
+    from registry import Registry
+    from worker.control import wait_for_fleet
+
+    go.wait()
+    with redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir)
+        registry.promote(MODEL, 2, reason="demo: retrained model")
+        report = wait_for_fleet(client, MODEL, 2, timeout_s=60)
+    state = "switched" if report.ok else "did NOT switch"
+    console.print(f"promoted v2: fleet {state} in {report.elapsed_s:.2f} s "
+                  f"({len(report.switched)} workers; failed: {report.failed or 'none'})")
+
+
+def _load(settings: Settings, args: argparse.Namespace, console, promotion: threading.Event):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from worker.loadgen import LoadSpec, run_load
 
-    spec = LoadSpec(settings.redis_url, "hybrid_cnn_lstm", requests=args.requests, concurrency=4,
+    spec = LoadSpec(settings.redis_url, MODEL, requests=args.requests, concurrency=4,
                     batch_every=5, batch_size=8, bad_every=100)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("predictions", total=spec.requests * args.bots)
-        return run_load(spec, args.bots, on_progress=lambda n: bar.advance(task, n))
+        total = spec.requests * args.bots
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            if bar.tasks[0].completed >= total * 0.4:
+                promotion.set()
+
+        task = bar.add_task("predictions", total=total)
+        result = run_load(spec, args.bots, on_progress=advance)
+    promotion.set()  # never leave the promoter waiting
+    return result
 
 
 def _summary(console, result, histogram: dict[int, int]) -> None:

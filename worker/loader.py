@@ -59,6 +59,12 @@ def check_golden(backend: Backend, golden: dict[str, np.ndarray], atol: float) -
             raise GoldenCheckFailed(f"golden output {name!r} differs by {worst:.3g} > atol {atol:g}")
 
 
+def make_golden(path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Golden inputs plus what ONNX Runtime outputs for them, to register with a version."""
+    outputs = OnnxBackend(path).run(inputs)
+    return {**{f"input:{k}": v for k, v in inputs.items()}, **{f"output:{k}": v for k, v in outputs.items()}}
+
+
 class GoldenCheckFailed(ConfigError):
     """The loaded model does not reproduce the outputs recorded with its version."""
 
