@@ -17,17 +17,19 @@ import redis
 
 from protocol.errors import RegistryError
 from protocol.settings import Settings
-from registry.store import STAGES, Registry
+from registry.store import FORMATS, STAGES, ModelVersion, Registry
 
 FleetWaiter = Callable[[redis.Redis, str, int, float], object]
+ParityChecker = Callable[[Registry, ModelVersion], dict[str, float]]
 
 
-def register(subparsers: argparse._SubParsersAction, *, fleet_waiter: FleetWaiter | None = None) -> None:
-    """Add the ``registry`` command group."""
+def register(subparsers: argparse._SubParsersAction, *, fleet_waiter: FleetWaiter | None = None,
+             parity_checker: ParityChecker | None = None) -> None:
+    """Add the ``registry`` command group; the hooks come from the serving side."""
     parser = subparsers.add_parser("registry", help="versions, stages, aliases, history, artifacts")
     sub = parser.add_subparsers(dest="registry_command", required=True)
     _add_reading(sub)
-    _add_register(sub)
+    _add_register(sub, parity_checker)
     _add_promote(sub, fleet_waiter)
     _add_changes(sub)
 
@@ -51,7 +53,7 @@ def _add_reading(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_history)
 
 
-def _add_register(sub: argparse._SubParsersAction) -> None:
+def _add_register(sub: argparse._SubParsersAction, parity_checker: ParityChecker | None) -> None:
     p = sub.add_parser("register", help="copy an artifact into the store as a new version")
     p.add_argument("name")
     p.add_argument("artifact", type=Path)
@@ -62,7 +64,10 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--description", default="")
-    p.set_defaults(func=_register)
+    p.add_argument("--format", default="onnx", choices=FORMATS, help="format of ARTIFACT")
+    p.add_argument("--alternate", action="append", default=[], metavar="FORMAT=PATH",
+                   help="a fallback artifact of the same model, e.g. torch_export=model.pt2")
+    p.set_defaults(func=_register, parity_checker=parity_checker)
 
 
 def _add_promote(sub: argparse._SubParsersAction, fleet_waiter: FleetWaiter | None) -> None:
@@ -174,9 +179,14 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
         mv = reg.register(
             args.name, args.artifact, input_spec=args.input_spec,
             output_names=[o for o in args.outputs.split(",") if o],
-            labels=[label for label in args.labels.split(",") if label],
-            metrics=_pairs(args.metric, float), tags=_pairs(args.tag), description=args.description)
+            labels=[label for label in args.labels.split(",") if label], fmt=args.format,
+            metrics=_pairs(args.metric, float), tags=_pairs(args.tag), description=args.description,
+            alternates={f: Path(p) for f, p in _pairs(args.alternate).items()})
+        if mv.alternates and args.parity_checker:
+            mv = reg.update(args.name, mv.version, metrics=args.parity_checker(reg, mv))
     print(f"registered {mv!r}")
+    for name, value in mv.metrics.items():
+        print(f"  {name} = {value:.6g}")
     return 0
 
 

@@ -25,7 +25,7 @@ from protocol.errors import RegistryError
 from registry import artifacts
 
 STAGES = ("None", "Staging", "Production", "Archived")
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "torch_export")
 # Allowed stage moves; Archived → Production is a rollback and must be asked for.
 TRANSITIONS = {
     "None": {"Staging", "Production", "Archived"},
@@ -33,7 +33,7 @@ TRANSITIONS = {
     "Production": {"Staging", "Archived"},
     "Archived": {"Staging"},
 }
-_JSON_FIELDS = ("input_spec", "output_names", "labels", "metrics", "tags")
+_JSON_FIELDS = ("input_spec", "output_names", "labels", "metrics", "tags", "alternates")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,12 @@ class ModelVersion:
     golden: str = ""
     golden_sha256: str = ""
     golden_atol: float = 1e-4
+    alternates: dict[str, dict[str, Any]] = field(default_factory=dict)  # format → artifact record
+
+    @property
+    def formats(self) -> list[str]:
+        """The primary format first, then the fallbacks."""
+        return [self.format, *self.alternates]
 
     def to_hash(self) -> dict[str, str]:
         """The Redis hash fields (JSON for structured values)."""
@@ -111,7 +117,7 @@ class Registry:
         output_names: list[str], labels: list[str] | None = None, fmt: str = "onnx",
         metrics: dict[str, float] | None = None, description: str = "",
         tags: dict[str, str] | None = None, golden: dict[str, np.ndarray] | None = None,
-        golden_atol: float = 1e-4,
+        golden_atol: float = 1e-4, alternates: dict[str, Path] | None = None,
     ) -> ModelVersion:
         """Copy the artifact (and golden inputs/outputs) into the store; new version in ``None``.
 
@@ -119,15 +125,19 @@ class Registry:
         refuses to serve the version unless it reproduces the outputs within ``golden_atol``.
         """
         keys.check_model_name(name)
-        if fmt not in FORMATS:
-            raise RegistryError(f"unsupported format {fmt!r}; supported: {FORMATS}")
+        for f in (fmt, *(alternates or {})):
+            if f not in FORMATS:
+                raise RegistryError(f"unsupported format {f!r}; supported: {FORMATS}")
         relative, sha256, size = artifacts.store(Path(source), self.artifact_dir)
+        stored = {f: dict(zip(("artifact", "sha256", "size_bytes"),
+                              artifacts.store(Path(p), self.artifact_dir), strict=True))
+                  for f, p in (alternates or {}).items()}
         golden_rel, golden_sha = self._store_golden(golden) if golden else ("", "")
         version = int(self.redis.hincrby(keys.model_hash(name), "latest_version", 1))
         mv = ModelVersion(
             name, version, "None", fmt, relative, sha256, size, input_spec, list(output_names),
             list(labels or []), dict(metrics or {}), dict(tags or {}), description, time.time(),
-            golden_rel, golden_sha, golden_atol,
+            golden_rel, golden_sha, golden_atol, stored,
         )
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.version_hash(name, version), mapping=mv.to_hash())
@@ -337,7 +347,8 @@ class Registry:
     def referenced_artifacts(self) -> set[str]:
         """Store paths that some version of some model still points at."""
         return {path for name in self.models() for mv in self.versions(name)
-                for path in (mv.artifact, mv.golden) if path}
+                for path in (mv.artifact, mv.golden, *(a["artifact"] for a in mv.alternates.values()))
+                if path}
 
     def gc(self, *, dry_run: bool = False) -> list[Path]:
         """Remove store files no version references; returns what was (or would be) removed."""
@@ -352,9 +363,17 @@ class Registry:
 
     # ---- artifacts -----------------------------------------------------------------------
 
-    def artifact_path(self, mv: ModelVersion) -> Path:
-        """The verified local path of ``mv``'s artifact; ``ArtifactIntegrityError`` on mismatch."""
-        return artifacts.verified_path(self.artifact_dir, mv.artifact, mv.sha256)
+    def artifact_path(self, mv: ModelVersion, fmt: str | None = None) -> Path:
+        """The verified local path of ``mv``'s artifact in ``fmt`` (default: the primary one).
+
+        Raises ``ArtifactIntegrityError`` when the bytes do not match the recorded sha256.
+        """
+        if fmt is None or fmt == mv.format:
+            return artifacts.verified_path(self.artifact_dir, mv.artifact, mv.sha256)
+        if fmt not in mv.alternates:
+            raise RegistryError(f"{mv!r} has no {fmt} artifact")
+        record = mv.alternates[fmt]
+        return artifacts.verified_path(self.artifact_dir, record["artifact"], record["sha256"])
 
     def golden(self, mv: ModelVersion) -> dict[str, np.ndarray]:
         """The version's verified golden inputs and outputs (``input:x`` / ``output:y``)."""

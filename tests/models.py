@@ -64,3 +64,25 @@ def reference_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     logits = x.mean(axis=1) @ w
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def torch_twin(onnx_path: Path, out: Path, *, perturb: float = 0.0) -> Path:
+    """The same model as ``linear_softmax`` (same weights) as a torch.export ``.pt2`` program."""
+    import torch
+
+    model = onnx.load(str(onnx_path))
+    w = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w")
+    weight = torch.from_numpy(w.copy() + perturb * np.random.default_rng(9).standard_normal(w.shape))
+
+    class Twin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(weight.float(), requires_grad=False)
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(features.mean(dim=1) @ self.w, dim=-1)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(Twin().eval(), (torch.zeros(2, 60, 110),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(out))
+    return out

@@ -45,6 +45,9 @@ def test_train_command_registers_a_version_with_metrics(settings, registry, caps
     assert mv.labels == ["down", "flat", "up"] and mv.input_spec == reference.input_spec()
     assert mv.metrics["accuracy"] > 0.5, "well above the 1/3 of chance after a short run"
     assert "held-out accuracy" in capsys.readouterr().out
+    assert mv.golden and set(mv.alternates) == {"torch_export"}
+    assert mv.metrics["parity_torch_export_max_abs_diff"] < 1e-4
+    assert mv.metrics["parity_torch_export_argmax_agreement"] == 1.0
     loaded = load_version(registry, mv, settings)  # verifies sha256, loads the stored file alone
     x, y = reference.synthetic_dataset(200, seed=7)
     probs = loaded.backend.run({"features": x})["probs"]

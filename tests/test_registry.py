@@ -159,6 +159,17 @@ def test_gc_removes_only_unreferenced_artifacts(reg, artifact, tmp_path):
     assert (reg.artifact_dir / reg.get("m", 1).artifact).exists()
 
 
+def test_alternates_are_stored_verified_and_kept_by_gc(reg, artifact, tmp_path):
+    twin = tmp_path / "twin.pt2"
+    twin.write_bytes(b"pretend program")
+    mv = register(reg, artifact, alternates={"torch_export": twin})
+    assert mv.formats == ["onnx", "torch_export"]
+    assert reg.artifact_path(mv, "torch_export").read_bytes() == b"pretend program"
+    assert reg.gc() == []
+    with pytest.raises(RegistryError, match="unsupported format 'pickle'"):
+        register(reg, artifact, alternates={"pickle": twin})
+
+
 def test_golden_inputs_round_trip_verified(reg, artifact):
     x = np.ones((2, 60, 110), np.float32)
     mv = register(reg, artifact, golden={"input:features": x, "output:probs": np.zeros((2, 3))})

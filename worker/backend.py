@@ -45,6 +45,38 @@ class OnnxBackend:
         return dict(zip(self.output_names, values, strict=True))
 
 
+class TorchExportBackend:
+    """A ``torch.export`` program (``.pt2``): graph and weights, no arbitrary pickle.
+
+    The fallback when a version's ONNX artifact cannot load. Needs the ``train``
+    extra (torch); outputs are matched to ``output_names`` in order.
+    """
+
+    name = "torch_export"
+
+    def __init__(self, path: Path, *, output_names: list[str], intra_op_threads: int = 1) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise ConfigError("the torch fallback needs torch installed (pip install '.[train]')") from e
+        if intra_op_threads:
+            torch.set_num_threads(intra_op_threads)
+        try:
+            self.module = torch.export.load(str(path)).module()
+        except Exception as e:  # torch raises many unrelated types for a bad archive
+            raise ConfigError(f"torch cannot load {path}: {e}") from e
+        self.output_names = output_names
+        self._torch = torch
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One forward pass over the batch, without autograd."""
+        torch = self._torch
+        with torch.inference_mode():
+            result = self.module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs.values()))
+        values = result if isinstance(result, tuple | list) else (result,)
+        return {n: v.numpy() for n, v in zip(self.output_names, values, strict=True)}
+
+
 class InputSpec:
     """The served version's inputs: name → (dtype, per-sample shape)."""
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     producer_cli.register(sub)
     from worker import bench, demo, ops
 
-    registry_cli.register(sub, fleet_waiter=ops.fleet_waiter)
+    registry_cli.register(sub, fleet_waiter=ops.fleet_waiter, parity_checker=ops.parity_checker)
     ops.register(sub)
     bench.register(sub)
     demo.register(sub)
@@ -83,7 +83,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     from registry import Registry
     from worker import reference
-    from worker.loader import make_golden
+    from worker.loader import make_golden, version_parity
 
     with Progress(transient=True) as bar:
         task = bar.add_task("training HybridCNNLSTM", total=args.epochs)
@@ -93,14 +93,19 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
           f"({result.train_seconds:.1f} s on CPU)")
     with tempfile.TemporaryDirectory() as tmp, redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
-        path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
-        held_out, _ = reference.synthetic_dataset(8, seed=args.seed + 2)
+        onnx_path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
+        torch_path = reference.export_torch(result.model, Path(tmp) / "model.pt2")
+        held_out, _ = reference.synthetic_dataset(256, seed=args.seed + 2)
         mv = registry.register(
-            args.model, path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
+            args.model, onnx_path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
             labels=list(reference.LABELS), description="HybridCNNLSTM on synthetic series",
             metrics={"accuracy": result.accuracy, "train_seconds": result.train_seconds,
                      "n_train": result.n_train, "n_test": result.n_test, "seed": args.seed},
-            golden=make_golden(path, {reference.INPUT_NAME: held_out}))
+            golden=make_golden(onnx_path, {reference.INPUT_NAME: held_out[:8]}),
+            alternates={"torch_export": torch_path})
+        parity = version_parity(registry, mv, inputs={reference.INPUT_NAME: held_out})
+        mv = registry.update(args.model, mv.version, metrics=parity)
+        print("parity torch_export vs onnx: " + ", ".join(f"{k}={v:.3g}" for k, v in parity.items()))
         if args.stage != "None":
             mv = registry.promote(args.model, mv.version, args.stage)
     print(f"registered {mv!r}")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, StreamserveError
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
-from worker.backend import Backend, InputSpec, OnnxBackend
+from worker.backend import Backend, InputSpec, OnnxBackend, TorchExportBackend
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3
@@ -20,26 +21,53 @@ WARMUP_RUNS = 3
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A version ready to serve: registry record, backend, and its input contract."""
+    """A version ready to serve: registry record, backend, input contract, and why a fallback."""
 
     version: ModelVersion
     backend: Backend
     spec: InputSpec
+    fallback_reason: str = ""
+
+
+def open_backend(path: Path, fmt: str, mv: ModelVersion, intra_op_threads: int) -> Backend:
+    """The backend for one artifact format."""
+    if fmt == "onnx":
+        return OnnxBackend(path, intra_op_threads=intra_op_threads)
+    if fmt == "torch_export":
+        return TorchExportBackend(path, output_names=mv.output_names, intra_op_threads=intra_op_threads)
+    raise ConfigError(f"{mv!r}: format {fmt!r} has no backend")
 
 
 def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> LoadedModel:
-    """Verify sha256, load, warm up, and check the golden outputs stored with the version."""
-    path = registry.artifact_path(mv)  # raises ArtifactIntegrityError on mismatch
-    if mv.format != "onnx":
-        raise ConfigError(f"{mv!r}: format {mv.format!r} has no backend yet")
-    backend = OnnxBackend(path, intra_op_threads=settings.intra_op_threads)
+    """Load the first format that works (ONNX first, then the fallbacks), each fully checked.
+
+    Every format is verified (sha256), warmed up and, when the version has golden
+    outputs, checked against them; the first failure is kept as the fallback reason.
+    """
+    errors: list[tuple[str, StreamserveError]] = []
+    for fmt in mv.formats:
+        try:
+            loaded = _load_format(registry, mv, fmt, settings)
+        except StreamserveError as e:
+            errors.append((fmt, e))
+            log.warning("%r: %s artifact not servable: %s", mv, fmt, e)
+            continue
+        return replace(loaded, fallback_reason="; ".join(f"{f}: {e}" for f, e in errors))
+    if len(errors) == 1:
+        raise errors[0][1]
+    raise ConfigError(f"{mv!r}: no format could be served ({' | '.join(f'{f}: {e}' for f, e in errors)})")
+
+
+def _load_format(registry: Registry, mv: ModelVersion, fmt: str, settings: Settings) -> LoadedModel:
+    path = registry.artifact_path(mv, fmt)  # raises ArtifactIntegrityError on mismatch
+    backend = open_backend(path, fmt, mv, settings.intra_op_threads)
     spec = InputSpec(mv.input_spec)
     warm = {n: np.zeros((1, *shape), dtype=dt) for n, (dt, shape) in spec.fields.items()}
     for _ in range(WARMUP_RUNS):
         backend.run(warm)
     if mv.golden:
         check_golden(backend, registry.golden(mv), mv.golden_atol)
-    log.info("loaded %r from %s", mv, path)
+    log.info("loaded %r (%s) from %s", mv, fmt, path)
     return LoadedModel(mv, backend, spec)
 
 
@@ -57,6 +85,29 @@ def check_golden(backend: Backend, golden: dict[str, np.ndarray], atol: float) -
         worst = float(np.max(np.abs(got - expected))) if got.size else 0.0
         if worst > atol:
             raise GoldenCheckFailed(f"golden output {name!r} differs by {worst:.3g} > atol {atol:g}")
+
+
+def version_parity(registry: Registry, mv: ModelVersion, *, inputs: dict[str, np.ndarray] | None = None,
+                   rows: int = 64, intra_op_threads: int = 1) -> dict[str, float]:
+    """Output parity of every alternate format against the primary, as version metrics.
+
+    ``inputs`` default to seeded standard-normal samples shaped by the input spec.
+    Per alternate: ``parity_<fmt>_max_abs_diff`` and ``parity_<fmt>_argmax_agreement``.
+    """
+    spec = InputSpec(mv.input_spec)
+    if inputs is None:
+        rng = np.random.default_rng(0)
+        inputs = {n: rng.standard_normal((rows, *shape)).astype(dt) for n, (dt, shape) in spec.fields.items()}
+    reference = open_backend(registry.artifact_path(mv), mv.format, mv, intra_op_threads).run(inputs)
+    metrics: dict[str, float] = {}
+    for fmt in mv.alternates:
+        other = open_backend(registry.artifact_path(mv, fmt), fmt, mv, intra_op_threads).run(inputs)
+        first = mv.output_names[0]
+        metrics[f"parity_{fmt}_max_abs_diff"] = max(
+            float(np.max(np.abs(reference[n] - other[n]))) for n in mv.output_names)
+        metrics[f"parity_{fmt}_argmax_agreement"] = float(
+            np.mean(reference[first].argmax(axis=-1) == other[first].argmax(axis=-1)))
+    return metrics
 
 
 def make_golden(path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ from producer.health import read_health
 from protocol import keys
 from protocol.errors import RegistryError
 from protocol.settings import Settings
-from registry import Registry
+from registry import ModelVersion, Registry
 from worker.control import FleetReport, publish_reload, wait_for_fleet
 
 
@@ -29,6 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def fleet_waiter(client: redis.Redis, model: str, version: int, timeout_s: float) -> FleetReport:
     """What ``registry promote --wait`` calls."""
     return wait_for_fleet(client, model, version, timeout_s=timeout_s)
+
+
+def parity_checker(registry: Registry, mv: ModelVersion) -> dict[str, float]:
+    """What ``registry register --alternate`` calls: outputs of every format compared."""
+    from worker.loader import version_parity
+
+    return version_parity(registry, mv)
 
 
 def print_report(report: FleetReport) -> None:
@@ -76,5 +83,6 @@ def _print_model(client: redis.Redis, registry: Registry, model: str) -> None:
           f"dead letters {client.xlen(keys.dead_letter_stream(model))}")
     for w in read_health(client, model).workers:
         error = f" error: {w.error}" if w.error else ""
+        error += f" fallback because {w.fallback}" if w.fallback else ""
         print(f"  {w.worker_id:<40} v{w.version} {w.backend:<12} {w.state:<9} "
               f"pid {w.pid} on {w.host}, heartbeat {w.age_ms} ms ago{error}")

@@ -133,6 +133,18 @@ def export_onnx(model: HybridCNNLSTM, path: Path) -> Path:
     return path
 
 
+def export_torch(model: HybridCNNLSTM, path: Path) -> Path:
+    """A ``torch.export`` program with a dynamic batch axis: the serving fallback, no pickle."""
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same LSTM tracing noise as export_onnx
+        program = torch.export.export(model, (torch.zeros(2, TIMESTEPS, N_FEATURES),),
+                                      dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return path
+
+
 def input_spec() -> dict[str, dict]:
     """The served input contract: name → dtype and per-sample shape."""
     return {INPUT_NAME: {"dtype": "<f4", "shape": [TIMESTEPS, N_FEATURES]}}

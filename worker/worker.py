@@ -369,6 +369,7 @@ class Worker:
             "target_version": self.target_version or "",
             "failed_version": self.target_version if self._failed_target() else "",
             "backend": self.loaded.backend.name if self.loaded else "", "error": self._load_problem(),
+            "fallback": self.loaded.fallback_reason if self.loaded else "",
             "batches": self.batches, "requests": self.requests, "heartbeat_ms": now_ms,
             "state": self._state(),
         }

@@ -1,0 +1,81 @@
+"""Backends: the torch.export fallback, per-format integrity, and output parity."""
+
+import models
+import numpy as np
+import pytest
+from conftest import MODEL, ThreadedWorker
+
+from producer import Client
+from protocol.errors import ArtifactIntegrityError, ConfigError
+from worker.backend import TorchExportBackend
+from worker.cli import main
+from worker.loader import load_version, version_parity
+from worker.worker import Worker
+
+X = np.random.default_rng(11).standard_normal((3, 60, 110)).astype(np.float32)
+
+
+@pytest.fixture
+def twin(model_path, tmp_path):
+    return models.torch_twin(model_path, tmp_path / "twin.pt2")
+
+
+def test_torch_export_backend_matches_the_onnx_model(model_path, twin):
+    out = TorchExportBackend(twin, output_names=["probs"]).run({"features": X})
+    np.testing.assert_allclose(out["probs"], models.reference_outputs(model_path, X), rtol=1e-4, atol=1e-6)
+
+
+def test_a_file_that_is_not_a_program_is_refused(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip archive")
+    with pytest.raises(ConfigError, match="torch cannot load"):
+        TorchExportBackend(bad, output_names=["probs"])
+
+
+def test_broken_onnx_falls_back_to_torch_and_says_so(r, settings, registry, tmp_path, twin, model_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not an onnx graph")
+    mv = registry.register(MODEL, broken, input_spec=models.SPEC, output_names=["probs"],
+                           labels=models.LABELS, alternates={"torch_export": twin})
+    registry.promote(MODEL, mv.version)
+    with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url) as client:
+        p = client.predict(MODEL, X[0])
+        worker = client.health(MODEL).workers[0]
+    np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, X[:1]),
+                               rtol=1e-4, atol=1e-6)
+    assert worker.backend == "torch_export" and "onnx: ONNX Runtime cannot load" in worker.fallback
+
+
+def test_fallback_artifact_is_verified_too(registry, settings, tmp_path, twin, model_path):
+    mv = registry.register(MODEL, model_path, input_spec=models.SPEC, output_names=["probs"],
+                           alternates={"torch_export": twin})
+    (settings.artifact_dir / mv.alternates["torch_export"]["artifact"]).write_bytes(b"evil")
+    with pytest.raises(ArtifactIntegrityError):
+        registry.artifact_path(mv, "torch_export")
+    (settings.artifact_dir / mv.artifact).write_bytes(b"evil too")
+    with pytest.raises(ConfigError, match="no format could be served"):
+        load_version(registry, mv, settings)
+
+
+def test_parity_is_measured_per_alternate(registry, tmp_path, model_path, twin):
+    same = registry.register(MODEL, model_path, input_spec=models.SPEC, output_names=["probs"],
+                             alternates={"torch_export": twin})
+    metrics = version_parity(registry, same)
+    assert metrics["parity_torch_export_max_abs_diff"] < 1e-5
+    assert metrics["parity_torch_export_argmax_agreement"] == 1.0
+    damaged = models.torch_twin(model_path, tmp_path / "damaged.pt2", perturb=3.0)
+    off = registry.register(MODEL, model_path, input_spec=models.SPEC, output_names=["probs"],
+                            alternates={"torch_export": damaged})
+    assert version_parity(registry, off)["parity_torch_export_argmax_agreement"] < 0.9
+
+
+def test_registry_register_cli_records_parity(settings, registry, model_path, twin, capsys):
+    import json
+
+    base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir)]
+    assert main([*base, "registry", "register", MODEL, str(model_path), "--input-spec",
+                 json.dumps(models.SPEC), "--alternate", f"torch_export={twin}"]) == 0
+    mv = registry.get(MODEL, 1)
+    assert set(mv.alternates) == {"torch_export"}
+    assert mv.metrics["parity_torch_export_argmax_agreement"] == 1.0
+    assert "parity_torch_export_max_abs_diff" in capsys.readouterr().out
