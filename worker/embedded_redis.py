@@ -52,6 +52,12 @@ class EmbeddedRedis:
         """``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def version(self) -> str:
+        """``redis_version``-style name and version of the running server, e.g. ``valkey 9.1.2``."""
+        info = redis.Redis(port=self.port).info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
