@@ -24,7 +24,8 @@ class WorkerInfo:
     pid: int = 0
     target_version: int | None = None
     failed_version: int | None = None
-    fallback: str = ""  # why the primary artifact format is not the one serving
+    fallback: str = ""  # why the selected artifact is not the one serving
+    variant: str = ""  # which of the version's artifacts serves ("primary", "onnx_int8_dynamic", …)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def _info(data: dict, now_ms: int) -> WorkerInfo:
                       d.get("backend", ""), d.get("state", ""), d.get("error", ""),
                       now_ms - int(d.get("heartbeat_ms", now_ms)), d.get("host", ""),
                       int(d.get("pid", 0)), _int_or_none(d.get("target_version")),
-                      _int_or_none(d.get("failed_version")), d.get("fallback", ""))
+                      _int_or_none(d.get("failed_version")), d.get("fallback", ""), d.get("variant", ""))
 
 
 def _int_or_none(value: str | None) -> int | None:

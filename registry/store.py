@@ -26,6 +26,7 @@ from registry import artifacts
 
 STAGES = ("None", "Staging", "Production", "Archived")
 FORMATS = ("onnx", "torch_export")
+PRIMARY = "primary"  # the variant name of a version's registered artifact
 # Allowed stage moves; Archived → Production is a rollback and must be asked for.
 TRANSITIONS = {
     "None": {"Staging", "Production", "Archived"},
@@ -57,12 +58,21 @@ class ModelVersion:
     golden: str = ""
     golden_sha256: str = ""
     golden_atol: float = 1e-4
-    alternates: dict[str, dict[str, Any]] = field(default_factory=dict)  # format → artifact record
+    # variant name → {artifact, sha256, size_bytes, format, …}: torch fallback, optimized builds
+    alternates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    serving_variant: str = ""  # "" = the primary artifact
 
     @property
-    def formats(self) -> list[str]:
-        """The primary format first, then the fallbacks."""
-        return [self.format, *self.alternates]
+    def load_order(self) -> list[str]:
+        """Variants a worker tries: the selected one, the primary, then the rest (fallbacks)."""
+        order = [self.serving_variant] if self.serving_variant else []
+        return order + [v for v in (PRIMARY, *self.alternates) if v not in order]
+
+    def variant_format(self, variant: str) -> str:
+        """The artifact format of a variant."""
+        if variant == PRIMARY:
+            return self.format
+        return self.alternates[variant].get("format", variant)
 
     def to_hash(self) -> dict[str, str]:
         """The Redis hash fields (JSON for structured values)."""
@@ -129,9 +139,7 @@ class Registry:
             if f not in FORMATS:
                 raise RegistryError(f"unsupported format {f!r}; supported: {FORMATS}")
         relative, sha256, size = artifacts.store(Path(source), self.artifact_dir)
-        stored = {f: dict(zip(("artifact", "sha256", "size_bytes"),
-                              artifacts.store(Path(p), self.artifact_dir), strict=True))
-                  for f, p in (alternates or {}).items()}
+        stored = {f: self._artifact_record(Path(p), f) for f, p in (alternates or {}).items()}
         golden_rel, golden_sha = self._store_golden(golden) if golden else ("", "")
         version = int(self.redis.hincrby(keys.model_hash(name), "latest_version", 1))
         mv = ModelVersion(
@@ -145,6 +153,44 @@ class Registry:
         pipe.sadd(keys.models_set(), name)
         pipe.execute()
         return mv
+
+    def _artifact_record(self, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
+        relative, sha256, size = artifacts.store(path, self.artifact_dir)
+        return {"artifact": relative, "sha256": sha256, "size_bytes": size, "format": fmt, **extra}
+
+    def add_variant(self, name: str, version: int, variant: str, path: Path, *, fmt: str = "onnx",
+                    metrics: dict[str, float] | None = None, **extra: Any) -> ModelVersion:
+        """Attach another artifact (e.g. an INT8 build) to a version, with its metrics."""
+        if fmt not in FORMATS or variant == PRIMARY:
+            raise RegistryError(f"bad variant {variant!r} of format {fmt!r}")
+        keys.check_model_name(variant)
+        record = self._artifact_record(Path(path), fmt, **extra)
+        key = keys.version_hash(name, version)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    mv = self.get(name, version)
+                    pipe.multi()
+                    pipe.hset(key, "alternates", json.dumps({**mv.alternates, variant: record}))
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        return self.update(name, version, metrics=metrics) if metrics else self.get(name, version)
+
+    def select_variant(self, name: str, version: int, variant: str, *, reason: str = "") -> ModelVersion:
+        """Serve ``variant`` of this version (``primary`` for the registered artifact)."""
+        mv = self.get(name, version)
+        if variant != PRIMARY and variant not in mv.alternates:
+            raise RegistryError(f"{mv!r} has no variant {variant!r}; it has {[PRIMARY, *mv.alternates]}")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.version_hash(name, version), "serving_variant", "" if variant == PRIMARY else variant)
+        self._queue_history(pipe, name, "variant", version, mv.serving_variant or PRIMARY, variant, reason)
+        pipe.execute()
+        if mv.stage == "Production":
+            self.redis.publish(keys.control_channel(), control.reload(name, version).encode())
+        return self.get(name, version)
 
     def _store_golden(self, golden: dict[str, np.ndarray]) -> tuple[str, str]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -363,16 +409,16 @@ class Registry:
 
     # ---- artifacts -----------------------------------------------------------------------
 
-    def artifact_path(self, mv: ModelVersion, fmt: str | None = None) -> Path:
-        """The verified local path of ``mv``'s artifact in ``fmt`` (default: the primary one).
+    def artifact_path(self, mv: ModelVersion, variant: str = PRIMARY) -> Path:
+        """The verified local path of one of ``mv``'s artifacts (default: the primary one).
 
         Raises ``ArtifactIntegrityError`` when the bytes do not match the recorded sha256.
         """
-        if fmt is None or fmt == mv.format:
+        if variant == PRIMARY:
             return artifacts.verified_path(self.artifact_dir, mv.artifact, mv.sha256)
-        if fmt not in mv.alternates:
-            raise RegistryError(f"{mv!r} has no {fmt} artifact")
-        record = mv.alternates[fmt]
+        if variant not in mv.alternates:
+            raise RegistryError(f"{mv!r} has no {variant} artifact")
+        record = mv.alternates[variant]
         return artifacts.verified_path(self.artifact_dir, record["artifact"], record["sha256"])
 
     def golden(self, mv: ModelVersion) -> dict[str, np.ndarray]:

@@ -43,7 +43,8 @@ def test_broken_onnx_falls_back_to_torch_and_says_so(r, settings, registry, tmp_
         worker = client.health(MODEL).workers[0]
     np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, X[:1]),
                                rtol=1e-4, atol=1e-6)
-    assert worker.backend == "torch_export" and "onnx: ONNX Runtime cannot load" in worker.fallback
+    assert worker.backend == "torch_export" and worker.variant == "torch_export"
+    assert "primary: ONNX Runtime cannot load" in worker.fallback
 
 
 def test_fallback_artifact_is_verified_too(registry, settings, tmp_path, twin, model_path):

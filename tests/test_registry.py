@@ -163,7 +163,7 @@ def test_alternates_are_stored_verified_and_kept_by_gc(reg, artifact, tmp_path):
     twin = tmp_path / "twin.pt2"
     twin.write_bytes(b"pretend program")
     mv = register(reg, artifact, alternates={"torch_export": twin})
-    assert mv.formats == ["onnx", "torch_export"]
+    assert mv.load_order == ["primary", "torch_export"]
     assert reg.artifact_path(mv, "torch_export").read_bytes() == b"pretend program"
     assert reg.gc() == []
     with pytest.raises(RegistryError, match="unsupported format 'pickle'"):

@@ -12,7 +12,7 @@ import numpy as np
 
 from protocol.errors import ConfigError, StreamserveError
 from protocol.settings import Settings
-from registry import ModelVersion, Registry
+from registry import PRIMARY, ModelVersion, Registry
 from worker.backend import Backend, InputSpec, OnnxBackend, TorchExportBackend
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class LoadedModel:
     version: ModelVersion
     backend: Backend
     spec: InputSpec
+    variant: str = PRIMARY
     fallback_reason: str = ""
 
 
@@ -45,12 +46,12 @@ def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> Lo
     outputs, checked against them; the first failure is kept as the fallback reason.
     """
     errors: list[tuple[str, StreamserveError]] = []
-    for fmt in mv.formats:
+    for variant in mv.load_order:
         try:
-            loaded = _load_format(registry, mv, fmt, settings)
+            loaded = _load_variant(registry, mv, variant, settings)
         except StreamserveError as e:
-            errors.append((fmt, e))
-            log.warning("%r: %s artifact not servable: %s", mv, fmt, e)
+            errors.append((variant, e))
+            log.warning("%r: variant %s not servable: %s", mv, variant, e)
             continue
         return replace(loaded, fallback_reason="; ".join(f"{f}: {e}" for f, e in errors))
     if len(errors) == 1:
@@ -58,17 +59,17 @@ def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> Lo
     raise ConfigError(f"{mv!r}: no format could be served ({' | '.join(f'{f}: {e}' for f, e in errors)})")
 
 
-def _load_format(registry: Registry, mv: ModelVersion, fmt: str, settings: Settings) -> LoadedModel:
-    path = registry.artifact_path(mv, fmt)  # raises ArtifactIntegrityError on mismatch
-    backend = open_backend(path, fmt, mv, settings.intra_op_threads)
+def _load_variant(registry: Registry, mv: ModelVersion, variant: str, settings: Settings) -> LoadedModel:
+    path = registry.artifact_path(mv, variant)  # raises ArtifactIntegrityError on mismatch
+    backend = open_backend(path, mv.variant_format(variant), mv, settings.intra_op_threads)
     spec = InputSpec(mv.input_spec)
     warm = {n: np.zeros((1, *shape), dtype=dt) for n, (dt, shape) in spec.fields.items()}
     for _ in range(WARMUP_RUNS):
         backend.run(warm)
     if mv.golden:
         check_golden(backend, registry.golden(mv), mv.golden_atol)
-    log.info("loaded %r (%s) from %s", mv, fmt, path)
-    return LoadedModel(mv, backend, spec)
+    log.info("loaded %r (variant %s) from %s", mv, variant, path)
+    return LoadedModel(mv, backend, spec, variant)
 
 
 def check_golden(backend: Backend, golden: dict[str, np.ndarray], atol: float) -> None:
@@ -101,7 +102,8 @@ def version_parity(registry: Registry, mv: ModelVersion, *, inputs: dict[str, np
     reference = open_backend(registry.artifact_path(mv), mv.format, mv, intra_op_threads).run(inputs)
     metrics: dict[str, float] = {}
     for fmt in mv.alternates:
-        other = open_backend(registry.artifact_path(mv, fmt), fmt, mv, intra_op_threads).run(inputs)
+        other = open_backend(registry.artifact_path(mv, fmt), mv.variant_format(fmt), mv,
+                             intra_op_threads).run(inputs)
         first = mv.output_names[0]
         metrics[f"parity_{fmt}_max_abs_diff"] = max(
             float(np.max(np.abs(reference[n] - other[n]))) for n in mv.output_names)
@@ -133,15 +135,15 @@ class Reloader:
         self._load = load
         self._lock = threading.Lock()
         self._ready: LoadedModel | None = None
-        self.loading: int | None = None
+        self.loading: tuple[int, str] | None = None  # (version, serving variant)
         self.failures: dict[int, str] = {}
 
     def request(self, target: ModelVersion) -> None:
         """Start loading ``target`` unless it is loading already."""
         with self._lock:
-            if self.loading == target.version:
+            if self.loading == (target.version, target.serving_variant):
                 return
-            self.loading = target.version
+            self.loading = (target.version, target.serving_variant)
         threading.Thread(target=self._run, args=(target,), name=f"load-v{target.version}",
                          daemon=True).start()
 

@@ -84,5 +84,5 @@ def _print_model(client: redis.Redis, registry: Registry, model: str) -> None:
     for w in read_health(client, model).workers:
         error = f" error: {w.error}" if w.error else ""
         error += f" fallback because {w.fallback}" if w.fallback else ""
-        print(f"  {w.worker_id:<40} v{w.version} {w.backend:<12} {w.state:<9} "
+        print(f"  {w.worker_id:<40} v{w.version} {w.variant:<18} {w.backend:<12} {w.state:<9} "
               f"pid {w.pid} on {w.host}, heartbeat {w.age_ms} ms ago{error}")

@@ -72,6 +72,7 @@ class Worker:
         self.loaded: LoadedModel | None = None
         self.load_error = "not loaded yet"
         self.target_version: int | None = None
+        self.target_variant = ""
         self.reloader = Reloader(lambda mv: load_version(self.registry, mv, settings))
         self.reload_requested = threading.Event()
         self.stopping = threading.Event()
@@ -173,8 +174,8 @@ class Worker:
             if self.loaded is None:
                 self.load_error = str(e)
             return
-        self.target_version = target.version
-        if self.loaded is not None and self.loaded.version.version == target.version:
+        self.target_version, self.target_variant = target.version, target.serving_variant
+        if self.loaded is not None and self._is_target(self.loaded):
             return
         if self.loaded is not None:
             self.reloader.request(target)
@@ -188,7 +189,7 @@ class Worker:
 
     def _swap_if_ready(self) -> None:
         ready = self.reloader.take_ready()
-        if ready is not None and ready.version.version == self.target_version:
+        if ready is not None and self._is_target(ready):
             previous = self.loaded.version.version if self.loaded else None
             self.loaded, self.load_error = ready, ""
             log.info("swapped %s v%s → v%s", self.model, previous, ready.version.version)
@@ -196,6 +197,10 @@ class Worker:
         elif self._failed_target() and self._load_problem() != self.load_error:
             self.load_error = self._load_problem()
             self.heartbeat()
+
+    def _is_target(self, loaded: LoadedModel) -> bool:
+        mv = loaded.version
+        return (mv.version, mv.serving_variant) == (self.target_version, self.target_variant)
 
     def _failed_target(self) -> bool:
         return self.target_version in self.reloader.failures
@@ -370,6 +375,7 @@ class Worker:
             "failed_version": self.target_version if self._failed_target() else "",
             "backend": self.loaded.backend.name if self.loaded else "", "error": self._load_problem(),
             "fallback": self.loaded.fallback_reason if self.loaded else "",
+            "variant": self.loaded.variant if self.loaded else "",
             "batches": self.batches, "requests": self.requests, "heartbeat_ms": now_ms,
             "state": self._state(),
         }
