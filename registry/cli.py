@@ -92,6 +92,12 @@ def _add_changes(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remove", action="store_true")
     p.add_argument("--reason", default="")
     p.set_defaults(func=_alias)
+    p = sub.add_parser("variant", help="serve one of a version's artifacts (primary, onnx_int8_dynamic, …)")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("variant")
+    p.add_argument("--reason", default="")
+    p.set_defaults(func=_variant)
     p = sub.add_parser("metrics", help="add or update metrics/tags/description of a version")
     p.add_argument("name")
     p.add_argument("version", type=int)
@@ -127,8 +133,10 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         versions, aliases = reg.versions(args.name), reg.aliases(args.name)
     for mv in versions:
         held = ",".join(a for a, v in aliases.items() if v == mv.version)
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in mv.metrics.items())
-        print(f"v{mv.version:<4} {mv.stage:<10} {held:<20} {mv.format:<5} {mv.sha256[:12]} {metrics}")
+        # Headline metrics only; per-variant numbers (``variant.measure``) are in `show`.
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in mv.metrics.items() if "." not in k)
+        variants = ",".join(mv.load_order)
+        print(f"v{mv.version:<4} {mv.stage:<10} {held:<20} {mv.sha256[:12]} [{variants}] {metrics}")
     return 0
 
 
@@ -224,6 +232,13 @@ def _alias(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{args.alias} → v{reg.resolve(args.name, args.alias).version}")
         else:
             reg.set_alias(args.name, args.alias, args.version, reason=args.reason)
+    return 0
+
+
+def _variant(args: argparse.Namespace, settings: Settings) -> int:
+    with _registry(settings) as reg:
+        mv = reg.select_variant(args.name, args.version, args.variant, reason=args.reason)
+    print(f"{mv!r} now serves variant {mv.serving_variant or 'primary'}")
     return 0
 
 

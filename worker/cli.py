@@ -30,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_train(sub)
     producer_cli.register(sub)
-    from worker import bench, demo, ops
+    from worker import bench, demo, ops, optimize_cli
 
     registry_cli.register(sub, fleet_waiter=ops.fleet_waiter, parity_checker=ops.parity_checker)
     ops.register(sub)
+    optimize_cli.register(sub)
     bench.register(sub)
     demo.register(sub)
     return parser

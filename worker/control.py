@@ -35,8 +35,10 @@ class ControlListener:
         return self
 
     def stop(self) -> None:
-        """Stop within about a second."""
+        """Stop and wait (about a second at most) for the thread to end."""
         self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(RETRY_DELAY_S + 1.5)
 
     def _run(self) -> None:
         while not self.stopping.is_set():

@@ -67,7 +67,8 @@ def _load_variant(registry: Registry, mv: ModelVersion, variant: str, settings: 
     for _ in range(WARMUP_RUNS):
         backend.run(warm)
     if mv.golden:
-        check_golden(backend, registry.golden(mv), mv.golden_atol)
+        atol = mv.alternates.get(variant, {}).get("golden_atol", mv.golden_atol)
+        check_golden(backend, registry.golden(mv), atol)
     log.info("loaded %r (variant %s) from %s", mv, variant, path)
     return LoadedModel(mv, backend, spec, variant)
 

@@ -1,0 +1,94 @@
+"""``streamserve optimize NAME VERSION``: build, gate, time and register the variants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from protocol.settings import Settings
+from worker.optimizer import EvalData
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``optimize``."""
+    p = subparsers.add_parser("optimize", help="ONNX / optimized / INT8 variants of a version, "
+                              "parity-gated, benchmarked, registered")
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--data", type=Path, help="npz with x_test, y_test, x_calib (default: the reference "
+                   "model's synthetic data, regenerated from the version's seed)")
+    p.add_argument("--min-agreement", type=float, default=0.99)
+    p.add_argument("--max-accuracy-drop-pp", type=float, default=0.5)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=1.0, help="timing per variant and batch size")
+    p.add_argument("--select", action="store_true", help="serve the recommended variant")
+    p.add_argument("--out", type=Path, default=Path("optimize-results.json"))
+    p.set_defaults(func=_optimize)
+
+
+def reference_data(mv) -> EvalData:
+    """The reference model's held-out set and a calibration sample of its training data."""
+    from worker import reference
+
+    seed, n_test = int(mv.metrics.get("seed", 0)), int(mv.metrics.get("n_test", 2000))
+    x_test, y_test = reference.synthetic_dataset(n_test, seed + 1)  # what `train` held out
+    x_train, _ = reference.synthetic_dataset(int(mv.metrics.get("n_train", 6000)), seed)
+    sample = np.random.default_rng(seed).choice(len(x_train), size=min(256, len(x_train)), replace=False)
+    return EvalData(x_test, y_test, x_train[sample])
+
+
+def _optimize(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from registry import Registry
+    from worker.optimizer import Gate, optimize
+
+    console = Console()
+    gate = Gate(args.min_agreement, args.max_accuracy_drop_pp)
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    with redis.Redis.from_url(settings.redis_url) as client, tempfile.TemporaryDirectory() as tmp:
+        registry = Registry(client, settings.artifact_dir)
+        mv = registry.get(args.name, args.version)
+        data = EvalData(**dict(np.load(args.data, allow_pickle=False))) if args.data else reference_data(mv)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("optimizing", total=None)
+            report = optimize(registry, mv, data, Path(tmp), gate=gate, batch_sizes=sizes,
+                              seconds=args.seconds, progress=lambda m: bar.update(task, description=m))
+        if args.select:
+            variant = "torch_export" if report.recommended == "pytorch" else report.recommended
+            registry.select_variant(args.name, args.version, variant, reason="optimize --select")
+    args.out.write_text(json.dumps(report.to_json(), indent=2))
+    print_table(console, report, sizes)
+    console.print(f"recommended: {report.recommended}" + (" (selected for serving)" if args.select else ""))
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _status(v) -> str:
+    if v.name == "pytorch":
+        return "reference"
+    return f"REJECTED: {v.rejected}" if v.rejected else "registered"
+
+
+def print_table(console, report, sizes: tuple[int, ...]) -> None:
+    """One row per variant: parity, latency and throughput per batch size, size, memory."""
+    from rich.table import Table
+
+    table = Table(title=f"{report.model} v{report.version}: variants, 1 thread each "
+                        f"(p50 ms / throughput per s; p95 in the JSON)")
+    for col in ("variant", "agree", "acc Δpp", "max |Δ|", *[f"B={b}" for b in sizes], "KB", "RSS MB",
+                "status"):
+        table.add_column(col, justify="left" if col in ("variant", "status") else "right")
+    for v in report.variants:
+        p, b = v.parity, v.bench
+        table.add_row(
+            v.name, f"{p['agreement']:.4f}", f"{p['accuracy_delta_pp']:+.2f}", f"{p['max_abs_diff']:.1e}",
+            *[f"{b[str(s)]['p50_ms']:.2f} / {b[str(s)]['throughput_rps']:.0f}" for s in sizes],
+            f"{v.size_bytes / 1024:.0f}", f"{v.rss_delta_mb:.1f}", _status(v))
+    console.print(table, width=max(console.width, 140))
