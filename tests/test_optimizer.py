@@ -90,7 +90,8 @@ def test_optimize_cli_writes_json(settings, registry, tmp_path):
     assert main([*base, "train", "--epochs", "1", "--n-train", "600"]) == 0
     out = tmp_path / "opt.json"
     assert main([*base, "optimize", NAME, "1", "--seconds", "0.01", "--batch-sizes", "1",
-                 "--min-agreement", "0.9", "--max-accuracy-drop-pp", "5", "--select", "--out", str(out)]) == 0
+                 "--min-agreement", "0.9", "--max-accuracy-drop-pp", "5", "--variant", "recommended",
+                 "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert set(doc["variants"]) == set(VARIANTS)
     selected = registry.get(NAME, 1).serving_variant

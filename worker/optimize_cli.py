@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-accuracy-drop-pp", type=float, default=0.5)
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--seconds", type=float, default=1.0, help="timing per variant and batch size")
-    p.add_argument("--select", action="store_true", help="serve the recommended variant")
+    p.add_argument("--variant", help="then serve this variant: 'recommended' or a name "
+                   "(also later: `streamserve registry variant NAME VERSION VARIANT`)")
     p.add_argument("--out", type=Path, default=Path("optimize-results.json"))
     p.set_defaults(func=_optimize)
 
@@ -60,12 +61,15 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
             task = bar.add_task("optimizing", total=None)
             report = optimize(registry, mv, data, Path(tmp), gate=gate, batch_sizes=sizes,
                               seconds=args.seconds, progress=lambda m: bar.update(task, description=m))
-        if args.select:
-            variant = "torch_export" if report.recommended == "pytorch" else report.recommended
-            registry.select_variant(args.name, args.version, variant, reason="optimize --select")
+        if args.variant:
+            variant = report.recommended if args.variant == "recommended" else args.variant
+            variant = "torch_export" if variant == "pytorch" else variant
+            registry.select_variant(args.name, args.version, variant, reason=f"optimize --variant {variant}")
     args.out.write_text(json.dumps(report.to_json(), indent=2))
     print_table(console, report, sizes)
-    console.print(f"recommended: {report.recommended}" + (" (selected for serving)" if args.select else ""))
+    console.print(f"recommended (lowest B={min(sizes)} p50 among accepted): {report.recommended}")
+    if args.variant:
+        console.print(f"serving variant: {variant}")
     console.print(f"wrote {args.out}")
     return 0
 
@@ -78,6 +82,7 @@ def _status(v) -> str:
 
 def print_table(console, report, sizes: tuple[int, ...]) -> None:
     """One row per variant: parity, latency and throughput per batch size, size, memory."""
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{report.model} v{report.version}: variants, 1 thread each "
@@ -91,4 +96,5 @@ def print_table(console, report, sizes: tuple[int, ...]) -> None:
             v.name, f"{p['agreement']:.4f}", f"{p['accuracy_delta_pp']:+.2f}", f"{p['max_abs_diff']:.1e}",
             *[f"{b[str(s)]['p50_ms']:.2f} / {b[str(s)]['throughput_rps']:.0f}" for s in sizes],
             f"{v.size_bytes / 1024:.0f}", f"{v.rss_delta_mb:.1f}", _status(v))
-    console.print(table, width=max(console.width, 140))
+    wide = console if console.width >= 140 else Console(width=140)  # e.g. piped to a file
+    wide.print(table)
