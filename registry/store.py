@@ -13,6 +13,7 @@ import json
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,18 +166,7 @@ class Registry:
             raise RegistryError(f"bad variant {variant!r} of format {fmt!r}")
         keys.check_model_name(variant)
         record = self._artifact_record(Path(path), fmt, **extra)
-        key = keys.version_hash(name, version)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    mv = self.get(name, version)
-                    pipe.multi()
-                    pipe.hset(key, "alternates", json.dumps({**mv.alternates, variant: record}))
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
+        self._modify(name, version, lambda mv: {"alternates": json.dumps({**mv.alternates, variant: record})})
         return self.update(name, version, metrics=metrics) if metrics else self.get(name, version)
 
     def select_variant(self, name: str, version: int, variant: str, *, reason: str = "") -> ModelVersion:
@@ -230,18 +220,23 @@ class Registry:
     def update(self, name: str, version: int, *, metrics: dict[str, float] | None = None,
                tags: dict[str, str] | None = None, description: str | None = None) -> ModelVersion:
         """Merge metrics and tags into a version, or replace its description."""
+        return self._modify(name, version, lambda mv: {
+            "metrics": json.dumps({**mv.metrics, **(metrics or {})}),
+            "tags": json.dumps({**mv.tags, **(tags or {})}),
+            "description": mv.description if description is None else description,
+        })
+
+    def _modify(self, name: str, version: int,
+                change: Callable[[ModelVersion], dict[str, str]]) -> ModelVersion:
+        """Read-modify-write of a version hash under WATCH (retried if someone else wrote)."""
         key = keys.version_hash(name, version)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    mv = self.get(name, version)
+                    fields = change(self.get(name, version))
                     pipe.multi()
-                    pipe.hset(key, mapping={
-                        "metrics": json.dumps({**mv.metrics, **(metrics or {})}),
-                        "tags": json.dumps({**mv.tags, **(tags or {})}),
-                        "description": mv.description if description is None else description,
-                    })
+                    pipe.hset(key, mapping=fields)
                     pipe.execute()
                     return self.get(name, version)
                 except redis.WatchError:

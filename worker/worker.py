@@ -38,6 +38,7 @@ from worker.loader import LoadedModel, Reloader, load_version
 
 log = logging.getLogger(__name__)
 RECONNECT_DELAY_S = 0.5
+RELOAD_POLL_MS = 20
 Entry = tuple[str, dict[bytes, bytes]]
 
 
@@ -141,7 +142,9 @@ class Worker:
 
     def _idle_wait_ms(self) -> float:
         next_due = min(self._due.values())
-        return max(1.0, min(self.settings.block_ms, (next_due - time.monotonic()) * 1000))
+        # While a new version loads, wake often so it is swapped in soon after it is ready.
+        block_ms = RELOAD_POLL_MS if self.reloader.loading else self.settings.block_ms
+        return max(1.0, min(block_ms, (next_due - time.monotonic()) * 1000))
 
     def _maintain(self) -> None:
         now = time.monotonic()
