@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench lint compose-check clean
+.PHONY: install demo test bench validate-stats lint compose-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/streamserve bench --out bench-results.json
+
+validate-stats: $(STAMP)
+	$(BIN)/python -m experiments.validate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
