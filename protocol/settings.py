@@ -8,6 +8,7 @@ the environment.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,8 @@ class Settings(BaseSettings):
     block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
     reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="cuda: fail unless a CUDA backend is available; auto: CUDA when present")
 
     reclaim_min_idle_ms: int = Field(30_000, ge=0, description="pending idle time before reclaim")
     reclaim_interval_s: float = Field(5.0, gt=0)

@@ -80,3 +80,23 @@ def test_registry_register_cli_records_parity(settings, registry, model_path, tw
     assert set(mv.alternates) == {"torch_export"}
     assert mv.metrics["parity_torch_export_argmax_agreement"] == 1.0
     assert "parity_torch_export_max_abs_diff" in capsys.readouterr().out
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error_and_auto_falls_back(model_path, twin):
+    from worker.backend import OnnxBackend
+
+    with pytest.raises(ConfigError, match="no CUDAExecutionProvider"):
+        OnnxBackend(model_path, device="cuda")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        TorchExportBackend(twin, output_names=["probs"], device="cuda")
+    assert OnnxBackend(model_path, device="auto").name == "onnxruntime"
+    assert TorchExportBackend(twin, output_names=["probs"], device="auto").name == "torch_export"
+
+
+def test_device_setting_is_validated():
+    import pydantic
+
+    from protocol.settings import Settings
+
+    with pytest.raises(pydantic.ValidationError):
+        Settings(device="gpu")

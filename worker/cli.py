@@ -47,6 +47,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--intra-op-threads", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: cpu")
     p.add_argument("--max-queue-ms", type=float, default=0.0,
                    help="shed requests queued longer than this with OVERLOADED (0 = never)")
     p.add_argument("--burst", action="store_true", help="drain the stream, then exit")
@@ -55,7 +56,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                       intra_op_threads=args.intra_op_threads)
+                                       intra_op_threads=args.intra_op_threads, device=args.device)
     if args.processes > 1 and not args.burst:
         from worker.supervisor import Supervisor
 

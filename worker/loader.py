@@ -30,12 +30,14 @@ class LoadedModel:
     fallback_reason: str = ""
 
 
-def open_backend(path: Path, fmt: str, mv: ModelVersion, intra_op_threads: int) -> Backend:
-    """The backend for one artifact format."""
+def open_backend(path: Path, fmt: str, mv: ModelVersion, intra_op_threads: int,
+                 device: str = "cpu") -> Backend:
+    """The backend for one artifact format, on ``device`` (cpu / cuda / auto)."""
     if fmt == "onnx":
-        return OnnxBackend(path, intra_op_threads=intra_op_threads)
+        return OnnxBackend(path, intra_op_threads=intra_op_threads, device=device)
     if fmt == "torch_export":
-        return TorchExportBackend(path, output_names=mv.output_names, intra_op_threads=intra_op_threads)
+        return TorchExportBackend(path, output_names=mv.output_names, intra_op_threads=intra_op_threads,
+                                  device=device)
     raise ConfigError(f"{mv!r}: format {fmt!r} has no backend")
 
 
@@ -61,7 +63,7 @@ def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> Lo
 
 def _load_variant(registry: Registry, mv: ModelVersion, variant: str, settings: Settings) -> LoadedModel:
     path = registry.artifact_path(mv, variant)  # raises ArtifactIntegrityError on mismatch
-    backend = open_backend(path, mv.variant_format(variant), mv, settings.intra_op_threads)
+    backend = open_backend(path, mv.variant_format(variant), mv, settings.intra_op_threads, settings.device)
     spec = InputSpec(mv.input_spec)
     warm = {n: np.zeros((1, *shape), dtype=dt) for n, (dt, shape) in spec.fields.items()}
     for _ in range(WARMUP_RUNS):
