@@ -1,6 +1,8 @@
 """Experiments between model versions.
 
 Built so far: the statistics engine (``experiments.stats``) and its validation
-(``python -m experiments.validate``, ``make validate-stats``). Experiment state,
-traffic assignment, outcomes and the worker integration are still to come.
+(``python -m experiments.validate``, ``make validate-stats``), experiment state
+(``experiments.store``), sticky assignment (``experiments.assignment``); bots
+report outcomes with ``Client.record_outcome``. The worker does not serve two
+versions yet, and the analysis loop, decisions and CLI are still to come.
 """

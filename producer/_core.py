@@ -15,6 +15,7 @@ from protocol.errors import DeadlineExceeded, InvalidInput, ReplyError
 Features = np.ndarray | dict[str, np.ndarray]
 DEFAULT_INPUT = "features"
 MAX_REPLY_BYTES = 64 << 20
+OUTCOMES_MAXLEN = 1_000_000  # a safety cap on the outcomes stream, far above an experiment's needs
 
 
 @dataclass(frozen=True, slots=True)

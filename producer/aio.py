@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
 from producer import _core
 from producer.health import Health, build, members_query
-from protocol import keys
+from protocol import keys, messages
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
 
@@ -67,6 +68,15 @@ class AsyncClient:
             gatherer.take([first[1]] if first else None)
         results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
+
+    async def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
+                             label: str | None = None, pnl: float | None = None) -> str:
+        """Report what happened after a prediction; see :meth:`producer.Client.record_outcome`."""
+        fields = messages.encode_outcome(request_id, correct=correct, label=label, pnl=pnl,
+                                         at_ms=int(time.time() * 1000))
+        entry = await self.redis.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN,
+                                      approximate=True)
+        return entry.decode()
 
     async def health(self, model: str) -> Health:
         """Live workers of ``model`` and the versions they serve."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import redis
 
 from producer import _core
 from producer.health import Health, read_health
-from protocol import keys
+from protocol import keys, messages
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
 
@@ -76,6 +77,19 @@ class Client:
             gatherer.take([first[1]] if first else None)
         results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
+
+    def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
+                       label: str | None = None, pnl: float | None = None) -> str:
+        """Report what happened after a prediction (for experiments); returns the entry id.
+
+        Give ``correct`` (was the prediction right), or the true ``label``, and/or the
+        ``pnl`` of the trade it led to. Outcomes may arrive long after the reply.
+        """
+        fields = messages.encode_outcome(request_id, correct=correct, label=label, pnl=pnl,
+                                         at_ms=int(time.time() * 1000))
+        entry = self.redis.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN,
+                                approximate=True)
+        return entry.decode()
 
     def health(self, model: str) -> Health:
         """Live workers of ``model`` (from their heartbeats) and the versions they serve."""

@@ -79,6 +79,21 @@ def aliases_hash(model: str) -> str:
     return f"{PREFIX}:registry:{{{check_model_name(model)}}}:aliases"
 
 
+def experiment_hash(model: str) -> str:
+    """The model's current (or last) experiment: versions, split, mode, salt, margins, status."""
+    return f"{_tag(model)}:experiment"
+
+
+def outcomes_stream(model: str) -> str:
+    """Delayed outcomes reported by bots: request id, correct / label, pnl."""
+    return f"{_tag(model)}:outcomes"
+
+
+def experiments_set() -> str:
+    """Models that have (had) an experiment."""
+    return f"{PREFIX}:experiments"
+
+
 def models_set() -> str:
     """Set of registered model names."""
     return f"{PREFIX}:registry:models"

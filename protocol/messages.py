@@ -196,3 +196,20 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
         queue_ms=float(timings.get("queue_ms", 0.0)), infer_ms=float(timings.get("infer_ms", 0.0)),
         worker=str(reply.get("worker", "")),
     )
+
+
+def encode_outcome(request_id: str, *, correct: bool | None = None, label: str | None = None,
+                   pnl: float | None = None, at_ms: int) -> dict[str, str]:
+    """Fields of an outcome entry; at least one of ``correct``, ``label``, ``pnl``."""
+    if correct is None and label is None and pnl is None:
+        raise InvalidInput("an outcome needs correct, label or pnl")
+    fields = {"id": check_request_id(request_id), "at_ms": str(int(at_ms))}
+    if correct is not None:
+        fields["correct"] = "1" if correct else "0"
+    if label is not None:
+        fields["label"] = str(label)
+    if pnl is not None:
+        if not np.isfinite(pnl):
+            raise InvalidInput(f"pnl must be finite, got {pnl}")
+        fields["pnl"] = repr(float(pnl))
+    return fields

@@ -5,6 +5,7 @@ import asyncio
 import models
 import numpy as np
 import pytest
+import redis
 from conftest import MODEL, ThreadedWorker
 
 from producer import AsyncClient, Client, DeadlineExceeded, InvalidInput, ModelNotFound
@@ -87,6 +88,7 @@ def test_async_client(redis_server, settings, production):
             one = await client.predict(MODEL, X)
             many = await client.predict_many(MODEL, [X, X * 2, X[:, :5]], return_exceptions=True)
             health = await client.health(MODEL)
+            await client.record_outcome(MODEL, one.request_id, correct=False, pnl=-3.0)
             with pytest.raises(DeadlineExceeded):
                 await client.predict("nobody", X, timeout_s=0.05)
         return one, many, health
@@ -96,6 +98,10 @@ def test_async_client(redis_server, settings, production):
     assert one.model_version == production.version and len(one.labels) == 1
     assert many[0].labels and many[1].labels and isinstance(many[2], InvalidInput)
     assert health.ok
+    from protocol import keys
+
+    fields = redis.Redis.from_url(redis_server.url).xrange(keys.outcomes_stream(MODEL))[0][1]
+    assert fields[b"id"] == one.request_id.encode() and fields[b"correct"] == b"0"
 
 
 def test_invalid_timeout_and_request_id_are_rejected_locally(client):

@@ -1,0 +1,138 @@
+"""Experiment state in Redis: one experiment per model at a time, running, paused or stopped."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+
+import redis
+
+from experiments.assignment import assign
+from protocol import keys
+from protocol.errors import RegistryError
+from registry import Registry
+
+MODES = ("split", "shadow")
+UNITS = ("route", "request_id")
+STATUSES = ("running", "paused", "stopped")
+
+
+@dataclass(frozen=True)
+class Margins:
+    """Guardrails as non-inferiority margins (the original design's thresholds)."""
+
+    latency_p95_ms: float = 2.0  # treatment p95 may exceed control's by at most this
+    error_rate_ratio: float = 1.5  # treatment error rate at most this × control's
+    accuracy_pp: float = 5.0  # treatment accuracy at most this many points below control's
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An A/B or shadow test between two versions of one model."""
+
+    id: str
+    model: str
+    control_version: int
+    treatment_version: int
+    treatment_share: float = 0.10
+    mode: str = "split"
+    unit: str = "route"
+    salt: str = ""
+    planned_looks: int = 40
+    min_effect_pp: float = 2.0
+    alpha: float = 0.005
+    power: float = 0.8
+    margins: Margins = field(default_factory=Margins)
+    status: str = "running"
+    created_at: float = 0.0
+    stopped_reason: str = ""
+
+    def arm(self, route: str, request_id: str) -> str:
+        """``control`` or ``treatment`` for a request (sticky per randomization unit)."""
+        unit = route if self.unit == "route" and route else request_id
+        return assign(self.salt, self.id, unit, self.treatment_share)
+
+    def to_hash(self) -> dict[str, str]:
+        """Redis hash fields."""
+        data = asdict(self)
+        data["margins"] = json.dumps(data["margins"])
+        return {k: str(v) for k, v in data.items()}
+
+    @classmethod
+    def from_hash(cls, data: dict) -> Experiment:
+        """Inverse of :meth:`to_hash`."""
+        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in data.items()}
+        ints = ("control_version", "treatment_version", "planned_looks")
+        floats = ("treatment_share", "min_effect_pp", "alpha", "power", "created_at")
+        values = {k: int(d[k]) if k in ints else float(d[k]) if k in floats else d[k]
+                  for k in d if k in cls.__dataclass_fields__ and k != "margins"}
+        return cls(**values, margins=Margins(**json.loads(d["margins"])))
+
+
+class ExperimentStore:
+    """Create, read and change experiments; validates versions against the registry."""
+
+    def __init__(self, client: redis.Redis, registry: Registry) -> None:
+        self.redis = client
+        self.registry = registry
+
+    def create(self, model: str, control_version: int, treatment_version: int, **options) -> Experiment:
+        """Start an experiment; refused while another one of the model is running or paused."""
+        current = self.get(model)
+        if current is not None and current.status != "stopped":
+            raise RegistryError(f"{model} already has experiment {current.id} ({current.status}); "
+                                "stop it first")
+        for version in (control_version, treatment_version):
+            self.registry.get(model, version)  # raises if absent
+        experiment = Experiment(uuid.uuid4().hex[:12], model, control_version, treatment_version,
+                                salt=options.pop("salt", None) or secrets.token_hex(8),
+                                created_at=time.time(), **options)
+        _validate(experiment)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(keys.experiment_hash(model))
+        pipe.hset(keys.experiment_hash(model), mapping=experiment.to_hash())
+        pipe.sadd(keys.experiments_set(), model)
+        pipe.execute()
+        return experiment
+
+    def get(self, model: str) -> Experiment | None:
+        """The model's current or last experiment."""
+        data = self.redis.hgetall(keys.experiment_hash(model))
+        return Experiment.from_hash(data) if data else None
+
+    def list(self) -> list[Experiment]:
+        """The current or last experiment of every model that had one."""
+        raw = self.redis.smembers(keys.experiments_set())
+        models = sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+        return [e for e in (self.get(m) for m in models) if e is not None]
+
+    def set_status(self, model: str, status: str, reason: str = "") -> Experiment:
+        """Pause, resume (``running``) or stop; a stopped experiment stays stopped."""
+        current = self.get(model)
+        if current is None:
+            raise RegistryError(f"{model} has no experiment")
+        if status not in STATUSES or current.status == "stopped":
+            raise RegistryError(f"cannot move experiment {current.id} from {current.status} to {status}")
+        updated = replace(current, status=status, stopped_reason=reason if status == "stopped" else "")
+        self.redis.hset(keys.experiment_hash(model), mapping=updated.to_hash())
+        return updated
+
+
+def _validate(e: Experiment) -> None:
+    problems = []
+    if e.mode not in MODES:
+        problems.append(f"mode must be one of {MODES}")
+    if e.unit not in UNITS:
+        problems.append(f"unit must be one of {UNITS}")
+    if not 0 < e.treatment_share < 1:
+        problems.append("treatment_share must be in (0, 1)")
+    if e.control_version == e.treatment_version:
+        problems.append("control and treatment must be different versions")
+    if e.planned_looks < 1 or not 0 < e.alpha < 0.5 or not 0 < e.power < 1:
+        problems.append("planned_looks >= 1, 0 < alpha < 0.5, 0 < power < 1")
+    if problems:
+        raise RegistryError("; ".join(problems))
