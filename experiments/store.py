@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 import redis
 
 from experiments.assignment import assign
-from protocol import keys
+from protocol import control, keys
 from protocol.errors import RegistryError
 from registry import Registry
 
@@ -97,6 +97,7 @@ class ExperimentStore:
         pipe.hset(keys.experiment_hash(model), mapping=experiment.to_hash())
         pipe.sadd(keys.experiments_set(), model)
         pipe.execute()
+        self._nudge(model)
         return experiment
 
     def get(self, model: str) -> Experiment | None:
@@ -119,7 +120,12 @@ class ExperimentStore:
             raise RegistryError(f"cannot move experiment {current.id} from {current.status} to {status}")
         updated = replace(current, status=status, stopped_reason=reason if status == "stopped" else "")
         self.redis.hset(keys.experiment_hash(model), mapping=updated.to_hash())
+        self._nudge(model)
         return updated
+
+    def _nudge(self, model: str) -> None:
+        """Workers re-read their model's state now rather than at the next reconcile."""
+        self.redis.publish(keys.control_channel(), control.reload(model).encode())
 
 
 def _validate(e: Experiment) -> None:

@@ -84,6 +84,26 @@ def experiment_hash(model: str) -> str:
     return f"{_tag(model)}:experiment"
 
 
+def experiment_counts(model: str, experiment_id: str) -> str:
+    """Hash: ``<arm>:requests`` and ``<arm>:errors:<CODE>`` counters of one experiment."""
+    return f"{_tag(model)}:exp:{experiment_id}:counts"
+
+
+def experiment_latency(model: str, experiment_id: str, arm: str) -> str:
+    """List of the most recent server-side latencies (ms) of one arm."""
+    return f"{_tag(model)}:exp:{experiment_id}:latency:{arm}"
+
+
+def experiment_journal(model: str, experiment_id: str) -> str:
+    """Capped stream: request id, arm, version, label (and the shadow's label) per request."""
+    return f"{_tag(model)}:exp:{experiment_id}:journal"
+
+
+def experiment_decisions(model: str, experiment_id: str) -> str:
+    """The audit trail: every analysis with its tests and decision."""
+    return f"{_tag(model)}:exp:{experiment_id}:decisions"
+
+
 def outcomes_stream(model: str) -> str:
     """Delayed outcomes reported by bots: request id, correct / label, pnl."""
     return f"{_tag(model)}:outcomes"

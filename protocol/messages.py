@@ -118,14 +118,17 @@ def _decode_inputs(payload: bytes, max_bytes: int) -> dict[str, np.ndarray]:
 
 def encode_ok(
     request: Request, *, model: str, version: int, outputs: dict[str, np.ndarray],
-    labels: list[str] | None, timings: dict[str, float], worker: str,
+    labels: list[str] | None, timings: dict[str, float], worker: str, variant: str | None = None,
 ) -> bytes:
-    """A success reply for ``request``; ``label``/``confidence`` when the version has labels."""
+    """A success reply for ``request``; ``label``/``confidence`` when the version has labels,
+    ``variant`` (control / treatment) while an experiment is running."""
     reply: dict[str, Any] = {
         "v": PROTOCOL_VERSION, "id": request.request_id, "ok": True, "model": model,
         "version": version, "worker": worker, "timings": timings,
         "outputs": {name: codec.encode_tensor(a) for name, a in outputs.items()},
     }
+    if variant:
+        reply["variant"] = variant
     if labels:
         probs = next(iter(outputs.values()))
         reply["label"] = [labels[i] for i in probs.argmax(axis=-1).tolist()]
@@ -158,6 +161,7 @@ class Prediction:
     queue_ms: float = 0.0
     infer_ms: float = 0.0
     worker: str = ""
+    variant: str = ""  # "control" / "treatment" while an experiment runs
 
     @property
     def label(self) -> str:
@@ -194,7 +198,7 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
         outputs={k: codec.decode_tensor(v, max_bytes=max_bytes) for k, v in reply["outputs"].items()},
         labels=list(reply.get("label") or []), confidences=list(reply.get("confidence") or []),
         queue_ms=float(timings.get("queue_ms", 0.0)), infer_ms=float(timings.get("infer_ms", 0.0)),
-        worker=str(reply.get("worker", "")),
+        worker=str(reply.get("worker", "")), variant=str(reply.get("variant", "")),
     )
 
 

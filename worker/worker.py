@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from experiments.assignment import CONTROL, TREATMENT
 from protocol import keys, messages
 from protocol.errors import (
     DeadlineExceeded,
@@ -32,6 +33,7 @@ from protocol.errors import (
 )
 from protocol.settings import Settings
 from registry import Registry
+from worker.arms import JOURNAL_MAXLEN, LATENCY_SAMPLES, ExperimentArms, ExperimentLog
 from worker.batcher import Batcher
 from worker.control import ControlListener
 from worker.loader import LoadedModel, Reloader, load_version
@@ -49,7 +51,8 @@ class Outbox:
     replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
     ack_ids: list[str] = field(default_factory=list)
     dead: list[tuple[Entry, str]] = field(default_factory=list)
-    rows: int = 0
+    call_rows: list[int] = field(default_factory=list)  # rows of each model call
+    experiment: ExperimentLog = field(default_factory=ExperimentLog)
 
     def reply(self, reply_to: str, payload: bytes) -> None:
         """Queue a reply; replies sharing a token go out in one LPUSH."""
@@ -75,6 +78,7 @@ class Worker:
         self.target_version: int | None = None
         self.target_variant = ""
         self.reloader = Reloader(lambda mv: load_version(self.registry, mv, settings))
+        self.arms = ExperimentArms(self.redis, self.registry, settings)
         self.reload_requested = threading.Event()
         self.stopping = threading.Event()
         self.batches = self.requests = 0
@@ -157,6 +161,7 @@ class Worker:
             self._due["reconcile"] = now + s.reconcile_interval_s
             self.reconcile()
         self._swap_if_ready()
+        self.arms.swap_if_ready()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + s.reclaim_interval_s
             self.reclaim()
@@ -164,6 +169,15 @@ class Worker:
     # ---- model -----------------------------------------------------------------------------
 
     def reconcile(self) -> None:
+        """Converge on the registry's Production version and the model's experiment."""
+        self._reconcile_production()
+        try:
+            # In line before the first batch (and in burst mode); in the background while serving.
+            self.arms.reconcile(self.model, in_line=self.burst or self.batches == 0)
+        except StreamserveError as e:
+            log.error("experiment state unusable: %s", e)
+
+    def _reconcile_production(self) -> None:
         """Converge on the registry's Production version.
 
         With nothing loaded yet (start-up) the version loads in line; otherwise it
@@ -304,31 +318,79 @@ class Worker:
             return None
 
     def _infer(self, out: Outbox, batch: list[messages.Request], started_ms: float) -> None:
-        loaded = self.loaded
-        assert loaded is not None  # _admit rejects everything when nothing is loaded
+        control = self.loaded
+        assert control is not None  # _admit rejects everything when nothing is loaded
+        experiment = self.arms.active(control)
+        if experiment is None:
+            self._run(out, control, batch, started_ms)
+            return
+        out.experiment.experiment_id = experiment.id
+        treatment = self.arms.treatment
+        if experiment.mode == "shadow":  # both score everything; the control answers
+            self._run(out, control, batch, started_ms, arm=CONTROL)
+            self._shadow(out, treatment, batch)
+            return
+        groups: dict[str, list[messages.Request]] = {CONTROL: [], TREATMENT: []}
+        for r in batch:
+            groups[experiment.arm(r.route, r.request_id)].append(r)
+        for arm, loaded in ((CONTROL, control), (TREATMENT, treatment)):
+            if groups[arm]:
+                self._run(out, loaded, groups[arm], started_ms, arm=arm)
+
+    def _call(self, loaded: LoadedModel, batch: list[messages.Request]) -> dict[str, np.ndarray]:
+        """One model call for the batch; outputs must keep the batch axis."""
+        stacked = {n: np.concatenate([r.inputs[n] for r in batch]) for n in loaded.spec.fields}
+        outputs = loaded.backend.run(stacked)
+        rows = sum(r.n_rows for r in batch)
+        if any(o.shape[:1] != (rows,) for o in outputs.values()):
+            raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+        return outputs
+
+    def _run(self, out: Outbox, loaded: LoadedModel, batch: list[messages.Request], started_ms: float,
+             arm: str | None = None) -> None:
+        """Compute ``batch`` on ``loaded`` and queue one reply per request (tagged with ``arm``)."""
         t0 = time.perf_counter()
         try:
-            stacked = {n: np.concatenate([r.inputs[n] for r in batch]) for n in loaded.spec.fields}
-            outputs = loaded.backend.run(stacked)
-            rows = sum(r.n_rows for r in batch)
-            if any(o.shape[:1] != (rows,) for o in outputs.values()):
-                raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+            outputs = self._call(loaded, batch)
         except Exception as e:  # a model failure fails this batch only, never the worker
             log.exception("batch of %d failed", len(batch))
             err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
             for r in batch:
                 out.reply(r.reply_to, self._error(r.request_id, err, {}))
+            if arm:
+                out.experiment.failed(arm, err.code, len(batch))
             return
         infer_ms = (time.perf_counter() - t0) * 1000
-        out.rows = rows
-        offset = 0
+        out.call_rows.append(sum(r.n_rows for r in batch))
+        mv, offset = loaded.version, 0
         for r in batch:
             part = {name: value[offset:offset + r.n_rows] for name, value in outputs.items()}
             offset += r.n_rows
             timings = {"queue_ms": started_ms - _id_ms(r.entry_id), "infer_ms": infer_ms}
             out.reply(r.reply_to, messages.encode_ok(
-                r, model=self.model, version=loaded.version.version, outputs=part,
-                labels=loaded.version.labels, timings=timings, worker=self.worker_id))
+                r, model=self.model, version=mv.version, outputs=part, labels=mv.labels,
+                timings=timings, worker=self.worker_id, variant=arm))
+            if arm:
+                out.experiment.served(arm, r.request_id, mv.version, _labels(mv.labels, part),
+                                      timings["queue_ms"] + infer_ms)
+
+    def _shadow(self, out: Outbox, treatment: LoadedModel, batch: list[messages.Request]) -> None:
+        """Score the batch on the treatment too; its outputs go to the journal, never to the bot."""
+        try:
+            outputs = self._call(treatment, batch)
+        except Exception as e:  # the shadow must never hurt the answered requests
+            log.warning("shadow treatment failed on %d requests: %s", len(batch), e)
+            out.experiment.failed(TREATMENT, InternalError.code, len(batch))
+            return
+        out.experiment.counts[f"{TREATMENT}:requests"] += len(batch)
+        labels = treatment.version.labels
+        offset = 0
+        for r, entry in zip(batch, out.experiment.journal[-len(batch):], strict=False):
+            part = {name: value[offset:offset + r.n_rows] for name, value in outputs.items()}
+            offset += r.n_rows
+            if entry["id"] == r.request_id:
+                entry["shadow_label"] = ",".join(_labels(labels, part))
+                entry["shadow_version"] = str(treatment.version.version)
 
     def _error(self, request_id: str, error: ReplyError, timings: dict[str, float]) -> bytes:
         version = self.loaded.version.version if self.loaded else None
@@ -356,13 +418,27 @@ class Worker:
             record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.worker_id}
             pipe.xadd(keys.dead_letter_stream(self.model), record,
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
-        if out.rows:
-            pipe.hincrby(keys.batch_histogram(self.model), str(out.rows), 1)
+        for rows in out.call_rows:
+            pipe.hincrby(keys.batch_histogram(self.model), str(rows), 1)
+        if out.experiment.experiment_id:
+            self._queue_experiment_log(pipe, out.experiment)
         if out.ack_ids:
             pipe.xack(self.stream, self.group, *out.ack_ids)
         pipe.execute()
         self.batches += 1
         self.requests += len(out.ack_ids)
+
+    def _queue_experiment_log(self, pipe, log_: ExperimentLog) -> None:
+        exp_id = log_.experiment_id
+        for name, n in log_.counts.items():
+            pipe.hincrby(keys.experiment_counts(self.model, exp_id), name, n)
+        for arm, values in log_.latencies_ms.items():
+            key = keys.experiment_latency(self.model, exp_id, arm)
+            pipe.lpush(key, *(f"{v:.3f}" for v in values))
+            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
+        for entry in log_.journal:
+            pipe.xadd(keys.experiment_journal(self.model, exp_id), entry, maxlen=JOURNAL_MAXLEN,
+                      approximate=True)
 
     # ---- presence --------------------------------------------------------------------------
 
@@ -408,6 +484,13 @@ class Worker:
         self.redis.close()  # the pool reconnects if run() is called again
         log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
                  self.batches, self.requests)
+
+
+def _labels(labels: list[str], outputs: dict[str, np.ndarray]) -> list[str]:
+    """Label per row of the first output (empty when the version has no labels)."""
+    if not labels:
+        return []
+    return [labels[i] for i in next(iter(outputs.values())).argmax(axis=-1).tolist()]
 
 
 def _text(value: bytes | str) -> str:

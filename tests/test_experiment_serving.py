@@ -1,0 +1,105 @@
+"""Workers serving both arms of an experiment: split and shadow, per-arm accounting."""
+
+import time
+
+import models
+import numpy as np
+import pytest
+from conftest import MODEL
+
+from experiments.store import ExperimentStore
+from protocol import codec, keys, messages
+from worker.worker import Worker
+
+X = np.random.default_rng(21).standard_normal((60, 110)).astype(np.float32)
+
+
+@pytest.fixture
+def two_versions(registry, tmp_path, production, model_path):
+    path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
+    v2 = registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
+    return {production.version: model_path, v2.version: path2}
+
+
+def send(r, request_id, route=""):
+    fields = messages.encode_request(request_id, {"features": X[None]}, route=route,
+                                     deadline_ms=int(time.time() * 1000) + 60_000)
+    r.xadd(keys.request_stream(MODEL), fields)
+
+
+def replies(r, ids):
+    return {i: codec.unpack(r.lpop(keys.reply_key(MODEL, i)), max_bytes=1 << 24) for i in ids}
+
+
+def test_split_answers_each_request_from_its_arm_and_accounts_per_arm(r, settings, registry, two_versions):
+    exp = ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
+    ids = [f"q{i}" for i in range(60)]
+    for i in ids:
+        send(r, i)
+    Worker(settings, MODEL, burst=True).run()
+    got = replies(r, ids)
+    arms = {i: exp.arm("", i) for i in ids}
+    assert {g["variant"] for g in got.values()} == {"control", "treatment"}
+    for i, reply in got.items():
+        assert reply["variant"] == arms[i]
+        assert reply["version"] == (1 if arms[i] == "control" else 2)
+        probs = codec.decode_tensor(reply["outputs"]["probs"], max_bytes=1 << 20)
+        np.testing.assert_allclose(probs, models.reference_outputs(two_versions[reply["version"]], X[None]),
+                                   rtol=1e-4, atol=1e-6)
+    counts = {k.decode(): int(v) for k, v in r.hgetall(keys.experiment_counts(MODEL, exp.id)).items()}
+    n_treatment = sum(a == "treatment" for a in arms.values())
+    assert counts == {"control:requests": 60 - n_treatment, "treatment:requests": n_treatment}
+    journal = r.xrange(keys.experiment_journal(MODEL, exp.id))
+    assert len(journal) == 60 and {e[1][b"arm"].decode() for e in journal} == {"control", "treatment"}
+    assert r.llen(keys.experiment_latency(MODEL, exp.id, "treatment")) == n_treatment
+
+
+def test_route_is_sticky_across_requests(r, settings, registry, two_versions):
+    exp = ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5)
+    ids = [f"s{i}" for i in range(20)]
+    for i in ids:
+        send(r, i, route="BTCUSDT")
+    Worker(settings, MODEL, burst=True).run()
+    assert {g["variant"] for g in replies(r, ids).values()} == {exp.arm("BTCUSDT", "any")}
+
+
+def test_shadow_answers_from_control_and_journals_both(r, settings, registry, two_versions):
+    exp = ExperimentStore(r, registry).create(MODEL, 1, 2, mode="shadow")
+    ids = [f"h{i}" for i in range(10)]
+    for i in ids:
+        send(r, i)
+    Worker(settings, MODEL, burst=True).run()
+    assert all(g["version"] == 1 and g["variant"] == "control" for g in replies(r, ids).values())
+    journal = [e[1] for e in r.xrange(keys.experiment_journal(MODEL, exp.id))]
+    assert len(journal) == 10 and all(e[b"shadow_version"] == b"2" and e[b"shadow_label"] for e in journal)
+    counts = r.hgetall(keys.experiment_counts(MODEL, exp.id))
+    assert counts == {b"control:requests": b"10", b"treatment:requests": b"10"}
+
+
+def test_failing_treatment_fails_only_its_arm(r, settings, registry, two_versions, monkeypatch):
+    exp = ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
+    ids = [f"f{i}" for i in range(30)]
+    for i in ids:
+        send(r, i)
+    worker = Worker(settings, MODEL, burst=True)
+    worker.reconcile()
+
+    def explode(inputs):
+        raise RuntimeError("treatment broke")
+
+    monkeypatch.setattr(worker.arms.treatment.backend, "run", explode)
+    worker.run()
+    for i, reply in replies(r, ids).items():
+        assert reply["ok"] == (exp.arm("", i) == "control")
+    counts = r.hgetall(keys.experiment_counts(MODEL, exp.id))
+    assert int(counts[b"treatment:errors:INTERNAL"]) == sum(exp.arm("", i) == "treatment" for i in ids)
+
+
+def test_stopped_experiment_serves_production_untagged(r, settings, registry, two_versions):
+    store = ExperimentStore(r, registry)
+    store.create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
+    store.set_status(MODEL, "stopped", reason="done")
+    for i in ("a", "b", "c"):
+        send(r, i)
+    Worker(settings, MODEL, burst=True).run()
+    assert all(g["version"] == 1 and "variant" not in g for g in replies(r, ["a", "b", "c"]).values())
