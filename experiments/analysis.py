@@ -36,6 +36,7 @@ class ArmData:
     correct: int = 0
     outcomes: int = 0
     pnl: list[float] = field(default_factory=list)
+    only_right: int = 0  # shadow mode: outcomes only this arm got right (discordant pairs)
 
     @property
     def hit_rate(self) -> float:
@@ -116,6 +117,10 @@ def _promotable(e: Experiment, c: ArmData, t: ArmData, look: int, planned_n: int
     primary = stats.two_proportions(c.correct, c.outcomes, t.correct, t.outcomes)
     tests.append(primary)
     z = math.copysign(math.sqrt(primary.statistic), primary.estimate)
+    discordant = c.only_right + t.only_right
+    if e.mode == "shadow" and discordant:  # paired: the same requests scored by both arms
+        tests.append(stats.mcnemar_exact(c.only_right, t.only_right))
+        z = (t.only_right - c.only_right) / math.sqrt(discordant)
     bound = stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[look - 1]
     inside = primary.ci_low > -e.margins.accuracy_pp / 100
     if c.errors or t.errors:

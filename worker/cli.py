@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.register(sub, fleet_waiter=ops.fleet_waiter, parity_checker=ops.parity_checker)
     ops.register(sub)
     optimize_cli.register(sub)
+    from experiments import cli as experiments_cli
+
+    experiments_cli.register(sub)
     bench.register(sub)
     demo.register(sub)
     return parser

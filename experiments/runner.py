@@ -1,0 +1,121 @@
+"""Feed the analysis from what workers and bots recorded, keep the audit trail, apply decisions.
+
+Outcomes are joined to the arm that answered through the experiment's journal
+(request id → arm, predicted label, and in shadow mode the treatment's label).
+Only matured outcomes count; a request without an outcome yet is not a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import redis
+
+from experiments.analysis import ArmData, Decision, analyze, planned_sample_size
+from experiments.assignment import CONTROL, TREATMENT
+from experiments.store import Experiment, ExperimentStore
+from protocol import keys
+from registry import Registry
+
+STREAM_PAGE = 10_000
+
+
+@dataclass
+class Snapshot:
+    """Both arms' data at one moment."""
+
+    control: ArmData
+    treatment: ArmData
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _read_stream(client: redis.Redis, key: str, start: str = "-") -> list[dict[str, str]]:
+    rows, cursor = [], start
+    while True:
+        page = client.xrange(key, min=cursor, count=STREAM_PAGE)
+        rows += [{_text(k): _text(v) for k, v in fields.items()} for _, fields in page]
+        if len(page) < STREAM_PAGE:
+            return rows
+        cursor = "(" + _text(page[-1][0])
+
+
+def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
+    """Exposures, errors, latency samples and matured outcomes per arm."""
+    counts = {_text(k): int(v) for k, v in client.hgetall(keys.experiment_counts(e.model, e.id)).items()}
+    arms = {arm: ArmData(exposures=counts.get(f"{arm}:requests", 0),
+                         errors=sum(n for k, n in counts.items() if k.startswith(f"{arm}:errors:")),
+                         latencies_ms=[float(v) for v in client.lrange(
+                             keys.experiment_latency(e.model, e.id, arm), 0, -1)])
+            for arm in (CONTROL, TREATMENT)}
+    journal = {j["id"]: j for j in _read_stream(client, keys.experiment_journal(e.model, e.id))}
+    since = f"{int(e.created_at * 1000)}-0"
+    for outcome in _read_stream(client, keys.outcomes_stream(e.model), since):
+        entry = journal.get(outcome["id"])
+        if entry is not None:
+            _count_outcome(arms, entry, outcome, e.mode)
+    return Snapshot(arms[CONTROL], arms[TREATMENT])
+
+
+def _right(predicted: str, outcome: dict[str, str]) -> bool | None:
+    if "label" in outcome and predicted:
+        return predicted.split(",")[0] == outcome["label"]
+    if "correct" in outcome:
+        return outcome["correct"] == "1"
+    return None
+
+
+def _count_outcome(arms: dict[str, ArmData], entry: dict, outcome: dict, mode: str) -> None:
+    arm = arms[entry["arm"]]
+    right = _right(entry.get("label", ""), outcome)
+    if right is not None:
+        arm.outcomes += 1
+        arm.correct += right
+    if "pnl" in outcome:
+        arm.pnl.append(float(outcome["pnl"]))
+    if mode == "shadow" and "shadow_label" in entry and "label" in outcome:
+        treatment_right = entry["shadow_label"].split(",")[0] == outcome["label"]
+        arms[TREATMENT].outcomes += 1
+        arms[TREATMENT].correct += treatment_right
+        if right is not None and right != treatment_right:  # discordant pair, for McNemar
+            (arms[CONTROL] if right else arms[TREATMENT]).only_right += 1
+
+
+def look_number(e: Experiment, data: Snapshot, planned_n: int) -> int:
+    """Which planned look the data has reached (1 … planned_looks)."""
+    done = min(data.control.outcomes, data.treatment.outcomes) / max(planned_n, 1)
+    return max(1, min(e.planned_looks, math.floor(done * e.planned_looks)))
+
+
+def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: bool = False) -> Decision:
+    """Analyze the model's experiment now, append the decision to its audit trail, maybe apply it."""
+    store = ExperimentStore(client, registry)
+    e = store.get(model)
+    if e is None:
+        raise ValueError(f"{model} has no experiment")
+    data = snapshot(client, e)
+    p_control = data.control.hit_rate if data.control.outcomes else 0.5
+    planned_n = planned_sample_size(e, min(max(p_control, 0.05), 0.95 - e.min_effect_pp / 100))
+    decision = analyze(e, data.control, data.treatment, look_number(e, data, planned_n), planned_n)
+    record = decision.to_dict() | {"planned_n_per_arm": planned_n, "applied": apply}
+    client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)})
+    if apply and e.status == "running":
+        _apply(store, registry, e, decision)
+    return decision
+
+
+def _apply(store: ExperimentStore, registry: Registry, e: Experiment, decision: Decision) -> None:
+    if decision.decision == "PROMOTE":
+        registry.promote(e.model, e.treatment_version, reason=f"experiment {e.id}: {decision.reason}")
+    if decision.decision in ("PROMOTE", "ROLLBACK", "HALT", "KEEP"):
+        store.set_status(e.model, "stopped", reason=f"{decision.decision}: {decision.reason}")
+
+
+def decisions(client: redis.Redis, e: Experiment) -> list[dict]:
+    """The audit trail, oldest first."""
+    rows = _read_stream(client, keys.experiment_decisions(e.model, e.id))
+    return [json.loads(row["record"]) for row in rows]
