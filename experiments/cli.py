@@ -99,19 +99,24 @@ def _stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
+    return main_report(settings, args.model, args.png)
+
+
+def main_report(settings: Settings, model: str, png: Path) -> int:
+    """Print every analysis of the model's experiment and plot each metric's effect over the looks."""
     with _store(settings) as (client, _, store):
-        e = store.get(args.model)
+        e = store.get(model)
         records = runner.decisions(client, e) if e else []
     if not records:
-        print(f"{args.model}: no analyses yet")
+        print(f"{model}: no analyses yet")
         return 1
     for r in records:
         primary = next((t for t in r["tests"] if t["test"].startswith("two-proportion")), None)
         effect = f"{primary['estimate'] * 100:+.2f} pp [{primary['ci_low'] * 100:+.2f}, " \
                  f"{primary['ci_high'] * 100:+.2f}]" if primary else "-"
         print(f"look {r['look']:>2}  {r['decision']:<9} hit-rate effect {effect:<28} {r['reason']}")
-    _plot(records, args.png)
-    print(f"wrote {args.png}")
+    _plot(records, png)
+    print(f"wrote {png}")
     print(json.dumps({"experiment": e.id, "analyses": len(records)}))
     return 0
 
@@ -126,13 +131,15 @@ def _plot(records: list[dict], path: Path) -> None:
     names = sorted({t["test"] for r in records for t in r["tests"] if t["estimate"] == t["estimate"]})
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * max(len(names), 1)), squeeze=False)
     for ax, name in zip(axes[:, 0], names, strict=True):
-        points = [(r["look"], t) for r in records for t in r["tests"] if t["test"] == name]
+        points = [(i + 1, t) for i, r in enumerate(records) for t in r["tests"] if t["test"] == name]
         xs = [x for x, _ in points]
-        ax.plot(xs, [t["estimate"] for _, t in points], marker="o")
-        ax.fill_between(xs, [t["ci_low"] for _, t in points], [t["ci_high"] for _, t in points], alpha=0.25)
+        mid = [t["estimate"] for _, t in points]
+        low = [t["estimate"] - t["ci_low"] if t["ci_low"] == t["ci_low"] else 0 for _, t in points]
+        high = [t["ci_high"] - t["estimate"] if t["ci_high"] == t["ci_high"] else 0 for _, t in points]
+        ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=4)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_title(name)
-        ax.set_xlabel("look")
+        ax.set_title(f"{name}: effect (treatment − control) and interval")
+        ax.set_xticks(xs, [f"#{x} (look {records[x - 1]['look']})" for x in xs])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

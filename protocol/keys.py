@@ -99,6 +99,11 @@ def experiment_journal(model: str, experiment_id: str) -> str:
     return f"{_tag(model)}:exp:{experiment_id}:journal"
 
 
+def experiment_replay(model: str, experiment_id: str) -> str:
+    """Capped stream of what production saw: request id, arm, version, inputs (msgpack), label."""
+    return f"{_tag(model)}:exp:{experiment_id}:replay"
+
+
 def experiment_decisions(model: str, experiment_id: str) -> str:
     """The audit trail: every analysis with its tests and decision."""
     return f"{_tag(model)}:exp:{experiment_id}:decisions"

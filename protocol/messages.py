@@ -25,6 +25,7 @@ class Request:
     deadline_ms: int
     route: str
     inputs: dict[str, np.ndarray]
+    raw_inputs: bytes = b""  # the msgpack as received, kept for the experiment journal
 
     @property
     def n_rows(self) -> int:
@@ -88,11 +89,11 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
             raise InvalidInput(
                 f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}")
         deadline_ms = int(_text(fields, b"deadline_ms") or 0)
-        inputs = _decode_inputs(fields.get(b"inputs", b""), max_bytes)
+        inputs = decode_inputs(fields.get(b"inputs", b""), max_bytes)
         route = _text(fields, b"route") or ""
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
-    return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs)
+    return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs, fields.get(b"inputs", b""))
 
 
 def _text(fields: dict[bytes, bytes], name: bytes) -> str | None:
@@ -105,7 +106,8 @@ def _text(fields: dict[bytes, bytes], name: bytes) -> str | None:
         raise InvalidInput(f"field {name.decode()!r} is not UTF-8") from e
 
 
-def _decode_inputs(payload: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+def decode_inputs(payload: bytes, max_bytes: int) -> dict[str, np.ndarray]:
+    """The ``inputs`` field: named tensors sharing a leading batch axis."""
     body = codec.unpack(payload, max_bytes=max_bytes)
     if not isinstance(body, dict) or not body or len(body) > MAX_INPUTS:
         raise InvalidInput(f"'inputs' must be a map of 1-{MAX_INPUTS} named tensors")

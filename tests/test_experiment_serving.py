@@ -103,3 +103,17 @@ def test_stopped_experiment_serves_production_untagged(r, settings, registry, tw
         send(r, i)
     Worker(settings, MODEL, burst=True).run()
     assert all(g["version"] == 1 and "variant" not in g for g in replies(r, ["a", "b", "c"]).values())
+
+
+def test_replay_runs_a_version_on_what_production_saw(r, settings, registry, two_versions, capsys):
+    from worker.cli import main
+
+    ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
+    for i in range(16):
+        send(r, f"p{i}")
+    Worker(settings, MODEL, burst=True).run()
+    assert r.xlen(keys.experiment_replay(MODEL, ExperimentStore(r, registry).get(MODEL).id)) == 16
+    base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir)]
+    assert main([*base, "replay", MODEL, "2"]) == 0
+    out = capsys.readouterr().out
+    assert "v2 vs what treatment answered: 100.00%" in out

@@ -20,7 +20,8 @@ from worker.loader import LoadedModel, Reloader, load_version
 
 log = logging.getLogger(__name__)
 LATENCY_SAMPLES = 20_000  # per arm, most recent first: enough for a p99
-JOURNAL_MAXLEN = 200_000
+JOURNAL_MAXLEN = 1_000_000  # ~100 bytes an entry: joins outcomes to arms
+REPLAY_MAXLEN = 2_000  # inputs too (26 KB for the reference model): ~53 MB of Redis at most
 
 
 @dataclass
@@ -31,13 +32,16 @@ class ExperimentLog:
     counts: Counter = field(default_factory=Counter)
     latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     journal: list[dict[str, str]] = field(default_factory=list)
+    replay: list[dict[str, str | bytes]] = field(default_factory=list)
 
-    def served(self, arm: str, request_id: str, version: int, labels: list[str], latency_ms: float) -> None:
+    def served(self, arm: str, request_id: str, version: int, labels: list[str], latency_ms: float,
+               raw_inputs: bytes) -> None:
         """One request answered by ``arm``."""
         self.counts[f"{arm}:requests"] += 1
         self.latencies_ms.setdefault(arm, []).append(latency_ms)
-        self.journal.append({"id": request_id, "arm": arm, "version": str(version),
-                             "label": ",".join(labels)})
+        entry = {"id": request_id, "arm": arm, "version": str(version), "label": ",".join(labels)}
+        self.journal.append(entry)
+        self.replay.append({**entry, "inputs": raw_inputs})
 
     def failed(self, arm: str, code: str, n: int) -> None:
         """``n`` requests of ``arm`` failed in the model with ``code``."""

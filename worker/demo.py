@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from protocol import keys
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bots", type=int, default=4, help="bot (producer) processes")
     p.add_argument("--requests", type=int, default=1500, help="predictions per bot")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--report-dir", default="var/demo", help="where the experiment plot is written")
     p.set_defaults(func=_demo)
 
 
@@ -50,13 +52,45 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         promoter.start()
         result = _load(s, args, console, promotion)
         promoter.join()
-        console.rule("[bold]5. Stop the workers (SIGTERM: finish the batch, ack, exit)")
-        code = fleet.stop()
-        console.print(f"worker fleet exited with {code}")
         with redis.Redis.from_url(server.url) as client:
             histogram = client.hgetall(keys.batch_histogram(MODEL))
         _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
-    return 0 if code == 0 and not set(result.errors) - {"INVALID_INPUT"} else 1
+        console.rule("[bold]5. A 90/10 experiment: champion v2 vs challenger v1, bots report outcomes")
+        exp_result = _experiment(s, args, console)
+        console.rule("[bold]6. Stop the workers (SIGTERM: finish the batch, ack, exit)")
+        code = fleet.stop()
+        console.print(f"worker fleet exited with {code}")
+    failures = set(result.errors) | set(exp_result.errors)
+    return 0 if code == 0 and not failures - {"INVALID_INPUT"} else 1
+
+
+def _experiment(settings: Settings, args: argparse.Namespace, console):
+    """Run an experiment under bot load with outcomes, analyze it, write the report and plot."""
+    import redis
+
+    from experiments import runner
+    from experiments.cli import main_report
+    from experiments.store import ExperimentStore
+    from registry import Registry
+    from worker.loadgen import LoadSpec, run_load
+
+    with redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir)
+        e = ExperimentStore(client, registry).create(MODEL, 2, 1, treatment_share=0.10, unit="request_id")
+        console.print(f"experiment {e.id}: v{e.control_version} (control, 90%) vs "
+                      f"v{e.treatment_version} (treatment, 10%), split by request id")
+        time.sleep(1.0)  # workers pick the experiment up from the control channel and load v1 beside v2
+        spec = LoadSpec(settings.redis_url, MODEL, requests=args.requests, concurrency=4, batch_every=5,
+                        batch_size=8, report_outcomes=True)
+        result = run_load(spec, args.bots)
+        console.print(f"answered by arm: {dict(result.variants)}; errors: {dict(result.errors) or 'none'}")
+        decision = runner.run_analysis(client, registry, MODEL)
+        console.print(f"analysis at look {decision.look}: [bold]{decision.decision}[/bold] "
+                      f"— {decision.reason}")
+    report_png = Path(args.report_dir) / "experiment-report.png"
+    report_png.parent.mkdir(parents=True, exist_ok=True)
+    main_report(settings, MODEL, report_png)
+    return result
 
 
 def _train(settings: Settings, epochs: int, *, seed: int, stage: str) -> None:

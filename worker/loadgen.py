@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from producer import Client, ReplyError
+from worker.synthetic import LABELS, synthetic_dataset
 
-SAMPLE_SHAPE = (60, 110)
+WINDOWS = 256
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LoadSpec:
     batch_every: int = 0  # every Nth call is a predict_many of batch_size
     batch_size: int = 8
     bad_every: int = 0  # every Nth single call sends a wrongly shaped window (INVALID_INPUT)
+    report_outcomes: bool = False  # send each answered request's true label as an outcome
     timeout_s: float = 2.0
     routes: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
 
@@ -44,6 +46,7 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     versions: Counter = field(default_factory=Counter)
+    variants: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
     client_cpu_s: float = 0.0
 
@@ -61,13 +64,13 @@ class LoadResult:
         self.latencies_ms += other["latencies_ms"]
         self.errors.update(other["errors"])
         self.versions.update(other["versions"])
+        self.variants.update(other["variants"])
         self.client_cpu_s += other["cpu_s"]
 
 
 def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
-    rng = np.random.default_rng(seed)
-    windows = rng.standard_normal((16, *SAMPLE_SHAPE)).astype(np.float32)
-    report = {"latencies_ms": [], "errors": Counter(), "versions": Counter()}
+    windows, truth = synthetic_dataset(WINDOWS, seed=1000 + seed)  # known labels: outcomes
+    report = {"latencies_ms": [], "errors": Counter(), "versions": Counter(), "variants": Counter()}
     remaining = [spec.requests]
     lock = threading.Lock()
 
@@ -86,19 +89,23 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
                 return
             route = spec.routes[(lane + calls) % len(spec.routes)]
             started = time.perf_counter()
+            first = (calls * spec.batch_size) % (WINDOWS - spec.batch_size) if many else calls % WINDOWS
+            rows = list(range(first, first + n))
             if many:
-                results = client.predict_many(spec.model, list(windows[:n]), route=route,
+                results = client.predict_many(spec.model, list(windows[rows]), route=route,
                                               return_exceptions=True)
             else:
                 singles += 1
                 bad = spec.bad_every and singles % spec.bad_every == 0
-                window = windows[calls % 16, :, :100] if bad else windows[calls % 16]
+                window = windows[first, :, :100] if bad else windows[first]
                 try:
                     results = [client.predict(spec.model, window, route=route)]
                 except ReplyError as e:
                     results = [e]
             with lock:
                 _record(report, results, (time.perf_counter() - started) * 1000)
+            if spec.report_outcomes:
+                _report_outcomes(client, spec.model, results, truth[rows])
             if progress is not None:
                 progress.put(n)
 
@@ -118,6 +125,13 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
     return report
 
 
+def _report_outcomes(client: Client, model: str, results: list, labels: np.ndarray) -> None:
+    """What a bot does later: tell the system the true label of each answered request."""
+    for result, label in zip(results, labels, strict=True):
+        if not isinstance(result, ReplyError):
+            client.record_outcome(model, result.request_id, label=LABELS[int(label)])
+
+
 def _record(report: dict, results: list, latency_ms: float) -> None:
     for r in results:
         if isinstance(r, ReplyError):
@@ -125,6 +139,8 @@ def _record(report: dict, results: list, latency_ms: float) -> None:
         else:
             report["latencies_ms"].append(latency_ms)
             report["versions"][r.model_version] += 1
+            if r.variant:
+                report["variants"][r.variant] += 1
 
 
 def _bot_process(spec: LoadSpec, seed: int, progress: mp.Queue | None, results: mp.Queue,

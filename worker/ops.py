@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true", help="wait until every live worker serves Production")
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.set_defaults(func=_reload)
+    p = subparsers.add_parser("replay", help="run a version on the inputs the current experiment journaled")
+    p.add_argument("model")
+    p.add_argument("version", type=int)
+    p.set_defaults(func=_replay)
     p = subparsers.add_parser("status", help="workers, versions, stream length, pending, lag, dead letters")
     p.add_argument("model", nargs="*", help="default: every registered model")
     p.set_defaults(func=_status)
@@ -60,6 +64,35 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
         report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s)
     print_report(report)
     return 0 if report.ok else 1
+
+
+def replay(client: redis.Redis, registry: Registry, model: str, version: int,
+           settings: Settings) -> dict[str, dict[str, float]]:
+    """Label agreement of ``version`` with what each arm answered on the journaled inputs."""
+    from experiments.store import ExperimentStore
+    from protocol import messages
+    from worker.loader import load_version
+
+    experiment = ExperimentStore(client, registry).get(model)
+    if experiment is None:
+        raise RegistryError(f"{model} has no experiment to replay")
+    loaded = load_version(registry, registry.get(model, version), settings)
+    agree: dict[str, list[bool]] = {}
+    for _, fields in client.xrange(keys.experiment_replay(model, experiment.id)):
+        inputs = messages.decode_inputs(fields[b"inputs"], settings.max_message_bytes)
+        probs = next(iter(loaded.backend.run(inputs).values()))
+        labels = ",".join(loaded.version.labels[i] for i in probs.argmax(axis=-1).tolist())
+        agree.setdefault(fields[b"arm"].decode(), []).append(labels == fields[b"label"].decode())
+    return {arm: {"requests": len(v), "label_agreement": sum(v) / len(v)} for arm, v in agree.items()}
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    with redis.Redis.from_url(settings.redis_url) as client:
+        result = replay(client, Registry(client, settings.artifact_dir), args.model, args.version, settings)
+    for arm, numbers in result.items():
+        print(f"v{args.version} vs what {arm} answered: {numbers['label_agreement']:.2%} "
+              f"of {numbers['requests']} journaled requests")
+    return 0
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:

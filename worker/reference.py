@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-LABELS = ("down", "flat", "up")
+from worker.synthetic import LABELS, N_FEATURES, TIMESTEPS, synthetic_dataset
+
 INPUT_NAME = "features"
 OUTPUT_NAME = "probs"
-TIMESTEPS = 60
-N_FEATURES = 110
+__all__ = ["LABELS", "N_FEATURES", "TIMESTEPS", "HybridCNNLSTM", "synthetic_dataset", "train"]
 
 
 class HybridCNNLSTM(nn.Module):
@@ -46,24 +46,6 @@ class HybridCNNLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), dim=-1)
-
-
-def synthetic_dataset(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Market-like series: a regime drift hidden in noisy, correlated features.
-
-    Each sample has a latent drift (down / flat / up) that shows up as a small
-    bias in a return series; 110 features mix lagged returns, rolling means and
-    pure noise, so the label is learnable but not trivially.
-    """
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, size=n)
-    drift = (labels - 1).astype(np.float32) * 0.35
-    returns = rng.standard_normal((n, TIMESTEPS)).astype(np.float32) + drift[:, None]
-    loadings = rng.standard_normal((1, 1, N_FEATURES)).astype(np.float32) * 0.6
-    cumulative = np.cumsum(returns, axis=1) / np.sqrt(np.arange(1, TIMESTEPS + 1))
-    x = loadings * returns[:, :, None] + 0.3 * cumulative[:, :, None]
-    x += rng.standard_normal((n, TIMESTEPS, N_FEATURES)).astype(np.float32)
-    return x.astype(np.float32), labels.astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from protocol.errors import (
 )
 from protocol.settings import Settings
 from registry import Registry
-from worker.arms import JOURNAL_MAXLEN, LATENCY_SAMPLES, ExperimentArms, ExperimentLog
+from worker.arms import JOURNAL_MAXLEN, LATENCY_SAMPLES, REPLAY_MAXLEN, ExperimentArms, ExperimentLog
 from worker.batcher import Batcher
 from worker.control import ControlListener
 from worker.loader import LoadedModel, Reloader, load_version
@@ -372,7 +372,7 @@ class Worker:
                 timings=timings, worker=self.worker_id, variant=arm))
             if arm:
                 out.experiment.served(arm, r.request_id, mv.version, _labels(mv.labels, part),
-                                      timings["queue_ms"] + infer_ms)
+                                      timings["queue_ms"] + infer_ms, r.raw_inputs)
 
     def _shadow(self, out: Outbox, treatment: LoadedModel, batch: list[messages.Request]) -> None:
         """Score the batch on the treatment too; its outputs go to the journal, never to the bot."""
@@ -438,6 +438,9 @@ class Worker:
             pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
         for entry in log_.journal:
             pipe.xadd(keys.experiment_journal(self.model, exp_id), entry, maxlen=JOURNAL_MAXLEN,
+                      approximate=True)
+        for entry in log_.replay:
+            pipe.xadd(keys.experiment_replay(self.model, exp_id), entry, maxlen=REPLAY_MAXLEN,
                       approximate=True)
 
     # ---- presence --------------------------------------------------------------------------
