@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,15 +35,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--margin-error-ratio", type=float, default=1.5)
     p.add_argument("--margin-accuracy-pp", type=float, default=5.0)
     p.set_defaults(func=_create)
-    for name, func, text in (("status", _status, "the experiment and its arms"),
+    p = sub.add_parser("list", help="every model's current or last experiment")
+    p.set_defaults(func=_list)
+    for name, func, text in (("status", _status, "the experiment and its arms (show)"),
                              ("analyze", _analyze, "run the analysis now (--apply acts on it)"),
+                             ("watch", _watch, "analyze every --interval-s until a decision"),
+                             ("pause", _pause, "all traffic to the champion until resumed"),
+                             ("resume", _resume, "serve both arms again"),
                              ("stop", _stop, "stop; all traffic to the champion"),
                              ("report", _report, "the audit trail as a table, and a PNG plot")):
         p = sub.add_parser(name, help=text)
         p.add_argument("model")
         p.set_defaults(func=func)
-        if name == "analyze":
+        if name in ("analyze", "watch"):
             p.add_argument("--apply", action="store_true", help="promote / stop as decided")
+        if name == "watch":
+            p.add_argument("--interval-s", type=float, default=30.0)
         if name == "stop":
             p.add_argument("--reason", default="stopped by hand")
         if name == "report":
@@ -88,6 +96,43 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
     for t in d.tests:
         print(f"  {t['test']:<28} stat {t['statistic']:.4g}  p {t['p_value']:.3g}  "
               f"estimate {t['estimate']:.4g}  [{t['ci_low']:.4g}, {t['ci_high']:.4g}]")
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    with _store(settings) as (_, _, store):
+        for e in store.list():
+            print(f"{e.model:<24} {e.id} [{e.status}] {e.mode} v{e.control_version} vs "
+                  f"v{e.treatment_version} ({e.treatment_share:.0%}) {e.stopped_reason}")
+    return 0
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    """Guardrails are always valid, so analyzing this often costs no error rate."""
+    with _store(settings) as (client, registry, store):
+        while True:
+            e = store.get(args.model)
+            if e is None or e.status != "running":
+                print(f"{args.model}: no running experiment")
+                return 0
+            d = runner.run_analysis(client, registry, args.model, apply=args.apply)
+            print(f"{time.strftime('%H:%M:%S')} look {d.look}: {d.decision} — {d.reason}", flush=True)
+            if d.decision != "CONTINUE":
+                return 0
+            time.sleep(args.interval_s)
+
+
+def _pause(args: argparse.Namespace, settings: Settings) -> int:
+    with _store(settings) as (_, _, store):
+        e = store.set_status(args.model, "paused")
+    print(f"experiment {e.id} paused")
+    return 0
+
+
+def _resume(args: argparse.Namespace, settings: Settings) -> int:
+    with _store(settings) as (_, _, store):
+        e = store.set_status(args.model, "running")
+    print(f"experiment {e.id} running")
     return 0
 
 

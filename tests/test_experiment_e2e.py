@@ -59,5 +59,13 @@ def test_experiment_cli_create_status_analyze_stop(r, settings, registry, tmp_pa
     assert "treatment" in capsys.readouterr().out
     assert main([*base, "experiment", "analyze", MODEL]) == 0
     assert "CONTINUE" in capsys.readouterr().out
+    assert main([*base, "experiment", "pause", MODEL]) == 0
+    assert ExperimentStore(r, registry).get(MODEL).status == "paused"
+    assert main([*base, "experiment", "resume", MODEL]) == 0
+    assert main([*base, "experiment", "list"]) == 0
+    assert "[running] shadow" in capsys.readouterr().out
     assert main([*base, "experiment", "stop", MODEL, "--reason", "enough"]) == 0
     assert ExperimentStore(r, registry).get(MODEL).status == "stopped"
+    capsys.readouterr()
+    assert main([*base, "experiment", "watch", MODEL, "--interval-s", "0"]) == 0
+    assert "no running experiment" in capsys.readouterr().out
