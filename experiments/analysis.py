@@ -60,8 +60,14 @@ class Decision:
 
 
 def analyze(experiment: Experiment, control: ArmData, treatment: ArmData, look: int,
-            planned_n_per_arm: int) -> Decision:
-    """The decision at ``look`` (1-based) of ``experiment.planned_looks``."""
+            planned_n_per_arm: int, *, earlier_at_look: str | None = None) -> Decision:
+    """The decision at ``look`` (1-based) of ``experiment.planned_looks``.
+
+    The boundary is tested once per look: ``earlier_at_look`` is what an earlier
+    analysis at the same look decided ("PROMOTE", or anything else for "not
+    crossed"), and is kept rather than tested again, which would spend alpha
+    the design did not plan for. HALT and ROLLBACK are re-checked every time.
+    """
     tests: list[stats.TestResult] = []
     if experiment.mode == "split":
         srm = stats.sample_ratio_mismatch([control.exposures, treatment.exposures],
@@ -72,8 +78,10 @@ def analyze(experiment: Experiment, control: ArmData, treatment: ArmData, look: 
     breach = _guardrail_breach(experiment, control, treatment, tests)
     if breach:
         return _decision("ROLLBACK", breach, look, tests)
-    planned_look = look <= experiment.planned_looks
-    if planned_look and _promotable(experiment, control, treatment, look, planned_n_per_arm, tests):
+    if earlier_at_look == "PROMOTE":
+        return _decision("PROMOTE", f"the boundary was crossed at look {look} already", look, tests)
+    if earlier_at_look is None and _promotable(experiment, control, treatment, look, planned_n_per_arm,
+                                               tests):
         return _decision("PROMOTE", "primary metric crossed the boundary; guardrails inside margins",
                          look, tests)
     if look >= experiment.planned_looks:

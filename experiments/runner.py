@@ -100,7 +100,10 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     data = snapshot(client, e)
     p_control = data.control.hit_rate if data.control.outcomes else 0.5
     planned_n = planned_sample_size(e, min(max(p_control, 0.05), 0.95 - e.min_effect_pp / 100))
-    decision = analyze(e, data.control, data.treatment, look_number(e, data, planned_n), planned_n)
+    look = look_number(e, data, planned_n)
+    earlier = [r["decision"] for r in decisions(client, e) if r["look"] == look]
+    earlier_at_look = ("PROMOTE" if "PROMOTE" in earlier else "NOT_CROSSED") if earlier else None
+    decision = analyze(e, data.control, data.treatment, look, planned_n, earlier_at_look=earlier_at_look)
     record = decision.to_dict() | {"planned_n_per_arm": planned_n, "applied": apply}
     client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)})
     if apply and e.status == "running":

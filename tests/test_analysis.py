@@ -69,3 +69,14 @@ def test_decisions_are_audit_records(decision):
     record = analyze(EXP, control, treatment, look=look, planned_n_per_arm=N).to_dict()
     assert record["decision"] == decision and record["look"] == look and record["at"] > 0
     assert all({"test", "statistic", "p_value"} <= set(t) for t in record["tests"])
+
+
+def test_the_boundary_is_tested_once_per_look():
+    win = (arm(N // 2, 0.55), arm(N // 2, 0.575, seed=1))
+    again = analyze(EXP, *win, look=5, planned_n_per_arm=N, earlier_at_look="NOT_CROSSED")
+    assert again.decision == "CONTINUE"
+    kept = analyze(EXP, *win, look=5, planned_n_per_arm=N, earlier_at_look="PROMOTE")
+    assert kept.decision == "PROMOTE"
+    last = analyze(EXP, arm(N, 0.55), arm(N, 0.575, seed=1), look=10, planned_n_per_arm=N,
+                   earlier_at_look="NOT_CROSSED")
+    assert last.decision == "KEEP", "a later analysis at the last look does not get a second try"
