@@ -85,11 +85,17 @@ class Client:
         Give ``correct`` (was the prediction right), or the true ``label``, and/or the
         ``pnl`` of the trade it led to. Outcomes may arrive long after the reply.
         """
-        fields = messages.encode_outcome(request_id, correct=correct, label=label, pnl=pnl,
-                                         at_ms=int(time.time() * 1000))
-        entry = self.redis.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN,
-                                approximate=True)
-        return entry.decode()
+        return self.record_outcomes(model, [(request_id, {"correct": correct, "label": label,
+                                                          "pnl": pnl})])[0]
+
+    def record_outcomes(self, model: str, outcomes: Sequence[tuple[str, dict]]) -> list[str]:
+        """Many outcomes in one pipelined round trip: ``[(request_id, {"label": "up"}), …]``."""
+        at_ms = int(time.time() * 1000)
+        encoded = [messages.encode_outcome(rid, at_ms=at_ms, **kw) for rid, kw in outcomes]
+        pipe = self.redis.pipeline(transaction=False)
+        for fields in encoded:
+            pipe.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN, approximate=True)
+        return [entry.decode() for entry in pipe.execute()]
 
     def health(self, model: str) -> Health:
         """Live workers of ``model`` (from their heartbeats) and the versions they serve."""

@@ -78,6 +78,9 @@ def test_record_outcome_writes_the_outcomes_stream(r, redis_server):
             client.record_outcome("m", "req3")
         with pytest.raises(InvalidInput, match="finite"):
             client.record_outcome("m", "req4", pnl=float("nan"))
+        ids = client.record_outcomes("m", [("b1", {"correct": False}), ("b2", {"pnl": -1.0})])
+        assert len(ids) == 2 and client.record_outcomes("m", []) == []
     rows = [fields for _, fields in r.xrange(keys.outcomes_stream("m"))]
+    assert [row[b"id"] for row in rows[2:]] == [b"b1", b"b2"]
     assert rows[0][b"id"] == b"req1" and rows[0][b"correct"] == b"1" and float(rows[0][b"pnl"]) == 12.5
     assert rows[1][b"label"] == b"up" and b"correct" not in rows[1]

@@ -127,9 +127,9 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
 
 def _report_outcomes(client: Client, model: str, results: list, labels: np.ndarray) -> None:
     """What a bot does later: tell the system the true label of each answered request."""
-    for result, label in zip(results, labels, strict=True):
-        if not isinstance(result, ReplyError):
-            client.record_outcome(model, result.request_id, label=LABELS[int(label)])
+    client.record_outcomes(model, [(result.request_id, {"label": LABELS[int(label)]})
+                                   for result, label in zip(results, labels, strict=True)
+                                   if not isinstance(result, ReplyError)])
 
 
 def _record(report: dict, results: list, latency_ms: float) -> None:
