@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# torch is pinned in the `train` extra (torch==2.13.0, the CPU build on these machines).
-	$(BIN)/pip install -e '.[worker,train,dev]'
+	$(BIN)/pip install -e '.[lab,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

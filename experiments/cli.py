@@ -11,7 +11,6 @@ from pathlib import Path
 
 import redis
 
-from experiments import runner
 from experiments.store import ExperimentStore, Margins
 from protocol.settings import Settings
 from registry import Registry
@@ -76,6 +75,8 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from experiments import runner  # scipy: the `experiments` extra
+
     with _store(settings) as (client, _, store):
         e = store.get(args.model)
         if e is None:
@@ -90,6 +91,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _analyze(args: argparse.Namespace, settings: Settings) -> int:
+    from experiments import runner  # scipy: the `experiments` extra
+
     with _store(settings) as (client, registry, _):
         d = runner.run_analysis(client, registry, args.model, apply=args.apply)
     print(f"look {d.look}: {d.decision} — {d.reason}")
@@ -109,6 +112,8 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
     """Guardrails are always valid, so analyzing this often costs no error rate."""
+    from experiments import runner  # scipy: the `experiments` extra
+
     with _store(settings) as (client, registry, store):
         while True:
             e = store.get(args.model)
@@ -149,6 +154,8 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 def main_report(settings: Settings, model: str, png: Path) -> int:
     """Print every analysis of the model's experiment and plot each metric's effect over the looks."""
+    from experiments import runner  # scipy: the `experiments` extra
+
     with _store(settings) as (client, _, store):
         e = store.get(model)
         records = runner.decisions(client, e) if e else []

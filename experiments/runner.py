@@ -17,6 +17,7 @@ from experiments.analysis import ArmData, Decision, analyze, planned_sample_size
 from experiments.assignment import CONTROL, TREATMENT
 from experiments.store import Experiment, ExperimentStore
 from protocol import keys
+from protocol.values import text, text_dict
 from registry import Registry
 
 STREAM_PAGE = 10_000
@@ -30,23 +31,19 @@ class Snapshot:
     treatment: ArmData
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _read_stream(client: redis.Redis, key: str, start: str = "-") -> list[dict[str, str]]:
     rows, cursor = [], start
     while True:
         page = client.xrange(key, min=cursor, count=STREAM_PAGE)
-        rows += [{_text(k): _text(v) for k, v in fields.items()} for _, fields in page]
+        rows += [text_dict(fields) for _, fields in page]
         if len(page) < STREAM_PAGE:
             return rows
-        cursor = "(" + _text(page[-1][0])
+        cursor = "(" + text(page[-1][0])
 
 
 def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
     """Exposures, errors, latency samples and matured outcomes per arm."""
-    counts = {_text(k): int(v) for k, v in client.hgetall(keys.experiment_counts(e.model, e.id)).items()}
+    counts = {text(k): int(v) for k, v in client.hgetall(keys.experiment_counts(e.model, e.id)).items()}
     arms = {arm: ArmData(exposures=counts.get(f"{arm}:requests", 0),
                          errors=sum(n for k, n in counts.items() if k.startswith(f"{arm}:errors:")),
                          latencies_ms=[float(v) for v in client.lrange(

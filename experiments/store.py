@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field, replace
 import redis
 
 from experiments.assignment import assign
-from protocol import control, keys
+from protocol import keys
 from protocol.errors import RegistryError
+from protocol.values import text, text_dict
 from registry import Registry
+from registry.rollout import publish_reload
 
 MODES = ("split", "shadow")
 UNITS = ("route", "request_id")
@@ -64,8 +66,7 @@ class Experiment:
     @classmethod
     def from_hash(cls, data: dict) -> Experiment:
         """Inverse of :meth:`to_hash`."""
-        d = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in data.items()}
+        d = text_dict(data)
         ints = ("control_version", "treatment_version", "planned_looks")
         floats = ("treatment_share", "min_effect_pp", "alpha", "power", "created_at")
         values = {k: int(d[k]) if k in ints else float(d[k]) if k in floats else d[k]
@@ -108,7 +109,7 @@ class ExperimentStore:
     def list(self) -> list[Experiment]:
         """The current or last experiment of every model that had one."""
         raw = self.redis.smembers(keys.experiments_set())
-        models = sorted(m.decode() if isinstance(m, bytes) else m for m in raw)
+        models = sorted(text(m) for m in raw)
         return [e for e in (self.get(m) for m in models) if e is not None]
 
     def set_status(self, model: str, status: str, reason: str = "") -> Experiment:
@@ -125,7 +126,7 @@ class ExperimentStore:
 
     def _nudge(self, model: str) -> None:
         """Workers re-read their model's state now rather than at the next reconcile."""
-        self.redis.publish(keys.control_channel(), control.reload(model).encode())
+        publish_reload(self.redis, model)
 
 
 def _validate(e: Experiment) -> None:

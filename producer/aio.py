@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from producer import _core
-from producer.health import Health, build, members_query
-from protocol import keys, messages
+from producer.health import Health
+from protocol import keys, messages, presence
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
+from protocol.values import text
 
 
 class AsyncClient:
@@ -80,12 +81,12 @@ class AsyncClient:
 
     async def health(self, model: str) -> Health:
         """Live workers of ``model`` and the versions they serve."""
-        members = await self.redis.zrangebyscore(*members_query(model))
+        members = await self.redis.zrangebyscore(*presence.members_query(model))
         async with self.redis.pipeline(transaction=False) as pipe:
-            for m in members:
-                pipe.hgetall(keys.worker_hash(model, m.decode() if isinstance(m, bytes) else m))
+            for member in members:
+                pipe.hgetall(keys.worker_hash(model, text(member)))
             hashes = await pipe.execute() if members else []
-        return build(model, hashes)
+        return Health(model, presence.parse_live(hashes))
 
     async def close(self) -> None:
         """Release the connection pool."""

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://localhost:6379/0"
     artifact_dir: Path = Path("var/artifacts")
+    model: str = Field("hybrid_cnn_lstm", description="the model commands act on when none is named")
 
     max_batch: int = Field(32, ge=1, le=4096, description="rows per model call")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="wait after a batch's first item")

@@ -1,7 +1,7 @@
 """``streamserve registry …`` subcommands.
 
-``promote --wait`` needs to read worker heartbeats, which the registry does not
-know about: the top-level CLI passes a ``fleet_waiter`` in.
+``register --alternate`` compares the outputs of the formats, which needs the
+serving backends: the top-level CLI passes a ``parity_checker`` in.
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ import redis
 
 from protocol.errors import RegistryError
 from protocol.settings import Settings
+from registry.rollout import wait_for_fleet
 from registry.store import FORMATS, STAGES, ModelVersion, Registry
 
-FleetWaiter = Callable[[redis.Redis, str, int, float], object]
 ParityChecker = Callable[[Registry, ModelVersion], dict[str, float]]
 
 
-def register(subparsers: argparse._SubParsersAction, *, fleet_waiter: FleetWaiter | None = None,
-             parity_checker: ParityChecker | None = None) -> None:
-    """Add the ``registry`` command group; the hooks come from the serving side."""
+def register(subparsers: argparse._SubParsersAction, *, parity_checker: ParityChecker | None = None) -> None:
+    """Add the ``registry`` command group; the parity hook comes from the serving side."""
     parser = subparsers.add_parser("registry", help="versions, stages, aliases, history, artifacts")
     sub = parser.add_subparsers(dest="registry_command", required=True)
     _add_reading(sub)
     _add_register(sub, parity_checker)
-    _add_promote(sub, fleet_waiter)
+    _add_promote(sub)
     _add_changes(sub)
 
 
@@ -70,7 +69,7 @@ def _add_register(sub: argparse._SubParsersAction, parity_checker: ParityChecker
     p.set_defaults(func=_register, parity_checker=parity_checker)
 
 
-def _add_promote(sub: argparse._SubParsersAction, fleet_waiter: FleetWaiter | None) -> None:
+def _add_promote(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("promote", help="move a version to a stage (Production archives the previous)")
     p.add_argument("name")
     p.add_argument("version", type=int)
@@ -81,7 +80,7 @@ def _add_promote(sub: argparse._SubParsersAction, fleet_waiter: FleetWaiter | No
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--rollback-on-failure", action="store_true",
                    help="with --wait: restore the previous Production if any worker fails to load")
-    p.set_defaults(func=_promote, fleet_waiter=fleet_waiter)
+    p.set_defaults(func=_promote)
 
 
 def _add_changes(sub: argparse._SubParsersAction) -> None:
@@ -204,10 +203,11 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         mv = reg.promote(args.name, args.version, args.stage, reason=args.reason,
                          allow_archived=args.allow_archived)
         print(f"promoted {mv!r}")
-        if not (args.wait and args.stage == "Production" and args.fleet_waiter):
+        if not (args.wait and args.stage == "Production"):
             return 0
-        report = args.fleet_waiter(reg.redis, args.name, args.version, args.timeout_s)
-        print(f"fleet: switched {report.switched}, failed {report.failed}, pending {report.pending}")
+        report = wait_for_fleet(reg.redis, args.name, args.version, timeout_s=args.timeout_s,
+                                ttl_s=settings.heartbeat_ttl_s)
+        print("\n".join(report.lines()))
         if report.ok:
             return 0
         if args.rollback_on_failure and previous is not None and previous != args.version:

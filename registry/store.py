@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import redis
 
-from protocol import control, keys
+from protocol import keys
 from protocol.errors import RegistryError
+from protocol.values import text, text_dict
 from registry import artifacts
+from registry.rollout import publish_reload
 
 STAGES = ("None", "Staging", "Production", "Archived")
 FORMATS = ("onnx", "torch_export")
@@ -179,7 +181,7 @@ class Registry:
         self._queue_history(pipe, name, "variant", version, mv.serving_variant or PRIMARY, variant, reason)
         pipe.execute()
         if mv.stage == "Production":
-            self.redis.publish(keys.control_channel(), control.reload(name, version).encode())
+            publish_reload(self.redis, name, version)
         return self.get(name, version)
 
     def _store_golden(self, golden: dict[str, np.ndarray]) -> tuple[str, str]:
@@ -191,14 +193,14 @@ class Registry:
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version; ``RegistryError`` if it does not exist."""
-        data = _decoded(self.redis.hgetall(keys.version_hash(name, version)))
+        data = text_dict(self.redis.hgetall(keys.version_hash(name, version)))
         if not data:
             raise RegistryError(f"model {name!r} has no version {version}")
         return ModelVersion.from_hash(data)
 
     def models(self) -> list[str]:
         """Registered model names, sorted."""
-        return sorted(_text(m) for m in self.redis.smembers(keys.models_set()))
+        return sorted(text(m) for m in self.redis.smembers(keys.models_set()))
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every existing version of ``name``, oldest first."""
@@ -206,7 +208,7 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         for v in range(1, latest + 1):
             pipe.hgetall(keys.version_hash(name, v))
-        return [ModelVersion.from_hash(_decoded(d)) for d in pipe.execute() if d]
+        return [ModelVersion.from_hash(text_dict(d)) for d in pipe.execute() if d]
 
     def production(self, name: str) -> ModelVersion:
         """The version in Production; ``RegistryError`` if there is none."""
@@ -278,7 +280,7 @@ class Registry:
                 except redis.WatchError:
                     continue
         if stage == "Production" and publish:
-            self.redis.publish(keys.control_channel(), control.reload(name, version).encode())
+            publish_reload(self.redis, name, version)
         return self.get(name, version)
 
     @staticmethod
@@ -318,7 +320,7 @@ class Registry:
         previous = self.redis.hget(keys.aliases_hash(name), alias)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.aliases_hash(name), alias, str(version))
-        self._queue_history(pipe, name, "alias", version, f"{alias}@{_text(previous) if previous else '-'}",
+        self._queue_history(pipe, name, "alias", version, f"{alias}@{text(previous) if previous else '-'}",
                             f"{alias}@{version}", reason)
         pipe.execute()
 
@@ -329,12 +331,12 @@ class Registry:
             raise RegistryError(f"model {name!r} has no alias {alias!r}")
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(keys.aliases_hash(name), alias)
-        self._queue_history(pipe, name, "alias", int(previous), f"{alias}@{_text(previous)}", "-", reason)
+        self._queue_history(pipe, name, "alias", int(previous), f"{alias}@{text(previous)}", "-", reason)
         pipe.execute()
 
     def aliases(self, name: str) -> dict[str, int]:
         """alias → version."""
-        return {_text(k): int(v) for k, v in self.redis.hgetall(keys.aliases_hash(name)).items()}
+        return {text(k): int(v) for k, v in self.redis.hgetall(keys.aliases_hash(name)).items()}
 
     def resolve(self, name: str, ref: str | int) -> ModelVersion:
         """A version by number, alias, or the word ``production``."""
@@ -368,7 +370,7 @@ class Registry:
                     return None
             if len(rows) < 100:
                 return None
-            cursor = f"({_text(rows[-1][0])}"
+            cursor = f"({text(rows[-1][0])}"
 
     # ---- deletion and garbage collection -------------------------------------------------
 
@@ -424,13 +426,7 @@ class Registry:
 
 
 def _change(fields: dict) -> Change:
-    d = _decoded(fields)
+    d = text_dict(fields)
     return Change(int(d["at_ms"]), d["kind"], int(d["version"]), d["from"], d["to"], d["who"], d["reason"])
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _decoded(data: dict) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in data.items()}

@@ -14,10 +14,10 @@ import models
 import pytest
 import redis
 
+from lab.embedded_redis import EmbeddedRedis
 from producer import Client
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
-from worker.embedded_redis import EmbeddedRedis
 
 MODEL = "testmodel"
 
@@ -41,7 +41,7 @@ def start_worker(settings, tmp_path):
     started: list[subprocess.Popen] = []
 
     def start(*args: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url, "--artifact-dir",
+        cmd = [sys.executable, "-m", "streamserve", "--redis-url", settings.redis_url, "--artifact-dir",
                str(settings.artifact_dir), "worker", "--model", MODEL, *args]
         with open(tmp_path / f"worker{len(started)}.log", "wb") as log:
             started.append(subprocess.Popen(cmd, env={**os.environ, **FAST_ENV}, stdout=log,

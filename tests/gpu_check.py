@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker import reference
+from modeltools import reference
 from worker.backend import TorchExportBackend
 
 

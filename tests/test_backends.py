@@ -7,8 +7,8 @@ from conftest import MODEL, ThreadedWorker
 
 from producer import Client
 from protocol.errors import ArtifactIntegrityError, ConfigError
+from streamserve.cli import main
 from worker.backend import TorchExportBackend
-from worker.cli import main
 from worker.loader import load_version, version_parity
 from worker.worker import Worker
 

@@ -8,7 +8,7 @@ import models
 import numpy as np
 from conftest import MODEL, ThreadedWorker
 
-from worker.cli import build_parser, main
+from streamserve.cli import build_parser, main
 from worker.worker import Worker
 
 
@@ -16,7 +16,7 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert {"worker", "train", "predict", "health", "registry", "bench", "demo"} <= set(commands)
-    out = subprocess.run([sys.executable, "-m", "worker", "registry", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "streamserve", "registry", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "promote" in out and "register" in out
 

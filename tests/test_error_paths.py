@@ -7,13 +7,13 @@ import pytest
 from conftest import MODEL, ThreadedWorker
 
 from experiments.store import ExperimentStore
+from modeltools.optimizer import optimize
 from producer import Client
 from protocol import control
 from protocol.errors import InvalidInput, RegistryError
 from protocol.settings import Settings
-from worker.cli import main
+from streamserve.cli import main
 from worker.loader import GoldenCheckFailed, check_golden
-from worker.optimizer import optimize
 from worker.worker import Worker
 
 X = np.zeros((1, 60, 110), np.float32)

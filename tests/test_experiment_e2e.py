@@ -7,8 +7,8 @@ from conftest import MODEL, ThreadedWorker
 from experiments import runner
 from experiments.store import ExperimentStore, Margins
 from producer import Client
-from worker.cli import main
-from worker.control import wait_for_fleet
+from registry.rollout import wait_for_fleet
+from streamserve.cli import main
 from worker.worker import Worker
 
 

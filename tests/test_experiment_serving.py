@@ -106,7 +106,7 @@ def test_stopped_experiment_serves_production_untagged(r, settings, registry, tw
 
 
 def test_replay_runs_a_version_on_what_production_saw(r, settings, registry, two_versions, capsys):
-    from worker.cli import main
+    from streamserve.cli import main
 
     ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
     for i in range(16):

@@ -8,10 +8,10 @@ import pytest
 from conftest import ThreadedWorker
 from onnx import numpy_helper
 
+from modeltools.cli import reference_data
+from modeltools.optimizer import VARIANTS, Gate, optimize, parity
 from producer import Client
-from worker.cli import main
-from worker.optimize_cli import reference_data
-from worker.optimizer import VARIANTS, Gate, optimize, parity
+from streamserve.cli import main
 from worker.worker import Worker
 
 NAME = "hybrid_cnn_lstm"

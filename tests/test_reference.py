@@ -5,8 +5,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from worker import reference
-from worker.cli import main
+from modeltools import reference
+from streamserve.cli import main
 from worker.loader import load_version
 
 

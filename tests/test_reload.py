@@ -11,8 +11,8 @@ import pytest
 from conftest import MODEL, ThreadedWorker, wait_for_workers
 
 from producer import Client
-from worker.cli import main
-from worker.control import wait_for_fleet
+from registry.rollout import wait_for_fleet
+from streamserve.cli import main
 from worker.worker import Worker
 
 X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)

@@ -8,10 +8,10 @@ import pytest
 import redis
 from conftest import MODEL, ThreadedWorker
 
+from lab.embedded_redis import EmbeddedRedis
 from protocol import codec, keys, messages
 from protocol.errors import InternalError
 from protocol.settings import Settings
-from worker.embedded_redis import EmbeddedRedis
 from worker.worker import Worker
 
 X = np.random.default_rng(0).standard_normal((60, 110)).astype(np.float32)
@@ -112,7 +112,7 @@ def test_sha256_mismatch_is_refused_and_nothing_is_served(r, settings, registry,
     path.write_bytes(path.read_bytes() + b"tampered")
     send(r, "q")
     worker = drain(settings)
-    assert worker.loaded is None
+    assert worker.slot.loaded is None
     error = reply(r, "q")["error"]
     assert error["code"] == "MODEL_NOT_FOUND"
     assert "refusing to load" in error["message"] and "sha256" in error["message"]
@@ -161,7 +161,7 @@ def test_model_failure_fails_the_batch_not_the_worker(r, settings, production, m
     def explode(inputs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(worker.loaded.backend, "run", explode)
+    monkeypatch.setattr(worker.slot.loaded.backend, "run", explode)
     worker.run()
     for rid in ("a", "b"):
         error = reply(r, rid)["error"]

@@ -1,10 +1,10 @@
-"""The serving side: micro-batching worker, supervisor, backends, reference model, CLI.
+"""The serving core: the worker loop and what it ties together, and the supervisor.
 
-Public names: :class:`Worker`, :class:`Batcher`, :class:`EmbeddedRedis`.
+Public names: :class:`Worker`, :class:`Batcher`, :class:`Supervisor`.
 """
 
 from worker.batcher import Batcher
-from worker.embedded_redis import EmbeddedRedis
+from worker.supervisor import Supervisor
 from worker.worker import Worker
 
-__all__ = ["Batcher", "EmbeddedRedis", "Worker"]
+__all__ = ["Batcher", "Supervisor", "Worker"]

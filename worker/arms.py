@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from experiments.assignment import CONTROL, TREATMENT
 from experiments.store import Experiment, ExperimentStore
-from protocol.errors import StreamserveError
+from protocol import keys
+from protocol.errors import InternalError, StreamserveError
+from protocol.messages import Request
 from protocol.settings import Settings
 from registry import Registry
 from worker.loader import LoadedModel, Reloader, load_version
@@ -47,6 +53,28 @@ class ExperimentLog:
         """``n`` requests of ``arm`` failed in the model with ``code``."""
         self.counts[f"{arm}:requests"] += n
         self.counts[f"{arm}:errors:{code}"] += n
+
+    def queue(self, pipe, model: str) -> None:
+        """Add the batch's accounting to the reply transaction (nothing outside an experiment)."""
+        exp_id = self.experiment_id
+        if not exp_id:
+            return
+        for name, n in self.counts.items():
+            pipe.hincrby(keys.experiment_counts(model, exp_id), name, n)
+        for arm, values in self.latencies_ms.items():
+            key = keys.experiment_latency(model, exp_id, arm)
+            pipe.lpush(key, *(f"{v:.3f}" for v in values))
+            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
+        for entry in self.journal:
+            pipe.xadd(keys.experiment_journal(model, exp_id), entry, maxlen=JOURNAL_MAXLEN, approximate=True)
+        for record in self.replay:
+            pipe.xadd(keys.experiment_replay(model, exp_id), record, maxlen=REPLAY_MAXLEN, approximate=True)
+
+
+# Computes a batch on a version and queues its replies, tagged with the arm (None: no experiment).
+RunBatch = Callable[[LoadedModel, list[Request], str | None], None]
+# One model call for a batch: outputs with the batch axis.
+CallModel = Callable[[LoadedModel, list[Request]], dict[str, np.ndarray]]
 
 
 class ExperimentArms:
@@ -91,3 +119,55 @@ class ExperimentArms:
         if e is None or self.treatment is None or control is None:
             return None
         return e if control.version.version == e.control_version else None
+
+    def serve(self, log_: ExperimentLog, control: LoadedModel, batch: list[Request], run: RunBatch,
+              call: CallModel) -> None:
+        """Route ``batch``: all to the control, split between the arms, or shadowed by the treatment."""
+        experiment = self.active(control)
+        if experiment is None or self.treatment is None:
+            run(control, batch, None)
+            return
+        log_.experiment_id = experiment.id
+        if experiment.mode == "shadow":  # both score everything; the control answers
+            run(control, batch, CONTROL)
+            self._shadow(log_, self.treatment, batch, call)
+            return
+        groups: dict[str, list[Request]] = {CONTROL: [], TREATMENT: []}
+        for r in batch:
+            groups[experiment.arm(r.route, r.request_id)].append(r)
+        for arm, loaded in ((CONTROL, control), (TREATMENT, self.treatment)):
+            if groups[arm]:
+                run(loaded, groups[arm], arm)
+
+    @staticmethod
+    def _shadow(log_: ExperimentLog, treatment: LoadedModel, batch: list[Request], call: CallModel) -> None:
+        """Score the batch on the treatment too; its labels go to the journal, never to the bot."""
+        try:
+            outputs = call(treatment, batch)
+        except Exception as e:  # the shadow must never hurt the answered requests
+            log.warning("shadow treatment failed on %d requests: %s", len(batch), e)
+            log_.failed(TREATMENT, InternalError.code, len(batch))
+            return
+        log_.counts[f"{TREATMENT}:requests"] += len(batch)
+        labels = treatment.version.labels
+        journal = log_.journal[-len(batch):]
+        for r, part, entry in zip(batch, split_rows(outputs, batch), journal, strict=False):
+            if entry["id"] == r.request_id:
+                entry["shadow_label"] = ",".join(labels_of(labels, part))
+                entry["shadow_version"] = str(treatment.version.version)
+
+
+def split_rows(outputs: dict[str, np.ndarray], batch: list[Request]) -> list[dict[str, np.ndarray]]:
+    """Each request's rows of the batch's outputs, in batch order."""
+    parts, offset = [], 0
+    for r in batch:
+        parts.append({name: value[offset:offset + r.n_rows] for name, value in outputs.items()})
+        offset += r.n_rows
+    return parts
+
+
+def labels_of(labels: list[str], outputs: dict[str, np.ndarray]) -> list[str]:
+    """Label per row of the first output (empty when the version has no labels)."""
+    if not labels:
+        return []
+    return [labels[i] for i in next(iter(outputs.values())).argmax(axis=-1).tolist()]

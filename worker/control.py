@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass
 
 import redis
 
@@ -66,43 +64,3 @@ class ControlListener:
         if command.model == self.model:
             log.info("control: %s %s v%s", command.command, command.model, command.version)
             self.on_command(command)
-
-
-@dataclass(frozen=True)
-class FleetReport:
-    """Where every live worker of a model stands after a reload."""
-
-    model: str
-    version: int
-    switched: list[str]
-    failed: dict[str, str]
-    pending: list[str]
-    elapsed_s: float
-
-    @property
-    def ok(self) -> bool:
-        """Every live worker serves ``version``."""
-        return not self.failed and not self.pending and bool(self.switched)
-
-
-def publish_reload(client: redis.Redis, model: str, version: int | None = None) -> int:
-    """Publish a reload command; returns how many subscribers received it."""
-    return int(client.publish(keys.control_channel(), control.reload(model, version).encode()))
-
-
-def wait_for_fleet(client: redis.Redis, model: str, version: int, *, timeout_s: float,
-                   poll_s: float = 0.05) -> FleetReport:
-    """Poll heartbeats until every live worker serves ``version`` or reports it failed."""
-    from producer.health import read_health
-
-    started = time.monotonic()
-    while True:
-        workers = read_health(client, model).workers
-        switched = [w.worker_id for w in workers if w.version == version]
-        failed = {w.worker_id: w.error for w in workers
-                  if w.version != version and w.failed_version == version}
-        pending = [w.worker_id for w in workers if w.worker_id not in switched and w.worker_id not in failed]
-        elapsed_s = time.monotonic() - started
-        if not pending or elapsed_s >= timeout_s:
-            return FleetReport(model, version, switched, failed, pending, elapsed_s)
-        time.sleep(poll_s)

@@ -15,15 +15,14 @@ import threading
 import time
 
 from protocol.settings import Settings
+from worker.logs import configure_logging
+from worker.worker import Worker
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
 
 def _child(settings_json: str, model: str, max_queue_ms: float, verbose: bool) -> None:
-    from worker.cli import configure_logging
-    from worker.worker import Worker
-
     configure_logging(verbose)
     worker = Worker(Settings.model_validate_json(settings_json), model, max_queue_ms=max_queue_ms)
     worker.install_signal_handlers(sigint=False)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.synthetic import LABELS, N_FEATURES, TIMESTEPS, synthetic_dataset
+from modeltools.synthetic import LABELS, N_FEATURES, TIMESTEPS, synthetic_dataset
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "probs"

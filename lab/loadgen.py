@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from modeltools.synthetic import LABELS, synthetic_dataset
 from producer import Client, ReplyError
-from worker.synthetic import LABELS, synthetic_dataset
 
 WINDOWS = 256
 

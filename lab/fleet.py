@@ -17,7 +17,7 @@ class Fleet:
 
     def __init__(self, settings: Settings, model: str, processes: int, *extra_args: str) -> None:
         self.settings, self.model, self.processes = settings, model, processes
-        self.args = [sys.executable, "-m", "worker", "--redis-url", settings.redis_url,
+        self.args = [sys.executable, "-m", "streamserve", "--redis-url", settings.redis_url,
                      "--artifact-dir", str(settings.artifact_dir), "worker", "--model", model,
                      "--processes", str(processes), *extra_args]
         self.process: subprocess.Popen[bytes] | None = None

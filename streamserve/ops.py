@@ -6,12 +6,15 @@ import argparse
 
 import redis
 
+from experiments.store import ExperimentStore
 from producer.health import read_health
-from protocol import keys
+from protocol import keys, messages
 from protocol.errors import RegistryError
 from protocol.settings import Settings
+from protocol.values import text
 from registry import ModelVersion, Registry
-from worker.control import FleetReport, publish_reload, wait_for_fleet
+from registry.rollout import publish_reload, wait_for_fleet
+from worker.loader import load_version, version_parity
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,28 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_status)
 
 
-def fleet_waiter(client: redis.Redis, model: str, version: int, timeout_s: float) -> FleetReport:
-    """What ``registry promote --wait`` calls."""
-    return wait_for_fleet(client, model, version, timeout_s=timeout_s)
-
-
 def parity_checker(registry: Registry, mv: ModelVersion) -> dict[str, float]:
     """What ``registry register --alternate`` calls: outputs of every format compared."""
-    from worker.loader import version_parity
-
     return version_parity(registry, mv)
-
-
-def print_report(report: FleetReport) -> None:
-    """One line per worker."""
-    for worker_id in report.switched:
-        print(f"  {worker_id:<40} serving v{report.version}")
-    for worker_id, error in report.failed.items():
-        print(f"  {worker_id:<40} FAILED: {error}")
-    for worker_id in report.pending:
-        print(f"  {worker_id:<40} not switched after {report.elapsed_s:.1f} s")
-    state = "switched" if report.ok else "NOT switched"
-    print(f"{report.model}: fleet {state} to v{report.version} in {report.elapsed_s:.2f} s")
 
 
 def _reload(args: argparse.Namespace, settings: Settings) -> int:
@@ -61,18 +45,15 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
         print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
         if not args.wait:
             return 0
-        report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s)
-    print_report(report)
+        report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s,
+                                ttl_s=settings.heartbeat_ttl_s)
+    print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
 def replay(client: redis.Redis, registry: Registry, model: str, version: int,
            settings: Settings) -> dict[str, dict[str, float]]:
     """Label agreement of ``version`` with what each arm answered on the journaled inputs."""
-    from experiments.store import ExperimentStore
-    from protocol import messages
-    from worker.loader import load_version
-
     experiment = ExperimentStore(client, registry).get(model)
     if experiment is None:
         raise RegistryError(f"{model} has no experiment to replay")
@@ -82,7 +63,7 @@ def replay(client: redis.Redis, registry: Registry, model: str, version: int,
         inputs = messages.decode_inputs(fields[b"inputs"], settings.max_message_bytes)
         probs = next(iter(loaded.backend.run(inputs).values()))
         labels = ",".join(loaded.version.labels[i] for i in probs.argmax(axis=-1).tolist())
-        agree.setdefault(fields[b"arm"].decode(), []).append(labels == fields[b"label"].decode())
+        agree.setdefault(text(fields[b"arm"]), []).append(labels == text(fields[b"label"]))
     return {arm: {"requests": len(v), "label_agreement": sum(v) / len(v)} for arm, v in agree.items()}
 
 
@@ -99,23 +80,23 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     with redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
         for model in args.model or registry.models():
-            _print_model(client, registry, model)
+            _print_model(client, registry, model, settings.heartbeat_ttl_s)
     return 0
 
 
-def _print_model(client: redis.Redis, registry: Registry, model: str) -> None:
+def _print_model(client: redis.Redis, registry: Registry, model: str, ttl_s: float) -> None:
     try:
         production = f"v{registry.production(model).version}"
     except RegistryError:
         production = "none"
     stream = keys.request_stream(model)
     groups = client.xinfo_groups(stream) if client.exists(stream) else []
-    group = next((g for g in groups if g["name"] in (b"workers", "workers")), {})
+    group = next((g for g in groups if text(g["name"]) == keys.consumer_group(model)), {})
     print(f"{model}: Production {production}; stream length {client.xlen(stream)}, "
           f"pending {group.get('pending', 0)}, lag {group.get('lag', 0)}, "
           f"dead letters {client.xlen(keys.dead_letter_stream(model))}")
-    for w in read_health(client, model).workers:
+    for w in read_health(client, model, ttl_s).workers:
         error = f" error: {w.error}" if w.error else ""
         error += f" fallback because {w.fallback}" if w.fallback else ""
         print(f"  {w.worker_id:<40} v{w.version} {w.variant:<18} {w.backend:<12} {w.state:<9} "
-              f"pid {w.pid} on {w.host}, heartbeat {w.age_ms} ms ago{error}")
+              f"pid {w.pid} on {w.host}, heartbeat {w.age_ms()} ms ago{error}")

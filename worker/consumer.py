@@ -1,0 +1,138 @@
+"""Reading a model's stream through its consumer group, and writing back in one transaction.
+
+An entry is acknowledged only in the MULTI/EXEC that carries its reply (or its
+dead letter), so an entry never answered stays pending for another worker:
+``reclaim`` takes over entries idle in dead consumers' pending lists.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from protocol import keys
+from protocol.settings import Settings
+from protocol.values import text
+from worker.arms import ExperimentLog
+
+log = logging.getLogger(__name__)
+Entry = tuple[str, dict[bytes, bytes]]
+# Gets the fresh entries and those delivered too often (to dead-letter).
+ClaimHandler = Callable[[list[Entry], list[Entry]], None]
+
+
+@dataclass
+class Outbox:
+    """What one batch writes back: replies, entries to ack, entries to dead-letter."""
+
+    replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
+    ack_ids: list[str] = field(default_factory=list)
+    dead: list[tuple[Entry, str]] = field(default_factory=list)
+    call_rows: list[int] = field(default_factory=list)  # rows of each model call
+    experiment: ExperimentLog = field(default_factory=ExperimentLog)
+
+    def reply(self, reply_to: str, payload: bytes) -> None:
+        """Queue a reply; replies sharing a token go out in one LPUSH."""
+        self.replies.setdefault(reply_to, []).append(payload)
+
+
+class StreamConsumer:
+    """One consumer (``name``) of the model's group: read, reclaim, write back."""
+
+    def __init__(self, client: redis.Redis, model: str, name: str, settings: Settings) -> None:
+        self.redis, self.model, self.name, self.settings = client, model, name, settings
+        self.stream = keys.request_stream(model)
+        self.group = keys.consumer_group(model)
+
+    def ensure_group(self) -> None:
+        """Create the group (and the stream) from id 0 unless it exists."""
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self, count: int, wait_ms: float) -> list[Entry]:
+        """Up to ``count`` new entries, blocking up to ``wait_ms`` (not at all below 1 ms)."""
+        block = int(wait_ms) if wait_ms >= 1 else None
+        try:
+            response = self.redis.xreadgroup(self.group, self.name, {self.stream: ">"},
+                                             count=count, block=block)
+        except redis.ResponseError as e:
+            # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
+            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                raise
+            log.warning("stream or group vanished (%s); recreating", e)
+            self.ensure_group()
+            return []
+        return [(text(i), f) for i, f in response[0][1]] if response else []
+
+    def reclaim(self, handle: ClaimHandler) -> int:
+        """Claim entries idle past ``reclaim_min_idle_ms``; ``handle`` answers them. Returns how many."""
+        start, handled = "0-0", 0
+        while True:
+            start, claimed, deleted = self._autoclaim(start)
+            if deleted:  # trimmed away while pending: nothing left to answer
+                self.redis.xack(self.stream, self.group, *deleted)
+            if claimed:
+                handled += len(claimed)
+                handle(*self._split_over_delivered(claimed))
+            if start == "0-0":
+                return handled
+
+    def _autoclaim(self, start: str) -> tuple[str, list[Entry], list[str]]:
+        result = self.redis.xautoclaim(self.stream, self.group, self.name,
+                                       self.settings.reclaim_min_idle_ms, start_id=start,
+                                       count=self.settings.max_batch)
+        claimed = [(text(i), f) for i, f in result[1] if f is not None]
+        deleted = [text(i) for i in (result[2] if len(result) > 2 else [])]
+        return text(result[0]), claimed, deleted
+
+    def _split_over_delivered(self, claimed: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        ids = [entry_id for entry_id, _ in claimed]
+        pending = self.redis.xpending_range(self.stream, self.group, min=min(ids, key=_id_key),
+                                            max=max(ids, key=_id_key), count=len(ids) + 1000,
+                                            consumername=self.name)
+        deliveries = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        limit = self.settings.max_deliveries
+        over = [e for e in claimed if deliveries.get(e[0], 0) > limit]
+        fresh = [e for e in claimed if deliveries.get(e[0], 0) <= limit]
+        log.warning("reclaimed %d entries (%d over %d deliveries)", len(claimed), len(over), limit)
+        return fresh, over
+
+    def write(self, out: Outbox) -> None:
+        """Replies, dead letters, histogram, experiment log and XACK in one MULTI/EXEC (one slot)."""
+        ttl_ms = int(self.settings.reply_ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        for reply_to, payloads in out.replies.items():
+            key = keys.reply_key(self.model, reply_to)
+            pipe.lpush(key, *payloads)
+            pipe.pexpire(key, ttl_ms)
+        for (entry_id, fields), reason in out.dead:
+            record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.name}
+            pipe.xadd(keys.dead_letter_stream(self.model), record,
+                      maxlen=self.settings.dead_letter_maxlen, approximate=True)
+        for rows in out.call_rows:
+            pipe.hincrby(keys.batch_histogram(self.model), str(rows), 1)
+        out.experiment.queue(pipe, self.model)
+        if out.ack_ids:
+            pipe.xack(self.stream, self.group, *out.ack_ids)
+        pipe.execute()
+
+    def leave(self) -> None:
+        """Delete this consumer from the group unless entries are still pending on it (for reclaim)."""
+        if not self.redis.xpending_range(self.stream, self.group, "-", "+", 1, self.name):
+            self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
+
+
+def id_ms(entry_id: str) -> float:
+    """The entry's enqueue time (ms since the epoch), from its stream id."""
+    return float(entry_id.split("-", 1)[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-", 1)
+    return int(ms), int(seq)

@@ -1,0 +1,123 @@
+"""Turn a batch of stream entries into an :class:`~worker.consumer.Outbox`: one answer per entry.
+
+Each entry is admitted on its own (decode, deadline, queue age, input spec):
+a bad one gets its error reply alone. The valid ones go through the
+experiment arms to one model call per arm; a model failure fails that call's
+requests with ``INTERNAL`` and never the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from protocol import messages
+from protocol.errors import DeadlineExceeded, InternalError, ModelNotFound, Overloaded, ReplyError
+from protocol.settings import Settings
+from worker.arms import ExperimentArms, labels_of, split_rows
+from worker.consumer import Entry, Outbox, id_ms
+from worker.loader import LoadedModel
+from worker.slot import ModelSlot
+
+log = logging.getLogger(__name__)
+
+
+class BatchProcessor:
+    """Answers entries for ``model`` with what ``slot`` and ``arms`` serve; signs replies ``worker_id``."""
+
+    def __init__(self, model: str, worker_id: str, slot: ModelSlot, arms: ExperimentArms,
+                 settings: Settings, *, max_queue_ms: float = 0.0) -> None:
+        self.model, self.worker_id, self.slot, self.arms = model, worker_id, slot, arms
+        self.settings, self.max_queue_ms = settings, max_queue_ms
+
+    def process(self, entries: list[Entry], dead_letter: list[Entry] = ()) -> Outbox:
+        """Answer every entry (computed, or with its own error); dead-letter ``dead_letter``."""
+        started_ms = time.time() * 1000
+        out = Outbox()
+        for entry in dead_letter:
+            self._dead_letter(out, entry, f"delivered more than {self.settings.max_deliveries} times")
+        valid = [r for r in (self._admit(out, e, started_ms) for e in entries) if r is not None]
+        if valid and self.slot.loaded is not None:
+            self.arms.serve(out.experiment, self.slot.loaded, valid, call=self._call,
+                            run=lambda loaded, batch, arm: self._run(out, loaded, batch, started_ms, arm))
+        return out
+
+    def _admit(self, out: Outbox, entry: Entry, now_ms: float) -> messages.Request | None:
+        entry_id, fields = entry
+        out.ack_ids.append(entry_id)
+        try:
+            return self._check(messages.decode_request(entry_id, fields,
+                                                       max_bytes=self.settings.max_message_bytes), now_ms)
+        except ReplyError as e:
+            address = messages.reply_address(fields)
+            if address is None:
+                self._dead_letter(out, entry, f"unanswerable: {e}")
+            else:
+                timings = {"queue_ms": now_ms - id_ms(entry_id), "infer_ms": 0.0}
+                out.reply(address[1], self._error(address[0], e, timings))
+            return None
+
+    def _check(self, request: messages.Request, now_ms: float) -> messages.Request:
+        queue_ms = now_ms - id_ms(request.entry_id)
+        if request.deadline_ms and request.deadline_ms < now_ms:
+            raise DeadlineExceeded(f"deadline passed {now_ms - request.deadline_ms:.1f} ms "
+                                   f"before compute (queued {queue_ms:.1f} ms)")
+        if self.max_queue_ms and queue_ms > self.max_queue_ms:
+            raise Overloaded(f"queued {queue_ms:.1f} ms > {self.max_queue_ms} ms; shed")
+        if self.slot.loaded is None:
+            raise ModelNotFound(f"model {self.model!r} has no servable version ({self.slot.load_error})")
+        self.slot.loaded.spec.check(request.inputs, self.settings.max_request_rows)
+        return request
+
+    @staticmethod
+    def _call(loaded: LoadedModel, batch: list[messages.Request]) -> dict[str, np.ndarray]:
+        """One model call for the batch; outputs must keep the batch axis."""
+        stacked = {n: np.concatenate([r.inputs[n] for r in batch]) for n in loaded.spec.fields}
+        outputs = loaded.backend.run(stacked)
+        rows = sum(r.n_rows for r in batch)
+        if any(o.shape[:1] != (rows,) for o in outputs.values()):
+            raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+        return outputs
+
+    def _run(self, out: Outbox, loaded: LoadedModel, batch: list[messages.Request], started_ms: float,
+             arm: str | None) -> None:
+        """Compute ``batch`` on ``loaded`` and queue one reply per request (tagged with ``arm``)."""
+        t0 = time.perf_counter()
+        try:
+            outputs = self._call(loaded, batch)
+        except Exception as e:  # a model failure fails this batch only, never the worker
+            log.exception("batch of %d failed", len(batch))
+            err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
+            for r in batch:
+                out.reply(r.reply_to, self._error(r.request_id, err, {}))
+            if arm:
+                out.experiment.failed(arm, err.code, len(batch))
+            return
+        infer_ms = (time.perf_counter() - t0) * 1000
+        out.call_rows.append(sum(r.n_rows for r in batch))
+        mv = loaded.version
+        for r, part in zip(batch, split_rows(outputs, batch), strict=True):
+            timings = {"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms}
+            out.reply(r.reply_to, messages.encode_ok(
+                r, model=self.model, version=mv.version, outputs=part, labels=mv.labels,
+                timings=timings, worker=self.worker_id, variant=arm))
+            if arm:
+                out.experiment.served(arm, r.request_id, mv.version, labels_of(mv.labels, part),
+                                      timings["queue_ms"] + infer_ms, r.raw_inputs)
+
+    def _error(self, request_id: str, error: ReplyError, timings: dict[str, float]) -> bytes:
+        loaded = self.slot.loaded
+        return messages.encode_error(request_id, error, model=self.model,
+                                     version=loaded.version.version if loaded else None,
+                                     timings=timings, worker=self.worker_id)
+
+    def _dead_letter(self, out: Outbox, entry: Entry, reason: str) -> None:
+        entry_id, fields = entry
+        out.ack_ids.append(entry_id)
+        out.dead.append((entry, reason))
+        address = messages.reply_address(fields)
+        if address is not None:
+            err = InternalError(f"dead-lettered: {reason}", request_id=address[0])
+            out.reply(address[1], self._error(address[0], err, {}))

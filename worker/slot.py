@@ -1,0 +1,86 @@
+"""The model slot: which version the registry wants served, what is loaded, and the swap between them.
+
+At start-up the target loads in line; afterwards it loads in a background
+thread beside the served version and is swapped in between two batches. A
+version that cannot load (sha256 mismatch, bad file, golden check) is reported
+and the one already loaded keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from protocol.errors import StreamserveError
+from protocol.settings import Settings
+from registry import Registry
+from worker.loader import LoadedModel, Reloader, load_version
+
+log = logging.getLogger(__name__)
+
+
+class ModelSlot:
+    """The Production version of one model, as one worker serves it."""
+
+    def __init__(self, registry: Registry, model: str, settings: Settings) -> None:
+        self.registry, self.model, self.settings = registry, model, settings
+        self.loaded: LoadedModel | None = None
+        self.load_error = "not loaded yet"
+        self.target_version: int | None = None
+        self.target_variant = ""
+        self.reloader = Reloader(lambda mv: load_version(registry, mv, settings))
+
+    @property
+    def loading(self) -> bool:
+        """A version is loading in the background."""
+        return self.reloader.loading is not None
+
+    def reconcile(self) -> None:
+        """Converge on the registry's Production version (in line only when nothing is loaded)."""
+        try:
+            target = self.registry.production(self.model)
+        except StreamserveError as e:
+            if self.loaded is None:
+                self.load_error = str(e)
+            return
+        self.target_version, self.target_variant = target.version, target.serving_variant
+        if self.loaded is not None:
+            if not self._is_target(self.loaded):
+                self.reloader.request(target)
+            return
+        try:
+            self.loaded = load_version(self.registry, target, self.settings)
+            self.load_error = ""
+        except StreamserveError as e:
+            self.load_error = f"v{target.version}: {e}"
+            log.error("cannot load %s v%s: %s", self.model, target.version, e)
+
+    def swap_if_ready(self) -> bool:
+        """Swap in a version loaded in the background; True when what to report changed."""
+        ready = self.reloader.take_ready()
+        if ready is not None and self._is_target(ready):
+            previous = self.loaded.version.version if self.loaded else None
+            self.loaded, self.load_error = ready, ""
+            log.info("swapped %s v%s → v%s", self.model, previous, ready.version.version)
+            return True
+        if self.target_failed() and self.problem() != self.load_error:
+            self.load_error = self.problem()
+            return True
+        return False
+
+    def _is_target(self, loaded: LoadedModel) -> bool:
+        mv = loaded.version
+        return (mv.version, mv.serving_variant) == (self.target_version, self.target_variant)
+
+    def target_failed(self) -> bool:
+        """The version the registry wants could not be loaded."""
+        return self.target_version in self.reloader.failures
+
+    def problem(self) -> str:
+        """What to report: the target's load failure, else the last start-up error."""
+        if self.target_failed():
+            return f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
+        return self.load_error
+
+    def describe(self) -> str:
+        """``v3``, or ``nothing: <why>``."""
+        return f"v{self.loaded.version.version}" if self.loaded else f"nothing: {self.load_error}"
