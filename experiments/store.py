@@ -7,6 +7,7 @@ import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -16,6 +17,9 @@ from protocol.errors import RegistryError
 from protocol.values import text, text_dict
 from registry import Registry
 from registry.rollout import publish_reload
+
+if TYPE_CHECKING:
+    from protocol.values import Fields
 
 MODES = ("split", "shadow")
 UNITS = ("route", "request_id")
@@ -57,7 +61,7 @@ class Experiment:
         unit = route if self.unit == "route" and route else request_id
         return assign(self.salt, self.id, unit, self.treatment_share)
 
-    def to_hash(self) -> dict[str, str]:
+    def to_hash(self) -> Fields:
         """Redis hash fields."""
         data = asdict(self)
         data["margins"] = json.dumps(data["margins"])
@@ -69,8 +73,8 @@ class Experiment:
         d = text_dict(data)
         ints = ("control_version", "treatment_version", "planned_looks")
         floats = ("treatment_share", "min_effect_pp", "alpha", "power", "created_at")
-        values = {k: int(d[k]) if k in ints else float(d[k]) if k in floats else d[k]
-                  for k in d if k in cls.__dataclass_fields__ and k != "margins"}
+        values: dict[str, Any] = {k: int(d[k]) if k in ints else float(d[k]) if k in floats else d[k]
+                                  for k in d if k in cls.__dataclass_fields__ and k != "margins"}
         return cls(**values, margins=Margins(**json.loads(d["margins"])))
 
 

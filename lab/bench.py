@@ -221,6 +221,7 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
         progress(f"in-process at batch {floor['best_batch']} in {args.processes} processes …")
         floor["parallel_rps"] = in_process_parallel(path, floor["best_batch"], args.processes, args.seconds)
         with EmbeddedRedis(binary=args.redis_server) as server:
+            assert server.process is not None  # started by __enter__
             server_version = server.version()
             s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
             registry = Registry(Redis.from_url(server.url), s.artifact_dir)

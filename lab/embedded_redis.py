@@ -67,7 +67,8 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ConfigError(f"{self.binary} exited: {self.process.stderr.read().decode()[-500:]}")
+                stderr = self.process.stderr.read() if self.process.stderr else b""  # a PIPE: never None
+                raise ConfigError(f"{self.binary} exited: {stderr.decode()[-500:]}")
             try:
                 client.ping()
                 return self

@@ -13,12 +13,14 @@ import multiprocessing as mp
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from modeltools.synthetic import LABELS, synthetic_dataset
-from producer import Client, ReplyError
+from producer import Client, Prediction, ReplyError
 
 WINDOWS = 256
 
@@ -70,7 +72,8 @@ class LoadResult:
 
 def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
     windows, truth = synthetic_dataset(WINDOWS, seed=1000 + seed)  # known labels: outcomes
-    report = {"latencies_ms": [], "errors": Counter(), "versions": Counter(), "variants": Counter()}
+    report: dict[str, Any] = {"latencies_ms": [], "errors": Counter(), "versions": Counter(),
+                              "variants": Counter()}
     remaining = [spec.requests]
     lock = threading.Lock()
 
@@ -98,10 +101,7 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
                 singles += 1
                 bad = spec.bad_every and singles % spec.bad_every == 0
                 window = windows[first, :, :100] if bad else windows[first]
-                try:
-                    results = [client.predict(spec.model, window, route=route)]
-                except ReplyError as e:
-                    results = [e]
+                results = _predict_one(client, spec.model, window, route)
             with lock:
                 _record(report, results, (time.perf_counter() - started) * 1000)
             if spec.report_outcomes:
@@ -123,6 +123,14 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
     report["t1"] = time.time()
     report["cpu_s"] = time.process_time() - cpu0
     return report
+
+
+def _predict_one(client: Client, model: str, window: np.ndarray, route: str) -> list[Prediction | ReplyError]:
+    """One single-sample call; its error, if any, takes the prediction's place."""
+    try:
+        return [client.predict(model, window, route=route)]
+    except ReplyError as e:
+        return [e]
 
 
 def _report_outcomes(client: Client, model: str, results: list, labels: np.ndarray) -> None:
@@ -149,6 +157,14 @@ def _bot_process(spec: LoadSpec, seed: int, progress: mp.Queue | None, results: 
     results.put(_bot(spec, seed, progress, gate))
 
 
+def _drain(progress: mp.Queue[int], on_progress: Callable[[int], object] | None) -> None:
+    """Hand every count waiting in ``progress`` to ``on_progress``."""
+    while not progress.empty():
+        n = progress.get()
+        if on_progress:
+            on_progress(n)
+
+
 def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
     """Run ``processes`` bots of ``spec`` each and wait for all; ``on_progress(n)`` per reply."""
     ctx = mp.get_context("spawn")
@@ -161,20 +177,15 @@ def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
     for _ in bots:
         ready.acquire()
     gate.set()
-    total, reports = LoadResult(), []
+    total = LoadResult()
+    reports: list[dict[str, Any]] = []
     while len(reports) < processes:
-        while not progress.empty():
-            n = progress.get()
-            if on_progress:
-                on_progress(n)
+        _drain(progress, on_progress)
         try:
             reports.append(results.get(timeout=0.05))
         except Exception:  # queue.Empty: keep draining progress
             continue
-    while not progress.empty():  # the last counts may arrive after the last report
-        n = progress.get()
-        if on_progress:
-            on_progress(n)
+    _drain(progress, on_progress)  # the last counts may arrive after the last report
     total.elapsed_s = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
     for bot in bots:
         bot.join()

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -179,11 +180,12 @@ def _bench_child(path: str, fmt: str, names: tuple[str, str], sample_shape: tupl
     backend = _backend(Path(path), fmt, names[1])
     x = np.random.default_rng(0).standard_normal((max(batch_sizes), *sample_shape)).astype(np.float32)
     backend.run({names[0]: x[:1]})
-    result = {"rss_delta_mb": _rss_mb() - before, "bench": {}}
+    result: dict[str, Any] = {"rss_delta_mb": _rss_mb() - before, "bench": {}}
     for batch in batch_sizes:
         for _ in range(3):
             backend.run({names[0]: x[:batch]})
-        times, end = [], time.perf_counter() + seconds
+        times: list[float] = []
+        end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 5:
             t0 = time.perf_counter()
             backend.run({names[0]: x[:batch]})

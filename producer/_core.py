@@ -6,11 +6,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from protocol import keys, messages
 from protocol.errors import DeadlineExceeded, InvalidInput, ReplyError
+
+if TYPE_CHECKING:
+    from protocol.values import Fields
 
 Features = np.ndarray | dict[str, np.ndarray]
 DEFAULT_INPUT = "features"
@@ -24,7 +28,7 @@ class Pending:
 
     request_id: str
     reply_key: str
-    fields: dict
+    fields: Fields
     deadline_s: float
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -23,7 +24,7 @@ class AsyncClient:
         self.timeout_s = timeout_s
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs) -> AsyncClient:
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> AsyncClient:
         """A client for ``redis://host:port/db``."""
         return cls(aioredis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
 
@@ -60,12 +61,14 @@ class AsyncClient:
             pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
             first = (await pipe.execute())[-1]
         gatherer.take([first[1]] if first else None)
+        # LPOP with a count gives a list; replies are bytes (redis-py's types also cover decode_responses).
         while first and not gatherer.done():
-            popped = await self.redis.lpop(gatherer.reply_key, gatherer.remaining)
+            popped = cast("list[bytes] | None", await self.redis.lpop(gatherer.reply_key, gatherer.remaining))
             if popped:
                 gatherer.take(popped)
                 continue
-            first = await self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+            first = cast("tuple[bytes, bytes] | None", await self.redis.blpop(
+                [gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s)))
             gatherer.take([first[1]] if first else None)
         results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
@@ -77,11 +80,12 @@ class AsyncClient:
                                          at_ms=int(time.time() * 1000))
         entry = await self.redis.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN,
                                       approximate=True)
-        return entry.decode()
+        return cast(bytes, entry).decode()  # a bytes client: the entry id is bytes
 
     async def health(self, model: str) -> Health:
         """Live workers of ``model`` and the versions they serve."""
-        members = await self.redis.zrangebyscore(*presence.members_query(model))
+        # Without withscores, ZRANGEBYSCORE gives plain members (redis-py's type also allows pairs).
+        members = cast("list[bytes | str]", await self.redis.zrangebyscore(*presence.members_query(model)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for member in members:
                 pipe.hgetall(keys.worker_hash(model, text(member)))

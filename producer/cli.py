@@ -11,7 +11,7 @@ from producer.client import Client
 from protocol.settings import Settings
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the client-side commands."""
     p = subparsers.add_parser("predict", help="send one request (random or from a .npy file)")
     p.add_argument("model")

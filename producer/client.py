@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 import redis
 
@@ -25,7 +26,7 @@ class Client:
         self.timeout_s = timeout_s
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs) -> Client:
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> Client:
         """A client for ``redis://host:port/db``."""
         return cls(redis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
 
@@ -68,12 +69,14 @@ class Client:
         pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
         first = pipe.execute()[-1]
         gatherer.take([first[1]] if first else None)
+        # LPOP with a count gives a list; replies are bytes (redis-py's types also cover decode_responses).
         while first and not gatherer.done():
-            popped = self.redis.lpop(gatherer.reply_key, gatherer.remaining)
+            popped = cast("list[bytes] | None", self.redis.lpop(gatherer.reply_key, gatherer.remaining))
             if popped:
                 gatherer.take(popped)
                 continue
-            first = self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
+            first = cast("tuple[bytes, bytes] | None",
+                         self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s)))
             gatherer.take([first[1]] if first else None)
         results = gatherer.outcome()
         return results if return_exceptions else [_core.unwrap(r) for r in results]
@@ -88,7 +91,7 @@ class Client:
         return self.record_outcomes(model, [(request_id, {"correct": correct, "label": label,
                                                           "pnl": pnl})])[0]
 
-    def record_outcomes(self, model: str, outcomes: Sequence[tuple[str, dict]]) -> list[str]:
+    def record_outcomes(self, model: str, outcomes: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         """Many outcomes in one pipelined round trip: ``[(request_id, {"label": "up"}), …]``."""
         at_ms = int(time.time() * 1000)
         encoded = [messages.encode_outcome(rid, at_ms=at_ms, **kw) for rid, kw in outcomes]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from protocol import presence
 from protocol.presence import DEFAULT_TTL_S, Heartbeat
+
+if TYPE_CHECKING:
+    import redis
 
 WorkerInfo = Heartbeat  # the name this client has always exported
 
@@ -32,6 +36,6 @@ class Health:
         return f"Health({self.model} ok={self.ok} workers={len(self.workers)} versions={versions})"
 
 
-def read_health(client, model: str, ttl_s: float = DEFAULT_TTL_S) -> Health:
+def read_health(client: redis.Redis, model: str, ttl_s: float = DEFAULT_TTL_S) -> Health:
     """Two round trips: live member ids, then their hashes."""
     return Health(model, presence.read_live(client, model, ttl_s))

@@ -87,4 +87,5 @@ def unpack(payload: bytes, *, max_bytes: int) -> Any:
 
 def pack(obj: Any) -> bytes:
     """Encode msgpack (bin type for bytes, str for text)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -11,8 +11,13 @@ from protocol import codec
 from protocol.errors import InvalidInput, ReplyError, from_reply
 from protocol.keys import check_request_id
 
+if TYPE_CHECKING:
+    from protocol.values import Fields
+
 PROTOCOL_VERSION = 1
 MAX_INPUTS = 16
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,20 +35,21 @@ class Request:
     @property
     def n_rows(self) -> int:
         """Samples this request carries (the shared leading dimension)."""
-        return next(iter(self.inputs.values())).shape[0]
+        rows: int = next(iter(self.inputs.values())).shape[0]
+        return rows
 
 
 def encode_request(
     request_id: str, inputs: dict[str, np.ndarray], *, deadline_ms: int, route: str = "",
     reply_to: str | None = None,
-) -> dict[str, bytes | str | int]:
+) -> Fields:
     """Stream entry fields for XADD. Every input must already have its batch axis.
 
     ``reply_to`` names the reply list (default: the request id); several requests
     may share one, and their replies are told apart by their ``id``.
     """
     body = {name: codec.encode_tensor(array) for name, array in inputs.items()}
-    fields = {
+    fields: Fields = {
         "v": PROTOCOL_VERSION,
         "id": check_request_id(request_id),
         "deadline_ms": int(deadline_ms),
@@ -175,7 +181,7 @@ class Prediction:
         """The confidence (max probability) of a single-sample request."""
         return self._single(self.confidences, "confidence")
 
-    def _single(self, values: list, name: str):
+    def _single(self, values: list[_T], name: str) -> _T:
         if len(values) != 1:
             raise ValueError(f"{name} needs exactly one sample with labels; have {len(values)}")
         return values[0]
@@ -205,11 +211,11 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
 
 
 def encode_outcome(request_id: str, *, correct: bool | None = None, label: str | None = None,
-                   pnl: float | None = None, at_ms: int) -> dict[str, str]:
+                   pnl: float | None = None, at_ms: int) -> Fields:
     """Fields of an outcome entry; at least one of ``correct``, ``label``, ``pnl``."""
     if correct is None and label is None and pnl is None:
         raise InvalidInput("an outcome needs correct, label or pnl")
-    fields = {"id": check_request_id(request_id), "at_ms": str(int(at_ms))}
+    fields: Fields = {"id": check_request_id(request_id), "at_ms": str(int(at_ms))}
     if correct is not None:
         fields["correct"] = "1" if correct else "0"
     if label is not None:

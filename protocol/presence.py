@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, cast
 
 from protocol import keys
 from protocol.settings import Settings
 from protocol.values import int_or_none, text, text_dict
+
+if TYPE_CHECKING:
+    import redis
+
+    from protocol.values import Fields, RawHash
 
 DEFAULT_TTL_S = Settings.model_fields["heartbeat_ttl_s"].default
 
@@ -38,12 +44,12 @@ class Heartbeat:
     requests: int = 0
     heartbeat_ms: int = 0
 
-    def to_hash(self) -> dict[str, str | int]:
+    def to_hash(self) -> Fields:
         """The hash fields; ``None`` is written as an empty string."""
         return {k: "" if v is None else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_hash(cls, data: dict) -> Heartbeat:
+    def from_hash(cls, data: RawHash) -> Heartbeat:
         """Parse HGETALL output; missing fields take their defaults."""
         d = text_dict(data)
         return cls(
@@ -74,16 +80,17 @@ def members_query(model: str, ttl_s: float = DEFAULT_TTL_S) -> tuple[str, int, s
     return keys.workers_zset(model), now_in_ms() - int(ttl_s * 1000), "+inf"
 
 
-def parse_live(hashes: list[dict], ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
+def parse_live(hashes: list[RawHash], ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
     """Heartbeats from HGETALL results; expired (empty) or stale ones are dropped."""
     now_ms = now_in_ms()
     beats = (Heartbeat.from_hash(h) for h in hashes if h)
     return [b for b in beats if b.worker_id and b.is_live(ttl_s, now_ms)]
 
 
-def read_live(client, model: str, ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
+def read_live(client: redis.Redis, model: str, ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
     """The live workers of ``model``: member ids, then their hashes (two round trips)."""
-    members = client.zrangebyscore(*members_query(model, ttl_s))
+    # Without withscores, ZRANGEBYSCORE gives plain members (redis-py's type also allows pairs).
+    members = cast("list[bytes | str]", client.zrangebyscore(*members_query(model, ttl_s)))
     if not members:
         return []
     pipe = client.pipeline(transaction=False)

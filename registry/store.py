@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import redis
@@ -26,6 +26,9 @@ from protocol.errors import RegistryError
 from protocol.values import text, text_dict
 from registry import artifacts
 from registry.rollout import publish_reload
+
+if TYPE_CHECKING:
+    from protocol.values import Fields, RawHash, StreamRows
 
 STAGES = ("None", "Staging", "Production", "Archived")
 FORMATS = ("onnx", "torch_export")
@@ -77,7 +80,7 @@ class ModelVersion:
             return self.format
         return self.alternates[variant].get("format", variant)
 
-    def to_hash(self) -> dict[str, str]:
+    def to_hash(self) -> Fields:
         """The Redis hash fields (JSON for structured values)."""
         data = asdict(self)
         return {k: json.dumps(v) if k in _JSON_FIELDS else str(v) for k, v in data.items()}
@@ -187,7 +190,9 @@ class Registry:
     def _store_golden(self, golden: dict[str, np.ndarray]) -> tuple[str, str]:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "golden.npz"
-            np.savez(path, **{k: np.asarray(v) for k, v in golden.items()})
+            # Any, not ndarray: mypy matches a **dict against savez's allow_pickle: bool as well.
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in golden.items()}
+            np.savez(path, **arrays)
             relative, sha256, _ = artifacts.store(path, self.artifact_dir)
         return relative, sha256
 
@@ -229,7 +234,7 @@ class Registry:
         })
 
     def _modify(self, name: str, version: int,
-                change: Callable[[ModelVersion], dict[str, str]]) -> ModelVersion:
+                change: Callable[[ModelVersion], Fields]) -> ModelVersion:
         """Read-modify-write of a version hash under WATCH (retried if someone else wrote)."""
         key = keys.version_hash(name, version)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -353,7 +358,7 @@ class Registry:
 
     def history(self, name: str, count: int = 1000) -> list[Change]:
         """The newest ``count`` changes, oldest first."""
-        rows = self.redis.xrevrange(keys.history_stream(name), count=count)
+        rows = cast("StreamRows", self.redis.xrevrange(keys.history_stream(name), count=count))
         return [_change(fields) for _, fields in reversed(rows)]
 
     def production_at(self, name: str, at_s: float) -> int | None:
@@ -361,7 +366,7 @@ class Registry:
         end = f"{int(at_s * 1000)}-18446744073709551615"
         cursor = end
         while True:
-            rows = self.redis.xrevrange(keys.history_stream(name), max=cursor, count=100)
+            rows = cast("StreamRows", self.redis.xrevrange(keys.history_stream(name), max=cursor, count=100))
             for _entry_id, fields in rows:
                 change = _change(fields)
                 if change.kind == "stage" and change.target == "Production":
@@ -425,7 +430,7 @@ class Registry:
             return {k: data[k] for k in data.files}
 
 
-def _change(fields: dict) -> Change:
+def _change(fields: RawHash) -> Change:
     d = text_dict(fields)
     return Change(int(d["at_ms"]), d["kind"], int(d["version"]), d["from"], d["to"], d["who"], d["reason"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -15,6 +16,9 @@ from protocol.values import text
 from registry import ModelVersion, Registry
 from registry.rollout import publish_reload, wait_for_fleet
 from worker.loader import load_version, version_parity
+
+if TYPE_CHECKING:
+    from protocol.values import StreamRows
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +63,7 @@ def replay(client: redis.Redis, registry: Registry, model: str, version: int,
         raise RegistryError(f"{model} has no experiment to replay")
     loaded = load_version(registry, registry.get(model, version), settings)
     agree: dict[str, list[bool]] = {}
-    for _, fields in client.xrange(keys.experiment_replay(model, experiment.id)):
+    for _, fields in cast("StreamRows", client.xrange(keys.experiment_replay(model, experiment.id))):
         inputs = messages.decode_inputs(fields[b"inputs"], settings.max_message_bytes)
         probs = next(iter(loaded.backend.run(inputs).values()))
         labels = ",".join(loaded.version.labels[i] for i in probs.argmax(axis=-1).tolist())

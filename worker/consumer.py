@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import redis
 
@@ -17,6 +18,9 @@ from protocol import keys
 from protocol.settings import Settings
 from protocol.values import text
 from worker.arms import ExperimentLog
+
+if TYPE_CHECKING:
+    from protocol.values import Fields, StreamRows
 
 log = logging.getLogger(__name__)
 Entry = tuple[str, dict[bytes, bytes]]
@@ -59,8 +63,9 @@ class StreamConsumer:
         """Up to ``count`` new entries, blocking up to ``wait_ms`` (not at all below 1 ms)."""
         block = int(wait_ms) if wait_ms >= 1 else None
         try:
-            response = self.redis.xreadgroup(self.group, self.name, {self.stream: ">"},
-                                             count=count, block=block)
+            # RESP2 from a bytes client: [[stream, rows]], or None when the block timed out.
+            response = cast("list[tuple[bytes, StreamRows]] | None", self.redis.xreadgroup(
+                self.group, self.name, {self.stream: ">"}, count=count, block=block))
         except redis.ResponseError as e:
             # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
             if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
@@ -113,7 +118,8 @@ class StreamConsumer:
             pipe.pexpire(key, ttl_ms)
         for (entry_id, fields), reason in out.dead:
             record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.name}
-            pipe.xadd(keys.dead_letter_stream(self.model), record,
+            # A bytes-keyed dict is a fine XADD argument; redis-py's dict type is invariant in the key.
+            pipe.xadd(keys.dead_letter_stream(self.model), cast("Fields", record),
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
         for rows in out.call_rows:
             pipe.hincrby(keys.batch_histogram(self.model), str(rows), 1)

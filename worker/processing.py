@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class BatchProcessor:
         self.model, self.worker_id, self.slot, self.arms = model, worker_id, slot, arms
         self.settings, self.max_queue_ms = settings, max_queue_ms
 
-    def process(self, entries: list[Entry], dead_letter: list[Entry] = ()) -> Outbox:
+    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> Outbox:
         """Answer every entry (computed, or with its own error); dead-letter ``dead_letter``."""
         started_ms = time.time() * 1000
         out = Outbox()

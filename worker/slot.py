@@ -77,7 +77,7 @@ class ModelSlot:
 
     def problem(self) -> str:
         """What to report: the target's load failure, else the last start-up error."""
-        if self.target_failed():
+        if self.target_version is not None and self.target_failed():
             return f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
         return self.load_error
 

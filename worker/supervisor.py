@@ -13,10 +13,14 @@ import multiprocessing as mp
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from protocol.settings import Settings
 from worker.logs import configure_logging
 from worker.worker import Worker
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
@@ -35,11 +39,11 @@ class Supervisor:
     def __init__(self, settings: Settings, model: str, processes: int, *, max_queue_ms: float = 0.0) -> None:
         self.settings, self.model, self.processes = settings, model, processes
         self.max_queue_ms = max_queue_ms
-        self.children: list[mp.Process] = []
+        self.children: list[SpawnProcess] = []
         self.stopping = threading.Event()
         self._ctx = mp.get_context("spawn")
 
-    def _spawn(self) -> mp.Process:
+    def _spawn(self) -> SpawnProcess:
         args = (self.settings.model_dump_json(), self.model, self.max_queue_ms,
                 logging.getLogger("worker").isEnabledFor(logging.DEBUG))
         child = self._ctx.Process(target=_child, args=args, daemon=False)

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 
 import redis
 
@@ -90,7 +91,7 @@ class Worker:
             return True
         return not self.burst or self.reclaim() > 0
 
-    def process(self, entries: list[Entry], dead_letter: list[Entry] = ()) -> None:
+    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> None:
         """Answer ``entries`` and ack them together with the replies."""
         out = self.processor.process(entries, dead_letter)
         self.consumer.write(out)
