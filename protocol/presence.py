@@ -80,6 +80,16 @@ def members_query(model: str, ttl_s: float = DEFAULT_TTL_S) -> tuple[str, int, s
     return keys.workers_zset(model), now_in_ms() - int(ttl_s * 1000), "+inf"
 
 
+def live_ids(client: redis.Redis, model: str, ttl_s: float = DEFAULT_TTL_S) -> set[str]:
+    """Ids of the workers heard from within ``ttl_s`` (one round trip)."""
+    return {text(m) for m in _members(client, model, ttl_s)}
+
+
+def _members(client: redis.Redis, model: str, ttl_s: float) -> list[bytes | str]:
+    # Without withscores, ZRANGEBYSCORE gives plain members (redis-py's type also allows pairs).
+    return cast("list[bytes | str]", client.zrangebyscore(*members_query(model, ttl_s)))
+
+
 def parse_live(hashes: list[RawHash], ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
     """Heartbeats from HGETALL results; expired (empty) or stale ones are dropped."""
     now_ms = now_in_ms()
@@ -89,8 +99,7 @@ def parse_live(hashes: list[RawHash], ttl_s: float = DEFAULT_TTL_S) -> list[Hear
 
 def read_live(client: redis.Redis, model: str, ttl_s: float = DEFAULT_TTL_S) -> list[Heartbeat]:
     """The live workers of ``model``: member ids, then their hashes (two round trips)."""
-    # Without withscores, ZRANGEBYSCORE gives plain members (redis-py's type also allows pairs).
-    members = cast("list[bytes | str]", client.zrangebyscore(*members_query(model, ttl_s)))
+    members = _members(client, model, ttl_s)
     if not members:
         return []
     pipe = client.pipeline(transaction=False)

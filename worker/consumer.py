@@ -1,8 +1,10 @@
 """Reading a model's stream through its consumer group, and writing back in one transaction.
 
-An entry is acknowledged only in the MULTI/EXEC that carries its reply (or its
-dead letter), so an entry never answered stays pending for another worker:
-``reclaim`` takes over entries idle in dead consumers' pending lists.
+An entry is acknowledged, and deleted from the stream, only in the MULTI/EXEC
+that carries its reply (or its dead letter): the stream holds only unread and
+pending entries, and an entry never answered stays pending for another worker.
+Entries pending on a consumer whose worker's heartbeat has expired are taken
+over at once (``take_over``); ``reclaim`` (idle time) is the backstop.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -20,6 +22,8 @@ from protocol.values import text
 from worker.arms import ExperimentLog
 
 if TYPE_CHECKING:
+    from redis.typing import StreamIdT
+
     from protocol.values import Fields, StreamRows
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,15 @@ class StreamConsumer:
         self.redis, self.model, self.name, self.settings = client, model, name, settings
         self.stream = keys.request_stream(model)
         self.group = keys.consumer_group(model)
+        self.has_xackdel = False  # Redis ≥ 8.2 acks and deletes in one command
+
+    def detect_server(self) -> None:
+        """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
+        try:  # for an id that cannot exist this is a no-op where the command exists
+            self.redis.execute_command("XACKDEL", self.stream, self.group, "IDS", 1, "0-1")
+            self.has_xackdel = True
+        except redis.ResponseError:  # unknown command (Redis < 8.2, Valkey)
+            self.has_xackdel = False
 
     def ensure_group(self) -> None:
         """Create the group (and the stream) from id 0 unless it exists."""
@@ -105,7 +118,7 @@ class StreamConsumer:
         limit = self.settings.max_deliveries
         over = [e for e in claimed if deliveries.get(e[0], 0) > limit]
         fresh = [e for e in claimed if deliveries.get(e[0], 0) <= limit]
-        log.warning("reclaimed %d entries (%d over %d deliveries)", len(claimed), len(over), limit)
+        log.warning("claimed %d entries (%d over %d deliveries)", len(claimed), len(over), limit)
         return fresh, over
 
     def write(self, out: Outbox) -> None:
@@ -125,8 +138,62 @@ class StreamConsumer:
             pipe.hincrby(keys.batch_histogram(self.model), str(rows), 1)
         out.experiment.queue(pipe, self.model)
         if out.ack_ids:
-            pipe.xack(self.stream, self.group, *out.ack_ids)
+            self._queue_ack_and_delete(pipe, out.ack_ids)
         pipe.execute()
+
+    def _queue_ack_and_delete(self, pipe: redis.client.Pipeline, ids: list[str]) -> None:
+        """Retention: an answered entry leaves the stream with its ack, so the stream stays bounded."""
+        if self.has_xackdel:
+            pipe.execute_command("XACKDEL", self.stream, self.group, "IDS", len(ids), *ids)
+        else:
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+
+    def take_over(self, live: set[str], handle: ClaimHandler) -> int:
+        """Claim what is pending on consumers not in ``live`` (their heartbeat expired), then drop them.
+
+        XCLAIM with a minimum idle time makes the takeover exclusive: a second worker
+        racing for the same entries finds them freshly claimed (idle ≈ 0) and skips them.
+        """
+        taken = 0
+        for consumer in self._consumers():
+            name = text(consumer["name"])
+            if name != self.name and name not in live:
+                taken += self._take_over_from(name, handle)
+        return taken
+
+    def _take_over_from(self, consumer: str, handle: ClaimHandler) -> int:
+        taken = 0
+        while claimed := self._claim_from(consumer):
+            log.warning("took over %d entries from dead consumer %s", len(claimed), consumer)
+            taken += len(claimed)
+            handle(*self._split_over_delivered(claimed))
+        if not self._pending_ids(consumer):  # DELCONSUMER would drop entries still pending on it
+            self.redis.xgroup_delconsumer(self.stream, self.group, consumer)
+            log.info("removed dead consumer %s", consumer)
+        return taken
+
+    def _consumers(self) -> list[dict[str, Any]]:
+        try:
+            return self.redis.xinfo_consumers(self.stream, self.group)
+        except redis.ResponseError:  # NOGROUP: nothing to take over; read() recreates the group
+            return []
+
+    def _pending_ids(self, consumer: str) -> list[StreamIdT]:
+        rows = self.redis.xpending_range(self.stream, self.group, "-", "+", self.settings.max_batch,
+                                         consumername=consumer)
+        return [text(r["message_id"]) for r in rows]
+
+    def _claim_from(self, consumer: str) -> list[Entry]:
+        ids = self._pending_ids(consumer)
+        if not ids:
+            return []
+        min_idle_ms = int(self.settings.heartbeat_interval_s * 1000)
+        claimed = cast("StreamRows", self.redis.xclaim(self.stream, self.group, self.name, min_idle_ms, ids))
+        gone = [i for i, f in claimed if f is None]  # deleted from the stream: nothing left to answer
+        if gone:
+            self.redis.xack(self.stream, self.group, *gone)
+        return [(text(i), f) for i, f in claimed if f is not None]
 
     def leave(self) -> None:
         """Delete this consumer from the group unless entries are still pending on it (for reclaim)."""

@@ -3,14 +3,19 @@
 SIGTERM/SIGINT to the supervisor → SIGTERM to every child (each finishes its
 batch and exits); a second signal → SIGKILL. Children ignore SIGINT so a
 terminal's Ctrl-C reaches them once, through the supervisor. A child that
-dies on its own is restarted.
+dies on its own is restarted. A child also stops (SIGTERM: drain, ack, exit)
+when the supervisor dies, even by SIGKILL (Linux's parent-death signal), so a
+restarted supervisor never doubles the fleet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -26,11 +31,29 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 
 
-def _child(settings_json: str, model: str, max_queue_ms: float, verbose: bool) -> None:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_DIED = signal.SIGUSR1  # a supervised worker drains and exits on it
+
+
+def _child(settings_json: str, model: str, max_queue_ms: float, verbose: bool, parent_pid: int) -> None:
     configure_logging(verbose)
     worker = Worker(Settings.model_validate_json(settings_json), model, max_queue_ms=max_queue_ms)
     worker.install_signal_handlers(sigint=False)
+    # Its own signal, not SIGTERM: it may come more than once, and must never count as a forcing second.
+    signal.signal(PARENT_DIED, lambda _signum, _frame: worker.stop())
+    die_with_parent(parent_pid)
     worker.run()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Get ``PARENT_DIED`` when the parent dies; if it already has, now (Linux; a no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, PARENT_DIED, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), PARENT_DIED)
 
 
 class Supervisor:
@@ -45,7 +68,7 @@ class Supervisor:
 
     def _spawn(self) -> SpawnProcess:
         args = (self.settings.model_dump_json(), self.model, self.max_queue_ms,
-                logging.getLogger("worker").isEnabledFor(logging.DEBUG))
+                logging.getLogger("worker").isEnabledFor(logging.DEBUG), os.getpid())
         child = self._ctx.Process(target=_child, args=args, daemon=False)
         child.start()
         return child

@@ -61,6 +61,7 @@ class Worker:
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
         self.consumer.ensure_group()
+        self.consumer.detect_server()
         self.reconcile()
         log.info("worker %s serving %s (%s)", self.worker_id, self.model, self.slot.describe())
         listener = None if self.burst else ControlListener(
@@ -99,8 +100,13 @@ class Worker:
         self.requests += len(out.ack_ids)
 
     def reclaim(self) -> int:
-        """Take over entries idle in dead consumers' pending lists."""
+        """Take over entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
         return self.consumer.reclaim(self.process)
+
+    def take_over(self) -> int:
+        """Answer what is pending on workers whose heartbeat expired; remove their empty consumers."""
+        live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
+        return self.consumer.take_over(live | {self.worker_id}, self.process)
 
     def reconcile(self) -> None:
         """Converge on the registry's Production version and the model's experiment."""
@@ -116,6 +122,7 @@ class Worker:
         if now >= self._due["heartbeat"]:
             self._due["heartbeat"] = now + s.heartbeat_interval_s
             self.heartbeat()
+            self.take_over()
         if now >= self._due["reconcile"] or self.reload_requested.is_set():
             self.reload_requested.clear()
             self._due["reconcile"] = now + s.reconcile_interval_s

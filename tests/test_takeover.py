@@ -1,0 +1,106 @@
+"""A whole trading day: answered entries leave the stream, dead workers' entries are taken over at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+from conftest import MODEL, wait_for_workers, wait_until
+from test_worker import drain, pending_count, reply, send
+
+from protocol import keys, presence
+from worker.consumer import StreamConsumer
+
+X = np.random.default_rng(3).standard_normal((60, 110)).astype(np.float32)
+STREAM, GROUP = keys.request_stream(MODEL), keys.consumer_group(MODEL)
+
+
+def read_as(r, consumer: str, count: int = 100) -> list[bytes]:
+    """Deliver entries to ``consumer`` (a worker that then dies without a word)."""
+    response = r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=count)
+    return [entry_id for entry_id, _ in response[0][1]] if response else []
+
+
+def consumers(r) -> dict[str, int]:
+    return {c["name"].decode(): c["pending"] for c in r.xinfo_consumers(STREAM, GROUP)}
+
+
+def beat(r, worker_id: str) -> None:
+    """A heartbeat as a live worker writes it."""
+    now_ms = presence.now_in_ms()
+    r.hset(keys.worker_hash(MODEL, worker_id), mapping=presence.Heartbeat(worker_id, heartbeat_ms=now_ms).to_hash())
+    r.zadd(keys.workers_zset(MODEL), {worker_id: now_ms})
+
+
+def test_answered_entries_leave_the_stream_with_their_ack(r, settings, production):
+    for i in range(20):
+        send(r, f"r{i}")
+    send(r, "bad", X[:, :100])
+    drain(settings)
+    assert r.xlen(STREAM) == 0 and pending_count(r) == 0
+    assert all(reply(r, f"r{i}")["ok"] for i in range(20)) and reply(r, "bad")["ok"] is False
+
+
+def test_a_dead_workers_entries_are_taken_over_without_waiting_for_the_idle_time(r, settings, production):
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    send(r, "late", deadline_ms=int(time.time() * 1000) + 1)
+    for i in range(3):
+        send(r, f"t{i}")
+    assert len(read_as(r, "dead-worker")) == 4  # it never heartbeats: dead as far as the fleet knows
+    read_as(r, "empty-dead-worker")
+    slow_backstop = settings.with_overrides(reclaim_min_idle_ms=3_600_000, heartbeat_interval_s=0.001)
+    time.sleep(0.005)  # the XCLAIM guard: entries must be idle longer than one heartbeat interval
+    drain(slow_backstop)
+    assert [reply(r, f"t{i}")["ok"] for i in range(3)] == [True] * 3
+    assert reply(r, "late")["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert consumers(r) == {} and r.xlen(STREAM) == 0, "dead consumers removed, nothing left behind"
+
+
+def test_entries_of_a_live_worker_are_left_alone(r, settings, production):
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    send(r, "busy")
+    beat(r, "live-worker")
+    read_as(r, "live-worker")
+    drain(settings.with_overrides(reclaim_min_idle_ms=3_600_000))
+    assert consumers(r) == {"live-worker": 1}
+    assert r.llen(keys.reply_key(MODEL, "busy")) == 0
+
+
+def test_two_workers_racing_for_a_dead_consumer_take_each_entry_once(r, settings, production):
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    for i in range(5):
+        send(r, f"x{i}")
+    read_as(r, "dead-worker")
+    s = settings.with_overrides(heartbeat_interval_s=0.05)
+    time.sleep(0.06)  # dead long enough: its entries are idle past the guard
+    got: list[list[str]] = []
+    first, second = (StreamConsumer(r, MODEL, name, s) for name in ("w1", "w2"))
+    # Both listed the dead consumer's entries before either claimed them: only XCLAIM's guard decides.
+    listed, seen = first._consumers(), iter([first._pending_ids("dead-worker"), []])
+    second._consumers = lambda: listed  # type: ignore[method-assign]
+    second._pending_ids = lambda consumer: next(seen, [])  # type: ignore[method-assign]
+    for consumer in (first, second):
+        consumer.take_over({"w1", "w2"}, lambda fresh, over: got.append([e[0] for e in fresh + over]))
+    assert [len(ids) for ids in got] == [5], "the second claim finds them freshly claimed and skips them"
+
+
+def test_killing_the_supervisor_stops_its_workers(r, client, start_worker, production):
+    supervisor = start_worker("--processes", "2")
+    pids = wait_for_workers(client, 2)
+    supervisor.send_signal(signal.SIGKILL)
+    supervisor.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), 20, interval_s=0.05,
+               message="orphaned workers still running")
+    assert client.health(MODEL).workers == [], "they drained and signed off"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return os.path.exists(f"/proc/{pid}")
