@@ -30,7 +30,8 @@ def consumers(r) -> dict[str, int]:
 def beat(r, worker_id: str) -> None:
     """A heartbeat as a live worker writes it."""
     now_ms = presence.now_in_ms()
-    r.hset(keys.worker_hash(MODEL, worker_id), mapping=presence.Heartbeat(worker_id, heartbeat_ms=now_ms).to_hash())
+    fields = presence.Heartbeat(worker_id, heartbeat_ms=now_ms).to_hash()
+    r.hset(keys.worker_hash(MODEL, worker_id), mapping=fields)
     r.zadd(keys.workers_zset(MODEL), {worker_id: now_ms})
 
 
