@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from protocol.values import StreamRows
 
 STREAM_PAGE = 10_000
+DECISIONS_MAXLEN = 100_000  # analyses kept per experiment: a month of `watch` every 30 s
 
 
 @dataclass
@@ -106,7 +107,8 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     earlier_at_look = ("PROMOTE" if "PROMOTE" in earlier else "NOT_CROSSED") if earlier else None
     decision = analyze(e, data.control, data.treatment, look, planned_n, earlier_at_look=earlier_at_look)
     record = decision.to_dict() | {"planned_n_per_arm": planned_n, "applied": apply}
-    client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)})
+    client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)},
+                maxlen=DECISIONS_MAXLEN, approximate=False)
     if apply and e.status == "running":
         _apply(store, registry, e, decision)
     return decision

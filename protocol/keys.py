@@ -49,6 +49,11 @@ def reply_key(model: str, request_id: str) -> str:
     return f"{_tag(model)}:reply:{check_request_id(request_id)}"
 
 
+def reply_key_pattern(model: str) -> str:
+    """A SCAN/KEYS pattern matching every reply list of ``model`` (operators and tests)."""
+    return f"{_tag(model)}:reply:*"
+
+
 def dead_letter_stream(model: str) -> str:
     """Entries delivered too many times, with the reason."""
     return f"{_tag(model)}:dead"

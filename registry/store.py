@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 STAGES = ("None", "Staging", "Production", "Archived")
 FORMATS = ("onnx", "torch_export")
 PRIMARY = "primary"  # the variant name of a version's registered artifact
+HISTORY_MAXLEN = 100_000  # stage and alias changes kept per model: decades of releases
 # Allowed stage moves; Archived → Production is a rollback and must be asked for.
 TRANSITIONS = {
     "None": {"Staging", "Production", "Archived"},
@@ -316,7 +317,8 @@ class Registry:
                        reason: str) -> None:
         pipe.xadd(keys.history_stream(name), {
             "kind": kind, "version": version, "from": source, "to": target,
-            "who": self.actor, "reason": reason, "at_ms": int(time.time() * 1000)})
+            "who": self.actor, "reason": reason, "at_ms": int(time.time() * 1000)},
+            maxlen=HISTORY_MAXLEN, approximate=False)
 
     def set_alias(self, name: str, alias: str, version: int, *, reason: str = "") -> None:
         """Point ``alias`` (e.g. ``champion``) at a version; a version may hold several."""

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import models
 import pytest
@@ -20,6 +21,7 @@ from protocol.settings import Settings
 from registry import ModelVersion, Registry
 
 MODEL = "testmodel"
+T = TypeVar("T")
 
 
 FAST_ENV = {"STREAMSERVE_RECLAIM_MIN_IDLE_MS": "500", "STREAMSERVE_RECLAIM_INTERVAL_S": "0.2",
@@ -60,15 +62,31 @@ def client(settings):
         yield c
 
 
+def wait_until(predicate: Callable[[], T], timeout_s: float = 10.0, *, interval_s: float = 0.01,
+               message: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError at the deadline.
+
+    For states reached asynchronously (another thread or process); ``interval_s`` is only the poll
+    period, never a wait for something to happen by itself.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(message or f"not true within {timeout_s} s: {predicate.__qualname__}")
+        time.sleep(interval_s)
+
+
 def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[int, str]:
     """pid → worker id once ``n`` workers have a version loaded."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def loaded() -> list:
         workers = client.health(MODEL).workers
-        if sum(w.version is not None for w in workers) >= n:
-            return {int(w.worker_id.split("-")[-2]): w.worker_id for w in workers}
-        time.sleep(0.05)
-    raise AssertionError(f"{n} workers did not come up")
+        return workers if sum(w.version is not None for w in workers) >= n else []
+
+    workers = wait_until(loaded, timeout_s, interval_s=0.05, message=f"{n} workers did not come up")
+    return {int(w.worker_id.split("-")[-2]): w.worker_id for w in workers}
 
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 
 import numpy as np
-from conftest import MODEL, wait_for_workers
+from conftest import MODEL, wait_for_workers, wait_until
 
 from producer import _core
 from protocol import keys
@@ -23,15 +23,17 @@ def pending_of(r, consumer: str) -> list[bytes]:
 
 def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 20.0) -> bool:
     """SIGSTOP ``proc`` at a moment its consumer holds unacked entries (retrying until it does)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def frozen_holding_entries() -> bool:
+        if not pending_of(r, consumer):
+            return False
+        proc.send_signal(signal.SIGSTOP)
         if pending_of(r, consumer):
-            proc.send_signal(signal.SIGSTOP)
-            if pending_of(r, consumer):
-                return True
-            proc.send_signal(signal.SIGCONT)
-        time.sleep(0.001)
-    return False
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
+    return wait_until(frozen_holding_entries, timeout_s, interval_s=0.001,
+                      message="caught the victim with a batch in flight")
 
 
 def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production):

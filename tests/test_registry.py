@@ -114,14 +114,18 @@ def test_compare_gives_deltas_and_differing_facts(reg, artifact, tmp_path):
     assert result["facts"]["labels"] == {"a": models.LABELS, "b": []}
 
 
-def test_history_answers_what_was_in_production_at_time_t(reg, artifact):
+def test_history_answers_what_was_in_production_at_time_t(reg, artifact, monkeypatch):
     for _ in range(3):
         register(reg, artifact)
+    # A clock the test moves (fakeredis stamps stream ids with time.time() too): one second
+    # between each promote and the marks either side of it.
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
     marks = [time.time()]
     for version, kwargs in ((1, {}), (2, {}), (3, {}), (2, {"allow_archived": True})):
-        time.sleep(0.01)
+        now[0] += 1.0
         reg.promote("m", version, reason=f"to v{version}", **kwargs)
-        time.sleep(0.01)
+        now[0] += 1.0
         marks.append(time.time())
     assert [reg.production_at("m", t) for t in marks] == [None, 1, 2, 3, 2]
     stages = [(c.version, c.source, c.target) for c in reg.history("m") if c.kind == "stage"]

@@ -8,7 +8,7 @@ import time
 import models
 import numpy as np
 import pytest
-from conftest import MODEL, ThreadedWorker, wait_for_workers
+from conftest import MODEL, ThreadedWorker, wait_for_workers, wait_until
 
 from producer import Client
 from registry.rollout import wait_for_fleet
@@ -38,21 +38,28 @@ def test_reload_under_load_loses_nothing_and_every_reply_names_its_version(
     procs = [start_worker() for _ in range(2)]
     results: list = []
     stop = threading.Event()
+    rounds = [0, 0, 0]  # calls each bot has completed
 
-    def bot() -> None:
+    def bot(i: int) -> None:
         with Client.from_url(settings.redis_url, timeout_s=10) as client:
             while not stop.is_set():
                 results.extend(client.predict_many(MODEL, [X] * 4, return_exceptions=True))
+                rounds[i] += 1
 
     with Client.from_url(settings.redis_url) as client:
         wait_for_workers(client, len(procs))
-        bots = [threading.Thread(target=bot) for _ in range(3)]
+        bots = [threading.Thread(target=bot, args=(i,)) for i in range(len(rounds))]
         for b in bots:
             b.start()
-        time.sleep(0.5)
+        # Every bot has been answered by the old version before the promote ...
+        wait_until(lambda: all(rounds), 20, message="the bots got no replies")
         registry.promote(MODEL, v2.version)
         report = wait_for_fleet(registry.redis, MODEL, v2.version, timeout_s=20)
-        time.sleep(0.5)
+        # ... and, after the fleet switched, has finished the call in flight and a whole one
+        # started later, so its last call (below) is sent after the switch too.
+        switched = list(rounds)
+        wait_until(lambda: all(n >= k + 2 for n, k in zip(rounds, switched, strict=True)), 20,
+                   message="the bots stalled after the switch")
         stop.set()
         for b in bots:
             b.join(20)

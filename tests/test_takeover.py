@@ -27,6 +27,13 @@ def consumers(r) -> dict[str, int]:
     return {c["name"].decode(): c["pending"] for c in r.xinfo_consumers(STREAM, GROUP)}
 
 
+def idle_for(r, consumer: str, idle_ms: int) -> None:
+    """Backdate ``consumer``'s pending entries as if delivered ``idle_ms`` ago (XCLAIM IDLE to the
+    same consumer; JUSTID leaves the delivery count as it is)."""
+    rows = r.xpending_range(STREAM, GROUP, "-", "+", 1000, consumername=consumer)
+    r.xclaim(STREAM, GROUP, consumer, 0, [row["message_id"] for row in rows], idle=idle_ms, justid=True)
+
+
 def beat(r, worker_id: str) -> None:
     """A heartbeat as a live worker writes it."""
     now_ms = presence.now_in_ms()
@@ -46,13 +53,15 @@ def test_answered_entries_leave_the_stream_with_their_ack(r, settings, productio
 
 def test_a_dead_workers_entries_are_taken_over_without_waiting_for_the_idle_time(r, settings, production):
     r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    send(r, "late", deadline_ms=int(time.time() * 1000) + 1)
+    send(r, "late", deadline_ms=int(time.time() * 1000) - 5)
     for i in range(3):
         send(r, f"t{i}")
     assert len(read_as(r, "dead-worker")) == 4  # it never heartbeats: dead as far as the fleet knows
     read_as(r, "empty-dead-worker")
     slow_backstop = settings.with_overrides(reclaim_min_idle_ms=3_600_000, heartbeat_interval_s=0.001)
-    time.sleep(0.005)  # the XCLAIM guard: entries must be idle longer than one heartbeat interval
+    # The XCLAIM guard: entries must be idle longer than one heartbeat interval (a minute here),
+    # still far below the reclaim backstop's hour.
+    idle_for(r, "dead-worker", 60_000)
     drain(slow_backstop)
     assert [reply(r, f"t{i}")["ok"] for i in range(3)] == [True] * 3
     assert reply(r, "late")["error"]["code"] == "DEADLINE_EXCEEDED"
@@ -75,7 +84,7 @@ def test_two_workers_racing_for_a_dead_consumer_take_each_entry_once(r, settings
         send(r, f"x{i}")
     read_as(r, "dead-worker")
     s = settings.with_overrides(heartbeat_interval_s=0.05)
-    time.sleep(0.06)  # dead long enough: its entries are idle past the guard
+    idle_for(r, "dead-worker", 60_000)  # dead long enough: its entries are idle past the guard
     got: list[list[str]] = []
     first, second = (StreamConsumer(r, MODEL, name, s) for name in ("w1", "w2"))
     # Both listed the dead consumer's entries before either claimed them: only XCLAIM's guard decides.
@@ -105,3 +114,12 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:
         return os.path.exists(f"/proc/{pid}")
+
+
+def test_registry_history_is_capped(r, registry, production, monkeypatch):
+    from registry import store
+
+    monkeypatch.setattr(store, "HISTORY_MAXLEN", 3)
+    for i in range(6):
+        registry.set_alias(MODEL, f"a{i}", production.version)
+    assert r.xlen(keys.history_stream(MODEL)) == 3

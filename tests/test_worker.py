@@ -1,12 +1,13 @@
 """Worker behaviour on a real Redis, in burst mode (drain the stream, return)."""
 
+import logging
 import time
 
 import models
 import numpy as np
 import pytest
 import redis
-from conftest import MODEL, ThreadedWorker
+from conftest import MODEL, ThreadedWorker, wait_until
 
 from lab.embedded_redis import EmbeddedRedis
 from protocol import codec, keys, messages
@@ -17,12 +18,12 @@ from worker.worker import Worker
 X = np.random.default_rng(0).standard_normal((60, 110)).astype(np.float32)
 
 
-def send(r, request_id, features=X, *, deadline_ms=None, version=1, rows=True):
+def send(r, request_id, features=X, *, deadline_ms=None, version=1, rows=True, entry_id="*"):
     arrays = {"features": features[np.newaxis] if rows else features}
     fields = messages.encode_request(request_id, arrays,
                                      deadline_ms=deadline_ms or int(time.time() * 1000) + 60_000)
     fields["v"] = version
-    return r.xadd(keys.request_stream(MODEL), fields)
+    return r.xadd(keys.request_stream(MODEL), fields, id=entry_id)
 
 
 def reply(r, request_id):
@@ -86,8 +87,8 @@ def test_expired_deadline_is_answered_without_compute(r, settings, production):
 
 
 def test_queue_time_over_the_limit_is_shed_as_overloaded(r, settings, production):
-    send(r, "old")
-    time.sleep(0.05)
+    # The queue age is read from the entry id: an id one second old was enqueued one second ago.
+    send(r, "old", entry_id=f"{int(time.time() * 1000) - 1000}-0")
     drain(settings, max_queue_ms=10)
     assert reply(r, "old")["error"]["code"] == "OVERLOADED"
 
@@ -142,11 +143,11 @@ def test_entry_delivered_too_often_is_dead_lettered_with_internal_reply(r, setti
 
 
 def test_entry_left_pending_by_a_dead_consumer_is_reclaimed_and_answered(r, settings, production):
+    settings = settings.with_overrides(reclaim_min_idle_ms=0)  # idle long enough at once
     stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
     r.xgroup_create(stream, group, id="0", mkstream=True)
     send(r, "orphan")
     r.xreadgroup(group, "dead-worker", {stream: ">"})
-    time.sleep(settings.reclaim_min_idle_ms / 1000 + 0.05)
     drain(settings)
     assert reply(r, "orphan")["ok"]
     assert pending_count(r) == 0
@@ -215,14 +216,13 @@ def test_invalid_reply_to_is_dead_lettered_not_written_anywhere(r, settings, pro
     r.xadd(keys.request_stream(MODEL), fields)
     drain(settings)
     assert b"unanswerable" in r.xrange(keys.dead_letter_stream(MODEL))[0][1][b"reason"]
-    assert r.keys(f"ss:{{{MODEL}}}:reply:*") == []
+    assert r.keys(keys.reply_key_pattern(MODEL)) == []
 
 
 
 def wait_for_reply(r, request_id, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while not r.exists(keys.reply_key(MODEL, request_id)) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: r.exists(keys.reply_key(MODEL, request_id)), timeout_s,
+               message=f"no reply for {request_id} within {timeout_s} s")
     return reply(r, request_id)
 
 
@@ -232,12 +232,16 @@ def test_stream_deleted_under_a_running_worker_is_recreated(r, settings, product
         send(r, "before")
         assert wait_for_reply(r, "before")["ok"]
         r.delete(keys.request_stream(MODEL))  # the blocked read fails: UNBLOCKED / NOGROUP
-        time.sleep(0.1)
+        # Nothing else writes the stream: it exists again once the worker has recreated its group.
+        stream = keys.request_stream(MODEL)
+        wait_until(lambda: r.exists(stream) and r.xinfo_groups(stream),
+                   message="the worker did not recreate the stream and its group")
         send(r, "after")
         assert wait_for_reply(r, "after")["ok"]
 
 
-def test_worker_survives_a_redis_restart(registry, production):
+def test_worker_survives_a_redis_restart(registry, production, caplog):
+    caplog.set_level(logging.WARNING, logger="worker.worker")
     server = EmbeddedRedis().start()
     settings = Settings(redis_url=server.url, artifact_dir=registry.artifact_dir, block_ms=50)
     client = redis.Redis.from_url(server.url)
@@ -247,7 +251,9 @@ def test_worker_survives_a_redis_restart(registry, production):
             send(client, "first")
             assert wait_for_reply(client, "first")["ok"]
             server.stop()
-            time.sleep(0.3)  # the worker meets connection errors and keeps retrying
+            # The worker meets connection errors and keeps retrying.
+            wait_until(lambda: any("Redis unavailable" in m for m in caplog.messages),
+                       message="the worker did not notice the outage")
             server = EmbeddedRedis(port=server.port).start()
             copy_registry(registry.redis, client)
             send(client, "after-restart")
