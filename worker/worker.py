@@ -106,7 +106,7 @@ class Worker:
     def take_over(self) -> int:
         """Answer what is pending on workers whose heartbeat expired; remove their empty consumers."""
         live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
-        return self.consumer.take_over(live | {self.worker_id}, self.process)
+        return self.consumer.take_over(live, self.process)  # it never takes from itself
 
     def reconcile(self) -> None:
         """Converge on the registry's Production version and the model's experiment."""
