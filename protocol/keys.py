@@ -12,20 +12,21 @@ import re
 from protocol.errors import InvalidInput
 
 PREFIX = "ss"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+# fullmatch, never match with "$": "$" also matches before a trailing newline.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def check_model_name(model: str) -> str:
     """Return ``model`` if it is a valid model name (no braces, ≤ 64 chars), else raise."""
-    if not _NAME.match(model):
+    if not isinstance(model, str) or not _NAME.fullmatch(model):
         raise InvalidInput(f"invalid model name {model!r}: use [A-Za-z0-9_.-], at most 64 chars")
     return model
 
 
 def check_request_id(request_id: str) -> str:
     """Return ``request_id`` if it is a valid request id, else raise ``InvalidInput``."""
-    if not _REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
         raise InvalidInput(f"invalid request id {request_id!r}: use [A-Za-z0-9_-], 1-64 chars")
     return request_id
 

@@ -94,12 +94,21 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
         if version != str(PROTOCOL_VERSION):
             raise InvalidInput(
                 f"unsupported protocol version {version!r}; this worker speaks {PROTOCOL_VERSION}")
-        deadline_ms = int(_text(fields, b"deadline_ms") or 0)
+        deadline_ms = _deadline_ms(_text(fields, b"deadline_ms"))
         inputs = decode_inputs(fields.get(b"inputs", b""), max_bytes)
         route = _text(fields, b"route") or ""
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
     return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs, fields.get(b"inputs", b""))
+
+
+def _deadline_ms(text: str | None) -> int:
+    """Absent or ``0``: no deadline; otherwise whole Unix milliseconds, as decimal digits."""
+    if text is None:
+        return 0
+    if not (text.isascii() and text.isdigit() and len(text) <= 16):
+        raise InvalidInput(f"'deadline_ms' must be whole Unix milliseconds (decimal digits), got {text[:32]!r}")
+    return int(text)
 
 
 def _text(fields: dict[bytes, bytes], name: bytes) -> str | None:

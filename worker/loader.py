@@ -13,7 +13,8 @@ import numpy as np
 from protocol.errors import ConfigError, StreamserveError
 from protocol.settings import Settings
 from registry import PRIMARY, ModelVersion, Registry
-from worker.backend import Backend, InputSpec, OnnxBackend, TorchExportBackend
+from worker.backend import Backend, OnnxBackend, TorchExportBackend
+from worker.inputs import InputSpec
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3
