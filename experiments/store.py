@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import uuid
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import redis
+from pydantic import TypeAdapter
 
 from experiments.assignment import assign
 from protocol import keys
@@ -19,8 +21,9 @@ from registry import Registry
 from registry.rollout import publish_reload
 
 if TYPE_CHECKING:
-    from protocol.values import Fields
+    from protocol.values import Fields, RawHash
 
+_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # it becomes part of Redis keys
 MODES = ("split", "shadow")
 UNITS = ("route", "request_id")
 STATUSES = ("running", "paused", "stopped")
@@ -68,14 +71,21 @@ class Experiment:
         return {k: str(v) for k, v in data.items()}
 
     @classmethod
-    def from_hash(cls, data: dict) -> Experiment:
-        """Inverse of :meth:`to_hash`."""
-        d = text_dict(data)
-        ints = ("control_version", "treatment_version", "planned_looks")
-        floats = ("treatment_share", "min_effect_pp", "alpha", "power", "created_at")
-        values: dict[str, Any] = {k: int(d[k]) if k in ints else float(d[k]) if k in floats else d[k]
-                                  for k in d if k in cls.__dataclass_fields__ and k != "margins"}
-        return cls(**values, margins=Margins(**json.loads(d["margins"])))
+    def from_hash(cls, data: RawHash) -> Experiment:
+        """Inverse of :meth:`to_hash`, type-checked and validated: ``RegistryError`` if malformed."""
+        try:
+            d = text_dict(data)
+            values: dict[str, Any] = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+            values["margins"] = json.loads(values.get("margins", "{}"))
+            experiment = _EXPERIMENT_ADAPTER.validate_python(values)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and ValidationError too
+            summary = " ".join(str(e).splitlines()[:3])[:300]
+            raise RegistryError(f"experiment hash is malformed: {summary}") from e
+        _validate(experiment)
+        return experiment
+
+
+_EXPERIMENT_ADAPTER = TypeAdapter(Experiment)
 
 
 class ExperimentStore:
@@ -135,6 +145,8 @@ class ExperimentStore:
 
 def _validate(e: Experiment) -> None:
     problems = []
+    if not _ID.fullmatch(e.id):
+        problems.append("id must be 1-64 of [A-Za-z0-9_-]")
     if e.mode not in MODES:
         problems.append(f"mode must be one of {MODES}")
     if e.unit not in UNITS:
@@ -143,6 +155,8 @@ def _validate(e: Experiment) -> None:
         problems.append("treatment_share must be in (0, 1)")
     if e.control_version == e.treatment_version:
         problems.append("control and treatment must be different versions")
+    if e.status not in STATUSES:
+        problems.append(f"status must be one of {STATUSES}")
     if e.planned_looks < 1 or not 0 < e.alpha < 0.5 or not 0 < e.power < 1:
         problems.append("planned_looks >= 1, 0 < alpha < 0.5, 0 < power < 1")
     if problems:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import redis
+from pydantic import TypeAdapter
 
 from protocol import keys
 from protocol.errors import RegistryError
@@ -87,15 +88,22 @@ class ModelVersion:
         return {k: json.dumps(v) if k in _JSON_FIELDS else str(v) for k, v in data.items()}
 
     @classmethod
-    def from_hash(cls, data: dict[str, str]) -> ModelVersion:
-        """Inverse of :meth:`to_hash`; fields added later fall back to their defaults."""
-        known = {f for f in cls.__dataclass_fields__}
-        values: dict[str, Any] = {k: json.loads(v) if k in _JSON_FIELDS else v
-                                  for k, v in data.items() if k in known}
-        values["version"], values["size_bytes"] = int(values["version"]), int(values["size_bytes"])
-        values["created_at"] = float(values["created_at"])
-        values["golden_atol"] = float(values.get("golden_atol", 1e-4))
-        return cls(**values)
+    def from_hash(cls, data: RawHash) -> ModelVersion:
+        """Inverse of :meth:`to_hash`, every field type-checked; fields added later take their defaults.
+
+        The hash comes from Redis, so it is untrusted: anything malformed raises
+        ``RegistryError`` naming the field, never a bare ``ValueError`` or ``KeyError``.
+        """
+        fields = {k.decode(errors="replace") if isinstance(k, bytes) else k: v for k, v in data.items()}
+        where = f"{fields.get('name', b'?')!r} v{fields.get('version', b'?')!r}"[:100]
+        try:
+            known = {f for f in cls.__dataclass_fields__}
+            values: dict[str, Any] = {k: json.loads(text(v)) if k in _JSON_FIELDS else text(v)
+                                      for k, v in fields.items() if k in known}
+            mv = _VERSION_ADAPTER.validate_python(values)
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and ValidationError too
+            raise RegistryError(f"registry hash of {where} is malformed: {_first_line(e)}") from e
+        return mv
 
     def __repr__(self) -> str:
         return f"ModelVersion({self.name} v{self.version} {self.stage} {self.format} {self.sha256[:10]})"
@@ -112,6 +120,15 @@ class Change:
     target: str
     who: str
     reason: str
+
+
+_VERSION_ADAPTER = TypeAdapter(ModelVersion)
+
+
+def _first_line(error: Exception) -> str:
+    """A validation error's summary, bounded: hostile values must not flood logs and heartbeats."""
+    lines = str(error).splitlines()
+    return " ".join(lines[:3])[:300]
 
 
 def default_actor() -> str:
@@ -199,7 +216,7 @@ class Registry:
 
     def get(self, name: str, version: int) -> ModelVersion:
         """One version; ``RegistryError`` if it does not exist."""
-        data = text_dict(self.redis.hgetall(keys.version_hash(name, version)))
+        data = self.redis.hgetall(keys.version_hash(name, version))
         if not data:
             raise RegistryError(f"model {name!r} has no version {version}")
         return ModelVersion.from_hash(data)
@@ -214,14 +231,18 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         for v in range(1, latest + 1):
             pipe.hgetall(keys.version_hash(name, v))
-        return [ModelVersion.from_hash(text_dict(d)) for d in pipe.execute() if d]
+        return [ModelVersion.from_hash(d) for d in pipe.execute() if d]
 
     def production(self, name: str) -> ModelVersion:
         """The version in Production; ``RegistryError`` if there is none."""
         version = self.redis.hget(keys.model_hash(name), "production_version")
         if not version:
             raise RegistryError(f"model {name!r} has no version in Production")
-        return self.get(name, int(version))
+        try:
+            number = int(version)
+        except ValueError as e:
+            raise RegistryError(f"model {name!r}: production_version {version[:32]!r} is not a number") from e
+        return self.get(name, number)
 
     # ---- metadata ------------------------------------------------------------------------
 

@@ -89,15 +89,23 @@ class ExperimentArms:
         self.loader = Reloader(lambda mv: load_version(registry, mv, settings))
 
     def reconcile(self, model: str, *, in_line: bool) -> None:
-        """Re-read the experiment; load the treatment (in line at start-up or in burst mode)."""
-        experiment = self.store.get(model)
-        if experiment is None or experiment.status != "running":
+        """Re-read the experiment; load the treatment (in line at start-up or in burst mode).
+
+        If the experiment or its treatment's record cannot be read, the experiment is
+        off in this worker (everything goes to Production) and the error is raised.
+        """
+        try:
+            experiment = self.store.get(model)
+            target = None if experiment is None else self.registry.get(model, experiment.treatment_version)
+        except StreamserveError:
+            self.experiment, self.treatment = None, None
+            raise
+        if experiment is None or target is None or experiment.status != "running":
             self.experiment, self.treatment = None, None
             return
         self.experiment = experiment
         if self.treatment is not None and self.treatment.version.version == experiment.treatment_version:
             return
-        target = self.registry.get(model, experiment.treatment_version)
         if not in_line:
             self.loader.request(target)
             return

@@ -1,19 +1,62 @@
-"""The served version's input contract, checked on every request before the model runs."""
+"""The served version's input contract, checked on every request before the model runs.
+
+The contract comes from the registry hash (``input_spec``), which is untrusted:
+it is validated once when a version loads, and a malformed one is a
+``ConfigError`` for that version, never a crash.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from protocol.errors import InvalidInput
+from protocol import codec
+from protocol.errors import ConfigError, InvalidInput
+
+MAX_INPUTS = 16
+
+
+class FieldSpec(BaseModel):
+    """One named input: wire dtype, per-sample shape, and whether NaN/±Inf may be sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str
+    shape: list[int] = Field(max_length=codec.MAX_NDIM - 1)
+    allow_non_finite: bool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _wire_dtype(cls, value: str) -> str:
+        try:
+            return codec.dtype_name(np.dtype(value))
+        except (TypeError, ValueError, InvalidInput) as e:
+            raise ValueError(f"dtype {value[:32]!r} is not a supported wire dtype") from e
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < 1 for d in value):
+            raise ValueError(f"shape {value} must hold positive ints")
+        return value
 
 
 class InputSpec:
-    """The served version's inputs: name → (dtype, per-sample shape)."""
+    """The served version's inputs: name → (dtype, per-sample shape); ``ConfigError`` if malformed."""
 
     def __init__(self, spec: dict[str, dict[str, Any]]) -> None:
-        self.fields = {name: (np.dtype(s["dtype"]), tuple(s["shape"])) for name, s in spec.items()}
+        if not isinstance(spec, dict) or not 1 <= len(spec) <= MAX_INPUTS:
+            raise ConfigError(f"input_spec must map 1-{MAX_INPUTS} input names to specs")
+        try:
+            parsed = {str(name): FieldSpec.model_validate(s) for name, s in spec.items()}
+        except ValidationError as e:
+            raise ConfigError(f"input_spec is malformed: {' '.join(str(e).splitlines()[:3])[:300]}") from e
+        self.fields = {name: (np.dtype(s.dtype), tuple(s.shape)) for name, s in parsed.items()}
+        # Only float inputs can hold NaN/Inf; integer and bool arrays never need the scan.
+        self.finite_only = [name for name, s in parsed.items()
+                            if not s.allow_non_finite and np.dtype(s.dtype).kind == "f"]
 
     def check(self, inputs: dict[str, np.ndarray], max_rows: int) -> None:
         """Raise ``InvalidInput`` naming the first mismatch."""
@@ -29,3 +72,8 @@ class InputSpec:
                 )
             if array.shape[0] > max_rows:
                 raise InvalidInput(f"input {name!r} has {array.shape[0]} rows; limit is {max_rows}")
+        for name in self.finite_only:
+            # A model answers NaN with a confident label (all-NaN came out "down"); refuse instead.
+            if not np.isfinite(inputs[name]).all():
+                raise InvalidInput(f"input {name!r} holds NaN or ±Inf; this version's input spec "
+                                   "does not allow non-finite values")

@@ -25,6 +25,7 @@ class ModelSlot:
         self.registry, self.model, self.settings = registry, model, settings
         self.loaded: LoadedModel | None = None
         self.load_error = "not loaded yet"
+        self.registry_error = ""  # the registry could not be read or parsed at the last reconcile
         self.target_version: int | None = None
         self.target_variant = ""
         self.reloader = Reloader(lambda mv: load_version(registry, mv, settings))
@@ -39,9 +40,14 @@ class ModelSlot:
         try:
             target = self.registry.production(self.model)
         except StreamserveError as e:
+            # A malformed or missing record: keep serving what is loaded, say why it is not updated.
+            if str(e) != self.registry_error:
+                log.error("registry unusable for %s (%s); %s keeps serving", self.model, e, self.describe())
+            self.registry_error = str(e)[:300]
             if self.loaded is None:
-                self.load_error = str(e)
+                self.load_error = self.registry_error
             return
+        self.registry_error = ""
         self.target_version, self.target_variant = target.version, target.serving_variant
         if self.loaded is not None:
             if not self._is_target(self.loaded):
@@ -77,6 +83,8 @@ class ModelSlot:
 
     def problem(self) -> str:
         """What to report: the target's load failure, else the last start-up error."""
+        if self.registry_error:
+            return f"registry: {self.registry_error}"
         if self.target_version is not None and self.target_failed():
             return f"v{self.target_version}: {self.reloader.failures[self.target_version]}"
         return self.load_error

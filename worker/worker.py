@@ -11,6 +11,7 @@ treatment) and :class:`~worker.processing.BatchProcessor` (entries → replies).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,14 +29,31 @@ from protocol.settings import Settings
 from registry import Registry
 from worker.arms import ExperimentArms
 from worker.batcher import Batcher
-from worker.consumer import Entry, StreamConsumer
+from worker.consumer import Entry, Outbox, StreamConsumer
 from worker.control import ControlListener
 from worker.processing import BatchProcessor
 from worker.slot import ModelSlot
 
 log = logging.getLogger(__name__)
-RECONNECT_DELAY_S = 0.5
 RELOAD_POLL_MS = 20
+BACKOFF_FIRST_S = 0.05  # after a failed step or write; doubles per failure in a row
+BACKOFF_MAX_S = 5.0
+
+
+class Backoff:
+    """Exponential delays for failures in a row: 50 ms, 100 ms … capped at 5 s; reset on success."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def next_delay_s(self) -> float:
+        """The delay before the next attempt, counting this failure."""
+        self.failures += 1
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures - 1))
+
+    def reset(self) -> None:
+        """The last attempt worked."""
+        self.failures = 0
 
 
 class Worker:
@@ -45,7 +63,9 @@ class Worker:
                  max_queue_ms: float = 0.0, worker_id: str | None = None) -> None:
         self.settings, self.model, self.burst = settings, keys.check_model_name(model), burst
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_keepalive=True)
+        # The client name lets an operator find (and tests cut) a worker's connections in CLIENT LIST.
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_keepalive=True,
+                                          client_name=f"ss-worker:{self.worker_id}"[:120])
         registry = Registry(self.redis, settings.artifact_dir)
         self.consumer = StreamConsumer(self.redis, model, self.worker_id, settings)
         self.slot = ModelSlot(registry, model, settings)
@@ -57,11 +77,15 @@ class Worker:
         self.reload_requested, self.stopping = threading.Event(), threading.Event()
         self.batches = self.requests = 0
         self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0}
+        # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
+        self.problems: dict[str, str] = {}
+        self._step_backoff, self._write_backoff = Backoff(), Backoff()
 
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
-        self.consumer.ensure_group()
-        self.consumer.detect_server()
+        while not self._start_up():
+            if self.stopping.is_set():
+                return
         self.reconcile()
         log.info("worker %s serving %s (%s)", self.worker_id, self.model, self.slot.describe())
         listener = None if self.burst else ControlListener(
@@ -74,14 +98,46 @@ class Worker:
                 listener.stop()
             self._sign_off()
 
-    def _step_or_wait(self) -> bool:
-        """One iteration; across a Redis outage the batch in hand stays pending and is reclaimed."""
+    def _start_up(self) -> bool:
+        """Group and server checks; False (after a backoff) while Redis refuses them."""
         try:
-            return self._step()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            log.warning("Redis unavailable (%s); retrying in %.1f s", e, RECONNECT_DELAY_S)
-            self.stopping.wait(RECONNECT_DELAY_S)
+            self.consumer.ensure_group()
+            self.consumer.detect_server()
+        except redis.RedisError as e:  # down, OOM, READONLY: wait for it, never crash-loop
+            self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
+            return False
+        self._resolved("redis")
+        return True
+
+    def _step_or_wait(self) -> bool:
+        """One iteration, never fatal: a failure is logged, reported and retried with backoff.
+
+        Across a Redis outage the batch in hand stays pending and is reclaimed; any
+        other error (a bug, a hostile value that got past validation) must not
+        crash-loop the fleet, so the worker reports it and keeps serving what it can.
+        """
+        try:
+            more = self._step()
+        except redis.RedisError as e:  # down, OOM, READONLY, a race lost to another worker
+            self._failed("redis", f"{type(e).__name__}: {e}", log_traceback=False)
             return True
+        except Exception as e:
+            self._failed("loop", f"{type(e).__name__}: {e}", log_traceback=True)
+            return True
+        if self._step_backoff.failures:
+            self._step_backoff.reset()
+            self._resolved("redis", "loop")
+        return more
+
+    def _failed(self, area: str, problem: str, *, log_traceback: bool) -> None:
+        delay_s = self._step_backoff.next_delay_s()
+        log.error("%s; retrying in %.2f s", problem, delay_s, exc_info=log_traceback)
+        self.problems[area] = problem[:300]
+        self.stopping.wait(delay_s)
+
+    def _resolved(self, *areas: str) -> None:
+        for area in areas:
+            self.problems.pop(area, None)
 
     def _step(self) -> bool:
         """False when a burst worker has drained the stream."""
@@ -95,9 +151,39 @@ class Worker:
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> None:
         """Answer ``entries`` and ack them together with the replies."""
         out = self.processor.process(entries, dead_letter)
-        self.consumer.write(out)
+        self._write(out)
         self.batches += 1
         self.requests += len(out.ack_ids)
+
+    def _write(self, out: Outbox) -> None:
+        """The batch's one transaction, retried with backoff until it lands.
+
+        OOM, READONLY (a failover) or a connection reset leave the replies in hand
+        and the entries pending; a retry after an EXEC whose answer was lost can
+        push a reply twice, which clients tolerate (they take one and drop the key).
+        During a long outage the heartbeat lapses, a live worker takes the entries
+        over, and whichever transaction lands first answers.
+        """
+        while True:
+            try:
+                self.consumer.write(out)
+            except redis.RedisError as e:
+                delay_s = self._write_backoff.next_delay_s()
+                self.problems["redis_write"] = f"reply transaction failed: {type(e).__name__}: {e}"[:300]
+                log.error("reply transaction for %d entries failed (%s); retrying in %.2f s",
+                          len(out.ack_ids), e, delay_s)
+                time.sleep(delay_s)  # not stopping.wait: a stopping worker still owes these replies
+                self._try_heartbeat()
+                continue
+            if self._write_backoff.failures:
+                self._write_backoff.reset()
+                self._resolved("redis_write")
+            return
+
+    def _try_heartbeat(self) -> None:
+        """Report the problem if Redis takes writes at all (under OOM or READONLY it will not)."""
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat()
 
     def reclaim(self) -> int:
         """Take over entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
@@ -114,8 +200,10 @@ class Worker:
         try:
             # In line before the first batch (and in burst mode); in the background while serving.
             self.arms.reconcile(self.model, in_line=self.burst or self.batches == 0)
+            self._resolved("experiment")
         except StreamserveError as e:
-            log.error("experiment state unusable: %s", e)
+            log.error("experiment state unusable, serving Production only: %s", e)
+            self.problems["experiment"] = str(e)[:300]
 
     def _maintain(self) -> None:
         now, s = time.monotonic(), self.settings
@@ -179,9 +267,14 @@ class Worker:
             target_version=slot.target_version,
             failed_version=slot.target_version if slot.target_failed() else None,
             backend=loaded.backend.name if loaded else "", variant=loaded.variant if loaded else "",
-            fallback=loaded.fallback_reason if loaded else "", error=slot.problem(), state=self._state(),
+            fallback=loaded.fallback_reason if loaded else "", error=self.problem(), state=self._state(),
             host=socket.gethostname(), pid=os.getpid(), batches=self.batches, requests=self.requests,
             heartbeat_ms=presence.now_in_ms())
+
+    def problem(self) -> str:
+        """Everything wrong right now, for the heartbeat's ``error`` (empty when healthy)."""
+        parts = [self.slot.problem(), *(f"{area}: {p}" for area, p in sorted(self.problems.items()))]
+        return "; ".join(p for p in parts if p)
 
     def _state(self) -> str:
         if self.stopping.is_set():
