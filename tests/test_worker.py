@@ -173,13 +173,19 @@ def test_model_failure_fails_the_batch_not_the_worker(r, settings, production, m
     assert reply(r, "c")["ok"], "the same worker serves the next batch"
 
 
-def test_existing_group_is_reused_and_other_group_errors_raise(r, settings, production):
+def test_existing_group_is_reused_and_other_group_errors_are_waited_out(r, settings, production):
     drain(settings)
     drain(settings)  # BUSYGROUP ignored the second time
     r.delete(keys.request_stream(MODEL))
     r.set(keys.request_stream(MODEL), "not a stream")
+    worker = Worker(settings, MODEL)
     with pytest.raises(Exception, match="WRONGTYPE"):
-        drain(settings)
+        worker.consumer.ensure_group()
+    with ThreadedWorker(worker):  # the worker reports and retries; it does not crash-loop
+        wait_until(lambda: "WRONGTYPE" in worker.problems.get("redis", ""), message="not reported")
+        r.delete(keys.request_stream(MODEL))
+        wait_until(lambda: "redis" not in worker.problems and worker.slot.loaded is not None,
+                   message="never started once the key was fixed")
 
 
 def test_heartbeat_is_published_and_removed_on_exit(r, settings, production):

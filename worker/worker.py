@@ -37,11 +37,11 @@ from worker.slot import ModelSlot
 log = logging.getLogger(__name__)
 RELOAD_POLL_MS = 20
 BACKOFF_FIRST_S = 0.05  # after a failed step or write; doubles per failure in a row
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 2.0  # also bounds how long after a Redis restart serving resumes
 
 
 class Backoff:
-    """Exponential delays for failures in a row: 50 ms, 100 ms … capped at 5 s; reset on success."""
+    """Exponential delays for failures in a row: 50 ms, 100 ms … capped at 2 s; reset on success."""
 
     def __init__(self) -> None:
         self.failures = 0
@@ -119,7 +119,7 @@ class Worker:
         try:
             more = self._step()
         except redis.RedisError as e:  # down, OOM, READONLY, a race lost to another worker
-            self._failed("redis", f"{type(e).__name__}: {e}", log_traceback=False)
+            self._failed("redis", f"Redis unavailable: {type(e).__name__}: {e}", log_traceback=False)
             return True
         except Exception as e:
             self._failed("loop", f"{type(e).__name__}: {e}", log_traceback=True)
