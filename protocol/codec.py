@@ -6,7 +6,9 @@ rejected, and every size is bounded before any memory is allocated.
 
 from __future__ import annotations
 
+import io
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -83,6 +85,121 @@ def unpack(payload: bytes, *, max_bytes: int) -> Any:
         raise
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
         raise InvalidInput(f"malformed msgpack: {e}") from e
+
+
+MAX_NAME_CHARS = 256  # input names, dtype strings, map keys in a tensor body
+
+
+def _kind(first_byte: int) -> str:
+    """The msgpack family of a value from its first byte (spec: msgpack/spec.md, "Formats")."""
+    if first_byte <= 0x7F or first_byte >= 0xE0 or 0xCC <= first_byte <= 0xD3:
+        return "int"
+    if first_byte <= 0x8F or first_byte in (0xDE, 0xDF):
+        return "map"
+    if first_byte <= 0x9F or first_byte in (0xDC, 0xDD):
+        return "array"
+    if first_byte <= 0xBF or 0xD9 <= first_byte <= 0xDB:
+        return "str"
+    if 0xC4 <= first_byte <= 0xC6:
+        return "bin"
+    return "other"  # nil, bool, float, ext, never-used: nothing a tensor body holds
+
+
+_BIN_LENGTH = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}  # bin 8/16/32: header byte, then the length
+
+
+class _BodyReader:
+    """Walks a tensor body value by value, checking each type before msgpack builds anything.
+
+    A generic ``unpackb`` would build whatever the bytes describe: 15 MB of nested
+    empty arrays becomes a billion bytes of Python lists. Here only the shapes the
+    schema allows are ever decoded, so memory stays within the payload's size plus
+    one copy of each tensor's data.
+    """
+
+    def __init__(self, payload: bytes, max_bytes: int) -> None:
+        self.payload = payload
+        self.unpacker = msgpack.Unpacker(
+            io.BytesIO(payload), raw=False, read_size=min(len(payload), 1 << 16) or 1,
+            max_buffer_size=1 << 20, max_str_len=MAX_NAME_CHARS, max_bin_len=max_bytes,
+            max_array_len=MAX_NDIM, max_map_len=64, max_ext_len=0, strict_map_key=True)
+
+    def _expect(self, kind: str, what: str) -> None:
+        offset = self.unpacker.tell()
+        if offset >= len(self.payload):
+            raise InvalidInput(f"msgpack ends before {what}")
+        found = _kind(self.payload[offset])
+        if found != kind:
+            raise InvalidInput(f"{what} must be a msgpack {kind}, found {found}")
+
+    def header(self, kind: str, what: str, limit: int) -> int:
+        """A map's or array's length, at most ``limit``."""
+        self._expect(kind, what)
+        n: int = (self.unpacker.read_map_header() if kind == "map" else self.unpacker.read_array_header())
+        if n > limit:
+            raise InvalidInput(f"{what} has {n} items; at most {limit}")
+        return n
+
+    def scalar(self, kind: str, what: str) -> Any:
+        """One str or int."""
+        self._expect(kind, what)
+        return self.unpacker.unpack()
+
+    def data(self, what: str, max_bytes: int) -> bytes:
+        """A bin's bytes, its length checked from the header before they are read."""
+        self._expect("bin", what)
+        offset = self.unpacker.tell()
+        fmt = _BIN_LENGTH[self.payload[offset]]
+        size = struct.calcsize(fmt)
+        (length,) = struct.unpack_from(fmt, self.payload, offset + 1)
+        if length > max_bytes or offset + 1 + size + length > len(self.payload):
+            raise InvalidInput(f"{what} of {length} bytes is over the limit or past the end")
+        self.unpacker.read_bytes(1 + size)
+        data: bytes = self.unpacker.read_bytes(length)
+        return data
+
+    def finish(self) -> None:
+        """Nothing may follow the body."""
+        if self.unpacker.tell() != len(self.payload):
+            raise InvalidInput("trailing bytes after the msgpack body")
+
+
+def unpack_tensors(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[str, dict[str, Any]]:
+    """A request's ``inputs`` body: ``{name: {dtype, shape, data}}``, decoded under the schema only.
+
+    Returns the wire maps for :func:`decode_tensor`; anything else raises ``InvalidInput``
+    before it is built.
+    """
+    if len(payload) > max_bytes:
+        raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    reader = _BodyReader(payload, max_bytes)
+    try:
+        body = {}
+        for _ in range(reader.header("map", "inputs", max_tensors)):
+            name = reader.scalar("str", "an input name")
+            body[name] = _tensor_map(reader, name, max_bytes)
+        reader.finish()
+    except (ValueError, msgpack.UnpackException) as e:  # limits hit inside msgpack itself
+        raise InvalidInput(f"malformed msgpack: {e}") from e
+    return body
+
+
+def _tensor_map(reader: _BodyReader, name: str, max_bytes: int) -> dict[str, Any]:
+    tensor: dict[str, Any] = {}
+    for _ in range(reader.header("map", f"tensor {name!r}", 3)):
+        key = reader.scalar("str", f"a key of tensor {name!r}")
+        if key in tensor:
+            raise InvalidInput(f"tensor {name!r} repeats {key!r}")
+        if key == "dtype":
+            tensor[key] = reader.scalar("str", f"{name!r} dtype")
+        elif key == "shape":
+            n = reader.header("array", f"{name!r} shape", MAX_NDIM)
+            tensor[key] = [reader.scalar("int", f"{name!r} shape") for _ in range(n)]
+        elif key == "data":
+            tensor[key] = reader.data(f"{name!r} data", max_bytes)
+        else:
+            raise InvalidInput(f"tensor {name!r} has unknown key {key!r}")
+    return tensor
 
 
 def pack(obj: Any) -> bytes:

@@ -107,7 +107,8 @@ def _deadline_ms(text: str | None) -> int:
     if text is None:
         return 0
     if not (text.isascii() and text.isdigit() and len(text) <= 16):
-        raise InvalidInput(f"'deadline_ms' must be whole Unix milliseconds (decimal digits), got {text[:32]!r}")
+        raise InvalidInput(f"'deadline_ms' must be whole Unix milliseconds (decimal digits), "
+                           f"got {text[:32]!r}")
     return int(text)
 
 
@@ -123,8 +124,8 @@ def _text(fields: dict[bytes, bytes], name: bytes) -> str | None:
 
 def decode_inputs(payload: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     """The ``inputs`` field: named tensors sharing a leading batch axis."""
-    body = codec.unpack(payload, max_bytes=max_bytes)
-    if not isinstance(body, dict) or not body or len(body) > MAX_INPUTS:
+    body = codec.unpack_tensors(payload, max_bytes=max_bytes, max_tensors=MAX_INPUTS)
+    if not body:
         raise InvalidInput(f"'inputs' must be a map of 1-{MAX_INPUTS} named tensors")
     inputs = {str(k): codec.decode_tensor(v, max_bytes=max_bytes) for k, v in body.items()}
     rows = {a.shape[0] if a.ndim else None for a in inputs.values()}
@@ -202,21 +203,85 @@ class Prediction:
 
 
 def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
-    """A reply as a :class:`Prediction`, or the matching :class:`ReplyError` raised."""
+    """A reply as a :class:`Prediction`, or the matching :class:`ReplyError` raised.
+
+    Replies come from Redis, so they are untrusted: a malformed one (missing keys,
+    wrong types) raises ``InvalidInput``, never ``KeyError`` or ``TypeError``. Unknown
+    keys are ignored (replies may gain keys within version 1).
+    """
     reply = codec.unpack(payload, max_bytes=max_bytes)
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise InvalidInput("reply is not a protocol map")
-    if not reply["ok"]:
-        error = reply.get("error") or {}
-        raise from_reply(str(error.get("code")), str(error.get("message")), reply.get("id"))
-    timings = reply.get("timings") or {}
+    if not isinstance(reply, dict):
+        raise InvalidInput("malformed reply: not a msgpack map")
+    request_id = _reply_id(reply)
+    if not _field(reply, "ok", (bool,), request_id):
+        raise _reply_error(reply, request_id)
+    return _prediction(reply, request_id, max_bytes)
+
+
+_REQUIRED: Any = object()
+
+
+def _reply_id(reply: dict[str, Any]) -> str:
+    request_id = reply.get("id")
+    if not isinstance(request_id, str):
+        raise InvalidInput("malformed reply: no string 'id'")
+    try:
+        return check_request_id(request_id)
+    except InvalidInput as e:
+        raise InvalidInput(f"malformed reply: {e}") from e
+
+
+def _field(reply: dict[str, Any], name: str, kinds: tuple[type, ...], request_id: str,
+           default: Any = _REQUIRED) -> Any:
+    """``reply[name]`` if its type is exactly one of ``kinds`` (so a bool is no int); absent or
+    nil gives ``default``."""
+    value = reply.get(name)
+    if value is None and default is not _REQUIRED:
+        return default
+    if type(value) not in kinds:
+        wanted = " or ".join(k.__name__ for k in kinds)
+        raise InvalidInput(f"malformed reply: {name!r} must be {wanted}, got {type(value).__name__}",
+                           request_id=request_id)
+    return value
+
+
+def _reply_error(reply: dict[str, Any], request_id: str) -> ReplyError:
+    error = _field(reply, "error", (dict,), request_id)
+    code, message = error.get("code"), error.get("message", "")
+    if type(code) is not str or type(message) is not str:
+        return InvalidInput("malformed reply: 'error' needs a string code and message", request_id=request_id)
+    return from_reply(code, message, request_id)
+
+
+def _list_of(reply: dict[str, Any], name: str, kinds: tuple[type, ...], request_id: str) -> list[Any]:
+    values: list[Any] = _field(reply, name, (list,), request_id, [])
+    if not all(type(v) in kinds for v in values):
+        raise InvalidInput(f"malformed reply: {name!r} holds a value of the wrong type",
+                           request_id=request_id)
+    return values
+
+
+def _prediction(reply: dict[str, Any], request_id: str, max_bytes: int) -> Prediction:
+    timings = _field(reply, "timings", (dict,), request_id, {})
+    if not all(type(v) in (int, float) for v in timings.values()):
+        raise InvalidInput("malformed reply: 'timings' values must be numbers", request_id=request_id)
     return Prediction(
-        request_id=reply["id"], model=reply["model"], model_version=reply["version"],
-        outputs={k: codec.decode_tensor(v, max_bytes=max_bytes) for k, v in reply["outputs"].items()},
-        labels=list(reply.get("label") or []), confidences=list(reply.get("confidence") or []),
+        request_id=request_id, model=_field(reply, "model", (str,), request_id),
+        model_version=_field(reply, "version", (int,), request_id),
+        outputs=_outputs(_field(reply, "outputs", (dict,), request_id), request_id, max_bytes),
+        labels=_list_of(reply, "label", (str,), request_id),
+        confidences=[float(c) for c in _list_of(reply, "confidence", (int, float), request_id)],
         queue_ms=float(timings.get("queue_ms", 0.0)), infer_ms=float(timings.get("infer_ms", 0.0)),
-        worker=str(reply.get("worker", "")), variant=str(reply.get("variant", "")),
+        worker=_field(reply, "worker", (str,), request_id, ""),
+        variant=_field(reply, "variant", (str,), request_id, ""),
     )
+
+
+def _outputs(outputs: dict[str, Any], request_id: str, max_bytes: int) -> dict[str, np.ndarray]:
+    try:
+        return {str(k): codec.decode_tensor(v, max_bytes=max_bytes) for k, v in outputs.items()}
+    except InvalidInput as e:
+        raise InvalidInput(f"malformed reply: {e}", request_id=request_id) from e
 
 
 def encode_outcome(request_id: str, *, correct: bool | None = None, label: str | None = None,
