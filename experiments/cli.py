@@ -87,6 +87,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     for arm, d in (("control", data.control), ("treatment", data.treatment)):
         print(f"  {arm:<10} exposures {d.exposures:>7}  errors {d.errors:>5}  outcomes {d.outcomes:>6}  "
               f"hit rate {d.hit_rate:.4f}  latency samples {len(d.latencies_ms)}")
+    if data.outcomes_malformed or data.outcomes_duplicate or data.records_malformed:
+        print(f"  left out: {data.outcomes_malformed} malformed outcomes, {data.outcomes_duplicate} repeated "
+              f"outcomes (the first per request counts), {data.records_malformed} malformed records")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -16,9 +17,10 @@ import redis
 
 from experiments.analysis import ArmData, Decision, analyze, planned_sample_size
 from experiments.assignment import CONTROL, TREATMENT
+from experiments.outcomes import Outcome, first_per_request
 from experiments.store import Experiment, ExperimentStore
 from protocol import keys
-from protocol.values import text, text_dict
+from protocol.values import text
 from registry import Registry
 
 if TYPE_CHECKING:
@@ -30,61 +32,104 @@ DECISIONS_MAXLEN = 100_000  # analyses kept per experiment: a month of `watch` e
 
 @dataclass
 class Snapshot:
-    """Both arms' data at one moment."""
+    """Both arms' data at one moment, and the outcome entries that were left out."""
 
     control: ArmData
     treatment: ArmData
+    outcomes_malformed: int = 0
+    outcomes_duplicate: int = 0
+    records_malformed: int = 0  # counter, latency or journal values that did not parse
 
 
 def _read_stream(client: redis.Redis, key: str, start: str = "-") -> list[dict[str, str]]:
     rows, cursor = [], start
     while True:
         page = cast("StreamRows", client.xrange(key, min=cursor, count=STREAM_PAGE))
-        rows += [text_dict(fields) for _, fields in page]
+        rows += [_text_fields(fields) for _, fields in page]
         if len(page) < STREAM_PAGE:
             return rows
         cursor = "(" + text(page[-1][0])
 
 
+def _text_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
+    # Undecodable bytes become U+FFFD, so the entry fails validation instead of the whole read.
+    return {_lenient(k): _lenient(v) for k, v in fields.items()}
+
+
+def _floats(values: Iterable[bytes | str]) -> tuple[list[float], int]:
+    """The finite numbers among ``values``, and how many were not."""
+    parsed, bad = [], 0
+    for v in values:
+        try:
+            number = float(v)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            parsed.append(number)
+        else:
+            bad += 1
+    return parsed, bad
+
+
+def _counts(raw: dict) -> tuple[dict[str, int], int]:
+    """The experiment's counters; a value that is not a whole number is left out and counted."""
+    lenient = {_lenient(k): _lenient(v) for k, v in raw.items()}
+    counts = {k: int(v) for k, v in lenient.items() if v.isascii() and v.isdigit() and len(v) <= 18}
+    return counts, len(raw) - len(counts)
+
+
+def _lenient(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _arm_data(client: redis.Redis, e: Experiment, arm: str, counts: dict[str, int]) -> tuple[ArmData, int]:
+    latencies, bad = _floats(client.lrange(keys.experiment_latency(e.model, e.id, arm), 0, -1))
+    return ArmData(exposures=counts.get(f"{arm}:requests", 0),
+                   errors=sum(n for k, n in counts.items() if k.startswith(f"{arm}:errors:")),
+                   latencies_ms=latencies), bad
+
+
 def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
-    """Exposures, errors, latency samples and matured outcomes per arm."""
-    counts = {text(k): int(v) for k, v in client.hgetall(keys.experiment_counts(e.model, e.id)).items()}
-    arms = {arm: ArmData(exposures=counts.get(f"{arm}:requests", 0),
-                         errors=sum(n for k, n in counts.items() if k.startswith(f"{arm}:errors:")),
-                         latencies_ms=[float(v) for v in client.lrange(
-                             keys.experiment_latency(e.model, e.id, arm), 0, -1)])
-            for arm in (CONTROL, TREATMENT)}
-    journal = {j["id"]: j for j in _read_stream(client, keys.experiment_journal(e.model, e.id))}
-    since = f"{int(e.created_at * 1000)}-0"
-    for outcome in _read_stream(client, keys.outcomes_stream(e.model), since):
-        entry = journal.get(outcome["id"])
+    """Exposures, errors, latency samples and matured outcomes per arm (first outcome per request)."""
+    counts, bad = _counts(client.hgetall(keys.experiment_counts(e.model, e.id)))
+    arms: dict[str, ArmData] = {}
+    for arm in (CONTROL, TREATMENT):
+        arms[arm], bad_latencies = _arm_data(client, e, arm, counts)
+        bad += bad_latencies
+    journal = {j.get("id", ""): j for j in _read_stream(client, keys.experiment_journal(e.model, e.id))}
+    outcomes = first_per_request(
+        _read_stream(client, keys.outcomes_stream(e.model), f"{int(e.created_at * 1000)}-0"))
+    for outcome in outcomes.first.values():
+        entry = journal.get(outcome.request_id)
         if entry is not None:
-            _count_outcome(arms, entry, outcome, e.mode)
-    return Snapshot(arms[CONTROL], arms[TREATMENT])
+            bad += not _count_outcome(arms, entry, outcome, e.mode)
+    return Snapshot(arms[CONTROL], arms[TREATMENT], outcomes.malformed, outcomes.duplicates, bad)
 
 
-def _right(predicted: str, outcome: dict[str, str]) -> bool | None:
-    if "label" in outcome and predicted:
-        return predicted.split(",")[0] == outcome["label"]
-    if "correct" in outcome:
-        return outcome["correct"] == "1"
-    return None
+def _right(predicted: str, outcome: Outcome) -> bool | None:
+    if outcome.label is not None and predicted:
+        return predicted.split(",")[0] == outcome.label
+    return outcome.correct
 
 
-def _count_outcome(arms: dict[str, ArmData], entry: dict, outcome: dict, mode: str) -> None:
-    arm = arms[entry["arm"]]
+def _count_outcome(arms: dict[str, ArmData], entry: dict, outcome: Outcome, mode: str) -> bool:
+    """Count one matured outcome for its arm; False if the journal entry is not one of ours."""
+    arm = arms.get(entry.get("arm", ""))
+    if arm is None:
+        return False
     right = _right(entry.get("label", ""), outcome)
     if right is not None:
         arm.outcomes += 1
         arm.correct += right
-    if "pnl" in outcome:
-        arm.pnl.append(float(outcome["pnl"]))
-    if mode == "shadow" and "shadow_label" in entry and "label" in outcome:
-        treatment_right = entry["shadow_label"].split(",")[0] == outcome["label"]
+    if outcome.pnl is not None:
+        arm.pnl.append(outcome.pnl)
+    if mode == "shadow" and "shadow_label" in entry and outcome.label is not None:
+        treatment_right = entry["shadow_label"].split(",")[0] == outcome.label
         arms[TREATMENT].outcomes += 1
         arms[TREATMENT].correct += treatment_right
         if right is not None and right != treatment_right:  # discordant pair, for McNemar
             (arms[CONTROL] if right else arms[TREATMENT]).only_right += 1
+    return True
 
 
 def look_number(e: Experiment, data: Snapshot, planned_n: int) -> int:
@@ -103,7 +148,7 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     p_control = data.control.hit_rate if data.control.outcomes else 0.5
     planned_n = planned_sample_size(e, min(max(p_control, 0.05), 0.95 - e.min_effect_pp / 100))
     look = look_number(e, data, planned_n)
-    earlier = [r["decision"] for r in decisions(client, e) if r["look"] == look]
+    earlier = [r.get("decision") for r in decisions(client, e) if r["look"] == look]
     earlier_at_look = ("PROMOTE" if "PROMOTE" in earlier else "NOT_CROSSED") if earlier else None
     decision = analyze(e, data.control, data.treatment, look, planned_n, earlier_at_look=earlier_at_look)
     record = decision.to_dict() | {"planned_n_per_arm": planned_n, "applied": apply}
@@ -122,6 +167,13 @@ def _apply(store: ExperimentStore, registry: Registry, e: Experiment, decision: 
 
 
 def decisions(client: redis.Redis, e: Experiment) -> list[dict]:
-    """The audit trail, oldest first."""
-    rows = _read_stream(client, keys.experiment_decisions(e.model, e.id))
-    return [json.loads(row["record"]) for row in rows]
+    """The audit trail, oldest first (a record that does not parse is left out)."""
+    records = []
+    for row in _read_stream(client, keys.experiment_decisions(e.model, e.id)):
+        try:
+            record = json.loads(row.get("record", ""))
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("look"), int):
+            records.append(record)
+    return records
