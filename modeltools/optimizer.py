@@ -103,7 +103,9 @@ def _export_onnx(program_path: Path, out: Path, input_name: str, output_name: st
     import onnx
     import torch
 
-    program = torch.export.load(str(program_path))
+    from worker.pt2 import load_program
+
+    program = load_program(program_path.read_bytes())  # never torch.export.load: it unpickles
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter noise about LSTM internals; checked below
@@ -246,7 +248,10 @@ def optimize(registry: Registry, mv: ModelVersion, data: EvalData, workdir: Path
     if "torch_export" not in mv.alternates:
         raise ValueError(f"{mv!r} has no torch_export artifact to optimize from")
     input_name, output_name = next(iter(mv.input_spec)), mv.output_names[0]
-    program = registry.artifact_path(mv, "torch_export")
+    # A private copy of the verified bytes: later reads cannot see a file swapped after the check.
+    workdir.mkdir(parents=True, exist_ok=True)
+    program = workdir / "program.pt2"
+    program.write_bytes(registry.artifact_bytes(mv, "torch_export"))
     progress("exporting and quantizing")
     paths = {"pytorch": program, **build_variants(program, workdir, input_name, output_name, data.x_calib),
              **(extra or {})}

@@ -116,7 +116,16 @@ def export_onnx(model: HybridCNNLSTM, path: Path) -> Path:
 
 
 def export_torch(model: HybridCNNLSTM, path: Path) -> Path:
-    """A ``torch.export`` program with a dynamic batch axis: the serving fallback, no pickle."""
+    """A ``torch.export`` program with a dynamic batch axis: the serving fallback.
+
+    Its weights are raw tensor bytes and its graph plain ``aten`` operators, which is what
+    the worker's pickle-free loader (:mod:`worker.pt2`) accepts; the archive is read back
+    that way before it is returned, so an export it would refuse fails here, not in a
+    worker. (torch also writes pickled sample inputs into the archive; nothing of ours
+    reads them.)
+    """
+    from worker.pt2 import load_program
+
     model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
@@ -124,6 +133,7 @@ def export_torch(model: HybridCNNLSTM, path: Path) -> Path:
         program = torch.export.export(model, (torch.zeros(2, TIMESTEPS, N_FEATURES),),
                                       dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
+    load_program(path.read_bytes())
     return path
 
 

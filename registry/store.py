@@ -9,6 +9,7 @@ channel; the registry hash stays the truth for workers that missed it.
 from __future__ import annotations
 
 import getpass
+import io
 import json
 import socket
 import tempfile
@@ -180,7 +181,10 @@ class Registry:
 
     def _artifact_record(self, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
         relative, sha256, size = artifacts.store(path, self.artifact_dir)
-        return {"artifact": relative, "sha256": sha256, "size_bytes": size, "format": fmt, **extra}
+        record = {"artifact": relative, "sha256": sha256, "size_bytes": size, "format": fmt}
+        if record.keys() & extra.keys():  # extra metadata must not redirect the artifact
+            raise RegistryError(f"variant metadata may not set {sorted(record.keys() & extra.keys())}")
+        return {**record, **extra}
 
     def add_variant(self, name: str, version: int, variant: str, path: Path, *, fmt: str = "onnx",
                     metrics: dict[str, float] | None = None, **extra: Any) -> ModelVersion:
@@ -425,8 +429,11 @@ class Registry:
         """Remove store files no version references; returns what was (or would be) removed."""
         referenced = self.referenced_artifacts()
         root = self.artifact_dir / "sha256"
-        orphans = [p for p in sorted(root.glob("*/*")) if p.is_file()
-                   and str(p.relative_to(self.artifact_dir)) not in referenced] if root.exists() else []
+        candidates = sorted(root.glob("*/*")) if root.exists() else []
+        # Only files that really lie in the store: a symlinked folder must not take gc outside it.
+        orphans = [p for p in candidates if p.is_file()
+                   and (relative := str(p.relative_to(self.artifact_dir))) not in referenced
+                   and artifacts.inside(self.artifact_dir, relative)]
         if not dry_run:
             for path in orphans:
                 path.unlink()
@@ -437,20 +444,37 @@ class Registry:
     def artifact_path(self, mv: ModelVersion, variant: str = PRIMARY) -> Path:
         """The verified local path of one of ``mv``'s artifacts (default: the primary one).
 
-        Raises ``ArtifactIntegrityError`` when the bytes do not match the recorded sha256.
+        Raises ``ArtifactIntegrityError`` (naming the version and variant) when the
+        recorded location leaves the artifact directory or the bytes do not match the
+        recorded sha256. To load an artifact use :meth:`artifact_bytes` instead.
         """
+        relative, sha256 = self._artifact_ref(mv, variant)
+        return artifacts.verified_path(self.artifact_dir, relative, sha256, what=_what(mv, variant))
+
+    def artifact_bytes(self, mv: ModelVersion, variant: str = PRIMARY) -> bytes:
+        """The bytes of one of ``mv``'s artifacts, read once and verified: what is checked is what loads."""
+        relative, sha256 = self._artifact_ref(mv, variant)
+        return artifacts.read_verified(self.artifact_dir, relative, sha256, what=_what(mv, variant))
+
+    def _artifact_ref(self, mv: ModelVersion, variant: str) -> tuple[str, str]:
         if variant == PRIMARY:
-            return artifacts.verified_path(self.artifact_dir, mv.artifact, mv.sha256)
+            return mv.artifact, mv.sha256
         if variant not in mv.alternates:
             raise RegistryError(f"{mv!r} has no {variant} artifact")
         record = mv.alternates[variant]
-        return artifacts.verified_path(self.artifact_dir, record["artifact"], record["sha256"])
+        return str(record.get("artifact", "")), str(record.get("sha256", ""))
 
     def golden(self, mv: ModelVersion) -> dict[str, np.ndarray]:
         """The version's verified golden inputs and outputs (``input:x`` / ``output:y``)."""
-        path = artifacts.verified_path(self.artifact_dir, mv.golden, mv.golden_sha256)
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        data = artifacts.read_verified(self.artifact_dir, mv.golden, mv.golden_sha256,
+                                       what=_what(mv, "golden"))
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+
+
+def _what(mv: ModelVersion, variant: str) -> str:
+    """How an artifact error names its artifact: the model version and variant, no path or hash."""
+    return f"{mv.name} v{mv.version} {variant}"
 
 
 def _change(fields: RawHash) -> Change:

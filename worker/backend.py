@@ -1,4 +1,9 @@
-"""Model backends: load a verified artifact, check it against the input spec, run batches."""
+"""Model backends: load a verified artifact, check it against the input spec, run batches.
+
+Each backend takes the artifact's bytes (the bytes whose sha256 the registry checked,
+so nothing can swap the file between the check and the load) or, for tools working
+on their own files, a path.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ from typing import Protocol
 import numpy as np
 
 from protocol.errors import ConfigError
+from worker.pt2 import load_program
+
+MAX_ERROR_CHARS = 300  # errors quote artifact content; they go to logs and the heartbeat
 
 
 class Backend(Protocol):
@@ -25,7 +33,7 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 1, device: str = "cpu") -> None:
+    def __init__(self, source: Path | bytes, *, intra_op_threads: int = 1, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -37,9 +45,10 @@ class OnnxBackend:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime"
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            model = source if isinstance(source, bytes) else str(source)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as e:  # ORT raises its own untyped errors for bad files
-            raise ConfigError(f"ONNX Runtime cannot load {path}: {e}") from e
+            raise ConfigError(f"ONNX Runtime cannot load {_label(source)}: {_short(e)}") from e
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -50,13 +59,15 @@ class OnnxBackend:
 
 
 class TorchExportBackend:
-    """A ``torch.export`` program (``.pt2``): graph and weights, no arbitrary pickle, CPU or CUDA.
+    """A ``torch.export`` program (``.pt2``) read by :mod:`worker.pt2`, on the CPU or CUDA.
 
-    The fallback when a version's ONNX artifact cannot load. Needs the ``train``
-    extra (torch); outputs are matched to ``output_names`` in order.
+    Nothing in the archive is unpickled or run as Python: weights are raw bytes, the
+    graph may call ``aten`` operators only, and an archive holding anything else is
+    refused. The fallback when a version's ONNX artifact cannot load. Needs the
+    ``train`` extra (torch); outputs are matched to ``output_names`` in order.
     """
 
-    def __init__(self, path: Path, *, output_names: list[str], intra_op_threads: int = 1,
+    def __init__(self, source: Path | bytes, *, output_names: list[str], intra_op_threads: int = 1,
                  device: str = "cpu") -> None:
         try:
             import torch
@@ -68,16 +79,18 @@ class TorchExportBackend:
         self.device = torch.device("cuda" if cuda else "cpu")
         self.name = "torch_export-cuda" if cuda else "torch_export"
         try:
-            program = torch.export.load(str(path))
-        except Exception as e:  # torch raises many unrelated types for a bad archive
-            raise ConfigError(f"torch cannot load {path}: {e}") from e
+            program = load_program(source if isinstance(source, bytes) else source.read_bytes())
+        except Exception as e:  # refusals, and the many unrelated types torch raises for a bad graph
+            raise ConfigError(f"torch cannot load {_label(source)}: {_short(e)}") from e
         if cuda:
             # Tensors the graph creates itself (an LSTM's initial state) carry the export
             # device; .to() would move only the weights. Rewrite the graph's devices instead.
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, self.device)
-        self.module = program.module()
+        # Inputs checked by a pre-hook, not by a guard function generated as Python source and
+        # exec'd: the archive's own guard code is refused already, and none is derived from it.
+        self.module = program.module(check_guards=False)
         self.output_names = output_names
         self._torch = torch
 
@@ -89,6 +102,15 @@ class TorchExportBackend:
             result = self.module(*tensors)
         values = result if isinstance(result, tuple | list) else (result,)
         return {n: v.cpu().numpy() for n, v in zip(self.output_names, values, strict=True)}
+
+
+def _label(source: Path | bytes) -> str:
+    return "the artifact" if isinstance(source, bytes) else str(source)
+
+
+def _short(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"
 
 
 def _use_cuda(device: str, available: bool, missing: str) -> bool:

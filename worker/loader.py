@@ -31,13 +31,13 @@ class LoadedModel:
     fallback_reason: str = ""
 
 
-def open_backend(path: Path, fmt: str, mv: ModelVersion, intra_op_threads: int,
+def open_backend(source: Path | bytes, fmt: str, mv: ModelVersion, intra_op_threads: int,
                  device: str = "cpu") -> Backend:
-    """The backend for one artifact format, on ``device`` (cpu / cuda / auto)."""
+    """The backend for one artifact (its verified bytes, or a path) and format, on ``device``."""
     if fmt == "onnx":
-        return OnnxBackend(path, intra_op_threads=intra_op_threads, device=device)
+        return OnnxBackend(source, intra_op_threads=intra_op_threads, device=device)
     if fmt == "torch_export":
-        return TorchExportBackend(path, output_names=mv.output_names, intra_op_threads=intra_op_threads,
+        return TorchExportBackend(source, output_names=mv.output_names, intra_op_threads=intra_op_threads,
                                   device=device)
     raise ConfigError(f"{mv!r}: format {fmt!r} has no backend")
 
@@ -47,24 +47,36 @@ def load_version(registry: Registry, mv: ModelVersion, settings: Settings) -> Lo
 
     Every format is verified (sha256), warmed up and, when the version has golden
     outputs, checked against them; the first failure is kept as the fallback reason.
+    Each error names the version and variant (``m v3 torch_export: …``).
     """
-    errors: list[tuple[str, StreamserveError]] = []
+    errors: list[StreamserveError] = []
     for variant in mv.load_order:
         try:
             loaded = _load_variant(registry, mv, variant, settings)
         except StreamserveError as e:
-            errors.append((variant, e))
-            log.warning("%r: variant %s not servable: %s", mv, variant, e)
+            errors.append(e)
+            log.warning("%s v%s: variant %s not servable: %s", mv.name, mv.version, variant, e)
             continue
-        return replace(loaded, fallback_reason="; ".join(f"{f}: {e}" for f, e in errors))
+        return replace(loaded, fallback_reason="; ".join(map(str, errors)))
     if len(errors) == 1:
-        raise errors[0][1]
-    raise ConfigError(f"{mv!r}: no format could be served ({' | '.join(f'{f}: {e}' for f, e in errors)})")
+        raise errors[0]
+    raise ConfigError(f"{mv.name} v{mv.version}: no format could be served ({' | '.join(map(str, errors))})")
 
 
 def _load_variant(registry: Registry, mv: ModelVersion, variant: str, settings: Settings) -> LoadedModel:
-    path = registry.artifact_path(mv, variant)  # raises ArtifactIntegrityError on mismatch
-    backend = open_backend(path, mv.variant_format(variant), mv, settings.intra_op_threads, settings.device)
+    # One read: the bytes whose sha256 is checked are the bytes loaded (raises ArtifactIntegrityError,
+    # naming the version and variant, on a mismatch or a location outside the artifact directory).
+    data = registry.artifact_bytes(mv, variant)
+    try:
+        return _open_checked(data, mv, variant, registry, settings)
+    except ConfigError as e:
+        # Same class (GoldenCheckFailed stays one), message prefixed with what failed to load.
+        raise type(e)(f"{mv.name} v{mv.version} {variant}: {e}") from e
+
+
+def _open_checked(data: bytes, mv: ModelVersion, variant: str, registry: Registry,
+                  settings: Settings) -> LoadedModel:
+    backend = open_backend(data, mv.variant_format(variant), mv, settings.intra_op_threads, settings.device)
     spec = InputSpec(mv.input_spec)
     warm = {n: np.zeros((1, *shape), dtype=dt) for n, (dt, shape) in spec.fields.items()}
     for _ in range(WARMUP_RUNS):
@@ -72,7 +84,7 @@ def _load_variant(registry: Registry, mv: ModelVersion, variant: str, settings: 
     if mv.golden:
         atol = mv.alternates.get(variant, {}).get("golden_atol", mv.golden_atol)
         check_golden(backend, registry.golden(mv), atol)
-    log.info("loaded %r (variant %s) from %s", mv, variant, path)
+    log.info("loaded %r (variant %s)", mv, variant)
     return LoadedModel(mv, backend, spec, variant)
 
 
@@ -103,10 +115,10 @@ def version_parity(registry: Registry, mv: ModelVersion, *, inputs: dict[str, np
     if inputs is None:
         rng = np.random.default_rng(0)
         inputs = {n: rng.standard_normal((rows, *shape)).astype(dt) for n, (dt, shape) in spec.fields.items()}
-    reference = open_backend(registry.artifact_path(mv), mv.format, mv, intra_op_threads).run(inputs)
+    reference = open_backend(registry.artifact_bytes(mv), mv.format, mv, intra_op_threads).run(inputs)
     metrics: dict[str, float] = {}
     for fmt in mv.alternates:
-        other = open_backend(registry.artifact_path(mv, fmt), mv.variant_format(fmt), mv,
+        other = open_backend(registry.artifact_bytes(mv, fmt), mv.variant_format(fmt), mv,
                              intra_op_threads).run(inputs)
         first = mv.output_names[0]
         metrics[f"parity_{fmt}_max_abs_diff"] = max(
