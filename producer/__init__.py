@@ -16,6 +16,7 @@ from protocol.errors import (
     Overloaded,
     ReplyError,
     StreamserveError,
+    Unavailable,
 )
 from protocol.messages import Prediction
 
@@ -31,5 +32,6 @@ __all__ = [
     "Prediction",
     "ReplyError",
     "StreamserveError",
+    "Unavailable",
     "WorkerInfo",
 ]

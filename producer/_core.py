@@ -1,25 +1,46 @@
-"""I/O-free parts of the clients: building entries and reading replies."""
+"""I/O-free parts of the clients: building entries, the conversation with Redis, reading replies.
+
+The sync and asyncio clients share everything here and differ only in how they run
+one round trip (:class:`Trip`) and how they wait between retries.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from itertools import chain
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import redis
 
 from protocol import keys, messages
-from protocol.errors import DeadlineExceeded, InvalidInput, ReplyError
+from protocol.errors import DeadlineExceeded, InvalidInput, Overloaded, ReplyError, Unavailable
 
 if TYPE_CHECKING:
     from protocol.values import Fields
 
 Features = np.ndarray | dict[str, np.ndarray]
+Command = tuple[object, ...]  # one Redis command's arguments, e.g. ("LRANGE", key, 0, -1)
 DEFAULT_INPUT = "features"
 MAX_REPLY_BYTES = 64 << 20
 OUTCOMES_MAXLEN = 1_000_000  # a safety cap on the outcomes stream, far above an experiment's needs
+# The socket may wait this much longer than the server-side block: a slow network or a busy
+# server is not a dead connection, and a read timeout only costs a (safe) retry anyway.
+READ_MARGIN_S = 1.0
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.01, 0.25  # between retries after a lost connection
+MAX_FINISHED_KEYS = 1024  # reply keys waiting for deletion; beyond this they simply expire
+# Server replies that say "not now" rather than "never": retried like a lost connection.
+BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
+# Connection trouble: retried within the deadline, without re-sending the request.
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+class NotConnected(redis.ConnectionError):
+    """No connection could be opened: nothing of the round trip reached Redis."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +53,20 @@ class Pending:
     deadline_s: float
 
 
+def new_token() -> str:
+    """A fresh request id or reply token: 32 random hex digits."""
+    return uuid.uuid4().hex
+
+
 def prepare(model: str, features: Features, *, route: str, timeout_s: float,
             sample_ndim: int | None, request_id: str | None = None,
             reply_to: str | None = None) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
-    single sample" (the usual bot call with a (60, 110) window).
+    single sample" (the usual bot call with a (60, 110) window). A caller-supplied
+    ``request_id`` is checked and gets a random reply token of its own, so its reply
+    key is never one an earlier call (or another bot) used.
     """
     if timeout_s <= 0:
         raise InvalidInput(f"timeout_s must be > 0, got {timeout_s}")
@@ -47,7 +75,10 @@ def prepare(model: str, features: Features, *, route: str, timeout_s: float,
     first = next(iter(arrays.values()))
     if sample_ndim is None or first.ndim == sample_ndim:
         arrays = {name: a[np.newaxis] for name, a in arrays.items()}
-    request_id = request_id or uuid.uuid4().hex
+    if request_id is None:
+        request_id = new_token()
+    elif reply_to is None:
+        reply_to = new_token()
     deadline_s = time.time() + timeout_s
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
                                      route=route, reply_to=reply_to)
@@ -56,8 +87,8 @@ def prepare(model: str, features: Features, *, route: str, timeout_s: float,
 
 def prepare_many(model: str, batch: Sequence[Features], *, route: str,
                  timeout_s: float) -> list[Pending]:
-    """Single-sample requests that share one reply list (one BLPOP/LPOP collects them all)."""
-    token = uuid.uuid4().hex
+    """Single-sample requests that share one reply list (one wait collects them all)."""
+    token = new_token()
     return [prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token)
             for f in batch]
 
@@ -83,16 +114,26 @@ def timed_out(pending: Pending, timeout_s: float) -> DeadlineExceeded:
 
 
 def block_s(deadline_s: float) -> float:
-    """BLPOP timeout until ``deadline_s``; never 0, which would block forever."""
+    """Server-side block until ``deadline_s``; never 0, which would block forever."""
     return max(0.001, round(deadline_s - time.time(), 3))
 
 
-class Gatherer:
-    """Collects the replies of requests that share one reply list; the clients do the I/O.
+def oldest_first(moved: bytes | None, listed: list[bytes]) -> list[bytes]:
+    """A reply list's payloads, oldest first.
 
-    Loop: LPOP up to ``remaining`` replies; when the list is empty, BLPOP for the next.
-    Replies are matched to requests by their ``id``.
+    Workers LPUSH, so LRANGE lists newest first; but the wait (BLMOVE tail → head) has
+    just moved the oldest, ``moved``, to the head, and more may have been pushed since.
     """
+    rest = list(listed)
+    if moved is None:
+        return rest[::-1]
+    if moved in rest:
+        rest.remove(moved)
+    return [moved, *reversed(rest)]
+
+
+class Gatherer:
+    """Collects the replies of requests that share one reply list, matched by their ``id``."""
 
     def __init__(self, pendings: list[Pending], timeout_s: float) -> None:
         self.pendings = pendings
@@ -107,13 +148,16 @@ class Gatherer:
         """Replies still missing."""
         return len(self.wanted) - len(self.results)
 
-    def take(self, payloads: list[bytes] | None) -> None:
-        """Record popped replies; strays (e.g. late replies of an earlier call) are dropped."""
-        for payload in payloads or ():
+    def take(self, payloads: Iterable[bytes]) -> None:
+        """Record replies, oldest first; the first reply per id wins, strays are dropped.
+
+        A stray is a reply whose ``id`` is not one of ours (a late answer to an earlier
+        call, or anything else someone pushed): it is never returned.
+        """
+        for payload in payloads:
             result = parse(payload)
-            request_id = result.request_id
-            if request_id in self.wanted:
-                self.results[request_id] = result
+            if result.request_id in self.wanted:
+                self.results.setdefault(result.request_id, result)
 
     def done(self) -> bool:
         """All replies in, or out of time."""
@@ -122,3 +166,131 @@ class Gatherer:
     def outcome(self) -> list[messages.Prediction | ReplyError]:
         """Results in request order; missing replies become client-side DeadlineExceeded."""
         return [self.results.get(p.request_id) or timed_out(p, self.timeout_s) for p in self.pendings]
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One round trip: commands sent together on one connection, and how long a read may wait."""
+
+    commands: list[Command]
+    read_timeout_s: float
+
+
+def xadd_command(stream: str, fields: Fields) -> Command:
+    """``XADD stream * field value …`` as raw arguments."""
+    return ("XADD", stream, "*", *chain.from_iterable(fields.items()))
+
+
+class Exchange:
+    """One call's conversation with Redis, without the I/O.
+
+    First round trip: ``UNLINK`` of finished calls' reply keys, the ``XADD``\\ s, then
+    ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``. Moving a list onto itself
+    removes nothing (it rotates), so the wait is non-destructive, and so is LRANGE: a
+    round trip lost with its connection is simply repeated, no reply is ever lost in
+    flight, and the XADDs are never sent twice. Later round trips start with
+    ``LTRIM key 0 -(n+1)``, dropping the n replies already read: workers LPUSH, so
+    whatever arrived since sits at the head. After a lost round trip nothing is trimmed
+    (it may have run); replies read twice are told apart by their ``id``.
+    """
+
+    def __init__(self, model: str, pendings: list[Pending], timeout_s: float,
+                 finished: Sequence[str] = ()) -> None:
+        self.stream = keys.request_stream(model)
+        self.gatherer = Gatherer(pendings, timeout_s)
+        self.reply_key = self.gatherer.reply_key
+        self.finished = list(finished)
+        self.queued = False  # the XADDs were sent (they may have been executed)
+        self.read = 0  # replies the last LRANGE returned, to trim on the next round trip
+        self.failures = 0  # consecutive lost round trips
+        self.error: Exception | None = None  # why the last round trip was lost, until one succeeds
+        self._head = 0
+
+    def trip(self) -> Trip:
+        """The next round trip."""
+        key = self.reply_key
+        if not self.queued:
+            head = [*(("UNLINK", k) for k in self.finished),
+                    *(xadd_command(self.stream, p.fields) for p in self.gatherer.pendings)]
+        else:
+            head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
+        self._head = len(head)
+        wait_s = block_s(self.gatherer.deadline_s)
+        return Trip([*head, ("BLMOVE", key, key, "RIGHT", "LEFT", wait_s), ("LRANGE", key, 0, -1)],
+                    wait_s + READ_MARGIN_S)
+
+    def receive(self, answers: list[Any]) -> None:
+        """The answers to :meth:`trip`'s commands, in order (errors as exception values)."""
+        if not self.queued:
+            for answer in answers[len(self.finished):self._head]:
+                _raise_for(answer, "XADD", queued=False)
+            self.queued = True
+        moved, listed = answers[self._head:]
+        _raise_for(moved, "BLMOVE", queued=True)
+        _raise_for(listed, "LRANGE", queued=True)
+        self.gatherer.take(oldest_first(moved, listed))
+        self.read, self.failures, self.error = len(listed), 0, None
+
+    def lost(self, error: Exception) -> float:
+        """A round trip failed with ``error`` (one of :data:`RETRYABLE`); seconds to wait before
+        the next. Raises ``Unavailable`` when nothing was sent, or when out of time."""
+        if isinstance(error, NotConnected) and not self.queued:
+            raise Unavailable(f"Redis cannot be reached: {error}") from error
+        self.queued, self.read, self.error = True, 0, error
+        self.failures += 1
+        left_s = self.gatherer.deadline_s - time.time()
+        if left_s <= 0:
+            raise self.unavailable() from error
+        return min(left_s, BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.failures - 1))
+
+    def unavailable(self) -> Unavailable:
+        """The error for connection trouble that outlasted the deadline."""
+        return Unavailable(f"lost the connection to Redis and could not read the reply within "
+                           f"{self.gatherer.timeout_s:.3f} s: {self.error}")
+
+    def done(self) -> bool:
+        """Sent, and every reply in or out of time."""
+        return self.queued and self.gatherer.done()
+
+    def outcome(self) -> list[messages.Prediction | ReplyError]:
+        """Results in request order; raises ``Unavailable`` if the connection was lost at the end."""
+        if self.error is not None and self.gatherer.remaining:
+            raise self.unavailable() from self.error
+        return self.gatherer.outcome()
+
+
+def _raise_for(answer: Any, command: str, *, queued: bool) -> None:
+    """Turn an error answer into the client's error: OOM → ``Overloaded`` at once; a busy
+    server → retried (as a lost connection) once the request may be queued; else ``Unavailable``."""
+    if not isinstance(answer, redis.ResponseError):
+        return
+    message = str(answer)
+    if isinstance(answer, redis.exceptions.OutOfMemoryError) or message.startswith("OOM"):
+        raise Overloaded(f"Redis is out of memory (maxmemory) and refused {command}: {message}") from answer
+    if queued and message.startswith(BUSY_PREFIXES):
+        raise redis.ConnectionError(f"Redis answered {command} with {message}") from answer
+    raise Unavailable(f"Redis refused {command}: {message}") from answer
+
+
+class Finished:
+    """Reply keys of finished calls, deleted by the next call's first round trip (no extra one).
+
+    Every key is a random token used once, so deleting it late can never hit a newer reply.
+    Keys left here when the client goes away expire with the reply TTL.
+    """
+
+    def __init__(self) -> None:
+        self._keys: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        """Queue ``key`` for deletion."""
+        with self._lock:
+            if key and len(self._keys) < MAX_FINISHED_KEYS:
+                self._keys.append(key)
+
+    def take(self) -> list[str]:
+        """Every queued key, emptying the queue."""
+        with self._lock:
+            taken, self._keys = self._keys, []
+        return taken

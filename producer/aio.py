@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
 
 from producer import _core
@@ -17,11 +19,17 @@ from protocol.values import text
 
 
 class AsyncClient:
-    """Asyncio client; many concurrent ``predict`` calls share one connection pool."""
+    """Asyncio client; many concurrent ``predict`` calls share one connection pool.
+
+    The same conversation with Redis as :class:`producer.Client` (``producer._core``):
+    ``timeout_s`` honoured whatever the socket timeout, replies read without removing
+    them until they are in hand, the request never re-sent on a lost connection.
+    """
 
     def __init__(self, client: aioredis.Redis, *, timeout_s: float = 1.0) -> None:
         self.redis = client
         self.timeout_s = timeout_s
+        self._finished = _core.Finished()
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> AsyncClient:
@@ -31,17 +39,12 @@ class AsyncClient:
     async def predict(self, model: str, features: _core.Features, *, route: str = "",
                       timeout_s: float | None = None, sample_ndim: int | None = None,
                       request_id: str | None = None) -> Prediction:
-        """One request; XADD + BLPOP in one pipelined round trip."""
+        """One request; the XADD and the wait in one round trip. Same errors as
+        :meth:`producer.Client.predict`."""
         timeout_s = timeout_s or self.timeout_s
         pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(keys.request_stream(model), pending.fields)
-            pipe.blpop([pending.reply_key], timeout=_core.block_s(pending.deadline_s))
-            _, popped = await pipe.execute()
-        if popped is None:
-            raise _core.timed_out(pending, timeout_s)
-        return _core.unwrap(_core.parse(popped[1]))
+        return _core.unwrap((await self._exchange(model, [pending], timeout_s))[0])
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                            timeout_s: float | None = None,
@@ -54,24 +57,37 @@ class AsyncClient:
         pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
         if not pendings:
             return []
-        gatherer = _core.Gatherer(pendings, timeout_s)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for p in pendings:
-                pipe.xadd(keys.request_stream(model), p.fields)
-            pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
-            first = (await pipe.execute())[-1]
-        gatherer.take([first[1]] if first else None)
-        # LPOP with a count gives a list; replies are bytes (redis-py's types also cover decode_responses).
-        while first and not gatherer.done():
-            popped = cast("list[bytes] | None", await self.redis.lpop(gatherer.reply_key, gatherer.remaining))
-            if popped:
-                gatherer.take(popped)
-                continue
-            first = cast("tuple[bytes, bytes] | None", await self.redis.blpop(
-                [gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s)))
-            gatherer.take([first[1]] if first else None)
-        results = gatherer.outcome()
+        results = await self._exchange(model, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
+
+    async def _exchange(self, model: str, pendings: list[_core.Pending],
+                        timeout_s: float) -> list[Prediction | ReplyError]:
+        exchange = _core.Exchange(model, pendings, timeout_s, self._finished.take())
+        try:
+            while not exchange.done():
+                try:
+                    exchange.receive(await self._round_trip(exchange.trip()))
+                except _core.RETRYABLE as e:
+                    await asyncio.sleep(exchange.lost(e))
+            return exchange.outcome()
+        finally:
+            self._finished.add(exchange.reply_key)
+
+    async def _round_trip(self, trip: _core.Trip) -> list[Any]:
+        """See :meth:`producer.Client._round_trip`; a cancelled call closes its connection."""
+        pool: Any = self.redis.connection_pool  # Any: redis-py leaves these methods untyped
+        try:
+            conn: Any = await pool.get_connection()
+        except _core.RETRYABLE as e:
+            raise _core.NotConnected(str(e)) from e
+        try:
+            await conn.send_packed_command(conn.pack_commands(trip.commands))
+            return [await _answer(conn, trip.read_timeout_s) for _ in trip.commands]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     async def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
                              label: str | None = None, pnl: float | None = None) -> str:
@@ -93,8 +109,18 @@ class AsyncClient:
         return Health(model, presence.parse_live(hashes))
 
     async def close(self) -> None:
-        """Release the connection pool."""
-        await self.redis.aclose()
+        """Delete the reply keys of finished calls (best effort), release the connection pool."""
+        finished = self._finished.take()
+        try:
+            if finished:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in finished:
+                        pipe.unlink(key)
+                    await pipe.execute()
+        except redis.RedisError:
+            pass  # they expire with the reply TTL
+        finally:
+            await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -102,3 +128,11 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+
+
+async def _answer(conn: Any, timeout_s: float) -> Any:
+    """One command's answer, raw bytes; an error answer is returned (the connection is fine)."""
+    try:
+        return await conn.read_response(disable_decoding=True, timeout=timeout_s)
+    except redis.ResponseError as e:
+        return e

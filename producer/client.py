@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -18,12 +18,16 @@ from protocol.messages import Prediction
 class Client:
     """Send feature tensors to a model's stream and wait for the replies.
 
-    Thread-safe: redis-py's connection pool hands each call its own connection.
+    Thread-safe: each call takes its own connection from redis-py's pool. ``timeout_s``
+    is honoured whatever the connection's ``socket_timeout``: the wait's read timeout is
+    derived from it per call. A connection lost while waiting is re-opened and the wait
+    repeated (the request is not re-sent) until the deadline. See docs/protocol.md §4.
     """
 
     def __init__(self, client: redis.Redis, *, timeout_s: float = 1.0) -> None:
         self.redis = client
         self.timeout_s = timeout_s
+        self._finished = _core.Finished()
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> Client:
@@ -35,51 +39,64 @@ class Client:
                 request_id: str | None = None) -> Prediction:
         """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
 
-        XADD and BLPOP go in one pipeline: one round trip to Redis.
-        Raises the ``ReplyError`` subclass matching the reply's code.
+        The XADD and the wait go in one round trip. Raises the ``ReplyError`` subclass
+        matching the reply's code, ``DeadlineExceeded`` when no reply came within
+        ``timeout_s``, ``Overloaded`` at once when Redis is out of memory, and
+        ``Unavailable`` when Redis cannot be reached (at once if nothing was sent).
+        ``request_id`` defaults to a random one; a given one is checked.
         """
         timeout_s = timeout_s or self.timeout_s
         pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(keys.request_stream(model), pending.fields)
-        pipe.blpop([pending.reply_key], timeout=_core.block_s(pending.deadline_s))
-        _, popped = pipe.execute()
-        if popped is None:
-            raise _core.timed_out(pending, timeout_s)
-        return _core.unwrap(_core.parse(popped[1]))
+        return _core.unwrap(self._exchange(model, [pending], timeout_s)[0])
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                      timeout_s: float | None = None,
                      return_exceptions: bool = False) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
-        The requests share one reply list, so collecting N replies costs a few
-        LPOP/BLPOP calls, not N. With ``return_exceptions`` a failed request's error
-        takes its place in the list; otherwise the first error is raised.
+        The requests share one reply list, so collecting N replies costs a few round
+        trips, not N. With ``return_exceptions`` a failed request's error takes its
+        place in the list; otherwise the first error is raised. ``Overloaded`` and
+        ``Unavailable`` (Redis itself failing) are always raised.
         """
         timeout_s = timeout_s or self.timeout_s
         pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
         if not pendings:
             return []
-        gatherer = _core.Gatherer(pendings, timeout_s)
-        pipe = self.redis.pipeline(transaction=False)
-        for p in pendings:
-            pipe.xadd(keys.request_stream(model), p.fields)
-        pipe.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s))
-        first = pipe.execute()[-1]
-        gatherer.take([first[1]] if first else None)
-        # LPOP with a count gives a list; replies are bytes (redis-py's types also cover decode_responses).
-        while first and not gatherer.done():
-            popped = cast("list[bytes] | None", self.redis.lpop(gatherer.reply_key, gatherer.remaining))
-            if popped:
-                gatherer.take(popped)
-                continue
-            first = cast("tuple[bytes, bytes] | None",
-                         self.redis.blpop([gatherer.reply_key], timeout=_core.block_s(gatherer.deadline_s)))
-            gatherer.take([first[1]] if first else None)
-        results = gatherer.outcome()
+        results = self._exchange(model, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
+
+    def _exchange(self, model: str, pendings: list[_core.Pending],
+                  timeout_s: float) -> list[Prediction | ReplyError]:
+        exchange = _core.Exchange(model, pendings, timeout_s, self._finished.take())
+        try:
+            while not exchange.done():
+                try:
+                    exchange.receive(self._round_trip(exchange.trip()))
+                except _core.RETRYABLE as e:
+                    time.sleep(exchange.lost(e))
+            return exchange.outcome()
+        finally:
+            self._finished.add(exchange.reply_key)
+
+    def _round_trip(self, trip: _core.Trip) -> list[Any]:
+        """Send ``trip`` on one connection and read every answer; no redis-py retry (it would
+        re-send the XADD). A connection left with unread answers is closed, never reused."""
+        pool = self.redis.connection_pool
+        try:
+            # Any: redis-py leaves the connection's low-level methods untyped.
+            conn: Any = pool.get_connection()
+        except _core.RETRYABLE as e:
+            raise _core.NotConnected(str(e)) from e
+        try:
+            conn.send_packed_command(conn.pack_commands(trip.commands))
+            return [_answer(conn, trip.read_timeout_s) for _ in trip.commands]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
                        label: str | None = None, pnl: float | None = None) -> str:
@@ -105,8 +122,18 @@ class Client:
         return read_health(self.redis, model)
 
     def close(self) -> None:
-        """Release the connection pool."""
-        self.redis.close()
+        """Delete the reply keys of finished calls (best effort), release the connection pool."""
+        finished = self._finished.take()
+        try:
+            if finished:
+                pipe = self.redis.pipeline(transaction=False)
+                for key in finished:
+                    pipe.unlink(key)
+                pipe.execute()
+        except redis.RedisError:
+            pass  # they expire with the reply TTL
+        finally:
+            self.redis.close()
 
     def __enter__(self) -> Client:
         return self
@@ -114,3 +141,11 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+def _answer(conn: Any, timeout_s: float) -> Any:
+    """One command's answer, raw bytes; an error answer is returned (the connection is fine)."""
+    try:
+        return conn.read_response(disable_decoding=True, timeout=timeout_s)
+    except redis.ResponseError as e:
+        return e

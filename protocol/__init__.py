@@ -14,6 +14,7 @@ from protocol.errors import (
     RegistryError,
     ReplyError,
     StreamserveError,
+    Unavailable,
 )
 from protocol.messages import PROTOCOL_VERSION, Prediction, Request
 from protocol.settings import Settings
@@ -33,4 +34,5 @@ __all__ = [
     "Request",
     "Settings",
     "StreamserveError",
+    "Unavailable",
 ]

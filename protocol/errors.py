@@ -10,8 +10,9 @@
     │   ├── Overloaded             OVERLOADED         shed without being computed
     │   └── InternalError          INTERNAL           model failure, dead-lettered entry
     ├── ConfigError                settings or arguments that cannot work
+    ├── Unavailable                Redis cannot be reached (client side)
     ├── RegistryError              unknown model/version, bad stage transition
-    └── ArtifactIntegrityError     artifact bytes do not match the registered sha256
+    └── ArtifactIntegrityError     artifact outside the store, missing, or not matching its sha256
 
 A worker writes ``{"code": err.code, "message": str(err)}``; a client turns it
 back into the same class with :func:`from_reply`.
@@ -53,7 +54,8 @@ class DeadlineExceeded(ReplyError):
 
 
 class Overloaded(ReplyError):
-    """The worker shed the request instead of computing it."""
+    """The worker shed the request instead of computing it, or (client side) Redis refused the
+    request because it is out of memory."""
 
     code = "OVERLOADED"
 
@@ -68,12 +70,21 @@ class ConfigError(StreamserveError):
     """Settings or arguments that cannot work."""
 
 
+class Unavailable(StreamserveError):
+    """Redis cannot be reached: the connection is refused, or lost for longer than the caller's timeout.
+
+    Raised by the clients, never written into a reply. Raised at once when nothing was
+    sent; once a request may have been queued, only after the caller's deadline.
+    """
+
+
 class RegistryError(StreamserveError):
     """Unknown model or version, or a stage change that is not allowed."""
 
 
 class ArtifactIntegrityError(StreamserveError):
-    """An artifact's bytes do not match the sha256 recorded in the registry."""
+    """An artifact's recorded location leaves the artifact directory, or its bytes are missing
+    or do not match the sha256 recorded in the registry."""
 
 
 REPLY_ERRORS: dict[str, type[ReplyError]] = {

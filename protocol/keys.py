@@ -1,7 +1,7 @@
 """Every Redis key and channel streamserve uses is spelled here, and only here.
 
 Per-model keys carry the hash tag ``{<model>}`` so that every multi-key command
-(the reply+ack transaction, BLPOP over several reply keys, registry updates)
+(the reply+ack transaction, the wait on a reply list, registry updates)
 touches a single Redis Cluster slot.
 """
 
@@ -46,7 +46,7 @@ def consumer_group(model: str) -> str:
 
 
 def reply_key(model: str, request_id: str) -> str:
-    """The list a worker LPUSHes the reply to and the bot BLPOPs."""
+    """The list a worker LPUSHes the reply to and the bot reads (docs/protocol.md §4)."""
     return f"{_tag(model)}:reply:{check_request_id(request_id)}"
 
 

@@ -1,0 +1,303 @@
+"""The client keeps its word against a real Redis: timeouts, stray replies, lost connections, OOM.
+
+A fake worker (the test itself) answers the entries the way worker/consumer.py does
+(LPUSH + PEXPIRE on the entry's reply key), so each test controls when and what
+arrives. Every scenario runs with the sync and the asyncio client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from conftest import MODEL, wait_until
+
+from producer import AsyncClient, Client, InvalidInput, Overloaded, Unavailable
+from protocol import keys, messages
+
+X = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
+PROBS = np.array([[0.1, 0.2, 0.7]], np.float32)
+STREAM = keys.request_stream(MODEL)
+
+
+# ---- a fake worker ------------------------------------------------------------------------
+
+
+def entries(r: redis.Redis, n: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The first ``n`` request entries, once the client has sent them."""
+    return wait_until(lambda: (rows := r.xrange(STREAM)) and len(rows) >= n and rows[:n],
+                      message=f"{n} requests were not sent")
+
+
+def request_of(entry: tuple[bytes, dict[bytes, bytes]]) -> messages.Request:
+    return messages.decode_request(entry[0].decode(), entry[1], max_bytes=1 << 24)
+
+
+def answer(r: redis.Redis, entry: tuple[bytes, dict[bytes, bytes]], *, as_id: str | None = None) -> None:
+    """Reply like a worker; ``as_id`` pushes a reply carrying another request's id (a stray)."""
+    request = request_of(entry)
+    if as_id is not None:
+        request = dataclasses.replace(request, request_id=as_id)
+    payload = messages.encode_ok(request, model=MODEL, version=7, outputs={"probs": PROBS},
+                                 labels=["down", "flat", "up"], timings={"queue_ms": 0.5, "infer_ms": 0.5},
+                                 worker="fake")
+    key = keys.reply_key(MODEL, request.reply_to)
+    r.lpush(key, payload)
+    r.pexpire(key, 60_000)
+
+
+def blocked_client(r: redis.Redis) -> dict[str, Any] | None:
+    """The client blocked in a wait (CLIENT LIST flag ``b``), if any."""
+    return next((c for c in r.client_list() if "b" in c["flags"]), None)
+
+
+def blocked_for_s(r: redis.Redis) -> int:
+    """How long (whole seconds, the server's clock) a client has been blocked; 0 if none is."""
+    client = blocked_client(r)
+    return int(client["idle"]) if client else 0
+
+
+# ---- both clients, run in a thread while the test plays the worker ------------------------
+
+
+@pytest.fixture(params=["sync", "async"])
+def call(request: pytest.FixtureRequest) -> Iterator[Callable[..., Future]]:
+    """``call(url, "predict", *args, client_kwargs={…}, **kwargs)`` → a Future of the result."""
+    kind = request.param
+    with ThreadPoolExecutor(1) as pool:
+        def submit(url: str, method: str, *args: Any, client_kwargs: dict | None = None,
+                   **kwargs: Any) -> Future:
+            options = {"timeout_s": 10.0, **(client_kwargs or {})}
+            if kind == "sync":
+                def run() -> Any:
+                    with Client.from_url(url, **options) as client:
+                        return getattr(client, method)(*args, **kwargs)
+            else:
+                async def arun() -> Any:
+                    async with AsyncClient.from_url(url, **options) as client:
+                        return await getattr(client, method)(*args, **kwargs)
+
+                def run() -> Any:
+                    return asyncio.run(arun())
+            return pool.submit(run)
+
+        yield submit
+
+
+def assert_answered(p: messages.Prediction, entry: tuple[bytes, dict[bytes, bytes]]) -> None:
+    assert p.request_id == request_of(entry).request_id
+    np.testing.assert_array_equal(p.outputs["probs"], PROBS)
+    assert p.label == "up" and p.worker == "fake"
+
+
+# ---- 1. timeout_s of any size --------------------------------------------------------------
+
+
+def test_timeout_longer_than_the_socket_timeout_is_honoured(r, redis_server, call):
+    future = call(redis_server.url, "predict", MODEL, X, timeout_s=10.0,
+                  client_kwargs={"socket_timeout": 0.2})
+    entry = entries(r, 1)[0]
+    # Blocked for ≥ 1 s by the server's clock: five times the socket timeout.
+    wait_until(lambda: blocked_for_s(r) >= 1, message="the client stopped waiting")
+    answer(r, entry)
+    assert_answered(future.result(timeout=15), entry)
+    assert r.xlen(STREAM) == 1, "the request was sent once"
+
+
+# ---- 2. a reply whose id is not ours is dropped --------------------------------------------
+
+
+def test_a_stray_reply_is_dropped_and_the_callers_own_is_returned(r, redis_server, call):
+    future = call(redis_server.url, "predict", MODEL, X)
+    entry = entries(r, 1)[0]
+    answer(r, entry, as_id="someone-else")  # first in, so the oldest in the list
+    answer(r, entry)
+    assert_answered(future.result(timeout=15), entry)
+
+
+def test_a_caller_supplied_id_never_reads_an_old_reply_under_that_id(r, redis_server, call):
+    old = keys.reply_key(MODEL, "order-42")
+    r.lpush(old, messages.encode_error("order-42", Overloaded("an earlier call's late reply"),
+                                       model=MODEL, version=1))
+    future = call(redis_server.url, "predict", MODEL, X, request_id="order-42")
+    entry = entries(r, 1)[0]
+    assert request_of(entry).reply_to != "order-42", "a reply key of its own"
+    answer(r, entry)
+    p = future.result(timeout=15)
+    assert p.request_id == "order-42" and p.label == "up"
+
+
+def test_an_empty_request_id_is_rejected_not_replaced(redis_server):
+    with Client.from_url(redis_server.url) as client, pytest.raises(InvalidInput, match="invalid request id"):
+        client.predict(MODEL, X, request_id="")
+
+
+# ---- 3. a reply survives a connection drop -------------------------------------------------
+
+
+class DroppingProxy:
+    """A TCP proxy to Redis that can cut a connection right after Redis answered, before the
+    answer reaches the client: the moment a destructive pop (BLPOP) would lose a reply."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.marker = b""  # drop the first answer that contains this, once
+        self.dropped = 0
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            self.sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if answers and self.marker and self.marker in data:
+                    self.marker, self.dropped = b"", self.dropped + 1
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        _cut(source, sink)
+
+    def close(self) -> None:
+        """Redis goes away: open connections are cut and new ones refused."""
+        _cut(self.listener, *self.sockets)
+
+
+def _cut(*sockets: socket.socket) -> None:
+    """Close with a FIN; shutdown also wakes a thread blocked in recv on the socket."""
+    for s in sockets:
+        with contextlib.suppress(OSError):  # already closed
+            s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+@pytest.fixture
+def proxy(redis_server) -> Iterator[DroppingProxy]:
+    p = DroppingProxy(redis_server.port)
+    yield p
+    p.close()
+
+
+def test_a_reply_lost_in_flight_is_read_again(r, proxy, call):
+    future = call(proxy.url, "predict", MODEL, X)
+    entry = entries(r, 1)[0]
+    wait_until(lambda: blocked_client(r))
+    proxy.marker = request_of(entry).request_id.encode()
+    answer(r, entry)
+    assert_answered(future.result(timeout=15), entry)
+    assert proxy.dropped == 1, "the answer carrying the reply was cut off"
+    assert r.xlen(STREAM) == 1, "the request was not sent again"
+
+
+def test_predict_many_survives_a_reply_lost_in_flight(r, proxy, call):
+    future = call(proxy.url, "predict_many", MODEL, [X, X * 2, X * 3])
+    sent = entries(r, 3)
+    wait_until(lambda: blocked_client(r))
+    proxy.marker = request_of(sent[1]).request_id.encode()
+    answer(r, sent[0], as_id="someone-else")  # a stray in the shared list is dropped too
+    for entry in sent:
+        answer(r, entry)
+    results = future.result(timeout=15)
+    assert [p.request_id for p in results] == [request_of(e).request_id for e in sent]
+    assert proxy.dropped == 1 and r.xlen(STREAM) == 3
+
+
+@pytest.mark.parametrize("method, n", [("predict", 1), ("predict_many", 4)])
+def test_a_killed_connection_is_reopened_without_resending(r, redis_server, call, method, n):
+    args = (X,) if method == "predict" else ([X] * n,)
+    future = call(redis_server.url, method, MODEL, *args)
+    sent = entries(r, n)
+    victim = wait_until(lambda: blocked_client(r))
+    r.client_kill_filter(_id=victim["id"])
+    wait_until(lambda: (c := blocked_client(r)) and c["id"] != victim["id"],
+               message="the client did not wait again on a new connection")
+    for entry in sent:
+        answer(r, entry)
+    result = future.result(timeout=15)
+    got = [result] if method == "predict" else result
+    assert [p.request_id for p in got] == [request_of(e).request_id for e in sent]
+    assert r.xlen(STREAM) == n, "no request was sent twice"
+
+
+def test_redis_gone_past_the_deadline_raises_unavailable(r, proxy, call):
+    future = call(proxy.url, "predict", MODEL, X, timeout_s=1.0)
+    wait_until(lambda: blocked_client(r))
+    proxy.close()
+    with pytest.raises(Unavailable, match="lost the connection"):
+        future.result(timeout=15)
+
+
+# ---- 4. OOM and refusal: typed errors, at once ---------------------------------------------
+
+
+def test_redis_out_of_memory_raises_overloaded_at_once(r, redis_server, call):
+    before = r.config_get("maxmemory")["maxmemory"]
+    r.config_set("maxmemory", 1)
+    try:
+        started = time.monotonic()
+        future = call(redis_server.url, "predict", MODEL, X, timeout_s=20.0)
+        with pytest.raises(Overloaded, match="out of memory"):
+            future.result(timeout=25)
+        assert time.monotonic() - started < 5, "not after the timeout"
+    finally:
+        r.config_set("maxmemory", before)
+    assert r.xlen(STREAM) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_many"])
+def test_connection_refused_raises_unavailable_at_once(call, method):
+    args = (X,) if method == "predict" else ([X, X],)
+    started = time.monotonic()
+    future = call(f"redis://127.0.0.1:{free_port()}/0", method, MODEL, *args, timeout_s=20.0)
+    with pytest.raises(Unavailable, match="cannot be reached"):
+        future.result(timeout=25)
+    assert time.monotonic() - started < 5, "not after the timeout"
+
+
+# ---- reply keys are deleted, not left to expire --------------------------------------------
+
+
+def test_reply_keys_are_deleted_by_the_next_call_and_at_close(r, redis_server):
+    def key_of(entry: tuple[bytes, dict[bytes, bytes]]) -> str:
+        return keys.reply_key(MODEL, request_of(entry).reply_to)
+
+    with ThreadPoolExecutor(1) as pool, Client.from_url(redis_server.url, timeout_s=10.0) as client:
+        first = pool.submit(client.predict, MODEL, X)
+        answer(r, entries(r, 1)[0])
+        first.result(timeout=15)
+        first_key = key_of(entries(r, 1)[0])
+        assert r.exists(first_key), "kept until the next call: no extra round trip"
+        second = pool.submit(client.predict, MODEL, X)
+        entry = entries(r, 2)[1]
+        assert not r.exists(first_key), "deleted in the same round trip as the next XADD"
+        answer(r, entry)
+        second.result(timeout=15)
+    assert not r.keys(keys.reply_key_pattern(MODEL)), "close() deletes the rest"
