@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 @contextmanager
 def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, ExperimentStore]]:
     with redis.Redis.from_url(settings.redis_url) as client:
-        registry = Registry(client, settings.artifact_dir)
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         yield client, registry, ExperimentStore(client, registry)
 
 

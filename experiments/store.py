@@ -140,7 +140,7 @@ class ExperimentStore:
 
     def _nudge(self, model: str) -> None:
         """Workers re-read their model's state now rather than at the next reconcile."""
-        publish_reload(self.redis, model)
+        publish_reload(self.redis, model, secret=self.registry.control_secret)
 
 
 def _validate(e: Experiment) -> None:

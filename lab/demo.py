@@ -63,7 +63,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 def _experiment(settings: Settings, args: argparse.Namespace, console):
     """Run an experiment under bot load with outcomes, analyze it, write the report and plot."""
     with redis.Redis.from_url(settings.redis_url) as client:
-        registry = Registry(client, settings.artifact_dir)
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         e = ExperimentStore(client, registry).create(settings.model, 2, 1, treatment_share=0.10,
                                                      unit="request_id")
         console.print(f"experiment {e.id}: v{e.control_version} (control, 90%) vs "
@@ -93,7 +93,7 @@ def _promote_when(settings: Settings, go: threading.Event, console) -> None:
     """Promote v2 once the load is under way and show the fleet switching."""
     go.wait()
     with redis.Redis.from_url(settings.redis_url) as client:
-        registry = Registry(client, settings.artifact_dir)
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         registry.promote(settings.model, 2, reason="demo: retrained model")
         report = wait_for_fleet(client, settings.model, 2, timeout_s=60)
     state = "switched" if report.ok else "did NOT switch"

@@ -75,7 +75,7 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
     gate = Gate(args.min_agreement, args.max_accuracy_drop_pp)
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     with redis.Redis.from_url(settings.redis_url) as client, tempfile.TemporaryDirectory() as tmp:
-        registry = Registry(client, settings.artifact_dir)
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         mv = registry.get(args.name, args.version)
         data = EvalData(**dict(np.load(args.data, allow_pickle=False))) if args.data else reference_data(mv)
         with Progress(console=console, transient=True) as bar:

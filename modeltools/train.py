@@ -25,7 +25,7 @@ def train_and_register(settings: Settings, model: str, *, epochs: int = 4, n_tra
     print(f"held-out accuracy {result.accuracy:.4f} on {result.n_test} samples "
           f"({result.train_seconds:.1f} s on CPU)")
     with tempfile.TemporaryDirectory() as tmp, redis.Redis.from_url(settings.redis_url) as client:
-        registry = Registry(client, settings.artifact_dir)
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         onnx_path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
         torch_path = reference.export_torch(result.model, Path(tmp) / "model.pt2")
         held_out, _ = reference.synthetic_dataset(PARITY_ROWS, seed=seed + 2)

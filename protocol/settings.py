@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,11 @@ class Settings(BaseSettings):
 
     max_message_bytes: int = Field(16 << 20, ge=1024, description="bound on one decoded entry")
     max_request_rows: int = Field(1024, ge=1, description="samples one request may carry")
+
+    # min_length also refuses "**********", what a JSON dump of a SecretStr holds in place of the secret.
+    control_secret: SecretStr | None = Field(
+        None, min_length=16, description="HMAC-SHA256 key for control messages: when set, workers obey "
+        "only messages signed with it and publishers sign theirs (docs/security.md)")
 
     @model_validator(mode="after")
     def _heartbeat_outlives_interval(self) -> Settings:

@@ -117,7 +117,7 @@ def _add_changes(sub: argparse._SubParsersAction) -> None:
 @contextmanager
 def _registry(settings: Settings) -> Iterator[Registry]:
     with redis.Redis.from_url(settings.redis_url) as client:
-        yield Registry(client, settings.artifact_dir)
+        yield Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
 
 
 def _pairs(items: list[str], cast=str) -> dict:

@@ -1,8 +1,9 @@
 """Tell the fleet to converge on the registry, and watch it do so through the heartbeats.
 
-A reload message is a nudge (``protocol.control``); the registry stays the
-truth. ``wait_for_fleet`` reads the heartbeat schema of ``protocol.presence``,
-so the registry needs nothing from the serving side to wait for a rollout.
+A reload message is a nudge (``protocol.control``), signed with the
+``control_secret`` when one is set; the registry stays the truth.
+``wait_for_fleet`` reads the heartbeat schema of ``protocol.presence``, so the
+registry needs nothing from the serving side to wait for a rollout.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ class FleetReport:
         return [*out, f"{self.model}: fleet {state} to v{self.version} in {self.elapsed_s:.2f} s ({counts})"]
 
 
-def publish_reload(client, model: str, version: int | None = None) -> int:
-    """Publish a reload command; returns how many subscribers received it."""
-    return int(client.publish(keys.control_channel(), control.reload(model, version).encode()))
+def publish_reload(client, model: str, version: int | None = None, *,
+                   secret: control.Secret | None = None) -> int:
+    """Publish a reload command, signed when there is a ``secret``; returns how many subscribers got it.
+
+    Workers that have the secret (setting ``control_secret``) ignore an unsigned reload.
+    """
+    command = control.reload(model, version, secret=secret)
+    return int(client.publish(keys.control_channel(), command.encode()))
 
 
 def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s: float = 0.05,

@@ -23,7 +23,7 @@ import numpy as np
 import redis
 from pydantic import TypeAdapter
 
-from protocol import keys
+from protocol import control, keys
 from protocol.errors import RegistryError
 from protocol.values import text, text_dict
 from registry import artifacts
@@ -140,10 +140,12 @@ def default_actor() -> str:
 class Registry:
     """Register, look up, stage, alias and delete model versions."""
 
-    def __init__(self, client: redis.Redis, artifact_dir: Path, *, actor: str | None = None) -> None:
+    def __init__(self, client: redis.Redis, artifact_dir: Path, *, actor: str | None = None,
+                 control_secret: control.Secret | None = None) -> None:
         self.redis = client
         self.artifact_dir = Path(artifact_dir)
         self.actor = actor or default_actor()
+        self.control_secret = control_secret  # signs the reloads it publishes (docs/security.md)
 
     # ---- versions ------------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class Registry:
         self._queue_history(pipe, name, "variant", version, mv.serving_variant or PRIMARY, variant, reason)
         pipe.execute()
         if mv.stage == "Production":
-            publish_reload(self.redis, name, version)
+            publish_reload(self.redis, name, version, secret=self.control_secret)
         return self.get(name, version)
 
     def _store_golden(self, golden: dict[str, np.ndarray]) -> tuple[str, str]:
@@ -311,7 +313,7 @@ class Registry:
                 except redis.WatchError:
                     continue
         if stage == "Production" and publish:
-            publish_reload(self.redis, name, version)
+            publish_reload(self.redis, name, version, secret=self.control_secret)
         return self.get(name, version)
 
     @staticmethod

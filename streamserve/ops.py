@@ -45,7 +45,7 @@ def parity_checker(registry: Registry, mv: ModelVersion) -> dict[str, float]:
 def _reload(args: argparse.Namespace, settings: Settings) -> int:
     with redis.Redis.from_url(settings.redis_url) as client:
         target = Registry(client, settings.artifact_dir).production(args.model).version
-        receivers = publish_reload(client, args.model, target)
+        receivers = publish_reload(client, args.model, target, secret=settings.control_secret)
         print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
         if not args.wait:
             return 0

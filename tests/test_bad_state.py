@@ -16,7 +16,7 @@ from conftest import MODEL, ThreadedWorker, wait_until
 
 from experiments.store import ExperimentStore
 from producer import Client
-from protocol import codec, keys, messages
+from protocol import codec, control, keys, messages
 from protocol.errors import ConfigError, InvalidInput, ModelNotFound, RegistryError
 from registry import ModelVersion
 from worker.inputs import InputSpec
@@ -209,3 +209,16 @@ def test_a_redis_error_in_a_step_is_reported_not_raised(settings, production, mo
         wait_until(lambda: "NOGROUP" in worker.problems.get("redis", ""), message="not reported")
         monkeypatch.undo()
         wait_until(lambda: "redis" not in worker.problems, message="not cleared after recovery")
+
+
+def test_malformed_control_messages_are_reported_and_the_listener_lives_on(r, settings, production):
+    settings = settings.with_overrides(reconcile_interval_s=600)  # only a control message re-reads
+    with ThreadedWorker(Worker(settings, MODEL)) as worker:
+        wait_until(lambda: worker.listener is not None and r.pubsub_numsub(keys.control_channel())[0][1] > 0,
+                   message="listener never subscribed")
+        r.publish(keys.control_channel(), '{"command": "reload", "model": 123}')
+        wait_until(lambda: "control messages rejected: 1 malformed" in worker.problem(),
+                   message="rejection not reported")
+        worker.slot.target_version = None  # forget, so that only a real reload brings it back
+        r.publish(keys.control_channel(), control.reload(MODEL).encode())
+        wait_until(lambda: worker.slot.target_version == production.version, message="listener died")

@@ -35,9 +35,11 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DIED = signal.SIGUSR1  # a supervised worker drains and exits on it
 
 
-def _child(settings_json: str, model: str, max_queue_ms: float, verbose: bool, parent_pid: int) -> None:
+def _child(settings_json: str, secret: str | None, model: str, max_queue_ms: float, verbose: bool,
+           parent_pid: int) -> None:
     configure_logging(verbose)
-    worker = Worker(Settings.model_validate_json(settings_json), model, max_queue_ms=max_queue_ms)
+    settings = Settings.model_validate_json(settings_json).with_overrides(control_secret=secret)
+    worker = Worker(settings, model, max_queue_ms=max_queue_ms)
     worker.install_signal_handlers(sigint=False)
     # Its own signal, not SIGTERM: it may come more than once, and must never count as a forcing second.
     signal.signal(PARENT_DIED, lambda _signum, _frame: worker.stop())
@@ -67,7 +69,10 @@ class Supervisor:
         self._ctx = mp.get_context("spawn")
 
     def _spawn(self) -> SpawnProcess:
-        args = (self.settings.model_dump_json(), self.model, self.max_queue_ms,
+        # Plain strings only cross to the child; the JSON masks the control secret, so it goes apart.
+        secret = self.settings.control_secret
+        args = (self.settings.model_dump_json(exclude={"control_secret"}),
+                secret.get_secret_value() if secret else None, self.model, self.max_queue_ms,
                 logging.getLogger("worker").isEnabledFor(logging.DEBUG), os.getpid())
         child = self._ctx.Process(target=_child, args=args, daemon=False)
         child.start()

@@ -80,6 +80,7 @@ class Worker:
         # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
+        self.listener: ControlListener | None = None
 
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
@@ -88,14 +89,15 @@ class Worker:
                 return
         self.reconcile()
         log.info("worker %s serving %s (%s)", self.worker_id, self.model, self.slot.describe())
-        listener = None if self.burst else ControlListener(
-            self.settings.redis_url, self.model, lambda _command: self.reload_requested.set()).start()
+        self.listener = None if self.burst else ControlListener(
+            self.settings.redis_url, self.model, lambda _command: self.reload_requested.set(),
+            secret=self.settings.control_secret).start()
         try:
             while not self.stopping.is_set() and self._step_or_wait():
                 pass
         finally:
-            if listener is not None:
-                listener.stop()
+            if self.listener is not None:
+                self.listener.stop()
             self._sign_off()
 
     def _start_up(self) -> bool:
@@ -274,6 +276,9 @@ class Worker:
     def problem(self) -> str:
         """Everything wrong right now, for the heartbeat's ``error`` (empty when healthy)."""
         parts = [self.slot.problem(), *(f"{area}: {p}" for area, p in sorted(self.problems.items()))]
+        if self.listener is not None and self.listener.rejected:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.listener.rejected.items()))
+            parts.append(f"control messages rejected: {counts} (last: {self.listener.last_rejection})")
         return "; ".join(p for p in parts if p)
 
     def _state(self) -> str:
