@@ -50,7 +50,7 @@ def decode_tensor(obj: Any, *, max_bytes: int) -> np.ndarray:
         raise InvalidInput(f"tensor shape must be a list of at most {MAX_NDIM} ints")
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"tensor shape {shape!r} must hold non-negative ints")
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | memoryview):
         raise InvalidInput("tensor data must be msgpack bin")
     expected = math.prod(shape) * np.dtype(dtype).itemsize
     if expected > max_bytes:
@@ -113,19 +113,31 @@ class _BodyReader:
 
     A generic ``unpackb`` would build whatever the bytes describe: 15 MB of nested
     empty arrays becomes a billion bytes of Python lists. Here only the shapes the
-    schema allows are ever decoded, so memory stays within the payload's size plus
-    one copy of each tensor's data.
+    schema allows are ever decoded, and tensor data stays a view into the payload, so
+    decoding allocates next to nothing beyond the entry itself.
     """
 
     def __init__(self, payload: bytes, max_bytes: int) -> None:
-        self.payload = payload
+        self.payload, self.max_bytes = payload, max_bytes
+        self._start_at(0)
+
+    def _start_at(self, offset: int) -> None:
+        """Read on from ``offset`` (a BytesIO of bytes shares them: no copy of the payload)."""
+        stream = io.BytesIO(self.payload)
+        stream.seek(offset)
+        self.base = offset
         self.unpacker = msgpack.Unpacker(
-            io.BytesIO(payload), raw=False, read_size=min(len(payload), 1 << 16) or 1,
-            max_buffer_size=1 << 20, max_str_len=MAX_NAME_CHARS, max_bin_len=max_bytes,
+            stream, raw=False, read_size=min(len(self.payload), 1 << 16) or 1,
+            max_buffer_size=1 << 20, max_str_len=MAX_NAME_CHARS, max_bin_len=self.max_bytes,
             max_array_len=MAX_NDIM, max_map_len=64, max_ext_len=0, strict_map_key=True)
 
+    def tell(self) -> int:
+        """Offset of the next value in the payload."""
+        offset: int = self.base + self.unpacker.tell()
+        return offset
+
     def _expect(self, kind: str, what: str) -> None:
-        offset = self.unpacker.tell()
+        offset = self.tell()
         if offset >= len(self.payload):
             raise InvalidInput(f"msgpack ends before {what}")
         found = _kind(self.payload[offset])
@@ -145,22 +157,21 @@ class _BodyReader:
         self._expect(kind, what)
         return self.unpacker.unpack()
 
-    def data(self, what: str, max_bytes: int) -> bytes:
-        """A bin's bytes, its length checked from the header before they are read."""
+    def data(self, what: str, max_bytes: int) -> memoryview:
+        """A bin's bytes as a view into the payload (no copy), its length checked from the header."""
         self._expect("bin", what)
-        offset = self.unpacker.tell()
+        offset = self.tell()
         fmt = _BIN_LENGTH[self.payload[offset]]
-        size = struct.calcsize(fmt)
+        start = offset + 1 + struct.calcsize(fmt)
         (length,) = struct.unpack_from(fmt, self.payload, offset + 1)
-        if length > max_bytes or offset + 1 + size + length > len(self.payload):
+        if length > max_bytes or start + length > len(self.payload):
             raise InvalidInput(f"{what} of {length} bytes is over the limit or past the end")
-        self.unpacker.read_bytes(1 + size)
-        data: bytes = self.unpacker.read_bytes(length)
-        return data
+        self._start_at(start + length)  # skip the data without reading it through msgpack
+        return memoryview(self.payload)[start:start + length]
 
     def finish(self) -> None:
         """Nothing may follow the body."""
-        if self.unpacker.tell() != len(self.payload):
+        if self.tell() != len(self.payload):
             raise InvalidInput("trailing bytes after the msgpack body")
 
 

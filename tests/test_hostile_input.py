@@ -68,7 +68,7 @@ def test_generic_msgpack_would_have_blown_up_on_the_same_bytes():
     assert peak > 10 * len(payload)
 
 
-def test_a_legitimate_large_tensor_costs_at_most_twice_its_size():
+def test_a_legitimate_large_tensor_is_a_view_into_the_entry():
     array = np.ones((4000, 60, 16), dtype=np.float32)  # 15.4 MB
     payload = codec.pack({"features": codec.encode_tensor(array)})
     result: dict = {}
@@ -77,7 +77,7 @@ def test_a_legitimate_large_tensor_costs_at_most_twice_its_size():
         result["r"] = messages.decode_request("1-0", _entry(payload), max_bytes=MAX_BYTES)
 
     peak = _peak_bytes(decode)
-    assert peak <= 2 * len(payload) + (1 << 20)
+    assert peak <= len(payload) // 10 + (1 << 20), "the tensor data was copied"
     np.testing.assert_array_equal(result["r"].inputs["features"], array)
 
 
