@@ -154,17 +154,20 @@ def _wait_for_serving(client: Redis, workers: int, timeout_s: float = 120.0) -> 
             time.sleep(0.2)
 
 
-def _settle(client: Redis, s: Settings, result: ChaosResult) -> None:
-    """After the load: let takeover finish, then count leftovers and the group's consumers."""
-    live = len(Client(client).health(MODEL).workers)
+def _settle(client: Redis, s: Settings, result: ChaosResult, running: int) -> None:
+    """After the load: let the last victim's heartbeat expire and takeover finish, then count.
+
+    ``running`` worker processes are alive; the group should shrink to them within a few TTLs.
+    """
     deadline = time.monotonic() + 3 * s.heartbeat_ttl_s
     stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
     while time.monotonic() < deadline:
+        live = len(Client(client).health(MODEL).workers)
         consumers = len(client.xinfo_consumers(stream, group))
-        if consumers == live and client.xpending(stream, group)["pending"] == 0:
+        if live == consumers == running and client.xpending(stream, group)["pending"] == 0:
             break
         time.sleep(0.2)
-    result.live_workers_end = live
+    result.live_workers_end = len(Client(client).health(MODEL).workers)
     result.consumers_end = len(client.xinfo_consumers(stream, group))
     result.pending_end = int(client.xpending(stream, group)["pending"])
     result.stream_length_end = int(client.xlen(stream))
@@ -211,7 +214,7 @@ def run(settings: Settings, seconds: float, rate_rps: float, *, workers: int = 2
                 t.join()
         pool.check()
         result.crashes, result.hostile = pool.crashes, fuzz.counts(client)
-        _settle(client, s, result)
+        _settle(client, s, result, running=len(pool.procs))
         pool.stop()
         client.close()
     return result
