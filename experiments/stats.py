@@ -1,6 +1,9 @@
 """Statistics for experiments. Every test is scipy's own where scipy has one.
 
-- Sample-ratio mismatch: chi-square goodness of fit (``scipy.stats.chisquare``).
+- Sample-ratio mismatch: chi-square goodness of fit (``scipy.stats.chisquare``) for a
+  single check; for the check made at every analysis, an anytime-valid Bayes factor of
+  a Dirichlet-multinomial mixture against the configured split (Lindon & Malek, 2022,
+  with ``scipy.stats.dirichlet_multinomial`` and ``multinomial``).
 - Hit rate (binary): two-proportion test (``chi2_contingency`` without continuity
   correction, which equals the pooled z-test); paired, in shadow mode: exact
   McNemar (``binomtest`` on the discordant pairs).
@@ -44,6 +47,39 @@ def sample_ratio_mismatch(observed: Sequence[int], weights: Sequence[float]) -> 
     expected = np.asarray(weights, dtype=float) / np.sum(weights) * counts.sum()
     result = stats.chisquare(counts, expected)
     return TestResult("chi-square SRM", float(result.statistic), float(result.pvalue))
+
+
+SRM_PRIOR_CONCENTRATION = 100.0  # Dirichlet prior centred on the configured split, worth 100 units
+
+
+def srm_log_bayes_factor(counts: np.ndarray, weights: Sequence[float], *,
+                         concentration: float = SRM_PRIOR_CONCENTRATION) -> np.ndarray:
+    """log BF of the Dirichlet-multinomial mixture vs the split, over the last axis of ``counts``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    p0 = np.asarray(weights, dtype=float) / float(np.sum(weights))
+    n = counts.sum(axis=-1)
+    log_bf: np.ndarray = (stats.dirichlet_multinomial.logpmf(counts, concentration * p0, n)
+                          - stats.multinomial.logpmf(counts, n, p0))
+    return log_bf
+
+
+def sequential_srm(observed: Sequence[int], weights: Sequence[float], *,
+                   concentration: float = SRM_PRIOR_CONCENTRATION) -> TestResult:
+    """Sample-ratio mismatch that may be checked at every analysis without inflating false alarms.
+
+    The statistic is the log Bayes factor of a Dirichlet-multinomial mixture (prior
+    centred on the configured split) against the split itself. Under the null it is a
+    nonnegative martingale, so by Ville's inequality P(it ever reaches 1/alpha) <= alpha:
+    the p-value min(1, 1/BF) is valid at every look, however many. ``estimate`` is the
+    last arm's observed share.
+    """
+    counts = np.asarray(observed, dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0:
+        return TestResult("sequential SRM (Dirichlet-multinomial)", 0.0, 1.0)
+    log_bf = float(srm_log_bayes_factor(counts, weights, concentration=concentration))
+    return TestResult("sequential SRM (Dirichlet-multinomial)", log_bf, float(min(1.0, math.exp(-log_bf))),
+                      estimate=float(counts[-1] / n))
 
 
 def two_proportions(hits_a: int, n_a: int, hits_b: int, n_b: int, confidence: float = 0.95) -> TestResult:

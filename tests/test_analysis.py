@@ -20,7 +20,7 @@ def arm(exposures, hit_rate, *, outcomes=None, errors=0, latency_ms=5.0, seed=0)
 def test_sample_ratio_mismatch_halts_before_anything_else():
     d = analyze(EXP, arm(10_500, 0.55), arm(9_500, 0.60), look=5, planned_n_per_arm=N)
     assert d.decision == "HALT" and "sample-ratio" in d.reason
-    assert d.tests[0]["test"] == "chi-square SRM"
+    assert d.tests[0]["test"] == "sequential SRM (Dirichlet-multinomial)"
 
 
 def test_much_worse_treatment_is_rolled_back_at_any_look():

@@ -60,3 +60,36 @@ def test_light_simulation_meets_the_targets(capsys):
     assert "A/A false promotions" in out and "OK" in out
     null = S.simulate_promotions(0.55, 0.0, 8000, looks=40, alpha=0.005, sims=2000, seed=4)
     assert null["sequential"] <= 0.01 < 0.15 < null["naive_peeking_p05"]
+
+
+def _srm_paths(paths: int, looks: int, per_look: int, share: float, seed: int) -> np.ndarray:
+    """Cumulative (control, treatment) exposures at each look: shape (paths, looks, 2)."""
+    rng = np.random.default_rng(seed)
+    treatment = rng.binomial(per_look, share, size=(paths, looks)).cumsum(axis=1)
+    total = per_look * np.arange(1, looks + 1)
+    return np.stack([total - treatment, treatment], axis=-1)
+
+
+def test_sequential_srm_checked_at_every_look_keeps_false_halts_below_alpha():
+    # A/A at 90/10, checked at 200 analyses (one a minute): the chi-square test checked that
+    # often halts far more than its nominal 0.1 %; the anytime-valid test stays below it.
+    counts = _srm_paths(2000, 200, 100, 0.10, seed=3)
+    log_bf = S.srm_log_bayes_factor(counts, [0.9, 0.1])
+    sequential_false_halts = np.mean((log_bf >= np.log(1 / 0.001)).any(axis=1))
+    expected = counts.sum(axis=-1, keepdims=True) * np.array([0.9, 0.1])
+    chi2 = (((counts - expected) ** 2) / expected).sum(axis=-1)
+    chi_square_false_halts = np.mean((stats.chi2.sf(chi2, df=1) < 0.001).any(axis=1))
+    assert sequential_false_halts <= 0.002
+    assert chi_square_false_halts > 3 * max(sequential_false_halts, 0.001)
+
+
+def test_sequential_srm_detects_a_real_mismatch_and_agrees_with_its_vector_form():
+    counts = _srm_paths(500, 200, 100, 0.12, seed=4)  # 88/12 where 90/10 was configured
+    detected = (S.srm_log_bayes_factor(counts, [0.9, 0.1]) >= np.log(1000)).any(axis=1)
+    assert detected.mean() >= 0.95
+    single = S.sequential_srm([17_600, 2_400], [0.9, 0.1])
+    assert single.p_value < 0.001 and single.estimate == pytest.approx(0.12)
+    assert single.statistic == pytest.approx(float(S.srm_log_bayes_factor(np.array([17_600, 2_400]),
+                                                                          [0.9, 0.1])))
+    assert S.sequential_srm([9000, 1000], [0.9, 0.1]).p_value == 1.0
+    assert S.sequential_srm([0, 0], [0.9, 0.1]).p_value == 1.0
