@@ -156,6 +156,7 @@ class DroppingProxy:
         self.marker = b""  # drop the first answer that contains this, once
         self.dropped = 0
         self.sockets: list[socket.socket] = []
+        self.closed, self.lock = False, threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -165,7 +166,11 @@ class DroppingProxy:
             except OSError:
                 return  # closed
             server = socket.create_connection(self.upstream)
-            self.sockets += [client, server]
+            with self.lock:  # a connection accepted while close() ran must not outlive it
+                if self.closed:
+                    _cut(client, server)
+                    return
+                self.sockets += [client, server]
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
@@ -182,7 +187,9 @@ class DroppingProxy:
 
     def close(self) -> None:
         """Redis goes away: open connections are cut and new ones refused."""
-        _cut(self.listener, *self.sockets)
+        with self.lock:
+            self.closed = True
+            _cut(self.listener, *self.sockets)
 
 
 def _cut(*sockets: socket.socket) -> None:
