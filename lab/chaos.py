@@ -32,10 +32,10 @@ from rich.table import Table
 from lab import hostile
 from lab.bench import reference_artifact
 from lab.embedded_redis import EmbeddedRedis
+from lab.pacing import paced_bot
 from modeltools import reference
 from producer import Client
 from protocol import keys
-from protocol.errors import ReplyError
 from protocol.settings import Settings
 from registry import Registry
 
@@ -124,25 +124,16 @@ class WorkerPool:
 
 
 def _bot(url: str, rate_rps: float, stop: threading.Event, result: ChaosResult, lock: threading.Lock) -> None:
-    x = np.random.default_rng(7).standard_normal((60, 110)).astype(np.float32)
-    period_s, next_at = 1.0 / rate_rps, time.monotonic()
-    with Client.from_url(url, timeout_s=REQUEST_TIMEOUT_S) as client:
-        while not stop.is_set():
-            next_at += period_s
-            started = time.perf_counter()
-            try:
-                client.predict(MODEL, x)
-                code = None
-            except ReplyError as e:
-                code = e.code
-            with lock:
-                result.sent += 1
-                if code is None:
-                    result.answered += 1
-                    result.latencies_ms.append((time.perf_counter() - started) * 1000)
-                else:
-                    result.errors[code] = result.errors.get(code, 0) + 1
-            stop.wait(max(0.0, next_at - time.monotonic()))
+    def record(code: str | None, latency_ms: float) -> None:
+        with lock:
+            result.sent += 1
+            if code is None:
+                result.answered += 1
+                result.latencies_ms.append(latency_ms)
+            else:
+                result.errors[code] = result.errors.get(code, 0) + 1
+
+    paced_bot(url, MODEL, rate_rps, stop, record, timeout_s=REQUEST_TIMEOUT_S, seed=7)
 
 
 def _wait_for_serving(client: Redis, workers: int, timeout_s: float = 120.0) -> None:

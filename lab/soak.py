@@ -26,10 +26,9 @@ from scipy import stats
 from lab.bench import reference_artifact
 from lab.embedded_redis import EmbeddedRedis
 from lab.fleet import Fleet
+from lab.pacing import paced_bot
 from modeltools import reference
-from producer import Client
 from protocol import keys
-from protocol.errors import ReplyError
 from protocol.settings import Settings
 from registry import Registry
 
@@ -66,22 +65,14 @@ class SoakResult:
 
 
 def _bot(url: str, rate_rps: float, stop: threading.Event, result: SoakResult, lock: threading.Lock) -> None:
-    x = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
-    period_s, next_at = 1.0 / rate_rps, time.monotonic()
-    with Client.from_url(url, timeout_s=5.0) as client:
-        while not stop.is_set():
-            next_at += period_s
-            try:
-                client.predict(MODEL, x)
-                outcome = None
-            except ReplyError as e:
-                outcome = e.code
-            with lock:
-                result.sent += 1
-                result.answered += outcome is None
-                if outcome:
-                    result.errors[outcome] = result.errors.get(outcome, 0) + 1
-            stop.wait(max(0.0, next_at - time.monotonic()))
+    def record(code: str | None, _latency_ms: float) -> None:
+        with lock:
+            result.sent += 1
+            result.answered += code is None
+            if code:
+                result.errors[code] = result.errors.get(code, 0) + 1
+
+    paced_bot(url, MODEL, rate_rps, stop, record, timeout_s=5.0)
 
 
 def run(settings: Settings, minutes: float, rate_rps: float, *, bots: int = 2, processes: int = 2,
