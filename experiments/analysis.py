@@ -1,47 +1,54 @@
-"""From per-arm measurements to a decision: HALT, ROLLBACK, PROMOTE, CONTINUE or KEEP.
+"""From an experiment's observations to a decision: HALT, ROLLBACK, PROMOTE, CONTINUE or KEEP.
 
-Order of checks, at every look:
-1. Sample-ratio mismatch (split mode): p < 0.001 → HALT; nothing else is read.
-2. Guardrails, always valid (checked as often as one likes): each arm's hit rate
-   and error rate get a confidence sequence (alpha split between the arms); if
-   the treatment is shown worse than control by more than the margin → ROLLBACK.
-   Latency p95 has no closed-form sequence: its bootstrap interval uses
-   alpha / planned_looks at every look (Bonferroni over the looks).
-3. PROMOTE only at a planned look: the primary metric's z crosses the
-   O'Brien–Fleming bound for this look, and every guardrail is shown inside its
-   margin (non-inferiority intervals).
-4. Otherwise CONTINUE; at the last planned look, KEEP the champion.
+At every analysis, on the data of :mod:`experiments.summary` (matured outcomes,
+clusters by randomisation unit, time-aligned latency windows):
+
+1. **HALT** (split mode) when the data cannot be read as an experiment:
+   - sample-ratio mismatch of the *randomisation units* (a sequential
+     Dirichlet-multinomial Bayes factor reaching 1/``SRM_ALPHA``), or
+   - outcome arrival rates that differ between the arms (always-valid intervals
+     that are apart by more than ``ARRIVAL_TOLERANCE``): missing outcomes would
+     bias every comparison.
+2. **ROLLBACK** as soon as an always-valid interval shows harm: the primary metric
+   worse than control at all (``HARM_ALPHA``), the other of hit rate / P&L worse
+   by more than its margin, the error rate above control's by more than its
+   margin, or the treatment's latency above control's p95 + margin in the same
+   minutes more often than 5 %.
+3. **PROMOTE** once the primary effect's cluster-robust z has crossed the
+   O'Brien–Fleming boundary at a planned look (looks are reached by
+   *information*, 1 / variance of the primary effect, so clustered data needs
+   more requests; the boundary is t-corrected for the number of clusters and
+   tested once per look) and every guardrail's always-valid interval is inside its
+   margin. Efficacy shown, the guardrails may be waited for: they are always valid.
+4. **KEEP** the champion at the last planned look; otherwise **CONTINUE**.
+
+No decision but HALT is taken before each arm has ``min_units_per_arm`` units.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from experiments import stats
+from experiments.data import Observations
+from experiments.stats import Difference, TestResult
 from experiments.store import Experiment
+from experiments.summary import LATENCY_QUANTILE, Summary, summarize
 
-SRM_P = 0.001
-GUARDRAIL_ALPHA = 0.05
-
-
-@dataclass
-class ArmData:
-    """What one arm has seen so far (matured outcomes only)."""
-
-    exposures: int
-    errors: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    correct: int = 0
-    outcomes: int = 0
-    pnl: list[float] = field(default_factory=list)
-    only_right: int = 0  # shadow mode: outcomes only this arm got right (discordant pairs)
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of matured outcomes that were right."""
-        return self.correct / self.outcomes if self.outcomes else float("nan")
+SRM_ALPHA = 0.001
+ARRIVAL_ALPHA = 0.002  # split between the arms' intervals
+ARRIVAL_TOLERANCE = 0.005  # arrival rates may differ by half a point before the data is called biased
+HARM_ALPHA = 0.004  # one-sided: primary metric shown worse than control
+GUARDRAIL_ALPHA = 0.002  # one-sided, per guardrail, for ROLLBACK and for PROMOTE's margins
+ERROR_ALPHA = 0.025  # per arm: the error-rate intervals cover 97.5 % at every look
+ESTIMATED_VARIANCE_ALLOWANCE = 1.05  # 5 % more information than a known-variance design
+TIGHT_FRACTION = 1 / 3  # always-valid intervals are tightest at a third of the planned sample
+UNITS = {"hit_rate": "pp", "pnl": "P&L per trade"}
 
 
 @dataclass(frozen=True)
@@ -50,104 +57,253 @@ class Decision:
 
     decision: str
     reason: str
-    look: int
+    look: int  # planned looks reached (0: before the first)
     tests: list[dict]
-    at: float
+    at: float  # wall clock of the analysis (Unix s)
+    now_s: float = math.nan  # the data's clock: what the analysis saw
+    info_fraction: float = 0.0  # primary metric's information / planned information
+    exposures: list[int] = field(default_factory=list)  # per arm [control, treatment]
+    units: list[int] = field(default_factory=list)  # randomisation units per arm
+    planned: dict = field(default_factory=dict)  # planned outcomes per arm (hit-rate primary)
+    boundary_tested: bool = False  # this analysis spent its look's boundary test
+    primary_crossed: bool = False  # the primary effect has crossed the boundary (now or earlier)
 
     def to_dict(self) -> dict:
         """JSON-ready."""
         return asdict(self)
 
 
-def analyze(experiment: Experiment, control: ArmData, treatment: ArmData, look: int,
-            planned_n_per_arm: int, *, earlier_at_look: str | None = None) -> Decision:
-    """The decision at ``look`` (1-based) of ``experiment.planned_looks``.
+@dataclass
+class _Look:
+    """Where the analysis stands: the primary effect, its information and the planned look."""
 
-    The boundary is tested once per look: ``earlier_at_look`` is what an earlier
-    analysis at the same look decided ("PROMOTE", or anything else for "not
-    crossed"), and is kept rather than tested again, which would spend alpha
-    the design did not plan for. HALT and ROLLBACK are re-checked every time.
-    """
-    tests: list[stats.TestResult] = []
-    if experiment.mode == "split":
-        # Checked at every analysis, so it must be anytime-valid: a chi-square test checked
-        # each minute raised false HALTs from 0.10 % to 1.91 % (issue 10).
-        srm = stats.sequential_srm([control.exposures, treatment.exposures],
-                                   [1 - experiment.treatment_share, experiment.treatment_share])
-        tests.append(srm)
-        if srm.p_value < SRM_P:
-            return _decision("HALT", f"sample-ratio mismatch (p = {srm.p_value:.2g})", look, tests)
-    breach = _guardrail_breach(experiment, control, treatment, tests)
-    if breach:
-        return _decision("ROLLBACK", breach, look, tests)
-    if earlier_at_look == "PROMOTE":
-        return _decision("PROMOTE", f"the boundary was crossed at look {look} already", look, tests)
-    if earlier_at_look is None and _promotable(experiment, control, treatment, look, planned_n_per_arm,
-                                               tests):
-        return _decision("PROMOTE", "primary metric crossed the boundary; guardrails inside margins",
-                         look, tests)
-    if look >= experiment.planned_looks:
-        return _decision("KEEP", "last planned look without a promotion: keep the champion", look, tests)
-    return _decision("CONTINUE", "no boundary crossed yet", look, tests)
+    primary: Difference
+    effect: float
+    info_fraction: float
+    look: int
+    tight_n: float
+    tests: list[TestResult] = field(default_factory=list)
 
 
-def _decision(decision: str, reason: str, look: int, tests: list[stats.TestResult]) -> Decision:
-    return Decision(decision, reason, look, [asdict(t) for t in tests], time.time())
+def evaluate(e: Experiment, obs: Observations, now_s: float, history: Sequence[dict] = ()) -> Decision:
+    """The decision on ``obs`` as of ``now_s``, given the earlier analyses' records (oldest first)."""
+    return decide(e, summarize(e, obs, now_s), history)
 
 
-def _rate_interval(successes: int, n: int, alpha: float) -> tuple[float, float]:
-    if n == 0:
-        return -math.inf, math.inf
-    p = successes / n
-    return stats.confidence_sequence(p, max(p * (1 - p), 1e-6), n, alpha)
+def decide(e: Experiment, s: Summary, history: Sequence[dict] = ()) -> Decision:
+    """The decision on one summary; ``history`` says which looks' boundaries were tested already."""
+    state = _look(e, s)
+    halt = _halt(e, s, state.tests)
+    if halt:
+        return _decision("HALT", halt, e, s, state)
+    if min(s.units) < e.min_units_per_arm:
+        why = f"{s.units[0]} control and {s.units[1]} treatment units so far; each arm needs " \
+              f"{e.min_units_per_arm} before a decision"
+        return _decision("CONTINUE", why, e, s, state)
+    harm = _guardrails(e, s, state)
+    if harm:
+        return _decision("ROLLBACK", harm, e, s, state)
+    crossed_at = next((r["look"] for r in history if r.get("primary_crossed")), None)
+    if crossed_at is not None:  # efficacy is shown; promotion waits only for the always-valid guardrails
+        return _promote_when_inside(e, s, state, f"the boundary was crossed at look {crossed_at}")
+    tested = any(r.get("look") == state.look and r.get("boundary_tested") for r in history)
+    if state.look >= 1 and not tested:
+        if _crossed(e, state):
+            why = f"look {state.look}: the boundary was crossed"
+            return _promote_when_inside(e, s, state, why, tested=True)
+        if state.look < e.planned_looks:
+            return _decision("CONTINUE", f"look {state.look}: {e.primary} below the boundary", e, s, state,
+                             tested=True)
+    if state.look >= e.planned_looks:
+        why = "planned information reached without crossing the boundary: keep the champion"
+        return _decision("KEEP", why, e, s, state, tested=not tested)
+    return _decision("CONTINUE", f"{state.info_fraction:.0%} of the planned information", e, s, state)
 
 
-def _guardrail_breach(e: Experiment, c: ArmData, t: ArmData, tests: list) -> str:
-    a = GUARDRAIL_ALPHA / 2  # two arms share the error budget
-    c_lo, c_hi = _rate_interval(c.correct, c.outcomes, a)
-    t_lo, t_hi = _rate_interval(t.correct, t.outcomes, a)
-    if t_hi - c_lo < -e.margins.accuracy_pp / 100:
-        return f"hit rate worse by more than {e.margins.accuracy_pp} pp (always-valid interval)"
-    ce_lo, ce_hi = _rate_interval(c.errors, c.exposures, a)
-    te_lo, _ = _rate_interval(t.errors, t.exposures, a)
-    if te_lo > e.margins.error_rate_ratio * max(ce_hi, 0.0) and t.errors:
-        return f"error rate above {e.margins.error_rate_ratio}x control (always-valid interval)"
-    if len(c.latencies_ms) > 50 and len(t.latencies_ms) > 50:
-        p95 = stats.quantile_difference(c.latencies_ms, t.latencies_ms, 0.95,
-                                        confidence=1 - GUARDRAIL_ALPHA / e.planned_looks, n_resamples=1000)
-        tests.append(p95)
-        if p95.ci_low > e.margins.latency_p95_ms:
-            return f"p95 latency worse by more than {e.margins.latency_p95_ms} ms"
+def _promote_when_inside(e: Experiment, s: Summary, state: _Look, why: str, *,
+                         tested: bool = False) -> Decision:
+    outside = [t.metric for t in state.tests if t.role == "guardrail" and not _inside(asdict(t))]
+    if outside:
+        return _decision("CONTINUE", f"{why}; not yet shown inside the margin: {', '.join(outside)}", e, s,
+                         state, tested=tested, crossed=True)
+    return _decision("PROMOTE", f"{why}; every guardrail shown inside its margin", e, s, state, tested=tested,
+                     crossed=True)
+
+
+def _decision(decision: str, reason: str, e: Experiment, s: Summary, state: _Look, *,
+              tested: bool = False, crossed: bool = False) -> Decision:
+    planned = planned_sample_size(e, state.primary.mean_control) if e.primary == "hit_rate" else None
+    return Decision(decision, reason, state.look, [asdict(t) for t in state.tests], time.time(), s.now_s,
+                    state.info_fraction, s.exposures.tolist(), s.units.tolist(),
+                    asdict(planned) if planned else {}, tested, crossed)
+
+
+def _primary(e: Experiment, s: Summary) -> Difference:
+    return _pnl(s) if e.primary == "pnl" else _hit_rate(s)
+
+
+def _hit_rate(s: Summary) -> Difference:
+    return stats.cluster_difference(s.hit_sum, s.hit_n, floor=stats.bernoulli_floor(s.hit_sum, s.hit_n))
+
+
+def _pnl(s: Summary) -> Difference:
+    floor = stats.independent_variance(s.pnl_sum, s.pnl_sq, s.pnl_n)
+    return stats.cluster_difference(s.pnl_sum, s.pnl_n, floor=floor)
+
+
+def _look(e: Experiment, s: Summary) -> _Look:
+    effect = e.min_effect_pnl if e.primary == "pnl" else e.min_effect_pp / 100
+    primary = _primary(e, s)
+    # The design's information assumes a known variance; the cluster-robust one is estimated
+    # from the clusters seen so far, which costs a little power (measured by validate-stats).
+    planned = stats.max_information(effect, alpha=e.alpha, power=e.power, looks=e.planned_looks) \
+        * ESTIMATED_VARIANCE_ALLOWANCE
+    fraction = primary.information / planned
+    look = min(e.planned_looks, math.floor(fraction * e.planned_looks + 1e-9))
+    # Fixed per experiment (not from the data), so the always-valid intervals stay valid:
+    # tightest at a third of the treatment sample a hit-rate design at p = 0.5 would plan.
+    delta = e.min_effect_pp / 100
+    tight = stats.sample_size_two_proportions(0.5 - delta / 2, delta, alpha=e.alpha, power=e.power,
+                                              looks=e.planned_looks,
+                                              treatment_share=e.treatment_share).treatment * TIGHT_FRACTION
+    return _Look(primary, effect, fraction, look, tight)
+
+
+# ---- HALT -------------------------------------------------------------------------------
+
+def _halt(e: Experiment, s: Summary, tests: list[TestResult]) -> str:
+    if e.mode != "split":
+        return ""
+    srm = stats.sequential_srm(s.units.tolist(), [1 - e.treatment_share, e.treatment_share])
+    tests.append(_with(srm, metric="srm", role="check", units="treatment share of units",
+                       threshold=SRM_ALPHA))
+    if srm.p_value < SRM_ALPHA:
+        return f"sample-ratio mismatch of units: treatment has {srm.estimate:.2%}, configured " \
+               f"{e.treatment_share:.0%} (Bayes factor {math.exp(srm.statistic):.3g})"
+    arrived, matured = s.arrived.sum(axis=0), s.matured.sum(axis=0)
+    c = stats.bernoulli_confidence_sequence(int(arrived[0]), int(matured[0]), ARRIVAL_ALPHA / 2)
+    t = stats.bernoulli_confidence_sequence(int(arrived[1]), int(matured[1]), ARRIVAL_ALPHA / 2)
+    gap = max(c[0] - t[1], t[0] - c[1])
+    rates = arrived / np.maximum(matured, 1)
+    tests.append(TestResult("outcome arrival, always-valid", gap * 100, math.nan, (rates[1] - rates[0]) * 100,
+                            (t[0] - c[1]) * 100, (t[1] - c[0]) * 100, "arrival", "check", "pp",
+                            ARRIVAL_TOLERANCE * 100))
+    if gap > ARRIVAL_TOLERANCE:
+        return f"outcomes arrive within the {e.label_horizon_s:g} s horizon for {rates[0]:.1%} of control " \
+               f"and {rates[1]:.1%} of treatment requests: the comparison would be biased"
     return ""
 
 
-def _promotable(e: Experiment, c: ArmData, t: ArmData, look: int, planned_n: int, tests: list) -> bool:
-    if min(c.outcomes, t.outcomes) < planned_n * look / e.planned_looks or not c.outcomes:
-        return False
-    primary = stats.two_proportions(c.correct, c.outcomes, t.correct, t.outcomes)
-    tests.append(primary)
-    z = math.copysign(math.sqrt(primary.statistic), primary.estimate)
-    discordant = c.only_right + t.only_right
-    if e.mode == "shadow" and discordant:  # paired: the same requests scored by both arms
-        tests.append(stats.mcnemar_exact(c.only_right, t.only_right))
-        z = (t.only_right - c.only_right) / math.sqrt(discordant)
-    bound = stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[look - 1]
-    inside = primary.ci_low > -e.margins.accuracy_pp / 100
-    if c.errors or t.errors:
-        errors = stats.error_rates(c.errors, c.exposures, t.errors, t.exposures)
-        tests.append(errors)
-        inside &= errors.estimate <= e.margins.error_rate_ratio
-    if c.pnl and t.pnl:
-        tests.append(stats.trimmed_welch(c.pnl, t.pnl))
-    if len(c.latencies_ms) > 50 and len(t.latencies_ms) > 50:
-        p95 = stats.quantile_difference(c.latencies_ms, t.latencies_ms, 0.95, n_resamples=1000)
-        tests.append(p95)
-        inside &= p95.ci_high < e.margins.latency_p95_ms
-    return bool(z >= bound and inside)
+def _with(t: TestResult, **fields: object) -> TestResult:
+    return TestResult(**{**asdict(t), **fields})
 
 
-def planned_sample_size(e: Experiment, p_control: float) -> int:
-    """Per-arm outcomes needed to detect ``min_effect_pp`` with the experiment's alpha and power."""
-    return stats.sample_size_two_proportions(p_control, e.min_effect_pp / 100, alpha=e.alpha,
-                                             power=e.power, looks=e.planned_looks)
+# ---- ROLLBACK: always-valid guardrails ---------------------------------------------------
 
+def _interval(d: Difference, alpha: float, tight_n: float) -> tuple[float, float]:
+    """One-sided-``alpha`` always-valid bounds of a cluster-robust difference, t-widened."""
+    if not math.isfinite(d.estimate) or d.information <= 0:
+        return -math.inf, math.inf
+    rho = stats.mixture_rho(tight_n, alpha) * d.information / max(d.n_treatment, 1)
+    radius = stats.mixture_radius(d.information, alpha, rho) * stats.t_widen(alpha, d.df)
+    return d.estimate - radius, d.estimate + radius
+
+
+def _metric_test(name: str, role: str, d: Difference, bounds: tuple[float, float],
+                 threshold: float) -> TestResult:
+    scale = 100 if name == "hit_rate" else 1
+    z = d.estimate / math.sqrt(d.variance) if d.information > 0 and math.isfinite(d.estimate) else math.nan
+    return TestResult(f"{name} cluster-robust, always-valid", z, math.nan, d.estimate * scale,
+                      bounds[0] * scale, bounds[1] * scale, name, role, UNITS[name], threshold * scale)
+
+
+def _guardrails(e: Experiment, s: Summary, state: _Look) -> str:
+    """The reason to roll back, or "" — every guardrail's interval is added to ``state.tests``."""
+    low, high = _interval(state.primary, HARM_ALPHA, state.tight_n)
+    state.tests.append(_metric_test(e.primary, "primary", state.primary, (low, high), 0.0))
+    scale = 100 if e.primary == "hit_rate" else 1
+    reasons = [f"{e.primary} shown worse than control (always-valid upper bound "
+               f"{high * scale:+.3g} {UNITS[e.primary]})"] if high < 0 else []
+    reasons += [r for r in (_other_metric(e, s, state), _errors(e, s, state), _latency(e, s, state)) if r]
+    return "; ".join(reasons)
+
+
+def _other_metric(e: Experiment, s: Summary, state: _Look) -> str:
+    if e.primary == "pnl":
+        name, margin, d = "hit_rate", e.margins.accuracy_pp / 100, _hit_rate(s)
+    else:
+        name, margin, d = "pnl", e.margins.pnl_per_trade or 0.0, _pnl(s)
+    bounds = _interval(d, GUARDRAIL_ALPHA, state.tight_n)
+    state.tests.append(_metric_test(name, "guardrail", d, bounds, -margin))
+    if bounds[1] < -margin:
+        return f"{name} worse than control by more than {_margin_text(name, margin)} (always-valid)"
+    return ""
+
+
+def _margin_text(name: str, margin: float) -> str:
+    return f"{margin * 100:g} pp" if name == "hit_rate" else f"{margin:g} {UNITS[name]}"
+
+
+def _errors(e: Experiment, s: Summary, state: _Look) -> str:
+    c = stats.bernoulli_confidence_sequence(int(s.errors[0]), int(s.exposures[0]), ERROR_ALPHA)
+    t = stats.bernoulli_confidence_sequence(int(s.errors[1]), int(s.exposures[1]), ERROR_ALPHA)
+    rates = s.errors / np.maximum(s.exposures, 1)
+    margin = e.margins.error_rate_pp
+    state.tests.append(TestResult("error rate, beta-binomial mixture", math.nan, math.nan,
+                                  (rates[1] - rates[0]) * 100, (t[0] - c[1]) * 100, (t[1] - c[0]) * 100,
+                                  "error_rate", "guardrail", "pp", margin))
+    if (t[0] - c[1]) * 100 > margin:
+        return f"error rate above control's by more than {margin:g} pp (always-valid)"
+    return ""
+
+
+def _latency(e: Experiment, s: Summary, state: _Look) -> str:
+    share = 1 - LATENCY_QUANTILE
+    low, high = stats.bernoulli_confidence_sequence(s.latency_above, s.latency_n, 2 * GUARDRAIL_ALPHA)
+    rate = s.latency_above / s.latency_n if s.latency_n else math.nan
+    state.tests.append(TestResult(f"latency above control p95 + margin, {s.latency_windows} aligned minutes",
+                                  float(s.latency_n), math.nan, rate * 100, low * 100, high * 100,
+                                  "latency_p95", "guardrail", "% of treatment requests", share * 100))
+    if low > share:
+        return f"treatment latency above control's p95 + {e.margins.latency_p95_ms:g} ms in " \
+               f"{rate:.1%} of requests (> {share:.0%}, always-valid)"
+    return ""
+
+
+# ---- PROMOTE --------------------------------------------------------------------------
+
+def _crossed(e: Experiment, state: _Look) -> bool:
+    """Test the primary effect against this look's boundary (once per look)."""
+    d = state.primary
+    z_bound = float(stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[state.look - 1])
+    bound = stats.t_boundary(z_bound, d.df)
+    z = d.estimate / math.sqrt(d.variance)
+    state.tests.append(TestResult(f"{e.primary} group-sequential, look {state.look}/{e.planned_looks}", z,
+                                  float(stats.special.stdtr(max(d.df, 1), -z)), math.nan, math.nan, math.nan,
+                                  e.primary, "boundary", "z", bound))
+    return z >= bound
+
+
+def _inside(t: dict) -> bool:
+    """Is a guardrail's always-valid interval inside its margin (or not measured at all)?"""
+    if t["metric"] == "latency_p95":
+        return t["statistic"] == 0 or t["ci_high"] < t["threshold"]
+    if t["metric"] == "error_rate":
+        return t["ci_high"] <= t["threshold"]
+    if math.isnan(t["estimate"]):  # hit rate or P&L not reported by the bots
+        return True
+    if t["metric"] == "pnl" and t["threshold"] == 0:  # no P&L margin set: only shown harm blocks
+        return t["ci_high"] >= 0
+    return t["ci_low"] > t["threshold"]
+
+
+def planned_sample_size(e: Experiment, p_control: float) -> stats.SampleSize:
+    """Outcomes per arm to detect ``min_effect_pp`` at the experiment's split, alpha and power.
+
+    Assumes independent outcomes; clustered data needs more, which the information-based
+    looks account for.
+    """
+    p = p_control if math.isfinite(p_control) else 0.5
+    p = min(max(p, 0.05), 0.95 - e.min_effect_pp / 100)
+    return stats.sample_size_two_proportions(p, e.min_effect_pp / 100, alpha=e.alpha, power=e.power,
+                                             looks=e.planned_looks, treatment_share=e.treatment_share)

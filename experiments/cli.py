@@ -1,41 +1,108 @@
-"""``streamserve experiment create | status | analyze | stop | report``."""
+"""``streamserve experiment create | simulate | status | analyze | watch | stop | report``.
+
+``simulate`` needs no Redis: it replays a table through the decision rule.
+``report`` and ``simulate --png`` draw the same figure from decision records
+(:meth:`experiments.analysis.Decision.to_dict`, as the audit trail stores them).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import redis
 
-from experiments.store import ExperimentStore, Margins
+from experiments.store import MODES, PRIMARY_METRICS, UNITS, Experiment, ExperimentStore, Margins
 from protocol.settings import Settings
 from registry import Registry
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from experiments.data import Observations
+
+_DEFAULT = Experiment("", "", 0, 1)  # the design defaults, shown by --help
+_DEFAULTS_HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``experiment`` command group."""
     parser = subparsers.add_parser("experiment", help="A/B and shadow tests between versions")
     sub = parser.add_subparsers(dest="experiment_command", required=True)
-    p = sub.add_parser("create", help="start an experiment (one per model)")
+    p = sub.add_parser("create", help="start an experiment (one per model)", formatter_class=_DEFAULTS_HELP)
     p.add_argument("model")
     p.add_argument("--control", type=int, required=True, help="champion version")
     p.add_argument("--treatment", type=int, required=True, help="challenger version")
-    p.add_argument("--share", type=float, default=0.10, help="treatment's share of units")
-    p.add_argument("--mode", choices=["split", "shadow"], default="split")
-    p.add_argument("--unit", choices=["route", "request_id"], default="route")
-    p.add_argument("--salt")
-    p.add_argument("--looks", type=int, default=40)
-    p.add_argument("--min-effect-pp", type=float, default=2.0)
-    p.add_argument("--margin-latency-ms", type=float, default=2.0)
-    p.add_argument("--margin-error-ratio", type=float, default=1.5)
-    p.add_argument("--margin-accuracy-pp", type=float, default=5.0)
+    p.add_argument("--salt", help="assignment salt (default: random)")
+    _add_design(p)
     p.set_defaults(func=_create)
+    _add_simulate(sub)
     p = sub.add_parser("list", help="every model's current or last experiment")
     p.set_defaults(func=_list)
+    _add_per_model(sub)
+
+
+def _add_design(p: argparse.ArgumentParser) -> None:
+    """The design options ``create`` and ``simulate`` share; defaults are ``Experiment``'s."""
+    d, m = _DEFAULT, _DEFAULT.margins
+    g = p.add_argument_group("design")
+    g.add_argument("--share", type=float, default=d.treatment_share, help="treatment's share of units")
+    g.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="split: a unit sees one arm; shadow: both arms answer every request")
+    g.add_argument("--unit", choices=UNITS, default=d.unit, help="randomisation unit")
+    g.add_argument("--primary", choices=PRIMARY_METRICS, default=d.primary,
+                   help="what PROMOTE must show better")
+    g.add_argument("--min-effect-pp", type=float, default=d.min_effect_pp,
+                   help="hit-rate effect the design is powered for, in pp")
+    g.add_argument("--min-effect-pnl", type=float, default=d.min_effect_pnl,
+                   help="P&L-per-trade effect the design is powered for (needed with --primary pnl)")
+    g.add_argument("--horizon-s", type=float, default=d.label_horizon_s,
+                   help="label horizon: an outcome is due this many seconds after its request")
+    g.add_argument("--looks", type=int, default=d.planned_looks, help="planned looks (O'Brien-Fleming)")
+    g.add_argument("--min-units", type=int, default=d.min_units_per_arm,
+                   help="units each arm needs before any decision but HALT")
+    g.add_argument("--margin-latency-ms", type=float, default=m.latency_p95_ms,
+                   help="treatment p95 at most this above control's, in the same minutes")
+    g.add_argument("--margin-error-pp", type=float, default=m.error_rate_pp,
+                   help="treatment error rate at most this many points above control's")
+    g.add_argument("--margin-accuracy-pp", type=float, default=m.accuracy_pp,
+                   help="hit rate at most this many points below control's (a guardrail when P&L is primary)")
+    g.add_argument("--margin-pnl", type=float, default=m.pnl_per_trade,
+                   help="P&L per trade at most this below control's (none: only not shown worse)")
+
+
+def _design(args: argparse.Namespace) -> dict[str, Any]:
+    """``Experiment`` fields from the design options."""
+    margins = Margins(args.margin_latency_ms, args.margin_error_pp, args.margin_accuracy_pp, args.margin_pnl)
+    return {"treatment_share": args.share, "mode": args.mode, "unit": args.unit, "primary": args.primary,
+            "min_effect_pp": args.min_effect_pp, "min_effect_pnl": args.min_effect_pnl,
+            "label_horizon_s": args.horizon_s, "planned_looks": args.looks,
+            "min_units_per_arm": args.min_units, "margins": margins}
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", formatter_class=_DEFAULTS_HELP,
+                       help="replay a table of exposures and outcomes through the decision rule (no Redis)")
+    p.add_argument("table", type=Path, help="CSV or .parquet: time, unit, arm [, correct, pnl, latency_ms, "
+                                            "error, outcome_time]")
+    _add_design(p)
+    p.add_argument("--every-s", type=float, default=60.0, help="seconds of data between analyses")
+    p.add_argument("--json", action="store_true", help="one JSON record per analysis instead of the table")
+    p.add_argument("--png", type=Path, help="also plot the analyses into this file")
+    p.set_defaults(func=_simulate)
+
+
+def _add_per_model(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (("status", _status, "the experiment and its arms (show)"),
                              ("analyze", _analyze, "run the analysis now (--apply acts on it)"),
                              ("watch", _watch, "analyze every --interval-s until a decision"),
@@ -64,13 +131,11 @@ def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, Experime
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    margins = Margins(args.margin_latency_ms, args.margin_error_ratio, args.margin_accuracy_pp)
     with _store(settings) as (_, _, store):
-        e = store.create(args.model, args.control, args.treatment, treatment_share=args.share,
-                         mode=args.mode, unit=args.unit, salt=args.salt, planned_looks=args.looks,
-                         min_effect_pp=args.min_effect_pp, margins=margins)
+        e = store.create(args.model, args.control, args.treatment, salt=args.salt, **_design(args))
     print(f"experiment {e.id}: {e.model} v{e.control_version} (control) vs v{e.treatment_version} "
-          f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}")
+          f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}, primary {e.primary}, "
+          f"label horizon {e.label_horizon_s:g} s")
     return 0
 
 
@@ -100,9 +165,25 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
         d = runner.run_analysis(client, registry, args.model, apply=args.apply)
     print(f"look {d.look}: {d.decision} — {d.reason}")
     for t in d.tests:
-        print(f"  {t['test']:<28} stat {t['statistic']:.4g}  p {t['p_value']:.3g}  "
-              f"estimate {t['estimate']:.4g}  [{t['ci_low']:.4g}, {t['ci_high']:.4g}]")
+        print("  " + _test_line(t))
     return 0
+
+
+def _test_line(t: dict) -> str:
+    """``role metric estimate [interval] units  threshold …  (test)``; a boundary test shows its z."""
+    value, low, high = (_num(t.get(k)) for k in ("estimate", "ci_low", "ci_high"))
+    if math.isnan(value):
+        value = _num(t.get("statistic"))
+    interval = f" [{low:+.4g}, {high:+.4g}]" if not (math.isnan(low) and math.isnan(high)) else ""
+    p_value = _num(t.get("p_value"))
+    p_text = f"  p {p_value:.3g}" if math.isfinite(p_value) else ""
+    return (f"{t.get('role') or '-':<9} {t.get('metric') or '-':<11} {value:+.4g}{interval} "
+            f"{t.get('units', '')}{p_text}  threshold {_num(t.get('threshold')):+.4g}  ({t.get('test', '')})")
+
+
+def _num(value: object) -> float:
+    """A record's number; NaN for null or anything else (old or hand-written records)."""
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,12 +232,55 @@ def _stop(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    """Offline, no Redis: the decision at every analysis of a table."""
+    from experiments import simulate  # scipy, pyarrow: the `experiments` extra
+
+    try:
+        obs = simulate.read_table(args.table)
+        e = simulate.experiment_for(obs, **_design(args))
+        records = [d.to_dict() for d in simulate.simulate(e, obs, args.every_s)]
+    except (OSError, ValueError) as err:
+        print(f"streamserve experiment simulate: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        for record in records:
+            print(json.dumps(_finite(record), allow_nan=False))
+    else:
+        print(_describe(e, obs, args.every_s))
+        print_decisions(records, e.created_at)
+    if args.png:
+        plot_decisions(records, args.png, start_s=e.created_at, treatment_share=e.treatment_share)
+        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _describe(e: Experiment, obs: Observations, every_s: float) -> str:
+    effect = f"{e.min_effect_pnl:g} P&L per trade" if e.primary == "pnl" else f"{e.min_effect_pp:g} pp"
+    return (f"{len(obs):,} exposures, {len(np.unique(obs.unit)):,} units over "
+            f"{(obs.t_s[-1] - obs.start_s) / 60:,.1f} min; {e.mode} {1 - e.treatment_share:.0%}/"
+            f"{e.treatment_share:.0%} by {e.unit}, primary {e.primary} (powered for {effect}), "
+            f"{e.planned_looks} looks, label horizon {e.label_horizon_s:g} s; "
+            f"an analysis every {every_s:g} s")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null, so every line is strict JSON (``jq`` reads it)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     return main_report(settings, args.model, args.png)
 
 
 def main_report(settings: Settings, model: str, png: Path) -> int:
-    """Print every analysis of the model's experiment and plot each metric's effect over the looks."""
+    """Print every analysis of the model's experiment and plot each metric over time."""
     from experiments import runner  # scipy: the `experiments` extra
 
     with _store(settings) as (client, _, store):
@@ -165,36 +289,219 @@ def main_report(settings: Settings, model: str, png: Path) -> int:
     if e is None or not records:
         print(f"{model}: no analyses yet")
         return 1
-    for r in records:
-        primary = next((t for t in r["tests"] if t["test"].startswith("two-proportion")), None)
-        effect = f"{primary['estimate'] * 100:+.2f} pp [{primary['ci_low'] * 100:+.2f}, " \
-                 f"{primary['ci_high'] * 100:+.2f}]" if primary else "-"
-        print(f"look {r['look']:>2}  {r['decision']:<9} hit-rate effect {effect:<28} {r['reason']}")
-    _plot(records, png)
+    print(f"experiment {e.id}: {e.model} v{e.control_version} vs v{e.treatment_version}, "
+          f"primary {e.primary}, {len(records)} analyses")
+    print_decisions(records, e.created_at)
+    plot_decisions(records, png, start_s=e.created_at, treatment_share=e.treatment_share)
     print(f"wrote {png}")
     print(json.dumps({"experiment": e.id, "analyses": len(records)}))
     return 0
 
 
-def _plot(records: list[dict], path: Path) -> None:
-    """Each metric's effect and interval at each analysis."""
+# ---- the table ---------------------------------------------------------------------------
+
+def print_decisions(records: Sequence[dict], start_s: float) -> None:
+    """One line per analysis: minute, look, information, units, decision, primary effect, reason.
+
+    ``->`` marks the first decision other than CONTINUE.
+    """
+    print(f"  {'minute':>8} {'look':>4} {'info':>5} {'units c/t':>11}  {'decision':<9} "
+          f"{'primary effect [always-valid interval]':<42} reason")
+    first = next((i for i, r in enumerate(records) if r.get("decision") != "CONTINUE"), None)
+    for i, r in enumerate(records):
+        units = "/".join(str(u) for u in r.get("units") or ("-", "-"))
+        print(f"{'->' if i == first else '  '}{_minutes(r, start_s):8.1f} {r.get('look', 0):>4} "
+              f"{_num(r.get('info_fraction')):5.0%} {units:>11}  {r.get('decision', '?'):<9} "
+              f"{_effect(r):<42} {r.get('reason', '')}")
+    if first is None:
+        print(f"no decision other than CONTINUE in {len(records)} analyses")
+    else:
+        print(f"-> the first decision other than CONTINUE: minute {_minutes(records[first], start_s):.1f}")
+
+
+def _minutes(record: dict, start_s: float) -> float:
+    """Minutes since the experiment start, on the data's clock (the wall clock for old records)."""
+    now_s = _num(record.get("now_s"))
+    return ((now_s if math.isfinite(now_s) else _num(record.get("at"))) - start_s) / 60
+
+
+def _effect(record: dict) -> str:
+    t = next((t for t in record.get("tests", []) if t.get("role") == "primary"), None)
+    if t is None:
+        return "-"
+    value, low, high = (_num(t.get(k)) for k in ("estimate", "ci_low", "ci_high"))
+    return f"{t.get('metric', '')} {value:+.3g} [{low:+.3g}, {high:+.3g}] {t.get('units', '')}"
+
+
+# ---- the figure ---------------------------------------------------------------------------
+
+_RULES = {"primary": "ROLLBACK if the interval is below the line (shown worse)",
+          "guardrail": "ROLLBACK if the interval is past the margin; PROMOTE needs it inside",
+          "arrival": "HALT if the interval is beyond ± the tolerance (outcomes missing unevenly)",
+          "boundary": "PROMOTE when z crosses the boundary at a planned look (and every guardrail is inside)",
+          "srm": "HALT when the sequential test rejects the configured split"}
+_WHAT = {"latency_p95": "treatment requests above control p95 + margin",
+         "error_rate": "treatment − control error rate", "arrival": "treatment − control outcome arrival"}
+_ORDER = {"primary": 0, "boundary": 1, "guardrail": 2, "check": 3}
+_COLOURS = {"PROMOTE": "tab:green", "ROLLBACK": "tab:red", "HALT": "tab:orange", "KEEP": "tab:gray"}
+_MAX_LABELS = 12  # decision annotations; more would overlap
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One metric over the analyses, ready to draw: a line, its interval band, and the line it must cross."""
+
+    title: str
+    ylabel: str
+    minutes: np.ndarray
+    value: np.ndarray
+    value_label: str
+    low: np.ndarray  # always-valid interval (NaN: none)
+    high: np.ndarray
+    reference: np.ndarray  # the threshold at each analysis (NaN: not tested then)
+    reference_label: str
+    mirrored: bool = False  # the reference holds at ± (a tolerance)
+
+
+def decision_panels(records: Sequence[dict], *, start_s: float, treatment_share: float) -> list[Panel]:
+    """The panels of :func:`plot_decisions`: the primary effect, its z against the boundary, each
+    guardrail, outcome arrival and the realised split, in that order (those the records have)."""
+    minutes = np.array([_minutes(r, start_s) for r in records])
+    found = {(t["metric"], t.get("role", "")) for r in records for t in r.get("tests", []) if t.get("metric")}
+    panels = []
+    for metric, role in sorted(found, key=lambda k: (_ORDER.get(k[1], 9), k[0] == "srm", k[0])):
+        rows = [_test(r, metric, role) for r in records]
+        if metric == "srm":
+            panels.append(_srm_panel(minutes, rows, treatment_share))
+        elif role == "primary":
+            boundary = [_test(r, metric, "boundary") for r in records]
+            panels += [_metric_panel(minutes, rows, metric, role), _z_panel(minutes, rows, boundary, metric)]
+        elif role != "boundary":
+            panels.append(_metric_panel(minutes, rows, metric, role))
+    return panels
+
+
+def _test(record: dict, metric: str, role: str) -> dict:
+    tests = record.get("tests", [])
+    return next((t for t in tests if t.get("metric") == metric and t.get("role") == role), {})
+
+
+def _column(rows: Sequence[dict], name: str, scale: float = 1.0) -> np.ndarray:
+    """One field over the analyses; NaN where absent or not finite (a gap in the plot)."""
+    values = np.array([_num(row.get(name)) for row in rows]) * scale
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _metric_panel(minutes: np.ndarray, rows: Sequence[dict], metric: str, role: str) -> Panel:
+    units = next((row["units"] for row in rows if row.get("units")), "")
+    kind = "arrival" if metric == "arrival" else role
+    return Panel(f"{metric} ({role}): {_RULES.get(kind, '')}", f"{_WHAT.get(metric, 'treatment − control')} "
+                 f"({units})", minutes, _column(rows, "estimate"), "estimate", _column(rows, "ci_low"),
+                 _column(rows, "ci_high"), _column(rows, "threshold"),
+                 {"primary": "no difference", "guardrail": "margin"}.get(kind, "tolerance"),
+                 mirrored=metric == "arrival")
+
+
+def _z_panel(minutes: np.ndarray, rows: Sequence[dict], boundary: Sequence[dict], metric: str) -> Panel:
+    nothing = np.full(len(minutes), np.nan)
+    return Panel(f"{metric} group-sequential test: {_RULES['boundary']}",
+                 "z (standard errors, cluster-robust)", minutes, _column(rows, "statistic"), "z",
+                 nothing, nothing, _column(boundary, "threshold"),
+                 "O'Brien-Fleming boundary (tested once a look)")
+
+
+def _srm_panel(minutes: np.ndarray, rows: Sequence[dict], treatment_share: float) -> Panel:
+    nothing = np.full(len(minutes), np.nan)
+    alpha = next((_num(row.get("threshold")) for row in rows if row), math.nan)
+    factor = 1 / alpha if alpha > 0 else math.inf  # the p-value threshold, as the Bayes factor that HALTs
+    units = next((row["units"] for row in rows if row.get("units")), "treatment share")
+    return Panel(f"sample ratio (check): {_RULES['srm']} (Bayes factor >= {factor:.3g})",
+                 f"{units} (%)", minutes, _column(rows, "estimate", 100), "realised", nothing, nothing,
+                 np.full(len(minutes), treatment_share * 100), "configured")
+
+
+def plot_decisions(records: Sequence[dict], path: Path, *, start_s: float, treatment_share: float) -> None:
+    """A PNG of the analyses: one panel per metric over minutes since ``start_s``, decisions marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({t["test"] for r in records for t in r["tests"] if t["estimate"] == t["estimate"]})
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * max(len(names), 1)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names, strict=True):
-        points = [(i + 1, t) for i, r in enumerate(records) for t in r["tests"] if t["test"] == name]
-        xs = [x for x, _ in points]
-        mid = [t["estimate"] for _, t in points]
-        low = [t["estimate"] - t["ci_low"] if t["ci_low"] == t["ci_low"] else 0 for _, t in points]
-        high = [t["ci_high"] - t["estimate"] if t["ci_high"] == t["ci_high"] else 0 for _, t in points]
-        ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=4)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_title(f"{name}: effect (treatment − control) and interval")
-        ax.set_xticks(xs, [f"#{x} (look {records[x - 1]['look']})" for x in xs])
+    panels = decision_panels(records, start_s=start_s, treatment_share=treatment_share)
+    fig, axes = plt.subplots(max(len(panels), 1), 1, figsize=(13, 2.9 * max(len(panels), 1)), sharex=True,
+                             squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels, strict=False):
+        _draw(ax, panel)
+    minutes = np.array([_minutes(r, start_s) for r in records])
+    _mark_decisions(list(axes[:, 0]), minutes, [str(r.get("decision", "")) for r in records])
+    for ax in axes[:, 0]:
+        ax.set_xlabel("minutes since the experiment start (min)")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _draw(ax: Axes, p: Panel) -> None:
+    ax.plot(p.minutes, p.value, color="tab:blue", linewidth=1.4, label=p.value_label)
+    if np.isfinite(p.low).any() and np.isfinite(p.high).any():
+        ax.fill_between(p.minutes, p.low, p.high, color="tab:blue", alpha=0.2, linewidth=0,
+                        label="always-valid interval")
+    points = {"linestyle": "none", "marker": "_", "markersize": 14}  # a boundary: one mark per tested look
+    style = points if _sparse(p.reference) else {"linestyle": "--"}
+    ax.plot(p.minutes, p.reference, color="black", linewidth=1, label=p.reference_label, **style)
+    if p.mirrored:
+        ax.plot(p.minutes, -p.reference, color="black", linewidth=1, **style)
+    ax.set_title(p.title, fontsize="medium", loc="left")
+    ax.set_ylabel(textwrap.fill(p.ylabel, 30), fontsize="small")
+    ax.tick_params(labelbottom=True)  # every panel is read on its own: each keeps its time axis
+    ax.set_ylim(*_limits(p))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # outside: hides no data
+
+
+def _sparse(reference: np.ndarray) -> bool:
+    """Is the threshold known at a few analyses only (a boundary tested once a look)?"""
+    return bool(np.isfinite(reference).sum() < len(reference) / 2)
+
+
+def _limits(p: Panel) -> tuple[float, float]:
+    """The y range: lines after the first tenth of the analyses; bands and the boundary after half.
+
+    What the first analyses show on a handful of exposures (very wide intervals, a
+    boundary far out) would otherwise flatten the rest; it runs off the panel instead.
+    """
+    tenth, half = len(p.minutes) // 10, len(p.minutes) // 2
+    reference = p.reference[half if _sparse(p.reference) else tenth:]
+    values = np.concatenate([p.value[tenth:], reference, -reference if p.mirrored else [], p.low[half:],
+                             p.high[half:]])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return -1.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    pad = 0.1 * (high - low) or max(abs(high), 1.0) * 0.1
+    return low - pad, high + pad
+
+
+def _runs(decisions: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(decision, first, last analysis) of each run of one decision other than CONTINUE."""
+    runs: list[tuple[str, int, int]] = []
+    for i, d in enumerate(decisions):
+        if d != "CONTINUE" and runs and runs[-1][0] == d and runs[-1][2] == i - 1:
+            runs[-1] = (d, runs[-1][1], i)
+        elif d != "CONTINUE":
+            runs.append((d, i, i))
+    return runs
+
+
+def _mark_decisions(axes: list[Axes], minutes: np.ndarray, decisions: list[str]) -> None:
+    """A vertical line where each run of a decision other than CONTINUE starts, shaded while it lasts."""
+    runs = _runs(decisions)
+    for d, start, end in runs:
+        colour = _COLOURS.get(d, "black")
+        for ax in axes:
+            ax.axvline(minutes[start], color=colour, linewidth=1.2, linestyle=":")
+            if end > start:
+                ax.axvspan(minutes[start], minutes[end], color=colour, alpha=0.08, linewidth=0)
+    for d, start, _ in runs[:_MAX_LABELS]:
+        axes[0].annotate(d, xy=(minutes[start], 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                         textcoords="offset points", rotation=90, va="top", fontsize="small",
+                         color=_COLOURS.get(d, "black"))

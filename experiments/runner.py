@@ -1,25 +1,35 @@
 """Feed the analysis from what workers and bots recorded, keep the audit trail, apply decisions.
 
-Outcomes are joined to the arm that answered through the experiment's journal
-(request id → arm, predicted label, and in shadow mode the treatment's label).
-Only matured outcomes count; a request without an outcome yet is not a failure.
+The analysis reads one row per exposure (:class:`experiments.data.Observations`).
+The experiment's journal gives each request's time (its entry id: the Redis
+clock), arm, unit, error and latency; the outcomes stream gives each request's
+first valid outcome and when it arrived (that entry's id). In shadow mode a
+request makes two rows: the control's, and the treatment's from the label it
+scored beside it. Anyone who may XADD can write both streams, so an entry that
+does not parse is skipped and counted, never fatal.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import redis
 
-from experiments.analysis import ArmData, Decision, analyze, planned_sample_size
+from experiments import analysis
+from experiments.analysis import Decision
 from experiments.assignment import CONTROL, TREATMENT
-from experiments.outcomes import Outcome, first_per_request
+from experiments.data import Observations
+from experiments.outcomes import Outcome, parse
 from experiments.store import Experiment, ExperimentStore
 from protocol import keys
+from protocol.errors import InvalidInput
 from protocol.values import text
 from registry import Registry
 
@@ -28,27 +38,152 @@ if TYPE_CHECKING:
 
 STREAM_PAGE = 10_000
 DECISIONS_MAXLEN = 100_000  # analyses kept per experiment: a month of `watch` every 30 s
+_ARM_CODES = {CONTROL.encode(): 0, TREATMENT.encode(): 1}
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9_\-]{1,64}")  # keys.check_request_id, on bytes
 
 
 @dataclass
-class Snapshot:
-    """Both arms' data at one moment, and the outcome entries that were left out."""
+class ReadStats:
+    """What reading the journal and the outcomes stream found, and what it left out."""
 
-    control: ArmData
-    treatment: ArmData
+    journal_entries: int = 0  # requests read (shadow mode: each makes a row per arm)
+    journal_malformed: int = 0
+    journal_duplicate: int = 0  # a request journaled again (answered twice after a takeover): first counts
     outcomes_malformed: int = 0
-    outcomes_duplicate: int = 0
-    records_malformed: int = 0  # counter, latency or journal values that did not parse
+    outcomes_duplicate: int = 0  # later outcomes of a request: the first valid one counts
+    outcomes_unmatched: int = 0  # valid outcomes of requests not in the journal (or trimmed from it)
 
 
-def _read_stream(client: redis.Redis, key: str, start: str = "-") -> list[dict[str, str]]:
-    rows, cursor = [], start
+_COLUMNS = ("t_s", "unit", "arm", "error", "latency_ms", "outcome_t_s", "correct", "pnl")
+_Found = tuple[float, Outcome]  # an outcome and when it arrived (s, Redis clock)
+
+
+class _Columns:
+    """Observation columns as C arrays of doubles, appended row by row: 8 bytes a value, no objects."""
+
+    def __init__(self) -> None:
+        self.values = [array("d") for _ in _COLUMNS]
+
+    def append(self, *row: float) -> None:
+        """One row, in ``_COLUMNS`` order."""
+        for column, value in zip(self.values, row, strict=True):
+            column.append(value)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The columns by name."""
+        return {name: np.frombuffer(column, dtype=np.float64)
+                for name, column in zip(_COLUMNS, self.values, strict=True)}
+
+
+class _Journal:
+    """The journal's rows with their outcomes joined, read entry by entry.
+
+    One row per request (the control's in shadow mode) in ``rows``; in shadow mode
+    the treatment's rows in ``shadow_rows``.
+    """
+
+    def __init__(self, e: Experiment, outcomes: dict[bytes, _Found]) -> None:
+        self.by_route, self.shadow_mode = e.unit == "route", e.mode == "shadow"
+        self.outcomes = outcomes
+        self.rows, self.shadow_rows = _Columns(), _Columns()
+        self.seen: set[bytes] = set()
+        self.unit_codes: dict[bytes, int] = {}
+        self.malformed = self.duplicate = self.matched = 0
+
+    def add(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """One stream entry; a malformed or repeated one is counted and left out."""
+        request_id, arm = fields.get(b"id", b""), _ARM_CODES.get(fields.get(b"arm", b""))
+        latency_ms = _latency_ms(fields.get(b"latency_ms"))
+        if arm is None or latency_ms is None or not _REQUEST_ID.fullmatch(request_id):
+            self.malformed += 1
+        elif request_id in self.seen:
+            self.duplicate += 1
+        else:
+            self.seen.add(request_id)
+            self._append(int(entry_id.split(b"-", 1)[0]) / 1000, request_id, arm, latency_ms, fields)
+
+    def _append(self, t_s: float, request_id: bytes, arm: int, latency_ms: float,
+                fields: dict[bytes, bytes]) -> None:
+        route = fields.get(b"route", b"")
+        unit_name = route if self.by_route and route else request_id
+        unit = self.unit_codes.setdefault(unit_name, len(self.unit_codes))
+        found = self.outcomes.get(request_id)
+        self.matched += found is not None
+        error = bool(fields.get(b"error"))
+        self.rows.append(t_s, unit, arm, error, math.nan if error else latency_ms,
+                         *_outcome_columns(None if error else found, fields.get(b"label", b"")))
+        if self.shadow_mode and (b"shadow_label" in fields or b"shadow_error" in fields):
+            shadow_error = bool(fields.get(b"shadow_error"))
+            self.shadow_rows.append(t_s, unit, 1, shadow_error, math.nan,
+                                    *_outcome_columns(None if shadow_error else found,
+                                                      fields.get(b"shadow_label", b""), shadow=True))
+
+    def unit_names(self) -> tuple[str, ...]:
+        """Unit names by code (routes, or request ids where the request is the unit)."""
+        return tuple(u.decode(errors="replace") for u in self.unit_codes)
+
+
+def _outcome_columns(found: _Found | None, predicted: bytes, *,
+                     shadow: bool = False) -> tuple[float, float, float]:
+    """(arrival s, correct, pnl) of a row: NaN for what is unknown.
+
+    A shadow row is judged by its label only: ``correct`` and ``pnl`` are about the
+    control's answer, the one the bot acted on.
+    """
+    if found is None:
+        return math.nan, math.nan, math.nan
+    arrived_s, outcome = found
+    pnl = math.nan if shadow or outcome.pnl is None else outcome.pnl
+    return arrived_s, _judged(predicted, outcome, by_label_only=shadow), pnl
+
+
+def _latency_ms(value: bytes | None) -> float | None:
+    """NaN when absent (entries written before latencies were journaled); None when malformed."""
+    if value is None:
+        return math.nan
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _pages(client: redis.Redis, key: str, start: str = "-") -> Iterator[StreamRows]:
+    """The stream from ``start`` in pages of ``STREAM_PAGE`` entries (never all of it in memory)."""
+    cursor = start
     while True:
         page = cast("StreamRows", client.xrange(key, min=cursor, count=STREAM_PAGE))
-        rows += [_text_fields(fields) for _, fields in page]
+        if page:
+            yield page
         if len(page) < STREAM_PAGE:
-            return rows
+            return
         cursor = "(" + text(page[-1][0])
+
+
+def _read_journal(client: redis.Redis, e: Experiment, outcomes: dict[bytes, _Found]) -> _Journal:
+    journal = _Journal(e, outcomes)
+    for page in _pages(client, keys.experiment_journal(e.model, e.id)):
+        for entry_id, fields in page:
+            journal.add(entry_id, fields)
+    return journal
+
+
+def _read_outcomes(client: redis.Redis, e: Experiment, read: ReadStats) -> dict[bytes, _Found]:
+    """Request id → its first valid outcome and when it arrived, from the experiment's start."""
+    first: dict[bytes, _Found] = {}
+    for page in _pages(client, keys.outcomes_stream(e.model), f"{int(e.created_at * 1000)}-0"):
+        for entry_id, fields in page:
+            try:
+                outcome = parse(_text_fields(fields))
+            except InvalidInput:
+                read.outcomes_malformed += 1
+                continue
+            request_id = outcome.request_id.encode()
+            if request_id in first:
+                read.outcomes_duplicate += 1
+            else:
+                first[request_id] = (int(entry_id.split(b"-", 1)[0]) / 1000, outcome)
+    return first
 
 
 def _text_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
@@ -56,19 +191,86 @@ def _text_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
     return {_lenient(k): _lenient(v) for k, v in fields.items()}
 
 
-def _floats(values: Iterable[bytes | str]) -> tuple[list[float], int]:
-    """The finite numbers among ``values``, and how many were not."""
-    parsed, bad = [], 0
-    for v in values:
-        try:
-            number = float(v)
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number):
-            parsed.append(number)
-        else:
-            bad += 1
-    return parsed, bad
+def _lenient(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _judged(predicted: bytes, outcome: Outcome, *, by_label_only: bool = False) -> float:
+    """1.0 right, 0.0 wrong, NaN unknown: the request's first label against the true one, else ``correct``."""
+    if outcome.label is not None and predicted:
+        return float(predicted.split(b",", 1)[0].decode(errors="replace") == outcome.label)
+    if by_label_only or outcome.correct is None:
+        return math.nan
+    return float(outcome.correct)
+
+
+def observations(client: redis.Redis, e: Experiment) -> tuple[Observations, ReadStats]:
+    """The experiment's exposures with their outcomes, and what reading them left out.
+
+    The unit is the route when the experiment assigns by route and the request has
+    one, else the request id (as :meth:`Experiment.arm` assigns). A failed request's
+    row has its error and neither latency nor outcome: the latency guardrail is about
+    answers, and there was no prediction to judge.
+    """
+    read = ReadStats()
+    # Outcomes first, so each journal entry is joined as it is read and no entry is kept as objects.
+    outcomes = _read_outcomes(client, e, read)
+    journal = _read_journal(client, e, outcomes)
+    read.journal_malformed, read.journal_duplicate = journal.malformed, journal.duplicate
+    read.journal_entries, read.outcomes_unmatched = len(journal.seen), len(outcomes) - journal.matched
+    first, shadow = journal.rows.arrays(), journal.shadow_rows.arrays()
+    columns = {name: np.concatenate([first[name], shadow[name]]) for name in _COLUMNS}
+    obs = Observations.build(**{**columns, "unit": columns["unit"].astype(np.int64),
+                                "arm": columns["arm"].astype(np.int64), "error": columns["error"] != 0},
+                             start_s=e.created_at)
+    return replace(obs, unit_names=journal.unit_names()), read
+
+
+# ---- experiment status ----------------------------------------------------------------
+
+@dataclass
+class ArmData:
+    """One arm as ``experiment status`` shows it.
+
+    ``exposures`` and ``errors`` come from the workers' counters (complete, whatever
+    the capped journal kept); outcomes and latencies from the journal's rows.
+    """
+
+    exposures: int = 0
+    errors: int = 0
+    outcomes: int = 0  # outcomes that say right or wrong (matured or not)
+    correct: int = 0
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of judged outcomes that were right."""
+        return self.correct / self.outcomes if self.outcomes else float("nan")
+
+
+@dataclass
+class Snapshot:
+    """Both arms now, and what was left out."""
+
+    control: ArmData
+    treatment: ArmData
+    read: ReadStats
+    counters_malformed: int = 0
+
+    @property
+    def outcomes_malformed(self) -> int:
+        """Outcome entries that did not parse."""
+        return self.read.outcomes_malformed
+
+    @property
+    def outcomes_duplicate(self) -> int:
+        """Outcomes after a request's first."""
+        return self.read.outcomes_duplicate
+
+    @property
+    def records_malformed(self) -> int:
+        """Counter values and journal entries that did not parse."""
+        return self.counters_malformed + self.read.journal_malformed
 
 
 def _counts(raw: dict) -> tuple[dict[str, int], int]:
@@ -78,64 +280,35 @@ def _counts(raw: dict) -> tuple[dict[str, int], int]:
     return counts, len(raw) - len(counts)
 
 
-def _lenient(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _arm_data(client: redis.Redis, e: Experiment, arm: str, counts: dict[str, int]) -> tuple[ArmData, int]:
-    latencies, bad = _floats(client.lrange(keys.experiment_latency(e.model, e.id, arm), 0, -1))
-    return ArmData(exposures=counts.get(f"{arm}:requests", 0),
-                   errors=sum(n for k, n in counts.items() if k.startswith(f"{arm}:errors:")),
-                   latencies_ms=latencies), bad
+def _arm_data(obs: Observations, arm: int, name: str, counts: dict[str, int]) -> ArmData:
+    mine = obs.arm == arm
+    judged = mine & ~np.isnan(obs.correct)
+    latencies = obs.latency_ms[mine]
+    return ArmData(exposures=counts.get(f"{name}:requests", 0),
+                   errors=sum(n for k, n in counts.items() if k.startswith(f"{name}:errors:")),
+                   outcomes=int(judged.sum()), correct=int(obs.correct[judged].sum()),
+                   latencies_ms=latencies[~np.isnan(latencies)])
 
 
 def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
-    """Exposures, errors, latency samples and matured outcomes per arm (first outcome per request)."""
+    """Exposures and errors (counters), outcomes and latencies (journal) per arm, and what was left out."""
     counts, bad = _counts(client.hgetall(keys.experiment_counts(e.model, e.id)))
-    arms: dict[str, ArmData] = {}
-    for arm in (CONTROL, TREATMENT):
-        arms[arm], bad_latencies = _arm_data(client, e, arm, counts)
-        bad += bad_latencies
-    journal = {j.get("id", ""): j for j in _read_stream(client, keys.experiment_journal(e.model, e.id))}
-    outcomes = first_per_request(
-        _read_stream(client, keys.outcomes_stream(e.model), f"{int(e.created_at * 1000)}-0"))
-    for outcome in outcomes.first.values():
-        entry = journal.get(outcome.request_id)
-        if entry is not None:
-            bad += not _count_outcome(arms, entry, outcome, e.mode)
-    return Snapshot(arms[CONTROL], arms[TREATMENT], outcomes.malformed, outcomes.duplicates, bad)
+    obs, read = observations(client, e)
+    return Snapshot(_arm_data(obs, 0, CONTROL, counts), _arm_data(obs, 1, TREATMENT, counts), read, bad)
 
 
-def _right(predicted: str, outcome: Outcome) -> bool | None:
-    if outcome.label is not None and predicted:
-        return predicted.split(",")[0] == outcome.label
-    return outcome.correct
+# ---- analysis and audit trail ----------------------------------------------------------
+
+def redis_now_s(client: redis.Redis) -> float:
+    """Redis's clock, the one the journal and outcome entry ids are on."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1e6
 
 
-def _count_outcome(arms: dict[str, ArmData], entry: dict, outcome: Outcome, mode: str) -> bool:
-    """Count one matured outcome for its arm; False if the journal entry is not one of ours."""
-    arm = arms.get(entry.get("arm", ""))
-    if arm is None:
-        return False
-    right = _right(entry.get("label", ""), outcome)
-    if right is not None:
-        arm.outcomes += 1
-        arm.correct += right
-    if outcome.pnl is not None:
-        arm.pnl.append(outcome.pnl)
-    if mode == "shadow" and "shadow_label" in entry and outcome.label is not None:
-        treatment_right = entry["shadow_label"].split(",")[0] == outcome.label
-        arms[TREATMENT].outcomes += 1
-        arms[TREATMENT].correct += treatment_right
-        if right is not None and right != treatment_right:  # discordant pair, for McNemar
-            (arms[CONTROL] if right else arms[TREATMENT]).only_right += 1
-    return True
-
-
-def look_number(e: Experiment, data: Snapshot, planned_n: int) -> int:
-    """Which planned look the data has reached (1 … planned_looks)."""
-    done = min(data.control.outcomes, data.treatment.outcomes) / max(planned_n, 1)
-    return max(1, min(e.planned_looks, math.floor(done * e.planned_looks)))
+def outcomes_due_s(client: redis.Redis, e: Experiment) -> float:
+    """When the last journaled request's outcome is due (Redis clock, s); -inf before any request."""
+    last = cast("StreamRows", client.xrevrange(keys.experiment_journal(e.model, e.id), count=1))
+    return int(text(last[0][0]).split("-", 1)[0]) / 1000 + e.label_horizon_s if last else -math.inf
 
 
 def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: bool = False) -> Decision:
@@ -144,14 +317,12 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     e = store.get(model)
     if e is None:
         raise ValueError(f"{model} has no experiment")
-    data = snapshot(client, e)
-    p_control = data.control.hit_rate if data.control.outcomes else 0.5
-    planned_n = planned_sample_size(e, min(max(p_control, 0.05), 0.95 - e.min_effect_pp / 100))
-    look = look_number(e, data, planned_n)
-    earlier = [r.get("decision") for r in decisions(client, e) if r["look"] == look]
-    earlier_at_look = ("PROMOTE" if "PROMOTE" in earlier else "NOT_CROSSED") if earlier else None
-    decision = analyze(e, data.control, data.treatment, look, planned_n, earlier_at_look=earlier_at_look)
-    record = decision.to_dict() | {"planned_n_per_arm": planned_n, "applied": apply}
+    # The clock first: everything written after it is left for the next analysis, so a request
+    # counted as matured cannot miss an outcome that arrived before now.
+    now_s = redis_now_s(client)
+    obs, _ = observations(client, e)
+    decision = analysis.evaluate(e, obs, now_s, decisions(client, e))
+    record = decision.to_dict() | {"applied": apply}
     client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)},
                 maxlen=DECISIONS_MAXLEN, approximate=False)
     if apply and e.status == "running":
@@ -169,11 +340,12 @@ def _apply(store: ExperimentStore, registry: Registry, e: Experiment, decision: 
 def decisions(client: redis.Redis, e: Experiment) -> list[dict]:
     """The audit trail, oldest first (a record that does not parse is left out)."""
     records = []
-    for row in _read_stream(client, keys.experiment_decisions(e.model, e.id)):
-        try:
-            record = json.loads(row.get("record", ""))
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("look"), int):
-            records.append(record)
+    for page in _pages(client, keys.experiment_decisions(e.model, e.id)):
+        for _, fields in page:
+            try:
+                record = json.loads(_text_fields(fields).get("record", ""))
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("look"), int):
+                records.append(record)
     return records

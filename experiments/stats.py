@@ -1,37 +1,47 @@
-"""Statistics for experiments. Every test is scipy's own where scipy has one.
+"""Statistics for experiments: scipy's own tests where scipy has one, always-valid ones where not.
 
-- Sample-ratio mismatch: chi-square goodness of fit (``scipy.stats.chisquare``) for a
-  single check; for the check made at every analysis, an anytime-valid Bayes factor of
-  a Dirichlet-multinomial mixture against the configured split (Lindon & Malek, 2022,
+What the live analysis (``experiments.analysis``) uses:
+
+- Sample-ratio mismatch checked at every analysis: an anytime-valid Bayes factor of a
+  Dirichlet-multinomial mixture against the configured split (Lindon & Malek, 2022,
   with ``scipy.stats.dirichlet_multinomial`` and ``multinomial``).
-- Hit rate (binary): two-proportion test (``chi2_contingency`` without continuity
-  correction, which equals the pooled z-test); paired, in shadow mode: exact
-  McNemar (``binomtest`` on the discordant pairs).
-- P&L: Yuen–Welch trimmed t-test (``ttest_ind(equal_var=False, trim=…)``).
-- Latency p95: bootstrap interval of the quantile difference (``bootstrap``).
-- Error rate: Fisher's exact test on the counts (``fisher_exact``).
-- Promotion at planned looks: an O'Brien–Fleming-shaped group-sequential
-  boundary, calibrated by simulation of the correlated look statistics, and
-  the matching sample size.
-- Guardrails checked at every look: an always-valid normal-mixture confidence
-  sequence (Howard et al., 2021), which scipy does not provide.
+- Effects of hit rate and P&L: difference of per-arm ratio means with a
+  cluster-robust (Liang–Zeger) variance on per-unit sums — statsmodels' OLS
+  ``cov_type="cluster"`` — never below the independent-observations variance.
+- Promotion: an O'Brien–Fleming-shaped group-sequential boundary at planned looks,
+  calibrated by simulating the correlated look statistics, t-corrected for the
+  number of clusters; the matching sample size with the allocation ratio.
+- Guardrails, checked as often as one likes: normal-mixture confidence sequences
+  (Howard et al., 2021) for the effects, and the conjugate beta-binomial mixture
+  for rates of rare events (errors, outcome arrival, latency exceedances), which
+  keeps its coverage at a 0.1 % rate where a plug-in variance does not.
+
+Fixed-sample reference tests, equal to scipy's: chi-square SRM, the two-proportion
+test, exact McNemar, Yuen–Welch trimmed t, Fisher's exact test.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 CALIBRATION_PATHS = 200_000
+MIN_SANDWICH_CLUSTERS = 30  # below this many clusters the cluster-robust variance has a floor
 
 
 @dataclass(frozen=True)
 class TestResult:
-    """One test: its name, statistic, p-value, and the effect with its interval (b − a)."""
+    """One test: its name, statistic, p-value, and the effect with its interval (b − a).
+
+    In an analysis, ``metric`` names what was measured, ``role`` is ``primary``,
+    ``guardrail`` or ``check``, ``units`` says what ``estimate`` and the interval are
+    in, and ``threshold`` is the boundary or margin the interval is judged against.
+    """
 
     test: str
     statistic: float
@@ -39,6 +49,10 @@ class TestResult:
     estimate: float = float("nan")
     ci_low: float = float("nan")
     ci_high: float = float("nan")
+    metric: str = ""
+    role: str = ""
+    units: str = ""
+    threshold: float = float("nan")
 
 
 def sample_ratio_mismatch(observed: Sequence[int], weights: Sequence[float]) -> TestResult:
@@ -85,7 +99,12 @@ def sequential_srm(observed: Sequence[int], weights: Sequence[float], *,
 def two_proportions(hits_a: int, n_a: int, hits_b: int, n_b: int, confidence: float = 0.95) -> TestResult:
     """Difference of two hit rates (b − a): pooled test, Wald interval for the difference."""
     table = [[hits_a, n_a - hits_a], [hits_b, n_b - hits_b]]
-    chi2, p_value, _, _ = stats.chi2_contingency(table, correction=False)
+    if not (n_a and n_b):
+        return TestResult("two-proportion chi-square", 0.0, 1.0)
+    if hits_a + hits_b in (0, n_a + n_b):  # all right or all wrong: no difference to test (scipy raises)
+        chi2, p_value = 0.0, 1.0
+    else:
+        chi2, p_value, _, _ = stats.chi2_contingency(table, correction=False)
     pa, pb = hits_a / n_a, hits_b / n_b
     se = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
     z = stats.norm.ppf(0.5 + confidence / 2)
@@ -112,20 +131,6 @@ def trimmed_welch(a: Sequence[float], b: Sequence[float], trim: float = 0.1,
                       estimate, float(ci.low), float(ci.high))
 
 
-def quantile_difference(a: Sequence[float], b: Sequence[float], q: float = 0.95, confidence: float = 0.95,
-                        n_resamples: int = 2000, seed: int = 0) -> TestResult:
-    """Latency: bootstrap interval of quantile(b) − quantile(a) (no p-value)."""
-    def diff(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.quantile(y, q, axis=axis) - np.quantile(x, q, axis=axis)
-
-    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    result = stats.bootstrap((xa, xb), diff, confidence_level=confidence, n_resamples=n_resamples,
-                             method="percentile", rng=np.random.default_rng(seed))
-    return TestResult(f"bootstrap p{int(q * 100)} difference", float("nan"), float("nan"),
-                      float(diff(xa, xb)), float(result.confidence_interval.low),
-                      float(result.confidence_interval.high))
-
-
 def error_rates(errors_a: int, n_a: int, errors_b: int, n_b: int) -> TestResult:
     """Error counts: Fisher's exact test; the estimate is the rate ratio b / a."""
     table = [[errors_b, n_b - errors_b], [errors_a, n_a - errors_a]]
@@ -142,16 +147,32 @@ def _look_paths(looks: int, seed: int, n_paths: int = CALIBRATION_PATHS) -> np.n
     return np.cumsum(steps, axis=1) / np.sqrt(np.arange(1, looks + 1))
 
 
-def obrien_fleming_bounds(looks: int, alpha: float, seed: int = 0) -> np.ndarray:
-    """One-sided z boundaries c_k = C·sqrt(K/k) whose overall false-positive rate is ``alpha``."""
+@functools.lru_cache(maxsize=64)
+def _obf_bounds(looks: int, alpha: float, seed: int) -> tuple[float, ...]:
+    if looks == 1:
+        return (float(special.ndtri(1 - alpha)),)
     z = _look_paths(looks, seed)
     shape = np.sqrt(np.arange(1, looks + 1) / looks)  # crossing c_k ⇔ Z_k·sqrt(k/K) ≥ C
     constant = np.quantile((z * shape).max(axis=1), 1 - alpha)
-    return constant / shape
+    return tuple((constant / shape).tolist())
 
 
+def obrien_fleming_bounds(looks: int, alpha: float, seed: int = 0) -> np.ndarray:
+    """One-sided z boundaries c_k = C·sqrt(K/k) whose overall false-positive rate is ``alpha``.
+
+    Calibrated once per (looks, alpha) by simulating the correlated look statistics.
+    """
+    return np.array(_obf_bounds(looks, alpha, seed))
+
+
+@functools.lru_cache(maxsize=64)
 def sequential_drift(looks: int, alpha: float, power: float, seed: int = 0) -> float:
-    """The final-look mean of Z at which the boundary is crossed with probability ``power``."""
+    """The final-look mean of Z at which the boundary is crossed with probability ``power``.
+
+    For one look it is the fixed design's z_{1-alpha} + z_{power}.
+    """
+    if looks == 1:
+        return float(special.ndtri(1 - alpha) + special.ndtri(power))
     bounds = obrien_fleming_bounds(looks, alpha, seed)
     z = _look_paths(looks, seed + 1, 20_000)
     info = np.sqrt(np.arange(1, looks + 1) / looks)
@@ -163,47 +184,183 @@ def sequential_drift(looks: int, alpha: float, power: float, seed: int = 0) -> f
     return high
 
 
+@dataclass(frozen=True)
+class SampleSize:
+    """Outcomes needed per arm (the treatment is the smaller arm at a 90/10 split)."""
+
+    treatment: int
+    control: int
+
+
 def sample_size_two_proportions(p_control: float, effect: float, *, alpha: float, power: float,
-                                looks: int, seed: int = 0) -> int:
-    """Per-arm sample size to detect ``effect`` (absolute) with the group-sequential boundary."""
-    p_treat = p_control + effect
-    variance = p_control * (1 - p_control) + p_treat * (1 - p_treat)
-    drift = sequential_drift(looks, alpha, power, seed)
-    return math.ceil(variance * (drift / effect) ** 2)
+                                looks: int, treatment_share: float = 0.5, seed: int = 0) -> SampleSize:
+    """Outcomes per arm to detect ``effect`` (absolute) with the group-sequential boundary.
+
+    Unequal allocation: with ratio r = control / treatment, the variance of the
+    difference is p_t(1-p_t)/n_t + p_c(1-p_c)/(r n_t). For one look this is
+    statsmodels' ``NormalIndPower(ratio=r)`` up to its pooled variance.
+    """
+    p_treat = min(max(p_control + effect, 1e-6), 1 - 1e-6)
+    ratio = (1 - treatment_share) / treatment_share
+    variance = p_treat * (1 - p_treat) + p_control * (1 - p_control) / ratio
+    n_treatment = math.ceil(variance * (sequential_drift(looks, alpha, power, seed) / effect) ** 2)
+    return SampleSize(n_treatment, math.ceil(n_treatment * ratio))
 
 
-def confidence_sequence(mean: float, variance: float, n: int, alpha: float,
-                        tight_n: int = 1000) -> tuple[float, float]:
-    """Always-valid two-sided interval for a mean after ``n`` observations (normal mixture).
+def max_information(effect: float, *, alpha: float, power: float, looks: int) -> float:
+    """Information (1 / variance of the effect estimate) at which the design has ``power``."""
+    return (sequential_drift(looks, alpha, power) / effect) ** 2
 
-    Valid simultaneously over every n, so it may be checked after every request
-    without inflating the error rate; narrowest around ``tight_n`` observations.
-    Boundary: |S_n| <= sqrt((V + r) log((V + r) / (r (alpha/2)^2))) with V = n·variance.
+
+# ---- cluster-robust differences and always-valid intervals ---------------------------------
+
+@dataclass(frozen=True)
+class Difference:
+    """Treatment mean − control mean of a per-unit ratio metric, with a cluster-robust variance."""
+
+    estimate: float
+    variance: float
+    mean_control: float
+    mean_treatment: float
+    n_control: int
+    n_treatment: int
+    clusters: int  # clusters with data
+    df: int  # degrees of freedom for small-sample t corrections: min clusters per arm − 1
+
+    @property
+    def information(self) -> float:
+        """1 / variance (0 when nothing is known)."""
+        return 1 / self.variance if self.variance > 0 else 0.0
+
+
+def cluster_difference(sums: np.ndarray, counts: np.ndarray, *, floor: float = 0.0) -> Difference:
+    """Difference of means from per-cluster sums and counts, shape (clusters, 2) [control, treatment].
+
+    The delta method on per-cluster sums (Liang–Zeger sandwich): it is the OLS slope of
+    y on the arm with cluster-robust errors, and equals statsmodels' ``cov_type="cluster"``
+    with its small-sample factor G/(G-1)·(N-1)/(N-2). Clusters may hold one arm (the unit
+    is randomised) or both (time blocks, shadow pairs). ``floor`` is a least variance
+    while there are fewer than ``MIN_SANDWICH_CLUSTERS`` clusters: the analysis passes
+    the independent-observations variance, because with few clusters the sandwich can
+    come out near zero by chance (positive dependence only adds to it).
+    """
+    n = counts.sum(axis=0)
+    if n[0] == 0 or n[1] == 0:
+        return Difference(math.nan, math.inf, math.nan, math.nan, int(n[0]), int(n[1]), 0, 0)
+    mean = sums.sum(axis=0) / n
+    used = counts.sum(axis=1) > 0
+    residual = sums[used] - mean * counts[used]  # per cluster and arm: sum minus its mean's share
+    psi = residual[:, 1] / n[1] - residual[:, 0] / n[0]
+    g, total = int(used.sum()), int(n.sum())
+    factor = g / (g - 1) * (total - 1) / (total - 2) if g > 1 and total > 2 else math.inf
+    sandwich = factor * float(psi @ psi)
+    # With few clusters the sandwich can come out near zero by chance: the floor holds then.
+    # With many it is trusted as it is (a max() would bias every variance up and cost power).
+    variance = float(max(sandwich, floor) if g < MIN_SANDWICH_CLUSTERS else sandwich)
+    per_arm = (counts > 0).sum(axis=0)
+    return Difference(float(mean[1] - mean[0]), variance, float(mean[0]), float(mean[1]), int(n[0]),
+                      int(n[1]), g, max(int(per_arm.min()) - 1, 0))
+
+
+def independent_variance(sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> float:
+    """Variance of the difference of means as if every observation were independent (Welch)."""
+    n = counts.sum(axis=0)
+    if n.min() < 2:
+        return math.inf
+    mean = sums.sum(axis=0) / n
+    var = (squares.sum(axis=0) - n * mean * mean) / (n - 1)
+    return float(np.sum(np.maximum(var, 0) / n))
+
+
+def bernoulli_floor(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Binomial variance of the difference with one pseudo-success and one pseudo-failure per arm."""
+    n = counts.sum(axis=0)
+    p = (sums.sum(axis=0) + 1) / (n + 2)
+    return float(np.sum(p * (1 - p) / np.maximum(n, 1)))
+
+
+def mixture_rho(information: float, alpha: float) -> float:
+    """The normal mixture's precision that makes the sequence tightest near ``information``."""
+    log_term = 2 * math.log(1 / alpha)
+    return information / (log_term + math.log(1 + log_term))
+
+
+def mixture_radius(information: float, alpha: float, rho: float) -> float:
+    """One-sided always-valid radius for an effect estimated with ``information`` (= 1/variance).
+
+    Normal mixture boundary for the score S = estimate·I with intrinsic time I
+    (Howard, Ramdas, McAuliffe & Sekhon, 2021): P(ever S > sqrt((I+ρ)(log((I+ρ)/ρ) + 2 log(1/α))))
+    <= α. With an estimated variance it is an asymptotic confidence sequence
+    (Waudby-Smith et al., 2021). Use alpha/2 for a two-sided interval.
+    """
+    if information <= 0:
+        return math.inf
+    v = information + rho
+    return math.sqrt(v * (math.log(v / rho) + 2 * math.log(1 / alpha))) / information
+
+
+def t_widen(alpha: float, df: int) -> float:
+    """How much wider a t_{df} interval is than a normal one at one-sided level ``alpha``."""
+    if df < 1:
+        return math.inf
+    return float(special.stdtrit(df, 1 - alpha) / special.ndtri(1 - alpha))
+
+
+def t_boundary(z_bound: float, df: int) -> float:
+    """The t_{df} critical value with the same tail probability as the z boundary."""
+    if df < 1:
+        return math.inf
+    return float(special.stdtrit(df, special.ndtr(z_bound)))
+
+
+def _mixture_root(x: int, n: int, level: float, a: float, b: float, upper: bool) -> float:
+    """The p beyond x/n where the beta-binomial mixture's log reaches ``level``.
+
+    In logit space θ the log mixture is L - x·log p - (n-x)·log(1-p), convex in θ
+    with slope n·p - x, so Newton's method started outside the root walks to it
+    monotonically (a handful of steps instead of a bisection's dozens).
+    """
+    constant = (math.lgamma(a + x) + math.lgamma(b + n - x) - math.lgamma(a + b + n)
+                - math.lgamma(a) - math.lgamma(b) + math.lgamma(a + b) - level)
+
+    def f(theta: float) -> float:  # log mixture − level, with log p and log(1-p) from θ stably
+        log_p, log_q = -_softplus(-theta), -_softplus(theta)
+        return constant - x * log_p - (n - x) * log_q
+
+    p_hat = min(max(x / n, 1e-12), 1 - 1e-12)
+    centre = math.log(p_hat / (1 - p_hat))
+    step = 1.0 if upper else -1.0
+    theta = centre + step
+    while f(theta) < 0:  # move outside the root
+        step *= 2
+        theta = centre + step
+    for _ in range(60):
+        slope = n / (1 + math.exp(-theta)) - x
+        new = theta - f(theta) / slope
+        if abs(new - theta) < 1e-10:
+            break
+        theta = new
+    return 1 / (1 + math.exp(-theta))
+
+
+def _softplus(v: float) -> float:
+    return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+
+
+def bernoulli_confidence_sequence(x: int, n: int, alpha: float, *, prior: tuple[float, float] = (0.5, 0.5)
+                                  ) -> tuple[float, float]:
+    """Always-valid two-sided interval for a Bernoulli rate after ``x`` events in ``n`` trials.
+
+    The conjugate beta-binomial mixture martingale (Robbins, 1970; Howard et al., 2021):
+    {p : B(a+x, b+n-x) / (B(a, b) p^x (1-p)^(n-x)) < 1/alpha}. Under p it is a
+    nonnegative martingale, so by Ville's inequality the interval misses p at *any*
+    look with probability <= alpha, however rare the event: 0 errors in 300 gives
+    [0, 0.023] at alpha 0.025, not a plug-in ±0.
     """
     if n <= 0:
-        return -math.inf, math.inf
-    v, rho = n * variance, max(variance * tight_n, 1e-12)
-    radius = math.sqrt((v + rho) * math.log((v + rho) / (rho * (alpha / 2) ** 2))) / n
-    return mean - radius, mean + radius
-
-
-def simulate_promotions(p_control: float, effect: float, n_per_arm: int, *, looks: int, alpha: float,
-                        sims: int, seed: int = 0) -> dict[str, float]:
-    """How often the group-sequential rule promotes, against naive testing at every look.
-
-    Each simulated experiment accrues ``n_per_arm`` binary outcomes per arm in
-    ``looks`` equal steps; at each look the pooled two-proportion z is compared
-    with the O'Brien–Fleming bound (sequential) and with a fixed one-sided
-    z_{1-0.05} (naive peeking, what the original design did).
-    """
-    rng = np.random.default_rng(seed)
-    step = n_per_arm // looks
-    hits_a = np.cumsum(rng.binomial(step, p_control, (sims, looks)), axis=1)
-    hits_b = np.cumsum(rng.binomial(step, p_control + effect, (sims, looks)), axis=1)
-    n = step * np.arange(1, looks + 1)
-    pooled = (hits_a + hits_b) / (2 * n)
-    se = np.sqrt(np.maximum(pooled * (1 - pooled), 1e-12) * 2 / n)
-    z = (hits_b - hits_a) / n / se
-    bounds = obrien_fleming_bounds(looks, alpha, seed)
-    return {"sequential": float((z >= bounds).any(axis=1).mean()),
-            "naive_peeking_p05": float((z >= stats.norm.ppf(0.95)).any(axis=1).mean())}
+        return 0.0, 1.0
+    level = math.log(1 / alpha)
+    a, b = prior
+    low = 0.0 if x == 0 else _mixture_root(x, n, level, a, b, upper=False)
+    high = 1.0 if x == n else _mixture_root(x, n, level, a, b, upper=True)
+    return low, high

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -26,16 +27,23 @@ if TYPE_CHECKING:
 _ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # it becomes part of Redis keys
 MODES = ("split", "shadow")
 UNITS = ("route", "request_id")
+PRIMARY_METRICS = ("hit_rate", "pnl")
 STATUSES = ("running", "paused", "stopped")
 
 
 @dataclass(frozen=True)
 class Margins:
-    """Guardrails as non-inferiority margins (the original design's thresholds)."""
+    """Guardrails as non-inferiority margins: how much worse than control the treatment may be.
 
-    latency_p95_ms: float = 2.0  # treatment p95 may exceed control's by at most this
-    error_rate_ratio: float = 1.5  # treatment error rate at most this × control's
-    accuracy_pp: float = 5.0  # treatment accuracy at most this many points below control's
+    ``pnl_per_trade`` is in the outcomes' P&L units; ``None`` means no margin: P&L
+    only must not be *shown* worse (set one to require non-inferiority by an interval).
+    The margin of the primary metric is not used: it must be shown better.
+    """
+
+    latency_p95_ms: float = 2.0  # treatment p95 at most this above control's, in the same minutes
+    error_rate_pp: float = 0.5  # treatment error rate at most this many points above control's
+    accuracy_pp: float = 5.0  # treatment hit rate at most this many points below control's
+    pnl_per_trade: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,13 @@ class Experiment:
     unit: str = "route"
     salt: str = ""
     planned_looks: int = 40
-    min_effect_pp: float = 2.0
+    primary: str = "hit_rate"  # or "pnl": what PROMOTE must show better
+    min_effect_pp: float = 2.0  # hit rate effect the design is powered for
+    min_effect_pnl: float = 0.0  # P&L per trade effect the design is powered for (primary "pnl")
     alpha: float = 0.005
     power: float = 0.8
+    label_horizon_s: float = 60.0  # an outcome is due this long after its request
+    min_units_per_arm: int = 5  # randomisation units each arm needs before any decision but HALT
     margins: Margins = field(default_factory=Margins)
     status: str = "running"
     created_at: float = 0.0
@@ -159,5 +171,25 @@ def _validate(e: Experiment) -> None:
         problems.append(f"status must be one of {STATUSES}")
     if e.planned_looks < 1 or not 0 < e.alpha < 0.5 or not 0 < e.power < 1:
         problems.append("planned_looks >= 1, 0 < alpha < 0.5, 0 < power < 1")
+    problems += _design_problems(e)
     if problems:
         raise RegistryError("; ".join(problems))
+
+
+def _design_problems(e: Experiment) -> list[str]:
+    """What is wrong with the statistical design: primary metric, effect, horizon, units, margins."""
+    problems = []
+    if e.primary not in PRIMARY_METRICS:
+        problems.append(f"primary must be one of {PRIMARY_METRICS}")
+    effect_name = "min_effect_pnl" if e.primary == "pnl" else "min_effect_pp"
+    if not (math.isfinite(getattr(e, effect_name)) and getattr(e, effect_name) > 0):
+        problems.append(f"the primary metric's minimum effect ({effect_name}) must be > 0")
+    if not (math.isfinite(e.label_horizon_s) and 0 < e.label_horizon_s <= 7 * 86400):
+        problems.append("label_horizon_s must be in (0, 1 week]")
+    if e.min_units_per_arm < 1:
+        problems.append("min_units_per_arm must be >= 1")
+    m = e.margins
+    values = (m.latency_p95_ms, m.error_rate_pp, m.accuracy_pp, m.pnl_per_trade or 0.0)
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        problems.append("margins must be finite and >= 0")
+    return problems

@@ -1,42 +1,193 @@
-"""``make validate-stats``: simulate the promotion rule. Prints the rates it is judged by.
+"""``make validate-stats``: the production decision rule, replayed on simulated trading days.
 
-A/A (no effect) over 40 looks must promote in at most 1 % of experiments; a
-true +2 pp hit-rate effect at the planned sample size must be promoted in at
-least 75 %. Naive peeking (p < 0.05 at every look) is shown for contrast.
+Every scenario simulates ``--sims`` experiments at the production design (90/10
+split, SRM and every guardrail on, one analysis a minute for 200 minutes,
+outcomes delayed, P&L fat-tailed, latency and errors measured) and drives
+:func:`experiments.replay.replay`, the code path of ``experiment analyze``.
+Each rate is printed with a 95 % (Wilson) interval; exit 1 if a target is missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 
-from experiments.stats import sample_size_two_proportions, simulate_promotions
+import numpy as np
+from scipy import stats
+
+from experiments import stats as S
+from experiments.data import Observations
+from experiments.replay import replay
+from experiments.store import Experiment
+
+MINUTES = 200
+RATE_PER_S = 9.0  # requests a second, both arms: the planned sample is reached in about 160 minutes
+ERROR_RATE = 0.001
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One simulated world and the target it is judged by."""
+
+    name: str
+    target: str
+    units: int = 0  # 0: every request is its own unit (randomised by request)
+    unit_sd_pp: float = 0.0  # hit-rate spread between units
+    effect_pp: float = 0.0
+    pnl_treatment: float = 1.0  # mean P&L per trade (control's is 1.0)
+    wrong_delay_s: float = 0.0  # extra delay of the treatment's wrong outcomes
+    episode_s: float = 0.0  # request-randomised symbols whose labels overlap for this long
+
+
+SCENARIOS = (
+    Scenario("A/A, 100 Zipf units, sd 3 pp, by unit", "promote<=1%,halt<=1%,rollback<=1%", units=100,
+             unit_sd_pp=3.0),
+    Scenario("A/A, i.i.d. requests", "promote<=1%,halt<=0.5%"),
+    Scenario("A/A, by request, 40 symbols, 60 s overlapping labels", "promote<=1%,halt<=1%,rollback<=1%",
+             units=40, episode_s=60.0),
+    Scenario("+2 pp hit rate, P&L unchanged", "promote>=80%", effect_pp=2.0),
+    Scenario("+3 pp hit rate, P&L 1 -> -2 per trade", "promote<=1%", effect_pp=3.0, pnl_treatment=-2.0),
+    Scenario("-6 pp hit rate", "rollback>=90%,median_info<=0.334", effect_pp=-6.0),
+    Scenario("A/A, treatment's wrong outcomes 30 min late", "promote<=1%", wrong_delay_s=1800.0),
+)
+
+
+def experiment(scenario: Scenario) -> Experiment:
+    """The production design: 90/10, 40 looks, 60 s label horizon, default margins."""
+    unit = "route" if scenario.units and not scenario.episode_s else "request_id"
+    return Experiment("validate", "m", 1, 2, treatment_share=0.10, unit=unit, label_horizon_s=60.0,
+                      created_at=0.0)
+
+
+def observations(s: Scenario, rng: np.random.Generator) -> Observations:
+    """One simulated experiment: a table of exposures and outcomes, as a bot fleet would produce."""
+    n = rng.poisson(RATE_PER_S * MINUTES * 60)
+    t = np.sort(rng.uniform(0, MINUTES * 60, n))
+    if s.units and not s.episode_s:  # randomised by unit (route), Zipf-weighted traffic
+        weights = 1 / np.arange(1, s.units + 1)
+        unit = rng.choice(s.units, n, p=weights / weights.sum())
+        arm = (rng.random(s.units) < 0.10).astype(np.int8)[unit]
+    else:  # randomised by request
+        unit = np.arange(n)
+        arm = (rng.random(n) < 0.10).astype(np.int8)
+    correct = _correct(s, rng, t, unit, arm)
+    delay = rng.uniform(5, 55, n) + s.wrong_delay_s * ((arm == 1) & (correct == 0))
+    pnl = np.where(arm == 1, s.pnl_treatment, 1.0) + 2.0 * rng.standard_t(3, n)
+    latency = rng.lognormal(math.log(3.0), 0.4, n)
+    return Observations.build(t_s=t, unit=unit, arm=arm, error=rng.random(n) < ERROR_RATE, latency_ms=latency,
+                              outcome_t_s=t + delay, correct=correct, pnl=pnl, start_s=0.0)
+
+
+def _correct(s: Scenario, rng: np.random.Generator, t: np.ndarray, unit: np.ndarray,
+             arm: np.ndarray) -> np.ndarray:
+    n = len(t)
+    p = 0.55 + s.effect_pp / 100 * (arm == 1)
+    if s.units and not s.episode_s:
+        p = p + rng.normal(0, s.unit_sd_pp / 100, s.units)[unit]
+    own = (rng.random(n) < np.clip(p, 0, 1)).astype(float)
+    if not s.episode_s:
+        return own
+    # Overlapping labels: a symbol's requests inside one episode share the label's fate.
+    symbol = rng.integers(0, s.units, n)
+    episode = symbol * (MINUTES * 60 // int(s.episode_s) + 1) + (t // s.episode_s).astype(np.int64)
+    shared = rng.random(int(episode.max()) + 1) < 0.55
+    return np.where(rng.random(n) < 0.7, shared[episode].astype(float), own)
+
+
+def run_one(args: tuple[Scenario, int]) -> tuple[str, float, float]:
+    """One simulated experiment → (final decision, information fraction at it, minute of it)."""
+    scenario, seed = args
+    e = experiment(scenario)
+    decisions = replay(e, observations(scenario, np.random.default_rng(seed)), until_s=MINUTES * 60)
+    last = decisions[-1]
+    return last.decision, last.info_fraction, last.now_s / 60
+
+
+def error_coverage(sims: int, seed: int) -> float:
+    """Share of runs whose treatment error-rate sequence covers the true 0.1 % at all 200 analyses."""
+    rng = np.random.default_rng(seed)
+    per_minute = RATE_PER_S * 60 * 0.10
+    covered = 0
+    for _ in range(sims):
+        n = np.cumsum(rng.poisson(per_minute, MINUTES))
+        x = np.cumsum(rng.binomial(np.diff(n, prepend=0), ERROR_RATE))
+        bounds = (S.bernoulli_confidence_sequence(int(a), int(b), 0.025) for a, b in zip(x, n, strict=True))
+        covered += all(lo <= ERROR_RATE <= hi for lo, hi in bounds)
+    return covered / sims
+
+
+def _rate(k: int, n: int) -> str:
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return f"{k / n:6.2%} [{ci.low:.2%}, {ci.high:.2%}]"
+
+
+def _meets(target: str, rates: dict[str, float]) -> bool:
+    ok = True
+    for clause in target.split(","):
+        name, op, value = (clause.partition("<=") if "<=" in clause else clause.partition(">="))
+        limit = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        ok &= rates[name] <= limit if op == "<=" else rates[name] >= limit
+    return ok
+
+
+def evaluate_scenario(s: Scenario, sims: int, seed: int, pool: Callable) -> tuple[bool, str]:
+    """Run one scenario's simulations and format its line."""
+    results = list(pool(run_one, [(s, seed * 1_000_003 + i) for i in range(sims)], chunksize=8))
+    counts = Counter(d for d, _, _ in results)
+    rollback_info = [f for d, f, _ in results if d == "ROLLBACK"]
+    rates = {"promote": counts["PROMOTE"] / sims, "halt": counts["HALT"] / sims,
+             "rollback": counts["ROLLBACK"] / sims,
+             "median_info": float(np.median(rollback_info)) if rollback_info else math.inf}
+    ok = _meets(s.target, rates)
+    shown = "  ".join(f"{d.lower()} {_rate(counts[d], sims)}"
+                      for d in ("PROMOTE", "HALT", "ROLLBACK", "KEEP"))
+    extra = f"  rollback at median {rates['median_info']:.0%} of planned info" if rollback_info else ""
+    return ok, f"{'ok  ' if ok else 'MISS'} {s.name:<52} target {s.target}\n       {shown}{extra}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both simulations; exit 1 if a target is missed."""
+    """Run every scenario; print each rate with its 95 % interval; exit 1 if a target is missed."""
     parser = argparse.ArgumentParser(prog="python -m experiments.validate", description=__doc__)
-    parser.add_argument("--sims", type=int, default=10_000)
-    parser.add_argument("--looks", type=int, default=40)
-    parser.add_argument("--alpha", type=float, default=0.005, help="one-sided, for promotion")
-    parser.add_argument("--power", type=float, default=0.8)
-    parser.add_argument("--p-control", type=float, default=0.55)
-    parser.add_argument("--effect", type=float, default=0.02)
+    parser.add_argument("--sims", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
+    parser.add_argument("--only", help="run the scenarios whose name contains this text")
     args = parser.parse_args(argv)
-    n = sample_size_two_proportions(args.p_control, args.effect, alpha=args.alpha, power=args.power,
-                                    looks=args.looks)
-    common = {"looks": args.looks, "alpha": args.alpha, "sims": args.sims, "seed": args.seed}
-    null = simulate_promotions(args.p_control, 0.0, n, **common)
-    alt = simulate_promotions(args.p_control, args.effect, n, **common)
-    print(f"planned sample size: {n} per arm ({args.looks} looks, one-sided alpha {args.alpha}, "
-          f"power {args.power} for +{args.effect * 100:.1f} pp on {args.p_control:.0%})")
-    print(f"A/A false promotions:    sequential {null['sequential']:.2%} (target <= 1%), "
-          f"naive p<0.05 at every look {null['naive_peeking_p05']:.2%}")
-    print(f"+{args.effect * 100:.1f} pp promoted:         sequential {alt['sequential']:.2%} (target >= 75%)")
-    ok = null["sequential"] <= 0.01 and alt["sequential"] >= 0.75
+    design = experiment(SCENARIOS[0])
+    planned = S.sample_size_two_proportions(0.55, 0.02, alpha=design.alpha, power=design.power, looks=40,
+                                            treatment_share=0.10)
+    print(f"design: 90/10, 40 looks, one-sided alpha {design.alpha}, power {design.power} for +2 pp on 55 %: "
+          f"{planned.treatment} treatment / {planned.control} control outcomes if independent; "
+          f"{MINUTES} analyses, {RATE_PER_S:g} requests/s, {args.sims} simulations each")
+    ok = True
+    scenarios = [s for s in SCENARIOS if not args.only or args.only in s.name]
+    with ProcessPoolExecutor(args.workers or None) as executor:
+        for s in scenarios:
+            passed, line = evaluate_scenario(s, args.sims, args.seed, executor.map)
+            ok &= passed
+            print(line, flush=True)
+    if not args.only or "error" in args.only:
+        coverage = error_coverage(args.sims, args.seed)
+        ok &= coverage >= 0.975
+        print(f"{'ok  ' if coverage >= 0.975 else 'MISS'} error-rate confidence sequence at 0.1 %, "
+              f"200 looks: coverage {_rate(round(coverage * args.sims), args.sims)} (target >= 97.5%)")
     print("OK" if ok else "TARGET MISSED")
     return 0 if ok else 1
+
+
+def light(sims: int = 40, seed: int = 1) -> dict[str, Counter]:
+    """A seeded small run of every scenario, in this process (for the tests)."""
+    return {s.name: Counter(run_one((s, seed * 1_000_003 + i))[0] for i in range(sims)) for s in SCENARIOS}
+
+
+def with_effect(s: Scenario, effect_pp: float) -> Scenario:
+    """The scenario with another hit-rate effect."""
+    return replace(s, effect_pp=effect_pp)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from experiments import runner
 from experiments.cli import main_report
-from experiments.store import ExperimentStore
+from experiments.store import Experiment, ExperimentStore
 from lab.embedded_redis import EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
@@ -25,6 +25,8 @@ from protocol import keys
 from protocol.settings import Settings
 from registry import Registry
 from registry.rollout import wait_for_fleet
+
+LABEL_HORIZON_S = 1.0  # the bots report each outcome at once; a short horizon keeps the demo short
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
@@ -65,21 +67,35 @@ def _experiment(settings: Settings, args: argparse.Namespace, console):
     with redis.Redis.from_url(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         e = ExperimentStore(client, registry).create(settings.model, 2, 1, treatment_share=0.10,
-                                                     unit="request_id")
+                                                     unit="request_id", label_horizon_s=LABEL_HORIZON_S)
         console.print(f"experiment {e.id}: v{e.control_version} (control, 90%) vs "
-                      f"v{e.treatment_version} (treatment, 10%), split by request id")
+                      f"v{e.treatment_version} (treatment, 10%), split by request id; an outcome is due "
+                      f"{e.label_horizon_s:g} s after its request")
         time.sleep(1.0)  # workers pick the experiment up from the control channel and load v1 beside v2
         spec = LoadSpec(settings.redis_url, settings.model, requests=args.requests, concurrency=4,
                         batch_every=5, batch_size=8, report_outcomes=True)
         result = run_load(spec, args.bots)
         console.print(f"answered by arm: {dict(result.variants)}; errors: {dict(result.errors) or 'none'}")
+        _wait_until_matured(client, e)
         decision = runner.run_analysis(client, registry, settings.model)
-        console.print(f"analysis at look {decision.look}: [bold]{decision.decision}[/bold] "
-                      f"— {decision.reason}")
+        control_n, treatment_n = decision.exposures
+        planned = decision.planned
+        console.print(f"analysis: {control_n} control and {treatment_n} treatment exposures; for a "
+                      f"{e.min_effect_pp:g} pp effect the design plans {planned.get('control', '?')} control "
+                      f"and {planned.get('treatment', '?')} treatment outcomes, so a demo-sized run is "
+                      "expected to CONTINUE (`experiment watch` keeps analysing)")
+        console.print(f"decision: [bold]{decision.decision}[/bold] — {decision.reason}")
     report_png = Path(args.report_dir) / "experiment-report.png"
     report_png.parent.mkdir(parents=True, exist_ok=True)
     main_report(settings, settings.model, report_png)
     return result
+
+
+def _wait_until_matured(client: redis.Redis, e: Experiment) -> None:
+    """Poll until every journaled request's outcome is due, so the analysis counts them all."""
+    due_s = runner.outcomes_due_s(client, e)
+    while runner.redis_now_s(client) < due_s:
+        time.sleep(0.05)
 
 
 def _train(settings: Settings, epochs: int, *, seed: int, stage: str) -> None:

