@@ -1,9 +1,10 @@
 """Experiments between model versions.
 
-Built so far: the statistics engine (``experiments.stats``) and its validation
-(``python -m experiments.validate``, ``make validate-stats``), experiment state
-(``experiments.store``), sticky assignment (``experiments.assignment``); bots
-report outcomes with ``Client.record_outcome``; ``experiments.analysis`` turns
-per-arm data into a decision. The worker does not serve two versions yet, and
-the loop that feeds the analysis, applies decisions, and the CLI are to come.
+``store`` (experiment state), ``assignment`` (sticky split by unit), ``outcomes``
+(the bots' reports, untrusted), ``data`` (one row per exposure), ``summary`` (what
+an analysis at time t may read: matured outcomes per cluster and arm), ``stats``
+(cluster-robust effects, always-valid sequences, the group-sequential design),
+``analysis`` (the decision), ``replay`` and ``simulate`` (the same decision on a
+table, offline), ``runner`` (the decision on the journal in Redis, the audit
+trail), ``validate`` (``make validate-stats``), ``cli``.
 """

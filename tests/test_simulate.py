@@ -15,6 +15,7 @@ import pytest
 from conftest import MODEL
 
 from experiments import cli as experiment_cli
+from experiments import report
 from experiments.data import Observations
 from experiments.replay import replay
 from experiments.simulate import experiment_for, read_table, simulate, write_table
@@ -254,7 +255,7 @@ def test_create_takes_the_design_options(r, settings, registry, production, tmp_
 # ---- the report --------------------------------------------------------------------------
 
 def test_report_panels_show_each_metric_with_units(records, obs):
-    panels = experiment_cli.decision_panels(records, start_s=obs.start_s, treatment_share=0.2)
+    panels = report.decision_panels(records, start_s=obs.start_s, treatment_share=0.2)
     titles = [p.title.split(":")[0] for p in panels]
     assert titles == ["hit_rate (primary)", "hit_rate group-sequential test", "error_rate (guardrail)",
                       "latency_p95 (guardrail)", "pnl (guardrail)", "arrival (check)", "sample ratio (check)"]
@@ -270,9 +271,9 @@ def test_report_panels_show_each_metric_with_units(records, obs):
 
 def test_report_plot_and_table_from_records(records, obs, tmp_path, capsys):
     png = tmp_path / "report.png"
-    experiment_cli.plot_decisions(records, png, start_s=obs.start_s, treatment_share=0.2)
+    report.plot_decisions(records, png, start_s=obs.start_s, treatment_share=0.2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
-    experiment_cli.print_decisions(records, obs.start_s)
+    report.print_decisions(records, obs.start_s)
     out = capsys.readouterr().out
     assert out.count("\n") == len(records) + 2 and "primary effect" in out.splitlines()[0]
 
@@ -282,8 +283,8 @@ def test_report_survives_records_from_before_the_new_analysis(tmp_path, capsys):
             "tests": [{"test": "two-proportion chi-square", "statistic": 1.0, "p_value": 0.3,
                        "estimate": 0.01, "ci_low": -0.01, "ci_high": 0.03}]},
            {"look": 2, "decision": "PROMOTE", "reason": "crossed", "at": 220.0, "tests": []}]
-    experiment_cli.plot_decisions(old, tmp_path / "old.png", start_s=100.0, treatment_share=0.1)
-    experiment_cli.print_decisions(old, 100.0)
+    report.plot_decisions(old, tmp_path / "old.png", start_s=100.0, treatment_share=0.1)
+    report.print_decisions(old, 100.0)
     out = capsys.readouterr().out
     assert (tmp_path / "old.png").stat().st_size > 1000 and "->     2.0" in out
 
