@@ -31,7 +31,7 @@ import numpy as np
 from scipy import special, stats
 
 CALIBRATION_PATHS = 200_000
-MIN_SANDWICH_CLUSTERS = 30  # below this many clusters the cluster-robust variance has a floor
+MIN_SANDWICH_CLUSTERS = 30  # below this many effective clusters the cluster-robust variance has a floor
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class Difference:
     n_control: int
     n_treatment: int
     clusters: int  # clusters with data
-    df: int  # degrees of freedom for small-sample t corrections: min clusters per arm − 1
+    df: int  # for small-sample t corrections: the arms' smaller effective number of clusters − 1
 
     @property
     def information(self) -> float:
@@ -254,12 +254,16 @@ def cluster_difference(sums: np.ndarray, counts: np.ndarray, *, floor: float = 0
     g, total = int(used.sum()), int(n.sum())
     factor = g / (g - 1) * (total - 1) / (total - 2) if g > 1 and total > 2 else math.inf
     sandwich = factor * float(psi @ psi)
-    # With few clusters the sandwich can come out near zero by chance: the floor holds then.
-    # With many it is trusted as it is (a max() would bias every variance up and cost power).
-    variance = float(max(sandwich, floor) if g < MIN_SANDWICH_CLUSTERS else sandwich)
-    per_arm = (counts > 0).sum(axis=0)
+    # Unequal clusters carry less information than their count: one symbol with 19 % of the
+    # traffic is nearly a cluster of its own. The effective number 1 / Σ w² per arm (Carter,
+    # Schnepel & Steigerwald, 2017) sets the t degrees of freedom and whether the floor holds.
+    weights = counts / n
+    effective = float((1 / (weights * weights).sum(axis=0)).min())
+    # With few effective clusters the sandwich can come out near zero by chance: the floor holds
+    # then. With many it is trusted as it is (a max() would bias every variance up, costing power).
+    variance = float(max(sandwich, floor) if effective < MIN_SANDWICH_CLUSTERS else sandwich)
     return Difference(float(mean[1] - mean[0]), variance, float(mean[0]), float(mean[1]), int(n[0]),
-                      int(n[1]), g, max(int(per_arm.min()) - 1, 0))
+                      int(n[1]), g, max(math.floor(effective) - 1, 0))
 
 
 def independent_variance(sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> float:
