@@ -10,7 +10,6 @@ moves the analysis once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol.errors import InvalidInput
@@ -58,28 +57,3 @@ def _pnl(request_id: str, text: str | None) -> float | None:
     if not math.isfinite(value):
         raise InvalidInput(f"outcome {request_id}: pnl must be finite")
     return value
-
-
-@dataclass
-class OutcomeSet:
-    """The first valid outcome per request, and what was left out."""
-
-    first: dict[str, Outcome]
-    malformed: int = 0
-    duplicates: int = 0
-
-
-def first_per_request(entries: Iterable[dict[str, str]]) -> OutcomeSet:
-    """Entries in stream order → the first valid outcome of each request; the rest counted."""
-    result = OutcomeSet({})
-    for fields in entries:
-        try:
-            outcome = parse(fields)
-        except InvalidInput:
-            result.malformed += 1
-            continue
-        if outcome.request_id in result.first:
-            result.duplicates += 1
-        else:
-            result.first[outcome.request_id] = outcome
-    return result

@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -178,16 +178,6 @@ def main(argv: list[str] | None = None) -> int:
               f"200 looks: coverage {_rate(round(coverage * args.sims), args.sims)} (target >= 97.5%)")
     print("OK" if ok else "TARGET MISSED")
     return 0 if ok else 1
-
-
-def light(sims: int = 40, seed: int = 1) -> dict[str, Counter]:
-    """A seeded small run of every scenario, in this process (for the tests)."""
-    return {s.name: Counter(run_one((s, seed * 1_000_003 + i))[0] for i in range(sims)) for s in SCENARIOS}
-
-
-def with_effect(s: Scenario, effect_pp: float) -> Scenario:
-    """The scenario with another hit-rate effect."""
-    return replace(s, effect_pp=effect_pp)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 from conftest import MODEL
 
 from experiments import runner
-from experiments.outcomes import Outcome, first_per_request, parse
+from experiments.outcomes import Outcome, parse
 from experiments.store import ExperimentStore
 from protocol import keys
 from protocol.errors import InvalidInput
@@ -29,14 +29,6 @@ def test_a_valid_outcome_parses():
 def test_malformed_outcomes_are_refused(fields):
     with pytest.raises(InvalidInput):
         parse(fields)
-
-
-def test_first_outcome_per_request_wins_and_the_rest_are_counted():
-    entries = [{"id": "a", "at_ms": "1", "correct": "1"}, {"id": "a", "at_ms": "2", "correct": "0"},
-               {"id": "b", "at_ms": "x", "correct": "0"}, {"id": "b", "at_ms": "3", "correct": "0"}]
-    got = first_per_request(entries)
-    assert got.first == {"a": Outcome("a", 1, True), "b": Outcome("b", 3, False)}
-    assert (got.duplicates, got.malformed) == (1, 1)
 
 
 @pytest.fixture
