@@ -160,6 +160,14 @@ def reference_artifact(directory: Path, seed: int = 0) -> Path:
     return reference.export_onnx(reference.HybridCNNLSTM(), directory / f"reference-{seed}.onnx")
 
 
+def serve_reference(registry: Registry, model: str, directory: Path) -> int:
+    """Register the seeded reference artifact under ``model`` and promote it; its version."""
+    mv = registry.register(model, reference_artifact(directory), input_spec=reference.input_spec(),
+                           output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
+    registry.promote(model, mv.version)
+    return mv.version
+
+
 def reload_latency(url: str, registry, model: str, new_path: Path, threads: int, seconds: float) -> dict:
     """Latency of steady traffic before a reload versus in the seconds around it.
 

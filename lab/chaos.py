@@ -30,10 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lab import hostile
-from lab.bench import reference_artifact
+from lab.bench import serve_reference
 from lab.embedded_redis import EmbeddedRedis
 from lab.pacing import paced_bot
-from modeltools import reference
 from producer import Client
 from protocol import keys
 from protocol.settings import Settings
@@ -175,9 +174,7 @@ def run(settings: Settings, seconds: float, rate_rps: float, *, workers: int = 2
         s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
         client = Redis.from_url(server.url)
         registry = Registry(client, s.artifact_dir)
-        mv = registry.register(MODEL, reference_artifact(Path(tmp)), input_spec=reference.input_spec(),
-                               output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
-        registry.promote(MODEL, mv.version)
+        serve_reference(registry, MODEL, Path(tmp))
         result = ChaosResult(seconds, rate_rps, workers, kill_every_s, s.heartbeat_ttl_s, server.version())
         pool = WorkerPool(s, workers, Path(tmp))
         _wait_for_serving(client, workers)

@@ -23,11 +23,10 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from lab.bench import reference_artifact
+from lab.bench import serve_reference
 from lab.embedded_redis import EmbeddedRedis
 from lab.fleet import Fleet
 from lab.pacing import paced_bot
-from modeltools import reference
 from protocol import keys
 from protocol.settings import Settings
 from registry import Registry
@@ -82,9 +81,7 @@ def run(settings: Settings, minutes: float, rate_rps: float, *, bots: int = 2, p
         s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
         client = Redis.from_url(server.url)
         registry = Registry(client, s.artifact_dir)
-        mv = registry.register(MODEL, reference_artifact(Path(tmp)), input_spec=reference.input_spec(),
-                               output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
-        registry.promote(MODEL, mv.version)
+        serve_reference(registry, MODEL, Path(tmp))
         result = SoakResult(minutes, rate_rps, server.version())
         stop, lock = threading.Event(), threading.Lock()
         with Fleet(s, MODEL, processes):
