@@ -23,6 +23,7 @@ import redis
 from experiments.report import number as _num
 from experiments.report import plot_decisions, print_decisions
 from experiments.store import MODES, PRIMARY_METRICS, UNITS, Experiment, ExperimentStore, Margins
+from protocol import connection
 from protocol.settings import Settings
 from registry import Registry
 
@@ -124,7 +125,7 @@ def _add_per_model(sub: argparse._SubParsersAction) -> None:
 
 @contextmanager
 def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, ExperimentStore]]:
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with connection.connect(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         yield client, registry, ExperimentStore(client, registry)
 

@@ -28,7 +28,7 @@ from experiments.assignment import CONTROL, TREATMENT
 from experiments.data import Observations
 from experiments.outcomes import Outcome, parse
 from experiments.store import Experiment, ExperimentStore
-from protocol import keys
+from protocol import keys, sharding
 from protocol.errors import InvalidInput
 from protocol.values import text
 from registry import Registry
@@ -160,11 +160,20 @@ def _pages(client: redis.Redis, key: str, start: str = "-") -> Iterator[StreamRo
         cursor = "(" + text(page[-1][0])
 
 
+def shards(client: redis.Redis, model: str) -> range:
+    """Every stream shard the model has used: each keeps its own experiment journal and counters."""
+    try:
+        return range(sharding.read_layout(client, model).highest)
+    except InvalidInput:  # a malformed layout hash: the workers report it; read what may exist
+        return range(keys.MAX_SHARDS)
+
+
 def _read_journal(client: redis.Redis, e: Experiment, outcomes: dict[bytes, _Found]) -> _Journal:
     journal = _Journal(e, outcomes)
-    for page in _pages(client, keys.experiment_journal(e.model, e.id)):
-        for entry_id, fields in page:
-            journal.add(entry_id, fields)
+    for shard in shards(client, e.model):
+        for page in _pages(client, keys.experiment_journal(e.model, e.id, shard)):
+            for entry_id, fields in page:
+                journal.add(entry_id, fields)
     return journal
 
 
@@ -273,11 +282,18 @@ class Snapshot:
         return self.counters_malformed + self.read.journal_malformed
 
 
-def _counts(raw: dict) -> tuple[dict[str, int], int]:
-    """The experiment's counters; a value that is not a whole number is left out and counted."""
-    lenient = {_lenient(k): _lenient(v) for k, v in raw.items()}
-    counts = {k: int(v) for k, v in lenient.items() if v.isascii() and v.isdigit() and len(v) <= 18}
-    return counts, len(raw) - len(counts)
+def _counts(raws: list[dict]) -> tuple[dict[str, int], int]:
+    """The experiment's counters summed over shards; a value that is not a whole number is left
+    out and counted."""
+    counts: dict[str, int] = {}
+    bad = 0
+    for raw in raws:
+        lenient = {_lenient(k): _lenient(v) for k, v in raw.items()}
+        good = {k: int(v) for k, v in lenient.items() if v.isascii() and v.isdigit() and len(v) <= 18}
+        for k, n in good.items():
+            counts[k] = counts.get(k, 0) + n
+        bad += len(raw) - len(good)
+    return counts, bad
 
 
 def _arm_data(obs: Observations, arm: int, name: str, counts: dict[str, int]) -> ArmData:
@@ -292,7 +308,8 @@ def _arm_data(obs: Observations, arm: int, name: str, counts: dict[str, int]) ->
 
 def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
     """Exposures and errors (counters), outcomes and latencies (journal) per arm, and what was left out."""
-    counts, bad = _counts(client.hgetall(keys.experiment_counts(e.model, e.id)))
+    counts, bad = _counts([client.hgetall(keys.experiment_counts(e.model, e.id, k))
+                           for k in shards(client, e.model)])
     obs, read = observations(client, e)
     return Snapshot(_arm_data(obs, 0, CONTROL, counts), _arm_data(obs, 1, TREATMENT, counts), read, bad)
 
@@ -307,8 +324,12 @@ def redis_now_s(client: redis.Redis) -> float:
 
 def outcomes_due_s(client: redis.Redis, e: Experiment) -> float:
     """When the last journaled request's outcome is due (Redis clock, s); -inf before any request."""
-    last = cast("StreamRows", client.xrevrange(keys.experiment_journal(e.model, e.id), count=1))
-    return int(text(last[0][0]).split("-", 1)[0]) / 1000 + e.label_horizon_s if last else -math.inf
+    last_ms = -math.inf
+    for shard in shards(client, e.model):
+        last = cast("StreamRows", client.xrevrange(keys.experiment_journal(e.model, e.id, shard), count=1))
+        if last:
+            last_ms = max(last_ms, int(text(last[0][0]).split("-", 1)[0]))
+    return last_ms / 1000 + e.label_horizon_s
 
 
 def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: bool = False) -> Decision:

@@ -119,10 +119,11 @@ class ExperimentStore:
                                 salt=options.pop("salt", None) or secrets.token_hex(8),
                                 created_at=time.time(), **options)
         _validate(experiment)
+        # The index is another cluster slot: added first, outside the model's transaction.
+        self.redis.sadd(keys.experiments_set(), model)
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.experiment_hash(model))
         pipe.hset(keys.experiment_hash(model), mapping=experiment.to_hash())
-        pipe.sadd(keys.experiments_set(), model)
         pipe.execute()
         self._nudge(model)
         return experiment

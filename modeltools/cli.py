@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from modeltools.optimizer import EvalData
+from protocol import connection
 from protocol.settings import Settings
 
 
@@ -64,7 +65,6 @@ def reference_data(mv) -> EvalData:
 
 
 def _optimize(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
     from rich.console import Console
     from rich.progress import Progress
 
@@ -74,7 +74,7 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     gate = Gate(args.min_agreement, args.max_accuracy_drop_pp)
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    with redis.Redis.from_url(settings.redis_url) as client, tempfile.TemporaryDirectory() as tmp:
+    with connection.connect(settings.redis_url) as client, tempfile.TemporaryDirectory() as tmp:
         registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         mv = registry.get(args.name, args.version)
         data = EvalData(**dict(np.load(args.data, allow_pickle=False))) if args.data else reference_data(mv)

@@ -6,9 +6,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import redis
-
 from modeltools import reference
+from protocol import connection
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
 from worker.loader import make_golden, version_parity
@@ -24,7 +23,7 @@ def train_and_register(settings: Settings, model: str, *, epochs: int = 4, n_tra
     result = reference.train(n_train=n_train, epochs=epochs, seed=seed, progress=progress)
     print(f"held-out accuracy {result.accuracy:.4f} on {result.n_test} samples "
           f"({result.train_seconds:.1f} s on CPU)")
-    with tempfile.TemporaryDirectory() as tmp, redis.Redis.from_url(settings.redis_url) as client:
+    with tempfile.TemporaryDirectory() as tmp, connection.connect(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
         onnx_path = reference.export_onnx(result.model, Path(tmp) / "model.onnx")
         torch_path = reference.export_torch(result.model, Path(tmp) / "model.pt2")

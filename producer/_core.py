@@ -6,6 +6,7 @@ one round trip (:class:`Trip`) and how they wait between retries.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
+from redis.crc import key_slot
 
-from protocol import keys, messages
+from protocol import keys, messages, sharding
 from protocol.errors import DeadlineExceeded, InvalidInput, Overloaded, ReplyError, Unavailable
 
 if TYPE_CHECKING:
@@ -38,19 +40,44 @@ BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
 # Connection trouble: retried within the deadline, without re-sending the request.
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 
+LOAD_REFRESH_S = 0.2  # how stale a shard's load may get before the next trip re-reads it (§13)
+LOAD_MAX_AGE_S = 3.0  # an older load says nothing about now: nothing is shed on it
+
 
 class NotConnected(redis.ConnectionError):
     """No connection could be opened: nothing of the round trip reached Redis."""
 
 
+class Redirected(Exception):
+    """A cluster node answered MOVED or ASK: the slot map is stale; refresh it and repeat the trip.
+
+    Nothing of the trip ran (a redirected command is not executed), so repeating it is safe.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a call's requests go: the model's shard and priority lane."""
+
+    model: str
+    shard: int = 0
+    lane: str = "live"
+
+    @property
+    def stream(self) -> str:
+        """The request stream of this shard and lane."""
+        return keys.request_stream(self.model, self.shard, self.lane)
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A request on its way: where its reply will land and when to give up."""
+    """A request on its way: where it goes, where its reply will land and when to give up."""
 
     request_id: str
     reply_key: str
     fields: Fields
     deadline_s: float
+    stream: str = ""
 
 
 def new_token() -> str:
@@ -58,7 +85,7 @@ def new_token() -> str:
     return uuid.uuid4().hex
 
 
-def prepare(model: str, features: Features, *, route: str, timeout_s: float,
+def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
             sample_ndim: int | None, request_id: str | None = None,
             reply_to: str | None = None) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
@@ -82,14 +109,15 @@ def prepare(model: str, features: Features, *, route: str, timeout_s: float,
     deadline_s = time.time() + timeout_s
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
                                      route=route, reply_to=reply_to)
-    return Pending(request_id, keys.reply_key(model, reply_to or request_id), fields, deadline_s)
+    reply_key = keys.reply_key(target.model, reply_to or request_id, target.shard)
+    return Pending(request_id, reply_key, fields, deadline_s, target.stream)
 
 
-def prepare_many(model: str, batch: Sequence[Features], *, route: str,
+def prepare_many(target: Target, batch: Sequence[Features], *, route: str,
                  timeout_s: float) -> list[Pending]:
     """Single-sample requests that share one reply list (one wait collects them all)."""
     token = new_token()
-    return [prepare(model, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token)
+    return [prepare(target, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token)
             for f in batch]
 
 
@@ -174,6 +202,7 @@ class Trip:
 
     commands: list[Command]
     read_timeout_s: float
+    key: str = ""  # every command's key is in this key's slot (the node a cluster client sends to)
 
 
 def xadd_command(stream: str, fields: Fields) -> Command:
@@ -194,9 +223,11 @@ class Exchange:
     (it may have run); replies read twice are told apart by their ``id``.
     """
 
-    def __init__(self, model: str, pendings: list[Pending], timeout_s: float,
-                 finished: Sequence[str] = ()) -> None:
-        self.stream = keys.request_stream(model)
+    def __init__(self, pendings: list[Pending], timeout_s: float,
+                 finished: Sequence[str] = (), extra: Sequence[Command] = ()) -> None:
+        self.stream = pendings[0].stream if pendings else ""
+        self.extra = list(extra)  # read-only commands riding on the first trip (a shard's load)
+        self.extra_answers: list[Any] = []
         self.gatherer = Gatherer(pendings, timeout_s)
         self.reply_key = self.gatherer.reply_key
         self.finished = list(finished)
@@ -216,8 +247,9 @@ class Exchange:
             head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
         self._head = len(head)
         wait_s = block_s(self.gatherer.deadline_s)
-        return Trip([*head, ("BLMOVE", key, key, "RIGHT", "LEFT", wait_s), ("LRANGE", key, 0, -1)],
-                    wait_s + READ_MARGIN_S)
+        tail = self.extra if not self.queued else []
+        return Trip([*head, ("BLMOVE", key, key, "RIGHT", "LEFT", wait_s), ("LRANGE", key, 0, -1),
+                     *tail], wait_s + READ_MARGIN_S, key)
 
     def receive(self, answers: list[Any]) -> None:
         """The answers to :meth:`trip`'s commands, in order (errors as exception values)."""
@@ -225,7 +257,8 @@ class Exchange:
             for answer in answers[len(self.finished):self._head]:
                 _raise_for(answer, "XADD", queued=False)
             self.queued = True
-        moved, listed = answers[self._head:]
+            self.extra_answers = answers[self._head + 2:]
+        moved, listed = answers[self._head:self._head + 2]
         _raise_for(moved, "BLMOVE", queued=True)
         _raise_for(listed, "LRANGE", queued=True)
         self.gatherer.take(oldest_first(moved, listed))
@@ -238,6 +271,16 @@ class Exchange:
             raise Unavailable(f"Redis cannot be reached: {error}") from error
         self.queued, self.read, self.error = True, 0, error
         self.failures += 1
+        left_s = self.gatherer.deadline_s - time.time()
+        if left_s <= 0:
+            raise self.unavailable() from error
+        return min(left_s, BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.failures - 1))
+
+    def redirected(self, error: Redirected) -> float:
+        """A trip bounced off a node that no longer serves the slot: nothing of it ran, so the
+        same trip is repeated (after the slot map is refreshed); seconds to wait before it."""
+        self.failures += 1
+        self.error = error
         left_s = self.gatherer.deadline_s - time.time()
         if left_s <= 0:
             raise self.unavailable() from error
@@ -265,6 +308,8 @@ def _raise_for(answer: Any, command: str, *, queued: bool) -> None:
     if not isinstance(answer, redis.ResponseError):
         return
     message = str(answer)
+    if message.startswith(("MOVED", "ASK")):  # a cluster slot moved (resharding, failover)
+        raise Redirected(f"{command}: {message}")
     if isinstance(answer, redis.exceptions.OutOfMemoryError) or message.startswith("OOM"):
         raise Overloaded(f"Redis is out of memory (maxmemory) and refused {command}: {message}") from answer
     if queued and message.startswith(BUSY_PREFIXES):
@@ -289,8 +334,75 @@ class Finished:
             if key and len(self._keys) < MAX_FINISHED_KEYS:
                 self._keys.append(key)
 
-    def take(self) -> list[str]:
-        """Every queued key, emptying the queue."""
+    def take(self, slot: int | None = None) -> list[str]:
+        """The queued keys (only those of cluster hash ``slot`` when given), removed from the queue."""
         with self._lock:
-            taken, self._keys = self._keys, []
+            if slot is None:
+                taken, self._keys = self._keys, []
+            else:
+                taken = [k for k in self._keys if key_slot(k.encode()) == slot]
+                self._keys = [k for k in self._keys if key_slot(k.encode()) != slot]
         return taken
+
+
+class Router:
+    """Which shard a call goes to, and whether its shard is too loaded to meet the deadline.
+
+    I/O-free: the clients feed it the layout (refreshed every ``sharding.LAYOUT_REFRESH_S``
+    with one HGETALL) and each shard's load (re-read every ``LOAD_REFRESH_S`` by a
+    command riding on a call's first round trip, so it costs no round trip).
+    """
+
+    def __init__(self) -> None:
+        self._picker = sharding.ShardPicker()
+        self._routes: dict[str, tuple[int, float]] = {}  # model → (shards to route to, read at)
+        self._loads: dict[tuple[str, int], tuple[sharding.ShardLoad | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def layout_stale(self, model: str) -> bool:
+        """True when the model's layout should be re-read before routing."""
+        _, read_at = self._routes.get(model, (1, float("-inf")))
+        return time.monotonic() - read_at >= sharding.LAYOUT_REFRESH_S
+
+    def set_layout(self, model: str, raw: Any) -> None:
+        """Record the layout hash just read (None: it could not be read); a malformed or
+        unread one keeps the last good layout until the next refresh."""
+        route = self._routes.get(model, (1, 0.0))[0]
+        if raw is not None:
+            with contextlib.suppress(InvalidInput):
+                route = sharding.ShardLayout.from_hash(raw).route
+        with self._lock:
+            self._routes[model] = (route, time.monotonic())
+
+    def target(self, model: str, route: str, lane: str) -> Target:
+        """The shard and lane for a call with routing key ``route``."""
+        shards = self._routes.get(model, (1, 0.0))[0]
+        return Target(model, self._picker.pick(route, shards), keys.check_lane(lane))
+
+    def load_command(self, target: Target) -> Command | None:
+        """``HGETALL`` of the target shard's load when the cached one is stale, else None."""
+        _, read_at = self._loads.get((target.model, target.shard), (None, float("-inf")))
+        if time.monotonic() - read_at < LOAD_REFRESH_S:
+            return None
+        return ("HGETALL", keys.load_hash(target.model, target.shard))
+
+    def set_load(self, target: Target, answers: list[Any]) -> None:
+        """Record the answer to :meth:`load_command` (a flat field/value list from a raw read)."""
+        if not answers or not isinstance(answers[0], list):
+            return
+        flat = answers[0]
+        load = sharding.ShardLoad.from_hash(dict(zip(flat[::2], flat[1::2], strict=False)))
+        with self._lock:
+            self._loads[(target.model, target.shard)] = (load, time.monotonic())
+
+    def check(self, target: Target, timeout_s: float) -> None:
+        """Raise ``Overloaded`` when the shard's backlog ahead of this lane outlasts ``timeout_s``."""
+        load, _ = self._loads.get((target.model, target.shard), (None, 0.0))
+        if load is None or time.time() * 1000 - load.at_ms > LOAD_MAX_AGE_S * 1000:
+            return
+        wait_ms = load.expected_wait_ms(target.lane)
+        if wait_ms > timeout_s * 1000:
+            raise Overloaded(f"shard {target.shard} of {target.model}: {load.ahead(target.lane)} entries "
+                             f"ahead of lane {target.lane} drain in ~{wait_ms:.0f} ms at "
+                             f"{load.drain_per_s:.0f}/s, beyond the {timeout_s * 1000:.0f} ms timeout: "
+                             "not sent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -12,7 +13,7 @@ import redis.asyncio as aioredis
 
 from producer import _core
 from producer.health import Health
-from protocol import keys, messages, presence
+from protocol import connection, keys, messages, presence
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
 from protocol.values import text
@@ -30,64 +31,97 @@ class AsyncClient:
         self.redis = client
         self.timeout_s = timeout_s
         self._finished = _core.Finished()
+        self._router = _core.Router()
+        self._cluster = connection.is_cluster(client)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> AsyncClient:
-        """A client for ``redis://host:port/db``."""
-        return cls(aioredis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
+        """A client for ``redis://host:port/db``, or a Redis Cluster with ``redis+cluster://host:port``."""
+        return cls(connection.connect_async(url, **redis_kwargs), timeout_s=timeout_s)
 
     async def predict(self, model: str, features: _core.Features, *, route: str = "",
                       timeout_s: float | None = None, sample_ndim: int | None = None,
-                      request_id: str | None = None) -> Prediction:
-        """One request; the XADD and the wait in one round trip. Same errors as
+                      request_id: str | None = None, lane: str = "live") -> Prediction:
+        """One request; the XADD and the wait in one round trip. Same arguments and errors as
         :meth:`producer.Client.predict`."""
         timeout_s = timeout_s or self.timeout_s
-        pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
+        target = await self._target(model, route, lane, timeout_s)
+        pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id)
-        return _core.unwrap((await self._exchange(model, [pending], timeout_s))[0])
+        return _core.unwrap((await self._exchange(target, [pending], timeout_s))[0])
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
-                           timeout_s: float | None = None,
-                           return_exceptions: bool = False) -> list[Prediction | ReplyError]:
+                           timeout_s: float | None = None, return_exceptions: bool = False,
+                           lane: str = "live") -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         Same contract as :meth:`producer.Client.predict_many`.
         """
         timeout_s = timeout_s or self.timeout_s
-        pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
-        if not pendings:
+        if not batch:
             return []
-        results = await self._exchange(model, pendings, timeout_s)
+        target = await self._target(model, route, lane, timeout_s)
+        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s)
+        results = await self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
-    async def _exchange(self, model: str, pendings: list[_core.Pending],
+    async def _target(self, model: str, route: str, lane: str, timeout_s: float) -> _core.Target:
+        """See :meth:`producer.Client._target`."""
+        if self._router.layout_stale(model):
+            raw = None  # unreadable: route with the last layout; the exchange reports Redis being down
+            with contextlib.suppress(*_core.RETRYABLE):
+                raw = await self.redis.hgetall(keys.shards_hash(model))
+            self._router.set_layout(model, raw)
+        target = self._router.target(model, route, lane)
+        self._router.check(target, timeout_s)
+        return target
+
+    async def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
                         timeout_s: float) -> list[Prediction | ReplyError]:
-        exchange = _core.Exchange(model, pendings, timeout_s, self._finished.take())
+        slot = connection.slot(pendings[0].reply_key) if self._cluster else None
+        load = self._router.load_command(target)
+        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [])
         try:
             while not exchange.done():
                 try:
                     exchange.receive(await self._round_trip(exchange.trip()))
                 except _core.RETRYABLE as e:
                     await asyncio.sleep(exchange.lost(e))
+                except _core.Redirected as e:
+                    await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # cluster only
+                    await asyncio.sleep(exchange.redirected(e))
             return exchange.outcome()
         finally:
             self._finished.add(exchange.reply_key)
+            self._router.set_load(target, exchange.extra_answers)
 
     async def _round_trip(self, trip: _core.Trip) -> list[Any]:
         """See :meth:`producer.Client._round_trip`; a cancelled call closes its connection."""
+        if self._cluster:
+            return await self._cluster_round_trip(trip)
         pool: Any = self.redis.connection_pool  # Any: redis-py leaves these methods untyped
         try:
             conn: Any = await pool.get_connection()
         except _core.RETRYABLE as e:
             raise _core.NotConnected(str(e)) from e
         try:
-            await conn.send_packed_command(conn.pack_commands(trip.commands))
-            return [await _answer(conn, trip.read_timeout_s) for _ in trip.commands]
-        except BaseException:
-            await conn.disconnect()
-            raise
+            return await _send(conn, trip)
         finally:
             await pool.release(conn)
+
+    async def _cluster_round_trip(self, trip: _core.Trip) -> list[Any]:
+        """The same on the connection of the node that serves ``trip.key``'s slot."""
+        cluster: Any = self.redis  # an asyncio RedisCluster
+        try:
+            await cluster.initialize()  # a no-op once the slot map is known
+            node = cluster.get_node_from_key(trip.key)
+            conn: Any = node.acquire_connection()
+        except redis.RedisError as e:
+            raise _core.NotConnected(str(e)) from e
+        try:
+            return await _send(conn, trip)
+        finally:
+            node.release(conn)
 
     async def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
                              label: str | None = None, pnl: float | None = None) -> str:
@@ -128,6 +162,16 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+
+
+async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
+    """Write the trip's commands and read every answer; a connection left mid-answer is closed."""
+    try:
+        await conn.send_packed_command(conn.pack_commands(trip.commands))
+        return [await _answer(conn, trip.read_timeout_s) for _ in trip.commands]
+    except BaseException:
+        await conn.disconnect()
+        raise
 
 
 async def _answer(conn: Any, timeout_s: float) -> Any:

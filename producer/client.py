@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +11,7 @@ import redis
 
 from producer import _core
 from producer.health import Health, read_health
-from protocol import keys, messages
+from protocol import connection, keys, messages
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
 
@@ -28,62 +29,101 @@ class Client:
         self.redis = client
         self.timeout_s = timeout_s
         self._finished = _core.Finished()
+        self._router = _core.Router()
+        self._cluster = connection.is_cluster(client)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> Client:
-        """A client for ``redis://host:port/db``."""
-        return cls(redis.Redis.from_url(url, **redis_kwargs), timeout_s=timeout_s)
+        """A client for ``redis://host:port/db``, or a Redis Cluster with ``redis+cluster://host:port``."""
+        return cls(connection.connect(url, **redis_kwargs), timeout_s=timeout_s)
 
     def predict(self, model: str, features: _core.Features, *, route: str = "",
                 timeout_s: float | None = None, sample_ndim: int | None = None,
-                request_id: str | None = None) -> Prediction:
+                request_id: str | None = None, lane: str = "live") -> Prediction:
         """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
 
         The XADD and the wait go in one round trip. Raises the ``ReplyError`` subclass
         matching the reply's code, ``DeadlineExceeded`` when no reply came within
-        ``timeout_s``, ``Overloaded`` at once when Redis is out of memory, and
+        ``timeout_s``, ``Overloaded`` at once when Redis is out of memory or when the
+        shard's backlog cannot drain within ``timeout_s`` (nothing is sent then), and
         ``Unavailable`` when Redis cannot be reached (at once if nothing was sent).
-        ``request_id`` defaults to a random one; a given one is checked.
+        ``request_id`` defaults to a random one; a given one is checked. ``route`` (e.g.
+        the symbol) picks the shard, so one symbol's requests stay in order; ``lane`` is
+        the priority: ``live`` is always served before ``backfill``.
         """
         timeout_s = timeout_s or self.timeout_s
-        pending = _core.prepare(model, features, route=route, timeout_s=timeout_s,
+        target = self._target(model, route, lane, timeout_s)
+        pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id)
-        return _core.unwrap(self._exchange(model, [pending], timeout_s)[0])
+        return _core.unwrap(self._exchange(target, [pending], timeout_s)[0])
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
-                     timeout_s: float | None = None,
-                     return_exceptions: bool = False) -> list[Prediction | ReplyError]:
+                     timeout_s: float | None = None, return_exceptions: bool = False,
+                     lane: str = "live") -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         The requests share one reply list, so collecting N replies costs a few round
-        trips, not N. With ``return_exceptions`` a failed request's error takes its
-        place in the list; otherwise the first error is raised. ``Overloaded`` and
-        ``Unavailable`` (Redis itself failing) are always raised.
+        trips, not N; they all go to one shard (``route``'s, or the next round-robin
+        one). With ``return_exceptions`` a failed request's error takes its place in the
+        list; otherwise the first error is raised. ``Overloaded`` and ``Unavailable``
+        (Redis itself failing, or a backlog too long for ``timeout_s``) are always raised.
         """
         timeout_s = timeout_s or self.timeout_s
-        pendings = _core.prepare_many(model, batch, route=route, timeout_s=timeout_s)
-        if not pendings:
+        if not batch:
             return []
-        results = self._exchange(model, pendings, timeout_s)
+        target = self._target(model, route, lane, timeout_s)
+        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s)
+        results = self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
-    def _exchange(self, model: str, pendings: list[_core.Pending],
+    def _target(self, model: str, route: str, lane: str, timeout_s: float) -> _core.Target:
+        """The shard and lane, after refreshing a stale layout; ``Overloaded`` if it cannot keep up."""
+        if self._router.layout_stale(model):
+            raw = None  # unreadable: route with the last layout; the exchange reports Redis being down
+            with contextlib.suppress(*_core.RETRYABLE):
+                raw = self.redis.hgetall(keys.shards_hash(model))
+            self._router.set_layout(model, raw)
+        target = self._router.target(model, route, lane)
+        self._router.check(target, timeout_s)
+        return target
+
+    def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
                   timeout_s: float) -> list[Prediction | ReplyError]:
-        exchange = _core.Exchange(model, pendings, timeout_s, self._finished.take())
+        slot = connection.slot(pendings[0].reply_key) if self._cluster else None
+        load = self._router.load_command(target)
+        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [])
         try:
             while not exchange.done():
                 try:
                     exchange.receive(self._round_trip(exchange.trip()))
                 except _core.RETRYABLE as e:
                     time.sleep(exchange.lost(e))
+                except _core.Redirected as e:
+                    self._refresh_slots()
+                    time.sleep(exchange.redirected(e))
             return exchange.outcome()
         finally:
             self._finished.add(exchange.reply_key)
+            self._router.set_load(target, exchange.extra_answers)
+
+    def _refresh_slots(self) -> None:
+        """Re-read the cluster's slot map after MOVED/ASK (a slot migrated or failed over)."""
+        self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # RedisCluster only
+
+    def _pool(self, key: str) -> Any:
+        """The connection pool of the node serving ``key`` (the only one without a cluster)."""
+        if not self._cluster:
+            return self.redis.connection_pool
+        node = self.redis.get_node_from_key(key)  # type: ignore[attr-defined]  # RedisCluster only
+        return node.redis_connection.connection_pool
 
     def _round_trip(self, trip: _core.Trip) -> list[Any]:
         """Send ``trip`` on one connection and read every answer; no redis-py retry (it would
         re-send the XADD). A connection left with unread answers is closed, never reused."""
-        pool = self.redis.connection_pool
+        try:
+            pool = self._pool(trip.key)
+        except redis.RedisError as e:
+            raise _core.NotConnected(str(e)) from e
         try:
             # Any: redis-py leaves the connection's low-level methods untyped.
             conn: Any = pool.get_connection()
@@ -112,7 +152,7 @@ class Client:
         """Many outcomes in one pipelined round trip: ``[(request_id, {"label": "up"}), …]``."""
         at_ms = int(time.time() * 1000)
         encoded = [messages.encode_outcome(rid, at_ms=at_ms, **kw) for rid, kw in outcomes]
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)  # one slot: the model's outcomes stream
         for fields in encoded:
             pipe.xadd(keys.outcomes_stream(model), fields, maxlen=_core.OUTCOMES_MAXLEN, approximate=True)
         return [entry.decode() for entry in pipe.execute()]

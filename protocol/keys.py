@@ -2,7 +2,11 @@
 
 Per-model keys carry the hash tag ``{<model>}`` so that every multi-key command
 (the reply+ack transaction, the wait on a reply list, registry updates)
-touches a single Redis Cluster slot.
+touches a single Redis Cluster slot. A model served from S stream shards has one
+tag per shard: ``{<model>}`` for shard 0 (the unsharded keys) and
+``{<model>:<k>}`` for shard k ≥ 1. A shard's request streams (one per priority
+lane), reply lists, dead letters and experiment journal share its tag, so its
+reply+ack transaction stays in one slot while the shards spread over the nodes.
 """
 
 from __future__ import annotations
@@ -31,13 +35,44 @@ def check_request_id(request_id: str) -> str:
     return request_id
 
 
-def _tag(model: str) -> str:
-    return f"{PREFIX}:{{{check_model_name(model)}}}"
+MAX_SHARDS = 256
+# Priority lanes, highest first: workers drain ``live`` before ``backfill``, and shed ``backfill`` first.
+LANES = ("live", "backfill")
+_LANE_SUFFIX = {"live": "requests", "backfill": "backfill"}
 
 
-def request_stream(model: str) -> str:
-    """The stream bots XADD requests to."""
-    return f"{_tag(model)}:requests"
+def check_shard(shard: int) -> int:
+    """Return ``shard`` if it is a valid shard number (0 ≤ shard < ``MAX_SHARDS``), else raise."""
+    if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < MAX_SHARDS:
+        raise InvalidInput(f"invalid shard {shard!r}: an integer from 0 to {MAX_SHARDS - 1}")
+    return shard
+
+
+def check_lane(lane: str) -> str:
+    """Return ``lane`` if it is a priority lane (``live``, ``backfill``), else raise."""
+    if lane not in _LANE_SUFFIX:
+        raise InvalidInput(f"invalid lane {lane!r}: one of {', '.join(LANES)}")
+    return lane
+
+
+def _tag(model: str, shard: int = 0) -> str:
+    name = check_model_name(model)
+    return f"{PREFIX}:{{{name}}}" if check_shard(shard) == 0 else f"{PREFIX}:{{{name}:{shard}}}"
+
+
+def request_stream(model: str, shard: int = 0, lane: str = "live") -> str:
+    """The stream bots XADD requests to: one per shard and priority lane (``live`` = unsharded name)."""
+    return f"{_tag(model, shard)}:{_LANE_SUFFIX[check_lane(lane)]}"
+
+
+def shards_hash(model: str) -> str:
+    """The model's shard layout (``protocol.sharding``): shards clients route to, workers serve, ever used."""
+    return f"{_tag(model)}:shards"
+
+
+def load_hash(model: str, shard: int = 0) -> str:
+    """A shard's load as workers last measured it: backlog per lane and drain rate (backpressure)."""
+    return f"{_tag(model, shard)}:load"
 
 
 def consumer_group(model: str) -> str:
@@ -45,19 +80,19 @@ def consumer_group(model: str) -> str:
     return "workers"
 
 
-def reply_key(model: str, request_id: str) -> str:
-    """The list a worker LPUSHes the reply to and the bot reads (docs/protocol.md §4)."""
-    return f"{_tag(model)}:reply:{check_request_id(request_id)}"
+def reply_key(model: str, request_id: str, shard: int = 0) -> str:
+    """The list a worker LPUSHes the reply to and the bot reads (docs/protocol.md §4), in the shard's slot."""
+    return f"{_tag(model, shard)}:reply:{check_request_id(request_id)}"
 
 
-def reply_key_pattern(model: str) -> str:
-    """A SCAN/KEYS pattern matching every reply list of ``model`` (operators and tests)."""
-    return f"{_tag(model)}:reply:*"
+def reply_key_pattern(model: str, shard: int = 0) -> str:
+    """A SCAN/KEYS pattern matching every reply list of a shard of ``model`` (operators and tests)."""
+    return f"{_tag(model, shard)}:reply:*"
 
 
-def dead_letter_stream(model: str) -> str:
-    """Entries delivered too many times, with the reason."""
-    return f"{_tag(model)}:dead"
+def dead_letter_stream(model: str, shard: int = 0) -> str:
+    """Entries of a shard delivered too many times (or unanswerable), with the reason."""
+    return f"{_tag(model, shard)}:dead"
 
 
 def workers_zset(model: str) -> str:
@@ -70,9 +105,9 @@ def worker_hash(model: str, worker_id: str) -> str:
     return f"{_tag(model)}:worker:{worker_id}"
 
 
-def batch_histogram(model: str) -> str:
-    """Hash: batch size → number of batches run (all workers of the model)."""
-    return f"{_tag(model)}:stats:batch_sizes"
+def batch_histogram(model: str, shard: int = 0) -> str:
+    """Hash: batch size → number of batches run from a shard (all workers of the model)."""
+    return f"{_tag(model, shard)}:stats:batch_sizes"
 
 
 def history_stream(model: str) -> str:
@@ -90,23 +125,23 @@ def experiment_hash(model: str) -> str:
     return f"{_tag(model)}:experiment"
 
 
-def experiment_counts(model: str, experiment_id: str) -> str:
-    """Hash: ``<arm>:requests`` and ``<arm>:errors:<CODE>`` counters of one experiment."""
-    return f"{_tag(model)}:exp:{experiment_id}:counts"
+def experiment_counts(model: str, experiment_id: str, shard: int = 0) -> str:
+    """Hash: ``<arm>:requests`` and ``<arm>:errors:<CODE>`` counters of one experiment, per shard."""
+    return f"{_tag(model, shard)}:exp:{experiment_id}:counts"
 
 
-def experiment_journal(model: str, experiment_id: str) -> str:
-    """Capped stream, one entry per request an arm answered or failed (the entry id is its time).
+def experiment_journal(model: str, experiment_id: str, shard: int = 0) -> str:
+    """Capped stream per shard, one entry per request an arm answered or failed (the entry id is its time).
 
     Fields: id, arm, version, route, latency_ms, then label or error (shadow mode:
     shadow_version with shadow_label or shadow_error).
     """
-    return f"{_tag(model)}:exp:{experiment_id}:journal"
+    return f"{_tag(model, shard)}:exp:{experiment_id}:journal"
 
 
-def experiment_replay(model: str, experiment_id: str) -> str:
-    """Capped stream of what production saw: request id, arm, version, inputs (msgpack), label."""
-    return f"{_tag(model)}:exp:{experiment_id}:replay"
+def experiment_replay(model: str, experiment_id: str, shard: int = 0) -> str:
+    """Capped stream per shard of what production saw: request id, arm, version, inputs (msgpack), label."""
+    return f"{_tag(model, shard)}:exp:{experiment_id}:replay"
 
 
 def experiment_decisions(model: str, experiment_id: str) -> str:

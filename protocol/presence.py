@@ -43,6 +43,7 @@ class Heartbeat:
     batches: int = 0
     requests: int = 0
     heartbeat_ms: int = 0
+    shards: str = ""  # the stream shards it reads, e.g. "0,1,2"
 
     def to_hash(self) -> Fields:
         """The hash fields; ``None`` is written as an empty string."""
@@ -59,7 +60,12 @@ class Heartbeat:
             variant=d.get("variant", ""), fallback=d.get("fallback", ""), error=d.get("error", ""),
             state=d.get("state", ""), host=d.get("host", ""), pid=int(d.get("pid") or 0),
             batches=int(d.get("batches") or 0), requests=int(d.get("requests") or 0),
-            heartbeat_ms=int(d.get("heartbeat_ms") or 0))
+            heartbeat_ms=int(d.get("heartbeat_ms") or 0), shards=d.get("shards", ""))
+
+    @property
+    def shard_list(self) -> list[int]:
+        """``shards`` as numbers (malformed parts are skipped: the hash is untrusted)."""
+        return [int(p) for p in self.shards.split(",") if p.isascii() and p.isdigit() and len(p) < 4]
 
     def age_ms(self, now_ms: int | None = None) -> int:
         """Milliseconds since this heartbeat was written."""

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(10.0, gt=0, description="re-read the registry")
     grace_period_s: float = Field(10.0, gt=0, description="SIGTERM: time to finish the batch")
 
+    load_interval_s: float = Field(0.25, gt=0, description="how often workers publish their shards' load")
+    shards: str = Field("", pattern=r"^(\d{1,3}(,\d{1,3})*)?$",
+                        description="comma-separated shards a worker reads (empty: what the layout serves)")
+    metrics_port: int = Field(0, ge=0, le=65535, description="HTTP /metrics, /healthz, /readyz (0: off)")
+
     max_message_bytes: int = Field(16 << 20, ge=1024, description="bound on one decoded entry")
     max_request_rows: int = Field(1024, ge=1, description="samples one request may carry")
 
@@ -54,6 +59,11 @@ class Settings(BaseSettings):
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_interval_s")
         return self
+
+    @property
+    def shard_list(self) -> list[int] | None:
+        """``shards`` as numbers; None when empty (read what the layout serves)."""
+        return [int(k) for k in self.shards.split(",")] if self.shards else None
 
     def with_overrides(self, **changes: object) -> Settings:
         """A validated copy with ``changes`` applied (``None`` values ignored)."""

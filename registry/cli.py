@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import redis
-
+from protocol import connection, sharding
 from protocol.errors import RegistryError
 from protocol.settings import Settings
+from registry.resharding import reshard
 from registry.rollout import wait_for_fleet
 from registry.store import FORMATS, STAGES, ModelVersion, Registry
 
@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction, *, parity_checker: ParityCh
     _add_register(sub, parity_checker)
     _add_promote(sub)
     _add_changes(sub)
+    p = sub.add_parser("shards", help="show a model's stream shard layout, or change it live (S)")
+    p.add_argument("name")
+    p.add_argument("shards", type=int, nargs="?", help="the new number of shards; omitted: show the layout")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per step: workers cover, shards drain")
+    p.set_defaults(func=_shards)
 
 
 def _add_reading(sub: argparse._SubParsersAction) -> None:
@@ -114,9 +119,21 @@ def _add_changes(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_gc)
 
 
+def _shards(args: argparse.Namespace, settings: Settings) -> int:
+    with connection.connect(settings.redis_url) as client:
+        if args.shards is None:
+            layout = sharding.read_layout(client, args.name)
+            print(f"{args.name}: route {layout.route}, serve {layout.serve}, highest {layout.highest}")
+            return 0
+        report = reshard(client, args.name, args.shards, timeout_s=args.timeout_s,
+                         ttl_s=settings.heartbeat_ttl_s, secret=settings.control_secret)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 @contextmanager
 def _registry(settings: Settings) -> Iterator[Registry]:
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with connection.connect(settings.redis_url) as client:
         yield Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
 
 

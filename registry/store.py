@@ -174,10 +174,12 @@ class Registry:
             list(labels or []), dict(metrics or {}), dict(tags or {}), description, time.time(),
             golden_rel, golden_sha, golden_atol, stored,
         )
+        # The index is another cluster slot, so it is not in the model's transaction: added first,
+        # a crash in between lists a model with no version (harmless), never hides one.
+        self.redis.sadd(keys.models_set(), name)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.version_hash(name, version), mapping=mv.to_hash())
         pipe.hsetnx(keys.model_hash(name), "created_at", str(mv.created_at))
-        pipe.sadd(keys.models_set(), name)
         pipe.execute()
         return mv
 

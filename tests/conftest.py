@@ -15,7 +15,7 @@ import models
 import pytest
 import redis
 
-from lab.embedded_redis import EmbeddedRedis
+from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from producer import Client
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
@@ -102,6 +102,19 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         pytest.skip(f"no Redis server available: {e}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedCluster]:
+    """A real 3-master Redis Cluster (cluster mode on three ports), made by this fixture."""
+    try:
+        cluster = EmbeddedCluster(3).start()
+    except Exception as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no Redis Cluster could be started: {e}")
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -50,9 +50,9 @@ def reply(request_id: str, version: int) -> bytes:
 
 
 def exchange(n: int = 1) -> tuple[_core.Exchange, list[_core.Pending]]:
-    pendings = [_core.prepare("m", np.zeros((2, 3), np.float32), route="", timeout_s=5.0,
+    pendings = [_core.prepare(_core.Target("m"), np.zeros((2, 3), np.float32), route="", timeout_s=5.0,
                               sample_ndim=None, reply_to="tok") for _ in range(n)]
-    return _core.Exchange("m", pendings, 5.0, finished=["ss:{m}:reply:old"]), pendings
+    return _core.Exchange(pendings, 5.0, finished=["ss:{m}:reply:old"]), pendings
 
 
 def names(trip: _core.Trip) -> list[object]:

@@ -103,4 +103,4 @@ def test_extras_match_the_packages():
     base = " ".join(project["dependencies"])
     assert not any(heavy in base for heavy in ("onnxruntime", "torch", "scipy"))
     worker = {re.split(r"[<>=\[]", d)[0] for d in project["optional-dependencies"]["worker"]}
-    assert worker == {"onnxruntime"}
+    assert worker == {"onnxruntime", "prometheus-client"}

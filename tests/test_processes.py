@@ -61,7 +61,8 @@ def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(r, settings, client
     proc = start_worker("--max-batch", "4")
     ids = wait_for_workers(client, 1)
     stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
-    pendings = [_core.prepare(MODEL, X, route="", timeout_s=60, sample_ndim=None) for _ in range(12)]
+    pendings = [_core.prepare(_core.Target(MODEL), X, route="", timeout_s=60, sample_ndim=None)
+                for _ in range(12)]
     for p in pendings:
         r.xadd(stream, p.fields)
     deadline, in_flight = time.monotonic() + 20, []

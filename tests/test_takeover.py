@@ -88,9 +88,9 @@ def test_two_workers_racing_for_a_dead_consumer_take_each_entry_once(r, settings
     got: list[list[str]] = []
     first, second = (StreamConsumer(r, MODEL, name, s) for name in ("w1", "w2"))
     # Both listed the dead consumer's entries before either claimed them: only XCLAIM's guard decides.
-    listed, seen = first._consumers(), iter([first._pending_ids("dead-worker"), []])
-    second._consumers = lambda: listed  # type: ignore[method-assign]
-    second._pending_ids = lambda consumer: next(seen, [])  # type: ignore[method-assign]
+    listed, seen = first._consumers("live"), iter([first._pending_ids("dead-worker", "live"), []])
+    second._consumers = lambda lane="live": listed if lane == "live" else []  # type: ignore[method-assign]
+    second._pending_ids = lambda consumer, lane="live": next(seen, [])  # type: ignore[method-assign]
     for consumer in (first, second):
         consumer.take_over({"w1", "w2"}, lambda fresh, over: got.append([e[0] for e in fresh + over]))
     assert [len(ids) for ids in got] == [5], "the second claim finds them freshly claimed and skips them"

@@ -89,17 +89,20 @@ class ExperimentLog:
         recent = {e["id"]: e for e in self.journal[-len(batch):]}
         return [recent.get(r.request_id) for r in batch]
 
-    def queue(self, pipe, model: str) -> None:
-        """Add the batch's accounting to the reply transaction (nothing outside an experiment)."""
+    def queue(self, pipe, model: str, shard: int = 0) -> None:
+        """Add the batch's accounting to the reply transaction, in the shard's keys (nothing outside
+        an experiment)."""
         exp_id = self.experiment_id
         if not exp_id:
             return
         for name, n in self.counts.items():
-            pipe.hincrby(keys.experiment_counts(model, exp_id), name, n)
+            pipe.hincrby(keys.experiment_counts(model, exp_id, shard), name, n)
+        journal = keys.experiment_journal(model, exp_id, shard)
+        replay = keys.experiment_replay(model, exp_id, shard)
         for entry in self.journal:
-            pipe.xadd(keys.experiment_journal(model, exp_id), entry, maxlen=JOURNAL_MAXLEN, approximate=True)
+            pipe.xadd(journal, entry, maxlen=JOURNAL_MAXLEN, approximate=True)
         for record in self.replay:
-            pipe.xadd(keys.experiment_replay(model, exp_id), record, maxlen=REPLAY_MAXLEN, approximate=True)
+            pipe.xadd(replay, record, maxlen=REPLAY_MAXLEN, approximate=True)
 
 
 # Computes a batch on a version and queues its replies, tagged with the arm (None: no experiment).

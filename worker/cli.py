@@ -20,13 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: cpu")
     p.add_argument("--max-queue-ms", type=float, default=0.0,
                    help="shed requests queued longer than this with OVERLOADED (0 = never)")
+    p.add_argument("--shards", help="comma-separated stream shards to read, e.g. 0 or 1,2 "
+                   "(default: every shard the model's layout serves)")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port (0: off)")
     p.add_argument("--burst", action="store_true", help="drain the stream, then exit")
     p.set_defaults(func=_worker)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                       intra_op_threads=args.intra_op_threads, device=args.device)
+                                       intra_op_threads=args.intra_op_threads, device=args.device,
+                                       shards=args.shards, metrics_port=args.metrics_port)
     model = args.model or settings.model
     if args.processes > 1 and not args.burst:
         return Supervisor(settings, model, args.processes, max_queue_ms=args.max_queue_ms).run()

@@ -1,7 +1,9 @@
-"""Reading a model's stream through its consumer group, and writing back in one transaction.
+"""Reading one shard of a model's streams through its consumer group, and writing back in one transaction.
 
-An entry is acknowledged, and deleted from the stream, only in the MULTI/EXEC
-that carries its reply (or its dead letter): the stream holds only unread and
+A shard has one stream per priority lane (``keys.LANES``: ``live``, then
+``backfill``), all in the shard's hash slot. Reads drain the higher lane first.
+An entry is acknowledged, and deleted from its stream, only in the MULTI/EXEC
+that carries its reply (or its dead letter): the streams hold only unread and
 pending entries, and an entry never answered stays pending for another worker.
 Entries pending on a consumer whose worker's heartbeat has expired are taken
 over at once (``take_over``); ``reclaim`` (idle time) is the backstop.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
 
@@ -27,58 +29,107 @@ if TYPE_CHECKING:
     from protocol.values import Fields, StreamRows
 
 log = logging.getLogger(__name__)
-Entry = tuple[str, dict[bytes, bytes]]
+
+
+class Entry(NamedTuple):
+    """One stream entry as read: its id, raw fields, and the lane (stream) of its shard it came from."""
+
+    id: str
+    fields: dict[bytes, bytes]
+    lane: str = "live"
+
+
 # Gets the fresh entries and those delivered too often (to dead-letter).
 ClaimHandler = Callable[[list[Entry], list[Entry]], None]
 
 
 @dataclass
 class Outbox:
-    """What one batch writes back: replies, entries to ack, entries to dead-letter."""
+    """What one batch writes back: replies, entries to ack (per lane), entries to dead-letter."""
 
     replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
-    ack_ids: list[str] = field(default_factory=list)
+    acks: dict[str, list[str]] = field(default_factory=dict)  # lane → entry ids
     dead: list[tuple[Entry, str]] = field(default_factory=list)
     call_rows: list[int] = field(default_factory=list)  # rows of each model call
+    calls: list[tuple[str, int, float]] = field(default_factory=list)  # (version, rows, seconds) per call
     experiment: ExperimentLog = field(default_factory=ExperimentLog)
+    # (version, variant, code) of every reply, for the metrics; version "" when none served it
+    codes: list[tuple[str, str, str]] = field(default_factory=list)
+    waits: list[tuple[str, float]] = field(default_factory=list)  # (lane, seconds queued) per entry read
 
     def reply(self, reply_to: str, payload: bytes) -> None:
         """Queue a reply; replies sharing a token go out in one LPUSH."""
         self.replies.setdefault(reply_to, []).append(payload)
 
+    def ack(self, entry: Entry) -> None:
+        """Acknowledge ``entry`` (and delete it from its stream) with the replies."""
+        self.acks.setdefault(entry.lane, []).append(entry.id)
+
+    @property
+    def ack_ids(self) -> list[str]:
+        """Every entry id acknowledged, all lanes."""
+        return [i for ids in self.acks.values() for i in ids]
+
 
 class StreamConsumer:
-    """One consumer (``name``) of the model's group: read, reclaim, write back."""
+    """One consumer (``name``) of the group on one shard's streams: read, reclaim, write back."""
 
-    def __init__(self, client: redis.Redis, model: str, name: str, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, model: str, name: str, settings: Settings,
+                 shard: int = 0) -> None:
         self.redis, self.model, self.name, self.settings = client, model, name, settings
-        self.stream = keys.request_stream(model)
+        self.shard = keys.check_shard(shard)
+        self.streams = {lane: keys.request_stream(model, shard, lane) for lane in keys.LANES}
+        self.lane_of = {stream: lane for lane, stream in self.streams.items()}
+        self.stream = self.streams["live"]
         self.group = keys.consumer_group(model)
         self.has_xackdel = False  # Redis ≥ 8.2 acks and deletes in one command
+        # Lower-lane entries a blocking read delivered beyond the batch: served first next time.
+        self.held: list[Entry] = []
 
     def detect_server(self) -> None:
         """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
         try:  # for an id that cannot exist this is a no-op where the command exists
             self.redis.execute_command("XACKDEL", self.stream, self.group, "IDS", 1, "0-1")
             self.has_xackdel = True
-        except redis.ResponseError:  # unknown command (Redis < 8.2, Valkey)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except redis.RedisError:  # unknown command (Redis < 8.2, Valkey; a cluster client says so itself)
             self.has_xackdel = False
 
     def ensure_group(self) -> None:
-        """Create the group (and the stream) from id 0 unless it exists."""
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        """Create the group (and the streams) of every lane from id 0 unless it exists."""
+        for stream in self.streams.values():
+            try:
+                self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     def read(self, count: int, wait_ms: float) -> list[Entry]:
-        """Up to ``count`` new entries, blocking up to ``wait_ms`` (not at all below 1 ms)."""
-        block = int(wait_ms) if wait_ms >= 1 else None
+        """Up to ``count`` new entries, higher lanes first, blocking up to ``wait_ms`` (not below 1 ms).
+
+        Without blocking: ``live`` first, then ``backfill`` for the rest of the batch. A
+        blocking read waits on both lanes at once and may deliver a few lower-lane entries
+        more than fit; they are held (pending on this consumer) and go first next time.
+        """
+        entries = self._xread({self.streams["live"]: ">"}, count, None)
+        if len(entries) < count and self.held:
+            taken, self.held = self.held[:count - len(entries)], self.held[count - len(entries):]
+            entries += taken
+        if len(entries) < count:
+            entries += self._xread({self.streams["backfill"]: ">"}, count - len(entries), None)
+        if entries or wait_ms < 1:
+            return entries
+        got = self._xread({s: ">" for s in self.streams.values()}, count, int(wait_ms))
+        got.sort(key=lambda e: keys.LANES.index(e.lane))
+        self.held.extend(got[count:])
+        return got[:count]
+
+    def _xread(self, streams: dict[str, str], count: int, block: int | None) -> list[Entry]:
         try:
-            # RESP2 from a bytes client: [[stream, rows]], or None when the block timed out.
+            # RESP2 from a bytes client: [[stream, rows], …], or None/[] when the block timed out.
             response = cast("list[tuple[bytes, StreamRows]] | None", self.redis.xreadgroup(
-                self.group, self.name, {self.stream: ">"}, count=count, block=block))
+                self.group, self.name, cast("dict[Any, Any]", streams), count=count, block=block))
         except redis.ResponseError as e:
             # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
             if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
@@ -86,68 +137,73 @@ class StreamConsumer:
             log.warning("stream or group vanished (%s); recreating", e)
             self.ensure_group()
             return []
-        return [(text(i), f) for i, f in response[0][1]] if response else []
+        return [Entry(text(i), f, self.lane_of[text(stream)])
+                for stream, rows in response or [] for i, f in rows]
 
     def reclaim(self, handle: ClaimHandler) -> int:
         """Claim entries idle past ``reclaim_min_idle_ms``; ``handle`` answers them. Returns how many."""
-        start, handled = "0-0", 0
+        return sum(self._reclaim_lane(lane, handle) for lane in keys.LANES)
+
+    def _reclaim_lane(self, lane: str, handle: ClaimHandler) -> int:
+        start, handled, stream = "0-0", 0, self.streams[lane]
         while True:
-            start, claimed, deleted = self._autoclaim(start)
+            start, claimed, deleted = self._autoclaim(lane, start)
             if deleted:  # trimmed away while pending: nothing left to answer
-                self.redis.xack(self.stream, self.group, *deleted)
+                self.redis.xack(stream, self.group, *deleted)
             if claimed:
                 handled += len(claimed)
-                handle(*self._split_over_delivered(claimed))
+                handle(*self._split_over_delivered(lane, claimed))
             if start == "0-0":
                 return handled
 
-    def _autoclaim(self, start: str) -> tuple[str, list[Entry], list[str]]:
-        result = self.redis.xautoclaim(self.stream, self.group, self.name,
+    def _autoclaim(self, lane: str, start: str) -> tuple[str, list[Entry], list[str]]:
+        result = self.redis.xautoclaim(self.streams[lane], self.group, self.name,
                                        self.settings.reclaim_min_idle_ms, start_id=start,
                                        count=self.settings.max_batch)
-        claimed = [(text(i), f) for i, f in result[1] if f is not None]
+        claimed = [Entry(text(i), f, lane) for i, f in result[1] if f is not None]
         deleted = [text(i) for i in (result[2] if len(result) > 2 else [])]
         return text(result[0]), claimed, deleted
 
-    def _split_over_delivered(self, claimed: list[Entry]) -> tuple[list[Entry], list[Entry]]:
-        ids = [entry_id for entry_id, _ in claimed]
-        pending = self.redis.xpending_range(self.stream, self.group, min=min(ids, key=_id_key),
+    def _split_over_delivered(self, lane: str, claimed: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        ids = [e.id for e in claimed]
+        pending = self.redis.xpending_range(self.streams[lane], self.group, min=min(ids, key=_id_key),
                                             max=max(ids, key=_id_key), count=len(ids) + 1000,
                                             consumername=self.name)
         deliveries = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         limit = self.settings.max_deliveries
-        over = [e for e in claimed if deliveries.get(e[0], 0) > limit]
-        fresh = [e for e in claimed if deliveries.get(e[0], 0) <= limit]
+        over = [e for e in claimed if deliveries.get(e.id, 0) > limit]
+        fresh = [e for e in claimed if deliveries.get(e.id, 0) <= limit]
         log.warning("claimed %d entries (%d over %d deliveries)", len(claimed), len(over), limit)
         return fresh, over
 
     def write(self, out: Outbox) -> None:
-        """Replies, dead letters, histogram, experiment log and XACK in one MULTI/EXEC (one slot)."""
+        """Replies, dead letters, histogram, experiment log and XACK in one MULTI/EXEC (the shard's slot)."""
         ttl_ms = int(self.settings.reply_ttl_s * 1000)
         pipe = self.redis.pipeline(transaction=True)
         for reply_to, payloads in out.replies.items():
-            key = keys.reply_key(self.model, reply_to)
+            key = keys.reply_key(self.model, reply_to, self.shard)
             pipe.lpush(key, *payloads)
             pipe.pexpire(key, ttl_ms)
-        for (entry_id, fields), reason in out.dead:
-            record = {**fields, b"entry_id": entry_id, b"reason": reason, b"worker": self.name}
+        for entry, reason in out.dead:
+            record = {**entry.fields, b"entry_id": entry.id, b"lane": entry.lane, b"reason": reason,
+                      b"worker": self.name}
             # A bytes-keyed dict is a fine XADD argument; redis-py's dict type is invariant in the key.
-            pipe.xadd(keys.dead_letter_stream(self.model), cast("Fields", record),
+            pipe.xadd(keys.dead_letter_stream(self.model, self.shard), cast("Fields", record),
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
         for rows in out.call_rows:
-            pipe.hincrby(keys.batch_histogram(self.model), str(rows), 1)
-        out.experiment.queue(pipe, self.model)
-        if out.ack_ids:
-            self._queue_ack_and_delete(pipe, out.ack_ids)
+            pipe.hincrby(keys.batch_histogram(self.model, self.shard), str(rows), 1)
+        out.experiment.queue(pipe, self.model, self.shard)
+        for lane, ids in out.acks.items():
+            self._queue_ack_and_delete(pipe, self.streams[lane], ids)
         pipe.execute()
 
-    def _queue_ack_and_delete(self, pipe: redis.client.Pipeline, ids: list[str]) -> None:
+    def _queue_ack_and_delete(self, pipe: redis.client.Pipeline, stream: str, ids: list[str]) -> None:
         """Retention: an answered entry leaves the stream with its ack, so the stream stays bounded."""
         if self.has_xackdel:
-            pipe.execute_command("XACKDEL", self.stream, self.group, "IDS", len(ids), *ids)
+            pipe.execute_command("XACKDEL", stream, self.group, "IDS", len(ids), *ids)
         else:
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.xdel(self.stream, *ids)
+            pipe.xack(stream, self.group, *ids)
+            pipe.xdel(stream, *ids)
 
     def take_over(self, live: set[str], handle: ClaimHandler) -> int:
         """Claim what is pending on consumers not in ``live`` (their heartbeat expired), then drop them.
@@ -156,49 +212,70 @@ class StreamConsumer:
         racing for the same entries finds them freshly claimed (idle ≈ 0) and skips them.
         """
         taken = 0
-        for consumer in self._consumers():
-            name = text(consumer["name"])
-            if name != self.name and name not in live:
-                taken += self._take_over_from(name, handle)
+        for lane in keys.LANES:
+            for consumer in self._consumers(lane):
+                name = text(consumer["name"])
+                if name != self.name and name not in live:
+                    taken += self._take_over_from(lane, name, handle)
         return taken
 
-    def _take_over_from(self, consumer: str, handle: ClaimHandler) -> int:
+    def _take_over_from(self, lane: str, consumer: str, handle: ClaimHandler) -> int:
         taken = 0
-        while claimed := self._claim_from(consumer):
+        while claimed := self._claim_from(lane, consumer):
             log.warning("took over %d entries from dead consumer %s", len(claimed), consumer)
             taken += len(claimed)
-            handle(*self._split_over_delivered(claimed))
-        if not self._pending_ids(consumer):  # DELCONSUMER would drop entries still pending on it
-            self.redis.xgroup_delconsumer(self.stream, self.group, consumer)
-            log.info("removed dead consumer %s", consumer)
+            handle(*self._split_over_delivered(lane, claimed))
+        if not self._pending_ids(consumer, lane):  # DELCONSUMER would drop entries still pending on it
+            self.redis.xgroup_delconsumer(self.streams[lane], self.group, consumer)
+            log.info("removed dead consumer %s from %s", consumer, self.streams[lane])
         return taken
 
-    def _consumers(self) -> list[dict[str, Any]]:
+    def _consumers(self, lane: str = "live") -> list[dict[str, Any]]:
         try:
-            return self.redis.xinfo_consumers(self.stream, self.group)
+            return self.redis.xinfo_consumers(self.streams[lane], self.group)
         except redis.ResponseError:  # NOGROUP: nothing to take over; read() recreates the group
             return []
 
-    def _pending_ids(self, consumer: str) -> list[StreamIdT]:
-        rows = self.redis.xpending_range(self.stream, self.group, "-", "+", self.settings.max_batch,
+    def _pending_ids(self, consumer: str, lane: str = "live") -> list[StreamIdT]:
+        rows = self.redis.xpending_range(self.streams[lane], self.group, "-", "+", self.settings.max_batch,
                                          consumername=consumer)
         return [text(r["message_id"]) for r in rows]
 
-    def _claim_from(self, consumer: str) -> list[Entry]:
-        ids = self._pending_ids(consumer)
+    def _claim_from(self, lane: str, consumer: str) -> list[Entry]:
+        ids = self._pending_ids(consumer, lane)
         if not ids:
             return []
-        min_idle_ms = int(self.settings.heartbeat_interval_s * 1000)
-        claimed = cast("StreamRows", self.redis.xclaim(self.stream, self.group, self.name, min_idle_ms, ids))
+        stream, min_idle_ms = self.streams[lane], int(self.settings.heartbeat_interval_s * 1000)
+        claimed = cast("StreamRows", self.redis.xclaim(stream, self.group, self.name, min_idle_ms, ids))
         gone = [i for i, f in claimed if f is None]  # deleted from the stream: nothing left to answer
         if gone:
-            self.redis.xack(self.stream, self.group, *gone)
-        return [(text(i), f) for i, f in claimed if f is not None]
+            self.redis.xack(stream, self.group, *gone)
+        return [Entry(text(i), f, lane) for i, f in claimed if f is not None]
+
+    def group_state(self) -> dict[str, tuple[int, int, int]]:
+        """Per lane: (backlog not yet delivered, pending, entries read so far) from XINFO GROUPS."""
+        state = {}
+        for lane, stream in self.streams.items():
+            try:
+                groups = self.redis.xinfo_groups(stream)
+            except redis.ResponseError:  # the stream is gone; read() recreates it
+                groups = []
+            group = next((g for g in groups if text(g["name"]) == self.group), {})
+            # lag is None when Redis cannot tell (entries deleted mid-stream): the length bounds it.
+            lag = group.get("lag")
+            backlog = int(lag) if lag is not None else int(self.redis.xlen(stream))
+            state[lane] = (backlog, int(group.get("pending") or 0), int(group.get("entries-read") or 0))
+        return state
+
+    def holds_entries(self) -> bool:
+        """True while any lane of this shard still has entries (unread or pending)."""
+        return any(int(self.redis.xlen(stream)) for stream in self.streams.values())
 
     def leave(self) -> None:
         """Delete this consumer from the group unless entries are still pending on it (for reclaim)."""
-        if not self.redis.xpending_range(self.stream, self.group, "-", "+", 1, self.name):
-            self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
+        for stream in self.streams.values():
+            if not self.redis.xpending_range(stream, self.group, "-", "+", 1, self.name):
+                self.redis.xgroup_delconsumer(stream, self.group, self.name)
 
 
 def id_ms(entry_id: str) -> float:

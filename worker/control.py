@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import redis
 
-from protocol import control, keys
+from protocol import connection, control, keys
 from protocol.control import Command, Secret, Unauthenticated
 from protocol.errors import InvalidInput
 
@@ -66,7 +66,7 @@ class ControlListener:
                 self.stopping.wait(RETRY_DELAY_S)
 
     def _listen(self) -> None:
-        with redis.Redis.from_url(self.redis_url) as client, client.pubsub() as pubsub:
+        with connection.connect(self.redis_url) as client, client.pubsub() as pubsub:
             pubsub.subscribe(keys.control_channel())
             self.on_command(None)  # (re)connected: whatever we missed, reconcile now
             while not self.stopping.is_set():

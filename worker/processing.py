@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,9 @@ class BatchProcessor:
                  settings: Settings, *, max_queue_ms: float = 0.0) -> None:
         self.model, self.worker_id, self.slot, self.arms = model, worker_id, slot, arms
         self.settings, self.max_queue_ms = settings, max_queue_ms
+        # The quickest recent model call (ms): a request whose deadline falls sooner than this
+        # cannot be answered in time, so it is shed before the call instead of failing after it.
+        self.fastest_call_ms = RecentMinimum()
 
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> Outbox:
         """Answer every entry (computed, or with its own error); dead-letter ``dead_letter``."""
@@ -46,18 +50,19 @@ class BatchProcessor:
         return out
 
     def _admit(self, out: Outbox, entry: Entry, now_ms: float) -> messages.Request | None:
-        entry_id, fields = entry
-        out.ack_ids.append(entry_id)
+        out.ack(entry)
+        out.waits.append((entry.lane, max(0.0, now_ms - id_ms(entry.id)) / 1000))
         try:
-            return self._check(messages.decode_request(entry_id, fields,
+            return self._check(messages.decode_request(entry.id, entry.fields,
                                                        max_bytes=self.settings.max_message_bytes), now_ms)
         except ReplyError as e:
-            address = messages.reply_address(fields)
+            address = messages.reply_address(entry.fields)
             if address is None:
                 self._dead_letter(out, entry, f"unanswerable: {e}")
             else:
-                timings = {"queue_ms": now_ms - id_ms(entry_id), "infer_ms": 0.0}
+                timings = {"queue_ms": now_ms - id_ms(entry.id), "infer_ms": 0.0}
                 out.reply(address[1], self._error(address[0], e, timings))
+                out.codes.append(("", "", e.code))
             return None
 
     def _check(self, request: messages.Request, now_ms: float) -> messages.Request:
@@ -65,6 +70,10 @@ class BatchProcessor:
         if request.deadline_ms and request.deadline_ms < now_ms:
             raise DeadlineExceeded(f"deadline passed {now_ms - request.deadline_ms:.1f} ms "
                                    f"before compute (queued {queue_ms:.1f} ms)")
+        fastest_ms = self.fastest_call_ms.value
+        if request.deadline_ms and request.deadline_ms < now_ms + fastest_ms:
+            raise Overloaded(f"{request.deadline_ms - now_ms:.1f} ms left after queueing {queue_ms:.1f} ms, "
+                             f"less than the quickest recent model call ({fastest_ms:.1f} ms)")
         if self.max_queue_ms and queue_ms > self.max_queue_ms:
             raise Overloaded(f"queued {queue_ms:.1f} ms > {self.max_queue_ms} ms; shed")
         if self.slot.loaded is None:
@@ -92,8 +101,11 @@ class BatchProcessor:
             self._fail(out, loaded, batch, started_ms, (time.perf_counter() - t0) * 1000, arm, e)
             return
         infer_ms = (time.perf_counter() - t0) * 1000
+        self.fastest_call_ms.add(infer_ms)
         out.call_rows.append(sum(r.n_rows for r in batch))
+        out.calls.append((str(loaded.version.version), sum(r.n_rows for r in batch), infer_ms / 1000))
         mv = loaded.version
+        out.codes.extend([(str(mv.version), arm or "", "OK")] * len(batch))
         for r, part in zip(batch, split_rows(outputs, batch), strict=True):
             timings = {"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms}
             out.reply(r.reply_to, messages.encode_ok(
@@ -110,6 +122,7 @@ class BatchProcessor:
         err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
         for r in batch:
             out.reply(r.reply_to, self._error(r.request_id, err, {}))
+        out.codes.extend([(str(loaded.version.version), arm or "", err.code)] * len(batch))
         if arm:
             latencies_ms = [started_ms - id_ms(r.entry_id) + infer_ms for r in batch]
             out.experiment.failed(arm, batch, loaded.version.version, err.code, latencies_ms)
@@ -121,10 +134,26 @@ class BatchProcessor:
                                      timings=timings, worker=self.worker_id)
 
     def _dead_letter(self, out: Outbox, entry: Entry, reason: str) -> None:
-        entry_id, fields = entry
-        out.ack_ids.append(entry_id)
+        out.ack(entry)
         out.dead.append((entry, reason))
-        address = messages.reply_address(fields)
+        address = messages.reply_address(entry.fields)
         if address is not None:
             err = InternalError(f"dead-lettered: {reason}", request_id=address[0])
             out.reply(address[1], self._error(address[0], err, {}))
+            out.codes.append(("", "", err.code))
+
+
+class RecentMinimum:
+    """The smallest of the last ``size`` values (0 before any): a floor that follows slow drifts."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        """Record one value."""
+        self._values.append(value)
+
+    @property
+    def value(self) -> float:
+        """The minimum of the recent values."""
+        return min(self._values, default=0.0)

@@ -6,10 +6,16 @@ terminal's Ctrl-C reaches them once, through the supervisor. A child that
 dies on its own is restarted. A child also stops (SIGTERM: drain, ack, exit)
 when the supervisor dies, even by SIGKILL (Linux's parent-death signal), so a
 restarted supervisor never doubles the fleet.
+
+With ``metrics_port`` the pod has one metrics endpoint, the supervisor's: the
+children write their metrics to a shared directory (prometheus-client's
+multiprocess mode, ``worker.metrics``) and bind no port; /healthz is 200 while
+every child runs and ticks, /readyz once one child reports ready.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing as mp
@@ -18,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from protocol.settings import Settings
@@ -26,6 +33,8 @@ from worker.worker import Worker
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
+
+    from worker.metrics import FleetMetrics
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
@@ -59,13 +68,22 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class Supervisor:
-    """Start ``processes`` workers for ``model``; ``run`` returns when all have exited."""
+    """Start ``processes`` workers for ``model``; ``run`` returns when all have exited.
 
-    def __init__(self, settings: Settings, model: str, processes: int, *, max_queue_ms: float = 0.0) -> None:
+    ``metrics_port`` (default: the setting; 0: off) serves every child's metrics on one port.
+    """
+
+    def __init__(self, settings: Settings, model: str, processes: int, *, max_queue_ms: float = 0.0,
+                 metrics_port: int | None = None) -> None:
         self.settings, self.model, self.processes = settings, model, processes
         self.max_queue_ms = max_queue_ms
+        # The children get the same settings, port included: in multiprocess mode they never bind it.
+        self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
         self.children: list[SpawnProcess] = []
         self.stopping = threading.Event()
+        # Set by the supervising loop only: the endpoint's thread must not poll (and so reap) children.
+        self.all_alive = False
+        self._fleet: FleetMetrics | None = None
         self._ctx = mp.get_context("spawn")
 
     def _spawn(self) -> SpawnProcess:
@@ -90,14 +108,47 @@ class Supervisor:
         """Supervise until stopped; exit code 0 when every child drained cleanly."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.children = [self._spawn() for _ in range(self.processes)]
-        while not self.stopping.is_set():
-            for i, child in enumerate(self.children):
-                if not child.is_alive() and not self.stopping.is_set():
-                    log.warning("worker pid %s exited with %s; restarting", child.pid, child.exitcode)
-                    time.sleep(RESTART_DELAY_S)
-                    self.children[i] = self._spawn()
-            self.stopping.wait(0.2)
-        for child in self.children:
-            child.join()
+        with self._metrics_endpoint():
+            self.children = [self._spawn() for _ in range(self.processes)]
+            while not self.stopping.is_set():
+                self._restart_dead()
+                self.stopping.wait(0.2)
+            for child in self.children:
+                child.join()
         return 0 if all(c.exitcode == 0 for c in self.children) else 1
+
+    def _restart_dead(self) -> None:
+        dead = [i for i, child in enumerate(self.children) if not child.is_alive()]
+        self.all_alive = not dead
+        for i in dead:
+            if self.stopping.is_set():
+                return
+            child = self.children[i]
+            log.warning("worker pid %s exited with %s; restarting", child.pid, child.exitcode)
+            if self._fleet is not None and child.pid is not None:
+                self._fleet.child_exited(child.pid)
+            time.sleep(RESTART_DELAY_S)
+            self.children[i] = self._spawn()
+
+    def _healthy(self) -> bool:
+        return self.all_alive and not self.stopping.is_set()
+
+    @contextlib.contextmanager
+    def _metrics_endpoint(self) -> Iterator[None]:
+        """With ``metrics_port``: the children's metric directory, and the one endpoint serving it."""
+        if not self.metrics_port:
+            yield
+            return
+        # Here, not at the top: prometheus-client comes with the worker extra, and `streamserve` must start
+        # without it.
+        from worker.metrics import FleetMetrics, multiprocess_dir, serve_http
+
+        with multiprocess_dir() as path:
+            self._fleet = FleetMetrics(path, self._healthy)
+            server = serve_http(self.metrics_port, self._fleet)  # before spawning: a taken port fails alone
+            log.info("supervisor: metrics on port %d (children's files in %s)", server.port, path)
+            try:
+                yield
+            finally:
+                server.close()
+                self._fleet = None

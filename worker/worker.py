@@ -19,23 +19,28 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import redis
 
-from protocol import keys, presence
-from protocol.errors import StreamserveError
+from protocol import connection, keys, presence, sharding
+from protocol.errors import InvalidInput, StreamserveError
 from protocol.settings import Settings
 from registry import Registry
 from worker.arms import ExperimentArms
 from worker.batcher import Batcher
 from worker.consumer import Entry, Outbox, StreamConsumer
 from worker.control import ControlListener
+from worker.load import LoadMeter
 from worker.processing import BatchProcessor
 from worker.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 RELOAD_POLL_MS = 20
+# Reading several shards: each idle wait blocks on one shard for at most this long, then the next,
+# so an idle worker answers a request on any of its shards within about this delay.
+MULTI_SHARD_BLOCK_MS = 5
 BACKOFF_FIRST_S = 0.05  # after a failed step or write; doubles per failure in a row
 BACKOFF_MAX_S = 2.0  # also bounds how long after a Redis restart serving resumes
 
@@ -60,51 +65,97 @@ class Worker:
     """Serve one model from its request stream until stopped (or drained, with ``burst``)."""
 
     def __init__(self, settings: Settings, model: str, *, burst: bool = False,
-                 max_queue_ms: float = 0.0, worker_id: str | None = None) -> None:
+                 max_queue_ms: float = 0.0, worker_id: str | None = None,
+                 shards: Sequence[int] | None = None) -> None:
         self.settings, self.model, self.burst = settings, keys.check_model_name(model), burst
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # The client name lets an operator find (and tests cut) a worker's connections in CLIENT LIST.
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_keepalive=True,
-                                          client_name=f"ss-worker:{self.worker_id}"[:120])
+        self.redis = connection.connect(settings.redis_url, socket_keepalive=True,
+                                        client_name=f"ss-worker:{self.worker_id}"[:120])
         registry = Registry(self.redis, settings.artifact_dir)
-        self.consumer = StreamConsumer(self.redis, model, self.worker_id, settings)
+        # Pinned shards (``--shards``) are read whatever the layout says; otherwise the layout decides.
+        shards = shards or settings.shard_list
+        self.pinned = tuple(keys.check_shard(k) for k in shards) if shards else None
+        self.consumers: dict[int, StreamConsumer] = {}
+        self.batchers: dict[int, Batcher[Entry]] = {}
+        self._set_shards(self.pinned or (0,))
         self.slot = ModelSlot(registry, model, settings)
         self.arms = ExperimentArms(self.redis, registry, settings)
         self.processor = BatchProcessor(model, self.worker_id, self.slot, self.arms, settings,
                                         max_queue_ms=max_queue_ms)
-        self.batcher = Batcher(self.consumer.read, max_batch=settings.max_batch,
-                               max_wait_ms=settings.max_wait_ms)
+        self.load = LoadMeter(self.redis, model, settings)
+        # Imported here: prometheus-client comes with the worker extra, not with every CLI install.
+        from worker.metrics import start_metrics
+        self.metrics = start_metrics(settings, model, self.worker_id)
+        self._load_reported: int | None = None  # the last version whose load (or failure) was counted
         self.reload_requested, self.stopping = threading.Event(), threading.Event()
         self.batches = self.requests = 0
-        self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0}
+        self._turn = 0  # which shard an idle multi-shard worker blocks on next
+        self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0, "load": 0.0}
         # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
         self.listener: ControlListener | None = None
 
+    @property
+    def consumer(self) -> StreamConsumer:
+        """The consumer of the lowest shard this worker reads (the only one, unsharded)."""
+        return self.consumers[min(self.consumers)]
+
+    def _set_shards(self, shards: Sequence[int]) -> None:
+        """Read exactly ``shards``: consumers are added (their groups created) or dropped."""
+        for k in sorted(set(shards) - set(self.consumers)):
+            consumer = StreamConsumer(self.redis, self.model, self.worker_id, self.settings, k)
+            if self.consumers:  # the first is set up by _start_up, with Redis checks and backoff
+                consumer.ensure_group()
+                consumer.has_xackdel = self.consumer.has_xackdel
+            self.consumers[k] = consumer
+            self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
+                                       max_wait_ms=self.settings.max_wait_ms)
+        for k in set(self.consumers) - set(shards):
+            if not self.consumers[k].held:  # held entries are ours to answer first
+                del self.consumers[k], self.batchers[k]
+
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
         while not self._start_up():
+            self.metrics.tick()
             if self.stopping.is_set():
+                self.metrics.close()
                 return
         self.reconcile()
-        log.info("worker %s serving %s (%s)", self.worker_id, self.model, self.slot.describe())
+        log.info("worker %s serving %s, shards %s (%s)", self.worker_id, self.model,
+                 sorted(self.consumers), self.slot.describe())
         self.listener = None if self.burst else ControlListener(
             self.settings.redis_url, self.model, lambda _command: self.reload_requested.set(),
             secret=self.settings.control_secret).start()
         try:
             while not self.stopping.is_set() and self._step_or_wait():
                 pass
+            self._answer_held()
         finally:
             if self.listener is not None:
                 self.listener.stop()
             self._sign_off()
+            self.metrics.close()
+
+    def _answer_held(self) -> None:
+        """Stopping: answer the lower-lane entries a blocking read delivered beyond its batch."""
+        for consumer in self.consumers.values():
+            n = self.settings.max_batch
+            while consumer.held:
+                batch, consumer.held = consumer.held[:n], consumer.held[n:]
+                with contextlib.suppress(redis.RedisError):  # left pending: taken over by a live worker
+                    self.process(batch, consumer=consumer)
 
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
         try:
-            self.consumer.ensure_group()
+            for consumer in self.consumers.values():
+                consumer.ensure_group()
             self.consumer.detect_server()
+            for consumer in self.consumers.values():
+                consumer.has_xackdel = self.consumer.has_xackdel
         except redis.RedisError as e:  # down, OOM, READONLY: wait for it, never crash-loop
             self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
             return False
@@ -118,6 +169,7 @@ class Worker:
         other error (a bug, a hostile value that got past validation) must not
         crash-loop the fleet, so the worker reports it and keeps serving what it can.
         """
+        self.metrics.tick()
         try:
             more = self._step()
         except redis.RedisError as e:  # down, OOM, READONLY, a race lost to another worker
@@ -144,20 +196,48 @@ class Worker:
     def _step(self) -> bool:
         """False when a burst worker has drained the stream."""
         self._maintain()
-        batch = self.batcher.next_batch(0 if self.burst else self._idle_wait_ms())
+        consumer, batch = self._next_batch(0 if self.burst else self._idle_wait_ms())
         if batch:
-            self.process(batch)
+            self.process(batch, consumer=consumer)
             return True
         return not self.burst or self.reclaim() > 0
 
-    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> None:
-        """Answer ``entries`` and ack them together with the replies."""
+    def _next_batch(self, wait_ms: float) -> tuple[StreamConsumer, list[Entry]]:
+        """The next batch of one shard: without waiting from any shard, else wait on one in turn."""
+        shards = sorted(self.consumers)
+        if len(shards) == 1:
+            return self.consumer, self.batchers[shards[0]].next_batch(wait_ms)
+        for i in range(len(shards)):
+            k = shards[(self._turn + i) % len(shards)]
+            batch = self.batchers[k].next_batch(0)
+            if batch:
+                self._turn = (self._turn + i + 1) % len(shards)  # the next shard goes first next time
+                return self.consumers[k], batch
+        k = shards[self._turn % len(shards)]
+        self._turn = (self._turn + 1) % len(shards)
+        return self.consumers[k], self.batchers[k].next_batch(min(wait_ms, MULTI_SHARD_BLOCK_MS))
+
+    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
+                consumer: StreamConsumer | None = None) -> None:
+        """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies."""
         out = self.processor.process(entries, dead_letter)
-        self._write(out)
+        self._write(out, consumer or self.consumer)
         self.batches += 1
         self.requests += len(out.ack_ids)
+        self._count(out)
 
-    def _write(self, out: Outbox) -> None:
+    def _count(self, out: Outbox) -> None:
+        """The batch in the metrics, once its transaction has landed."""
+        for (version, variant, code), n in Counter(out.codes).items():
+            self.metrics.requests(version, variant, code, n)
+        for lane, seconds in out.waits:
+            self.metrics.queue_wait(lane, seconds)
+        for version, rows, seconds in out.calls:
+            self.metrics.inference(version, rows, seconds)
+        if out.dead:
+            self.metrics.dead_lettered(len(out.dead))
+
+    def _write(self, out: Outbox, consumer: StreamConsumer) -> None:
         """The batch's one transaction, retried with backoff until it lands.
 
         OOM, READONLY (a failover) or a connection reset leave the replies in hand
@@ -168,7 +248,7 @@ class Worker:
         """
         while True:
             try:
-                self.consumer.write(out)
+                consumer.write(out)
             except redis.RedisError as e:
                 delay_s = self._write_backoff.next_delay_s()
                 self.problems["redis_write"] = f"reply transaction failed: {type(e).__name__}: {e}"[:300]
@@ -189,15 +269,27 @@ class Worker:
 
     def reclaim(self) -> int:
         """Take over entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
-        return self.consumer.reclaim(self.process)
+        reclaimed = sum(c.reclaim(self._handler(c)) for c in list(self.consumers.values()))
+        if reclaimed:
+            self.metrics.reclaimed(reclaimed)
+        return reclaimed
 
     def take_over(self) -> int:
         """Answer what is pending on workers whose heartbeat expired; remove their empty consumers."""
         live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
-        return self.consumer.take_over(live, self.process)  # it never takes from itself
+        # A consumer never takes from itself.
+        taken = sum(c.take_over(live, self._handler(c)) for c in list(self.consumers.values()))
+        if taken:
+            self.metrics.reclaimed(taken)
+        return taken
+
+    def _handler(self, consumer: StreamConsumer) -> Callable[[list[Entry], list[Entry]], None]:
+        """Answers claimed entries (fresh, and over-delivered to dead-letter) on ``consumer``'s shard."""
+        return lambda fresh, over: self.process(fresh, over, consumer)
 
     def reconcile(self) -> None:
-        """Converge on the registry's Production version and the model's experiment."""
+        """Converge on the registry's Production version, the shard layout and the model's experiment."""
+        self._reconcile_shards()
         self.slot.reconcile()
         try:
             # In line before the first batch (and in burst mode); in the background while serving.
@@ -207,8 +299,31 @@ class Worker:
             log.error("experiment state unusable, serving Production only: %s", e)
             self.problems["experiment"] = str(e)[:300]
 
+    def _reconcile_shards(self) -> None:
+        """Read the shards the layout serves, and retired ones while they still hold entries."""
+        if self.pinned is not None:
+            return
+        try:
+            layout = sharding.read_layout(self.redis, self.model)
+            self._resolved("shards")
+        except InvalidInput as e:  # keep reading what we read; an operator must fix the hash
+            self.problems["shards"] = str(e)[:300]
+            return
+        retired = [k for k in range(layout.serve, layout.highest)
+                   if k in self.consumers and self.consumers[k].holds_entries()
+                   or k not in self.consumers and self._holds_entries(k)]
+        self._set_shards([*range(layout.serve), *retired])
+
+    def _holds_entries(self, shard: int) -> bool:
+        return any(int(self.redis.xlen(keys.request_stream(self.model, shard, lane))) for lane in keys.LANES)
+
     def _maintain(self) -> None:
         now, s = time.monotonic(), self.settings
+        if now >= self._due["load"]:
+            self._due["load"] = now + s.load_interval_s
+            self.load.publish(self.consumers)
+            for lane in self.load.lanes:
+                self.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
         if now >= self._due["heartbeat"]:
             self._due["heartbeat"] = now + s.heartbeat_interval_s
             self.heartbeat()
@@ -219,10 +334,24 @@ class Worker:
             self.reconcile()
         if self.slot.swap_if_ready():
             self.heartbeat()  # tell the fleet at once, not at the next interval
+        self._count_loads()
         self.arms.swap_if_ready()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + s.reclaim_interval_s
             self.reclaim()
+
+    def _count_loads(self) -> None:
+        """Count each target version's load once: served, or failed."""
+        target, loaded = self.slot.target_version, self.slot.loaded
+        if target is None or target == self._load_reported:
+            return
+        if loaded is not None and loaded.version.version == target:
+            self.metrics.model_load(str(target), True)
+        elif self.slot.target_failed():
+            self.metrics.model_load(str(target), False)
+        else:
+            return  # still loading
+        self._load_reported = target
 
     def _idle_wait_ms(self) -> float:
         next_due = min(self._due.values())
@@ -252,6 +381,8 @@ class Worker:
     def heartbeat(self) -> None:
         """Publish what this worker serves (``protocol.presence``); prune members past the TTL."""
         beat = self.presence()
+        self.metrics.serving(beat.version, self.slot.target_version)
+        self.metrics.ready(beat.version is not None and "redis" not in self.problems)
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         key, members = keys.worker_hash(self.model, self.worker_id), keys.workers_zset(self.model)
         pipe = self.redis.pipeline(transaction=True)
@@ -271,7 +402,7 @@ class Worker:
             backend=loaded.backend.name if loaded else "", variant=loaded.variant if loaded else "",
             fallback=loaded.fallback_reason if loaded else "", error=self.problem(), state=self._state(),
             host=socket.gethostname(), pid=os.getpid(), batches=self.batches, requests=self.requests,
-            heartbeat_ms=presence.now_in_ms())
+            heartbeat_ms=presence.now_in_ms(), shards=",".join(map(str, sorted(self.consumers))))
 
     def problem(self) -> str:
         """Everything wrong right now, for the heartbeat's ``error`` (empty when healthy)."""
@@ -292,7 +423,8 @@ class Worker:
             pipe.zrem(keys.workers_zset(self.model), self.worker_id)
             pipe.delete(keys.worker_hash(self.model, self.worker_id))
             pipe.execute()
-            self.consumer.leave()
+            for consumer in self.consumers.values():
+                consumer.leave()
         except redis.RedisError as e:
             log.warning("sign-off failed: %s", e)
         self.redis.close()  # the pool reconnects if run() is called again
