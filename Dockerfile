@@ -18,6 +18,12 @@ RUN useradd --create-home --uid 10001 streamserve && mkdir -p /artifacts && chow
 FROM base AS worker
 RUN pip install '.[worker]'
 USER streamserve
+# /metrics, /healthz and /readyz: on by default in the image, so orchestrators can probe it.
+ENV STREAMSERVE_METRICS_PORT=9100
+EXPOSE 9100
+# For `docker run`; compose and Kubernetes declare their own probes. No curl in the slim image.
+HEALTHCHECK --interval=5s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/readyz', timeout=2)"]
 ENTRYPOINT ["streamserve"]
 CMD ["worker"]
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench validate-stats lint compose-check clean
+.PHONY: install demo test bench validate-stats lint compose-check deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 
 compose-check:
 	docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"
+
+# Offline: compose config, promtool check/test of the alert rules, Kubernetes + KEDA schemas (docs/deployment.md).
+deploy-check: $(STAMP)
+	$(BIN)/python -m deploy.check
 
 clean:
 	rm -rf $(VENV) var bench-results.json .pytest_cache .mypy_cache
