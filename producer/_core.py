@@ -387,11 +387,12 @@ class Router:
         return ("HGETALL", keys.load_hash(target.model, target.shard))
 
     def set_load(self, target: Target, answers: list[Any]) -> None:
-        """Record the answer to :meth:`load_command` (a flat field/value list from a raw read)."""
-        if not answers or not isinstance(answers[0], list):
+        """Record the answer to :meth:`load_command`: a map, or a flat field/value list (parsers differ)."""
+        if not answers or not isinstance(answers[0], dict | list):
             return
-        flat = answers[0]
-        load = sharding.ShardLoad.from_hash(dict(zip(flat[::2], flat[1::2], strict=False)))
+        raw = answers[0]
+        fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=False))
+        load = sharding.ShardLoad.from_hash(fields)
         with self._lock:
             self._loads[(target.model, target.shard)] = (load, time.monotonic())
 

@@ -1,0 +1,135 @@
+"""Priority lanes and backpressure: live before backfill, shedding from the published load."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import MODEL, ThreadedWorker, wait_until
+
+from producer import Client
+from protocol import codec, keys, messages, sharding
+from protocol.errors import DeadlineExceeded, Overloaded
+from worker.load import LoadMeter
+from worker.worker import Worker
+
+X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
+
+
+def send(r, request_id: str, lane: str = "live", deadline_ms: int | None = None) -> None:
+    fields = messages.encode_request(request_id, {"features": X[None]},
+                                     deadline_ms=deadline_ms or int(time.time() * 1000) + 60_000)
+    r.xadd(keys.request_stream(MODEL, 0, lane), fields)
+
+
+def reply(r, request_id: str) -> dict:
+    raw = r.lpop(keys.reply_key(MODEL, request_id))
+    assert raw is not None, f"no reply for {request_id}"
+    return codec.unpack(raw, max_bytes=1 << 24)
+
+
+def test_a_read_takes_live_entries_before_backfill(r, settings, production):
+    worker = Worker(settings, MODEL, burst=True)
+    worker.consumer.ensure_group()
+    for i in range(5):
+        send(r, f"b{i}", "backfill")
+    for i in range(3):
+        send(r, f"l{i}")
+    batch = worker.consumer.read(4, 0)
+    assert [e.lane for e in batch] == ["live"] * 3 + ["backfill"]
+    worker.redis.close()
+
+
+def test_a_burst_worker_answers_both_lanes_and_acks_each_in_its_stream(r, settings, production):
+    for i in range(4):
+        send(r, f"b{i}", "backfill")
+        send(r, f"l{i}")
+    Worker(settings, MODEL, burst=True).run()
+    assert all(reply(r, f"{lane}{i}")["ok"] for lane in "bl" for i in range(4))
+    for lane in keys.LANES:
+        stream = keys.request_stream(MODEL, 0, lane)
+        assert r.xlen(stream) == 0 and r.xpending(stream, keys.consumer_group(MODEL))["pending"] == 0
+
+
+def test_a_deadline_sooner_than_the_quickest_model_call_is_shed_on_read(r, settings, production):
+    worker = Worker(settings, MODEL, burst=True)
+    worker.processor.fastest_call_ms.add(5_000.0)  # as if every recent call took 5 s
+    send(r, "short", deadline_ms=int(time.time() * 1000) + 1_000)
+    send(r, "long", deadline_ms=int(time.time() * 1000) + 60_000)
+    worker.run()
+    short = reply(r, "short")
+    assert short["ok"] is False and short["error"]["code"] == "OVERLOADED"
+    assert "quickest recent model call" in short["error"]["message"]
+    assert reply(r, "long")["ok"]
+
+
+def publish_load(r, backlog: dict[str, int], drain_per_s: float) -> None:
+    load = sharding.ShardLoad(backlog, drain_per_s, int(time.time() * 1000))
+    r.hset(keys.load_hash(MODEL), mapping=load.to_hash())
+
+
+def test_the_client_sheds_before_sending_when_the_backlog_outlasts_its_timeout(r, settings, production):
+    # 10,000 entries ahead at 100/s: 100 s of backlog for the backfill lane, none for live.
+    publish_load(r, {"live": 0, "backfill": 10_000}, 100.0)
+    with Client.from_url(settings.redis_url, timeout_s=0.3) as client:
+        with pytest.raises(DeadlineExceeded):  # the first call reads the load (no worker answers)
+            client.predict(MODEL, X, lane="backfill")
+        sent = r.xlen(keys.request_stream(MODEL, 0, "backfill"))
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="not sent"):
+            client.predict(MODEL, X, lane="backfill")
+        assert time.monotonic() - started < 0.2, "shed at once, without waiting for the timeout"
+        assert r.xlen(keys.request_stream(MODEL, 0, "backfill")) == sent, "nothing was sent"
+        with pytest.raises(DeadlineExceeded):  # live does not queue behind backfill: sent, and waits
+            client.predict(MODEL, X, lane="live")
+    assert r.xlen(keys.request_stream(MODEL)) == 1
+
+
+def test_stale_or_malformed_load_sheds_nothing():
+    old = {"backlog:live": "1000000", "drain_per_s": "1", "at_ms": "0"}
+    assert sharding.ShardLoad.from_hash(old) is not None  # parsed, but too old to act on (client side)
+    assert sharding.ShardLoad.from_hash({"drain_per_s": "nan", "at_ms": "1"}) is None
+    assert sharding.ShardLoad.from_hash({b"drain_per_s": b"\xff", b"at_ms": b"1"}) is None
+    unknown_rate = sharding.ShardLoad({"live": 50, "backfill": 0}, 0.0, 1)
+    assert unknown_rate.expected_wait_ms("live") == 0.0, "no rate measured: do not guess"
+    load = sharding.ShardLoad({"live": 50, "backfill": 150}, 100.0, 1)
+    assert load.expected_wait_ms("live") == 500.0 and load.expected_wait_ms("backfill") == 2000.0
+
+
+def test_the_drain_rate_is_the_groups_reads_over_at_least_a_second():
+    meter = LoadMeter.__new__(LoadMeter)  # the rate is pure arithmetic on samples
+    meter._reads = {}
+    assert meter._drain_per_s(0, 0.0, 100) == 0.0
+    assert meter._drain_per_s(0, 0.3, 130) == 0.0, "too short a window to say"
+    assert meter._drain_per_s(0, 1.0, 300) == pytest.approx(200.0)
+    assert meter._drain_per_s(0, 2.0, 400) == pytest.approx(100.0)
+
+
+def test_workers_publish_backlog_and_drain_rate(r, settings, production):
+    s = settings.with_overrides(load_interval_s=0.05, max_batch=1)
+    for i in range(40):
+        send(r, f"b{i}", "backfill")
+    with ThreadedWorker(Worker(s, MODEL)):
+        load = wait_until(lambda: sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))), 10)
+        assert set(load.backlog) == set(keys.LANES)
+        wait_until(lambda: (sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))) or load)
+                   .drain_per_s > 0, 10, message="no drain rate measured")
+    assert r.pttl(keys.load_hash(MODEL)) > 0, "the load expires when no worker is left"
+
+
+def test_live_requests_jump_a_backfill_backlog(r, settings, slow_production):
+    """The priority-lane scenario: a deep backfill backlog on a slow model, then live requests.
+
+    Every live request is answered while the backfill backlog is still deep: each waits at
+    most for the batch in progress, never behind the queued backfill.
+    """
+    for i in range(30):
+        send(r, f"b{i}", "backfill")
+    backfill = keys.request_stream(MODEL, 0, "backfill")
+    with ThreadedWorker(Worker(settings.with_overrides(max_batch=1), MODEL)) as worker, \
+            Client.from_url(settings.redis_url, timeout_s=60.0) as client:
+        wait_until(lambda: worker.batches >= 1, 30)
+        for _ in range(3):
+            assert client.predict(MODEL, X, lane="live").model_version == slow_production.version
+            assert r.xlen(backfill) > 15, "the live request was answered before the backfill backlog"
