@@ -149,7 +149,8 @@ class AsyncClient:
             if finished:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for key in finished:
-                        pipe.unlink(key)
+                        # Not pipe.unlink: on a cluster pipeline that is a coroutine (multi-key split).
+                        pipe.execute_command("UNLINK", key)
                     await pipe.execute()
         except redis.RedisError:
             pass  # they expire with the reply TTL

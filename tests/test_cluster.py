@@ -7,6 +7,7 @@ real slot routing, MOVED-free only because every key of a transaction shares a s
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -17,7 +18,7 @@ from conftest import MODEL, ThreadedWorker, wait_until
 
 from experiments.runner import run_analysis, snapshot
 from experiments.store import ExperimentStore
-from producer import Client
+from producer import AsyncClient, Client
 from protocol import connection, keys, messages, presence, sharding
 from protocol.settings import Settings
 from registry import Registry
@@ -189,3 +190,19 @@ def test_heartbeats_say_which_shards_a_worker_reads(rc, csettings, cproduction):
     with ThreadedWorker(Worker(csettings, MODEL)):
         beats = wait_until(lambda: [w for w in presence.read_live(rc, MODEL, 5.0) if w.shards == "0,1"])
     assert beats[0].shard_list == [0, 1]
+
+
+def test_the_asyncio_client_predicts_on_a_sharded_cluster(rc, redis_cluster, csettings, cproduction):
+    sharding.write_layout(rc, MODEL, sharding.ShardLayout(3, 3, 3))
+
+    async def scenario():
+        async with AsyncClient.from_url(redis_cluster.url, timeout_s=20.0) as client:
+            one = [await client.predict(MODEL, X, route=f"A{i}") for i in range(6)]
+            many = await client.predict_many(MODEL, [X] * 4, route="B")
+            return one, many
+
+    with ThreadedWorker(Worker(csettings, MODEL)):
+        one, many = asyncio.run(scenario())
+    assert {p.model_version for p in one + many} == {cproduction.version}
+    used = {k for k in range(3) if rc.hlen(keys.batch_histogram(MODEL, k))}
+    assert used == {sharding.shard_for(f"A{i}", 3) for i in range(6)} | {sharding.shard_for("B", 3)}
