@@ -37,6 +37,9 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.01, 0.25  # between retries after a lost conn
 MAX_FINISHED_KEYS = 1024  # reply keys waiting for deletion; beyond this they simply expire
 # Server replies that say "not now" rather than "never": retried like a lost connection.
 BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
+# redis-py parses these replies into classes and strips the prefix from the message.
+BUSY_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
+               redis.exceptions.MasterDownError)
 # Connection trouble: retried within the deadline, without re-sending the request.
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 
@@ -308,11 +311,12 @@ def _raise_for(answer: Any, command: str, *, queued: bool) -> None:
     if not isinstance(answer, redis.ResponseError):
         return
     message = str(answer)
-    if message.startswith(("MOVED", "ASK")):  # a cluster slot moved (resharding, failover)
+    # A cluster slot moved (resharding, failover); MovedError subclasses AskError.
+    if isinstance(answer, redis.exceptions.AskError) or message.startswith(("MOVED", "ASK")):
         raise Redirected(f"{command}: {message}")
     if isinstance(answer, redis.exceptions.OutOfMemoryError) or message.startswith("OOM"):
         raise Overloaded(f"Redis is out of memory (maxmemory) and refused {command}: {message}") from answer
-    if queued and message.startswith(BUSY_PREFIXES):
+    if queued and (isinstance(answer, BUSY_ERRORS) or message.startswith(BUSY_PREFIXES)):
         raise redis.ConnectionError(f"Redis answered {command} with {message}") from answer
     raise Unavailable(f"Redis refused {command}: {message}") from answer
 

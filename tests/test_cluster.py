@@ -20,6 +20,7 @@ from experiments.runner import run_analysis, snapshot
 from experiments.store import ExperimentStore
 from producer import AsyncClient, Client
 from protocol import connection, keys, messages, presence, sharding
+from protocol.errors import DeadlineExceeded
 from protocol.settings import Settings
 from registry import Registry
 from registry.resharding import reshard
@@ -173,6 +174,7 @@ def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, cse
         # A bot with a stale layout still sends to shard 2 after the shrink: it must be answered.
         stale = Client.from_url(redis_cluster.url, timeout_s=20.0)
         stale._router.set_layout(MODEL, {"route": "3", "serve": "3", "highest": "3"})
+        stale._router.layout_stale = lambda model: False  # type: ignore[method-assign]  # never re-reads
         shrunk = reshard(rc, MODEL, 1, timeout_s=20, ttl_s=csettings.heartbeat_ttl_s)
         assert shrunk.ok, shrunk.lines()
         late = [stale.predict(MODEL, X, route=r) for r in ("a", "b", "c", "d", "e", "f")]
@@ -206,3 +208,34 @@ def test_the_asyncio_client_predicts_on_a_sharded_cluster(rc, redis_cluster, cse
     assert {p.model_version for p in one + many} == {cproduction.version}
     used = {k for k in range(3) if rc.hlen(keys.batch_histogram(MODEL, k))}
     assert used == {sharding.shard_for(f"A{i}", 3) for i in range(6)} | {sharding.shard_for("B", 3)}
+
+
+def _move_slot(plain: dict, slot: int, to_port: int) -> None:
+    """Give ``slot`` (emptied first) to the node on ``to_port``, as resharding does."""
+    for client in plain.values():
+        for key in client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            client.delete(key)
+    node_id = plain[to_port].execute_command("CLUSTER", "MYID")
+    for client in plain.values():
+        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", node_id)
+
+
+def test_a_request_follows_its_slot_to_another_node(rc, redis_cluster):
+    model = "moved-model"  # its own slot: moving it leaves the other tests' keys where they are
+    stream = keys.request_stream(model)
+    slot, home = connection.slot(stream), rc.get_node_from_key(stream).port
+    plain = {node.port: client for node, client in zip(redis_cluster.nodes, redis_cluster.node_clients(),
+                                                       strict=True)}
+    away = next(port for port in plain if port != home)
+    with Client.from_url(redis_cluster.url, timeout_s=0.2) as client:
+        with pytest.raises(DeadlineExceeded):  # no worker: it only learns the slot map and layout
+            client.predict(model, X)
+        _move_slot(plain, slot, away)
+        try:
+            with pytest.raises(DeadlineExceeded):  # not Unavailable: MOVED, refreshed, sent again
+                client.predict(model, X)
+            assert plain[away].xlen(stream) == 1 and plain[home].execute_command(
+                "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        finally:
+            _move_slot(plain, slot, home)
+            rc.nodes_manager.initialize()

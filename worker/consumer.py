@@ -253,18 +253,27 @@ class StreamConsumer:
         return [Entry(text(i), f, lane) for i, f in claimed if f is not None]
 
     def group_state(self) -> dict[str, tuple[int, int, int]]:
-        """Per lane: (backlog not yet delivered, pending, entries read so far) from XINFO GROUPS."""
+        """Per lane: (backlog not yet delivered, pending, entries answered so far).
+
+        Not the group's ``lag`` and ``entries-read``: servers stop reporting them once
+        entries are deleted out of order (Valkey, newer Redis), and we delete every
+        answered entry. Because we do, the stream holds exactly the unread and the
+        pending entries: backlog = length − pending, and ``entries-added`` − length
+        counts every entry answered (or shed, or dead-lettered) since the stream began.
+        """
         state = {}
         for lane, stream in self.streams.items():
+            pipe = self.redis.pipeline(transaction=False)  # one slot: one round trip
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
             try:
-                groups = self.redis.xinfo_groups(stream)
+                info, groups = pipe.execute()
             except redis.ResponseError:  # the stream is gone; read() recreates it
-                groups = []
-            group = next((g for g in groups if text(g["name"]) == self.group), {})
-            # lag is None when Redis cannot tell (entries deleted mid-stream): the length bounds it.
-            lag = group.get("lag")
-            backlog = int(lag) if lag is not None else int(self.redis.xlen(stream))
-            state[lane] = (backlog, int(group.get("pending") or 0), int(group.get("entries-read") or 0))
+                info, groups = {}, []
+            group: dict[str, Any] = next((g for g in groups if text(g["name"]) == self.group), {})
+            length, pending = int(info.get("length") or 0), int(group.get("pending") or 0)
+            answered = int(info.get("entries-added") or 0) - length  # 0 where the server lacks the field
+            state[lane] = (max(0, length - pending), pending, max(0, answered))
         return state
 
     def holds_entries(self) -> bool:

@@ -1,9 +1,10 @@
 """Measure each shard's backlog and drain rate and publish it for backpressure (docs/protocol.md §13).
 
-Every ``load_interval_s`` a worker reads ``XINFO GROUPS`` of each lane of each
-shard it serves: the backlog (entries not yet delivered: the group's ``lag``)
-and ``entries-read``, whose growth over about a second is the rate at which the
-whole fleet drains the shard. Several workers of a shard publish the same
+Every ``load_interval_s`` a worker reads ``XINFO STREAM`` and ``XINFO GROUPS``
+of each lane of each shard it serves: the backlog (entries not yet delivered)
+and how many entries have been answered since the stream began, whose growth
+over about a second is the rate at which the whole fleet drains the shard
+(``StreamConsumer.group_state``). Several workers of a shard publish the same
 numbers; the last write wins. The hash expires when no worker is left, so a
 bot never sheds on a dead fleet's figures.
 """
@@ -65,7 +66,7 @@ class LoadMeter:
     def _publish_shard(self, shard: int, consumer: StreamConsumer) -> list[LaneState]:
         state = consumer.group_state()
         now_s = time.monotonic()
-        entries_read = sum(read for _, _, read in state.values())
+        entries_read = sum(answered for _, _, answered in state.values())
         load = ShardLoad(backlog={lane: backlog for lane, (backlog, _, _) in state.items()},
                          drain_per_s=self._drain_per_s(shard, now_s, entries_read),
                          at_ms=int(time.time() * 1000))
