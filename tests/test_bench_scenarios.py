@@ -1,0 +1,97 @@
+"""Smoke runs of the bench's overload and cluster scenarios (lab/bench_overload.py, lab/bench_cluster.py).
+
+Tiny durations against the test model; only what holds on any machine is checked (counts,
+ordering of shedding, where the stream work lands), never a timing.
+"""
+
+from __future__ import annotations
+
+import models
+import pytest
+import redis
+from conftest import MODEL
+
+from lab.bench_cluster import ClusterConfig, capacity_model, print_cluster, run_cluster, spread_model_name
+from lab.bench_overload import Flow, OverloadConfig, print_overload, run_overload, schedule, summarize
+from lab.bench_overload import Outcome as O
+from protocol import connection
+from protocol.settings import Settings
+from registry import Registry
+
+# A detour of 40 matrix products makes each row cost about 2 ms: the worker, not the clients, is
+# the bottleneck, so twice its capacity is an offer the senders can make on a small box.
+SLOW_WIDTH = 1536
+TINY = OverloadConfig(capacity_bots=1, capacity_concurrency=16, capacity_requests=150, unloaded_s=1.0,
+                      loaded_s=2.5, senders=1, live_timeout_s=1.0, backfill_timeout_s=0.5, backfill_chunk=4,
+                      drain_timeout_s=10)
+
+
+@pytest.fixture
+def slow_production(registry, tmp_path):
+    path = models.linear_softmax(tmp_path / "slow.onnx", slow_width=SLOW_WIDTH)
+    mv = registry.register(MODEL, path, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
+    return registry.promote(MODEL, mv.version)
+
+
+def test_senders_interleave_and_together_keep_the_rate():
+    flow = Flow("live", "live", 1000.0, 0.1)
+    times = sorted(t for i in range(4) for t in schedule(flow, 1.0, 4, i))
+    assert len(times) == 1000 and times[0] == 0.0 and times[-1] < 1.0
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) == pytest.approx(0.001)
+
+
+def test_a_failure_counts_as_avoidable_only_beyond_what_the_capacity_forces():
+    # 10 requests issued over 1 s (first to last issue) at a capacity of 4/s: 6 failures are forced.
+    outcomes = [O("live", i / 9, 0.0, 0.01, "OK" if i < 3 else "OVERLOADED", i % 2 == 0) for i in range(10)]
+    c = summarize(outcomes, "live", capacity_rps=4.0)
+    assert c["issued"] == 10 and c["ok"] == 3 and c["failed"] == {"OVERLOADED": 7}
+    assert c["failures_could_have_met_deadline"] == 1
+    assert c["overloaded_client"] + c["overloaded_worker"] == 7 and c["first_failure_s"]["OVERLOADED"] > 0.3
+    assert summarize(outcomes, "live", capacity_rps=100.0)["failures_could_have_met_deadline"] == 7
+
+
+def test_overload_counts_add_up_and_lanes_shed_backfill_before_live(settings, slow_production, capsys):
+    doc = run_overload(settings, MODEL, 1, ("--max-batch", "8"), TINY, progress=lambda _: None)
+    assert doc["capacity"]["rps"] > 0 and not doc["capacity"]["errors"]
+    for run in ("unloaded", "lanes", "no_lanes"):
+        for cls, c in doc[run]["classes"].items():
+            assert c["issued"] == c["scheduled"], f"{run}/{cls}: a scheduled request has no outcome"
+            assert c["issued"] == c["ok"] + sum(c["failed"].values()), f"{run}/{cls}"
+            assert c["overloaded_client"] + c["overloaded_worker"] == c["failed"].get("OVERLOADED", 0)
+        assert doc[run]["left_in_streams"] == 0, f"{run}: entries left unanswered in the streams"
+    lanes = doc["lanes"]["classes"]
+    assert lanes["backfill"]["failed"].get("OVERLOADED", 0) > 0, "2x capacity shed nothing"
+    live_first = lanes["live"]["first_failure_s"].get("OVERLOADED")
+    assert live_first is None or live_first >= lanes["backfill"]["first_failure_s"]["OVERLOADED"]
+    assert lanes["live"]["failed"].get("OVERLOADED", 0) <= lanes["backfill"]["failed"]["OVERLOADED"]
+    assert doc["capacity"]["redis"]["cpu_us_per_request"] > 0
+    print_overload(doc)
+    assert "live p99 loaded / unloaded" in capsys.readouterr().out
+
+
+def test_cluster_scenario_one_shard_on_one_node_three_shards_on_every_node(redis_cluster, tmp_path, capsys):
+    # The session's cluster is shared: nothing is flushed, the model gets a name of its own.
+    node = redis.Redis(port=redis_cluster.nodes[0].port)
+    model = spread_model_name(node, "scenario", 3)
+    node.close()
+    client = connection.connect(redis_cluster.url)
+    registry = Registry(client, tmp_path / "artifacts")
+    mv = registry.register(model, models.linear_softmax(tmp_path / "m.onnx"), input_spec=models.SPEC,
+                           output_names=["probs"], labels=models.LABELS)
+    registry.promote(model, mv.version)
+    client.close()
+    settings = Settings(redis_url=redis_cluster.url, artifact_dir=tmp_path / "artifacts")
+    # One call of 4 in flight: even the smallest drain rate the workers publish (one entry read in a
+    # window of about 1.25 s) does not make the client shed 4 entries against its 10 s timeout.
+    cfg = ClusterConfig(bots=1, concurrency=1, client_batch=4, requests=200)
+    doc = run_cluster(redis_cluster, settings, model, 1, (), cfg, progress=lambda _: None)
+    one, three = doc["runs"]["1"], doc["runs"]["3"]
+    for run in (one, three):
+        assert run["n"] == 200 and not run["errors"]
+    assert len(set(doc["placement"]["shard_ports"])) == 3
+    assert sum(1 for n in one["nodes"] if n["xadd_calls"]) == 1, "one shard: one node takes every request"
+    assert all(n["xadd_calls"] > 0 and n["stream_calls"] > 0 for n in three["nodes"])
+    one_node = capacity_model(doc, None)["cluster_node_1_shard"]
+    assert one_node["requests_per_s_per_redis_core"] > 0 and one_node["net_in_bytes_per_request"] > 0
+    print_cluster(doc)
+    assert "busiest node" in capsys.readouterr().out
