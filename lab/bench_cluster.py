@@ -39,6 +39,7 @@ from registry.resharding import reshard
 
 # Commands that move a stream's entries: what a shard's node does per request.
 STREAM_COMMANDS = ("xadd", "xreadgroup", "xack", "xdel", "xackdel", "xautoclaim", "xclaim")
+WIDE = 150  # columns for the table, also when stdout is not a terminal (rich's default is then 80)
 EXAMPLE_FLEET_RPS = 395_000  # one H200's ceiling for the reference model (issue 11), for the example
 
 
@@ -235,7 +236,7 @@ def print_cluster(section: dict[str, Any]) -> None:
                         for n in run["nodes"])
         table.add_row(shards, f"{run['throughput_rps']:.0f}", f"{run['p50_ms']:.2f}", f"{run['p99_ms']:.2f}",
                       cpu, f"{run['busiest_node_cpu_us_per_request']:.0f}", kb)
-    Console().print(table)
+    Console(width=max(Console().width, WIDE)).print(table)
     print(f"nodes (ports) {ports}; shard k's stream on port {section['placement']['shard_ports']}")
     for shards, run in runs.items():
         if run["not_sent"]:

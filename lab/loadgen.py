@@ -95,8 +95,7 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
             first = (calls * spec.batch_size) % (WINDOWS - spec.batch_size) if many else calls % WINDOWS
             rows = list(range(first, first + n))
             if many:
-                results = client.predict_many(spec.model, list(windows[rows]), route=route,
-                                              return_exceptions=True)
+                results = _predict_many(client, spec.model, list(windows[rows]), route)
             else:
                 singles += 1
                 bad = spec.bad_every and singles % spec.bad_every == 0
@@ -123,6 +122,14 @@ def _bot(spec: LoadSpec, seed: int, progress: mp.Queue | None, gate) -> dict:
     report["t1"] = time.time()
     report["cpu_s"] = time.process_time() - cpu0
     return report
+
+
+def _predict_many(client: Client, model: str, windows: list, route: str) -> list[Prediction | ReplyError]:
+    """Every request's result; a call shed before sending (``Overloaded``) fails each of them."""
+    try:
+        return client.predict_many(model, windows, route=route, return_exceptions=True)
+    except ReplyError as e:
+        return [e] * len(windows)
 
 
 def _predict_one(client: Client, model: str, window: np.ndarray, route: str) -> list[Prediction | ReplyError]:

@@ -86,6 +86,23 @@ def test_the_client_sheds_before_sending_when_the_backlog_outlasts_its_timeout(r
     assert r.xlen(keys.request_stream(MODEL)) == 1
 
 
+def test_a_client_sheds_only_on_a_fresh_reading(r, settings, production, monkeypatch):
+    """A shed call reads no load: once the reading is old, the next call goes out and re-reads it."""
+    from producer import _core
+
+    publish_load(r, {"live": 0, "backfill": 10_000}, 100.0)
+    with Client.from_url(settings.redis_url, timeout_s=0.3) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.predict(MODEL, X, lane="backfill")
+        with pytest.raises(Overloaded):
+            client.predict(MODEL, X, lane="backfill")
+        monkeypatch.setattr(_core, "LOAD_REFRESH_S", 0.0)  # as if the reading were old
+        r.delete(keys.load_hash(MODEL))  # the fleet's backlog is gone
+        with pytest.raises(DeadlineExceeded):  # sent (no worker answers), not shed
+            client.predict(MODEL, X, lane="backfill")
+    assert r.xlen(keys.request_stream(MODEL, 0, "backfill")) == 2
+
+
 def test_stale_or_malformed_load_sheds_nothing():
     old = {"backlog:live": "1000000", "drain_per_s": "1", "at_ms": "0"}
     assert sharding.ShardLoad.from_hash(old) is not None  # parsed, but too old to act on (client side)
@@ -99,16 +116,19 @@ def test_stale_or_malformed_load_sheds_nothing():
 
 def test_the_drain_rate_is_the_groups_reads_over_at_least_a_second():
     meter = LoadMeter.__new__(LoadMeter)  # the rate is pure arithmetic on samples
-    meter._reads = {}
-    assert meter._drain_per_s(0, 0.0, 100) == 0.0
-    assert meter._drain_per_s(0, 0.3, 130) == 0.0, "too short a window to say"
-    assert meter._drain_per_s(0, 1.0, 300) == pytest.approx(200.0)
-    assert meter._drain_per_s(0, 2.0, 400) == pytest.approx(100.0)
+    meter._reads, meter._busy_rate = {}, {}
+    assert meter._drain_per_s(0, 0.0, 100, 5) == 0.0
+    assert meter._drain_per_s(0, 0.3, 130, 5) == 0.0, "too short a window to say"
+    assert meter._drain_per_s(0, 1.0, 300, 5) == pytest.approx(200.0)
+    assert meter._drain_per_s(0, 2.0, 400, 5) == pytest.approx(100.0)
+    # The backlog emptied: the window measured arrivals, not capacity; the busy rate stands.
+    assert meter._drain_per_s(0, 3.0, 410, 0) == pytest.approx(100.0)
+    assert meter._drain_per_s(0, 4.0, 420, 3) == pytest.approx(100.0), "idle time still in the window"
 
 
-def test_workers_publish_backlog_and_drain_rate(r, settings, production):
+def test_workers_publish_backlog_and_drain_rate(r, settings, slow_production):
     s = settings.with_overrides(load_interval_s=0.05, max_batch=1)
-    for i in range(40):
+    for i in range(400):  # a backlog that lasts over a second: only a busy window measures the rate
         send(r, f"b{i}", "backfill")
     with ThreadedWorker(Worker(s, MODEL)):
         load = wait_until(lambda: sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))), 10)

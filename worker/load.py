@@ -49,7 +49,9 @@ class LoadMeter:
     def __init__(self, client: redis.Redis, model: str, settings: Settings) -> None:
         self.redis, self.model = client, model
         self.ttl_ms = int(max(LOAD_TTL_MIN_S, 4 * settings.load_interval_s) * 1000)
-        self._reads: dict[int, deque[tuple[float, int]]] = {}  # shard → (time, entries read) samples
+        # shard → (time, entries answered, backlog) samples
+        self._reads: dict[int, deque[tuple[float, int, int]]] = {}
+        self._busy_rate: dict[int, float] = {}  # shard → the last drain rate measured while never idle
         self.lanes: list[LaneState] = []  # the last reading, for the metrics
 
     def publish(self, consumers: Mapping[int, StreamConsumer]) -> None:
@@ -68,7 +70,8 @@ class LoadMeter:
         now_s = time.monotonic()
         entries_read = sum(answered for _, _, answered in state.values())
         load = ShardLoad(backlog={lane: backlog for lane, (backlog, _, _) in state.items()},
-                         drain_per_s=self._drain_per_s(shard, now_s, entries_read),
+                         drain_per_s=self._drain_per_s(shard, now_s, entries_read,
+                                                       sum(b for b, _, _ in state.values())),
                          at_ms=int(time.time() * 1000))
         pipe = self.redis.pipeline(transaction=True)  # one slot: the shard's
         pipe.hset(keys.load_hash(self.model, shard), mapping=load.to_hash())  # type: ignore[arg-type]
@@ -76,13 +79,20 @@ class LoadMeter:
         pipe.execute()
         return [LaneState(shard, lane, backlog, pending) for lane, (backlog, pending, _) in state.items()]
 
-    def _drain_per_s(self, shard: int, now_s: float, entries_read: int) -> float:
-        """Entries the group read per second over the last ``RATE_WINDOW_S`` or more (0 until known)."""
+    def _drain_per_s(self, shard: int, now_s: float, entries_read: int, backlog: int) -> float:
+        """Entries answered per second over the last ``RATE_WINDOW_S`` or more (0 until known).
+
+        Only a window in which the backlog never emptied measures what the fleet *can*
+        drain; a window with idle time in it measures the arrival rate instead, and
+        shedding on it at the start of a burst would refuse what the fleet could serve.
+        Otherwise the last rate measured while busy stands.
+        """
         samples = self._reads.setdefault(shard, deque())
-        samples.append((now_s, entries_read))
+        samples.append((now_s, entries_read, backlog))
         while len(samples) > 2 and now_s - samples[1][0] >= RATE_WINDOW_S:
             samples.popleft()  # keep the oldest sample that still spans the window
-        first_s, first_read = samples[0]
-        if now_s - first_s < RATE_WINDOW_S / 2 or entries_read < first_read:  # too short, or reset
-            return 0.0
-        return (entries_read - first_read) / (now_s - first_s)
+        first_s, first_read, _ = samples[0]
+        if now_s - first_s >= RATE_WINDOW_S / 2 and entries_read >= first_read \
+                and all(b > 0 for _, _, b in samples):
+            self._busy_rate[shard] = (entries_read - first_read) / (now_s - first_s)
+        return self._busy_rate.get(shard, 0.0)
