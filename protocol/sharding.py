@@ -83,6 +83,17 @@ def write_layout(client: redis.Redis, model: str, layout: ShardLayout) -> None:
     client.hset(keys.shards_hash(model), mapping=layout.to_hash())  # type: ignore[arg-type]
 
 
+def holds_entries(client: redis.Redis, model: str, shard: int) -> bool:
+    """True while any lane of ``shard`` has entries (unread or pending: answered ones are deleted).
+
+    One round trip: the lanes of a shard share its slot.
+    """
+    pipe = client.pipeline(transaction=False)
+    for lane in keys.LANES:
+        pipe.xlen(keys.request_stream(model, shard, lane))
+    return any(int(n) for n in pipe.execute())
+
+
 def shard_for(route: str, shards: int) -> int:
     """The shard of a routing key: CRC-32 (IEEE, as zlib and most languages have it) of its UTF-8, mod S."""
     return zlib.crc32(route.encode()) % shards

@@ -115,5 +115,4 @@ def _shrink(client: redis.Redis, model: str, shards: int, report: ReshardReport,
 
 def _holding(client: redis.Redis, model: str, shards: range) -> list[int]:
     """The shards in ``shards`` whose streams (any lane) still hold entries."""
-    return [k for k in shards
-            if any(int(client.xlen(keys.request_stream(model, k, lane))) for lane in keys.LANES)]
+    return [k for k in shards if sharding.holds_entries(client, model, k)]

@@ -50,7 +50,6 @@ class Outbox:
     replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
     acks: dict[str, list[str]] = field(default_factory=dict)  # lane → entry ids
     dead: list[tuple[Entry, str]] = field(default_factory=list)
-    call_rows: list[int] = field(default_factory=list)  # rows of each model call
     calls: list[tuple[str, int, float]] = field(default_factory=list)  # (version, rows, seconds) per call
     experiment: ExperimentLog = field(default_factory=ExperimentLog)
     # (version, variant, code) of every reply, for the metrics; version "" when none served it
@@ -190,7 +189,7 @@ class StreamConsumer:
             # A bytes-keyed dict is a fine XADD argument; redis-py's dict type is invariant in the key.
             pipe.xadd(keys.dead_letter_stream(self.model, self.shard), cast("Fields", record),
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
-        for rows in out.call_rows:
+        for _, rows, _ in out.calls:
             pipe.hincrby(keys.batch_histogram(self.model, self.shard), str(rows), 1)
         out.experiment.queue(pipe, self.model, self.shard)
         for lane, ids in out.acks.items():
@@ -261,24 +260,21 @@ class StreamConsumer:
         pending entries: backlog = length − pending, and ``entries-added`` − length
         counts every entry answered (or shed, or dead-lettered) since the stream began.
         """
-        state = {}
-        for lane, stream in self.streams.items():
-            pipe = self.redis.pipeline(transaction=False)  # one slot: one round trip
+        pipe = self.redis.pipeline(transaction=False)  # every lane in the shard's slot: one round trip
+        for stream in self.streams.values():
             pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
-            try:
-                info, groups = pipe.execute()
-            except redis.ResponseError:  # the stream is gone; read() recreates it
-                info, groups = {}, []
+        answers = pipe.execute(raise_on_error=False)
+        state = {}
+        for i, lane in enumerate(self.streams):
+            info, groups = answers[2 * i], answers[2 * i + 1]
+            if isinstance(info, redis.ResponseError) or isinstance(groups, redis.ResponseError):
+                info, groups = {}, []  # the stream is gone; read() recreates it
             group: dict[str, Any] = next((g for g in groups if text(g["name"]) == self.group), {})
             length, pending = int(info.get("length") or 0), int(group.get("pending") or 0)
             answered = int(info.get("entries-added") or 0) - length  # 0 where the server lacks the field
             state[lane] = (max(0, length - pending), pending, max(0, answered))
         return state
-
-    def holds_entries(self) -> bool:
-        """True while any lane of this shard still has entries (unread or pending)."""
-        return any(int(self.redis.xlen(stream)) for stream in self.streams.values())
 
     def leave(self) -> None:
         """Delete this consumer from the group unless entries are still pending on it (for reclaim)."""

@@ -102,7 +102,6 @@ class BatchProcessor:
             return
         infer_ms = (time.perf_counter() - t0) * 1000
         self.fastest_call_ms.add(infer_ms)
-        out.call_rows.append(sum(r.n_rows for r in batch))
         out.calls.append((str(loaded.version.version), sum(r.n_rows for r in batch), infer_ms / 1000))
         mv = loaded.version
         out.codes.extend([(str(mv.version), arm or "", "OK")] * len(batch))

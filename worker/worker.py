@@ -145,8 +145,7 @@ class Worker:
             n = self.settings.max_batch
             while consumer.held:
                 batch, consumer.held = consumer.held[:n], consumer.held[n:]
-                with contextlib.suppress(redis.RedisError):  # left pending: taken over by a live worker
-                    self.process(batch, consumer=consumer)
+                self.process(batch, consumer=consumer)  # its write retries until it lands
 
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
@@ -310,12 +309,8 @@ class Worker:
             self.problems["shards"] = str(e)[:300]
             return
         retired = [k for k in range(layout.serve, layout.highest)
-                   if k in self.consumers and self.consumers[k].holds_entries()
-                   or k not in self.consumers and self._holds_entries(k)]
+                   if sharding.holds_entries(self.redis, self.model, k)]
         self._set_shards([*range(layout.serve), *retired])
-
-    def _holds_entries(self, shard: int) -> bool:
-        return any(int(self.redis.xlen(keys.request_stream(self.model, shard, lane))) for lane in keys.LANES)
 
     def _maintain(self) -> None:
         now, s = time.monotonic(), self.settings
