@@ -75,6 +75,15 @@ def load_hash(model: str, shard: int = 0) -> str:
     return f"{_tag(model, shard)}:load"
 
 
+def discarded_counter(model: str, shard: int = 0) -> str:
+    """Integer: entries of a shard answered without a model call (expired, shed, invalid, dead-lettered).
+
+    Subtracted from the entries the group has answered, it leaves those computed: the
+    drain rate a shard is shed on is the fleet's compute rate, not how fast it discards.
+    """
+    return f"{_tag(model, shard)}:stats:discarded"
+
+
 def consumer_group(model: str) -> str:
     """The consumer group all workers of ``model`` share (not a key, but named here)."""
     return "workers"

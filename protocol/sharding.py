@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from protocol import keys
@@ -114,11 +114,17 @@ class ShardPicker:
 
 @dataclass(frozen=True, slots=True)
 class ShardLoad:
-    """What the workers last measured on a shard: backlog per lane (entries) and drain rate."""
+    """What the workers last measured on a shard: backlog and arrival rate per lane, and drain rate.
+
+    ``drain_per_s`` counts entries *computed* per second (not those expired or shed: they
+    leave fast and would make a saturated fleet look quick); ``arrive_per_s`` is how fast
+    each lane's stream grows, so a lower lane's wait includes the higher lanes' arrivals.
+    """
 
     backlog: dict[str, int]
     drain_per_s: float
     at_ms: int
+    arrive_per_s: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_hash(cls, raw: RawHash) -> ShardLoad | None:
@@ -126,17 +132,19 @@ class ShardLoad:
         try:
             d = {text(k): text(v) for k, v in raw.items()}
             backlog = {lane: max(0, int(d.get(f"backlog:{lane}", "0"))) for lane in keys.LANES}
+            arrive = {lane: float(d.get(f"arrive_per_s:{lane}", "0")) for lane in keys.LANES}
             drain = float(d["drain_per_s"])
             at_ms = int(d["at_ms"])
         except (KeyError, ValueError, AttributeError, UnicodeDecodeError):
             return None
-        if not drain >= 0 or drain == float("inf"):  # NaN fails the first test
+        if not all(_finite_rate(r) for r in (drain, *arrive.values())):
             return None
-        return cls(backlog, drain, at_ms)
+        return cls(backlog, drain, at_ms, arrive)
 
     def to_hash(self) -> dict[str, str]:
         """The hash fields."""
         fields = {f"backlog:{lane}": str(n) for lane, n in self.backlog.items()}
+        fields |= {f"arrive_per_s:{lane}": f"{r:.3f}" for lane, r in self.arrive_per_s.items()}
         return {**fields, "drain_per_s": f"{self.drain_per_s:.3f}", "at_ms": str(self.at_ms)}
 
     def ahead(self, lane: str) -> int:
@@ -144,10 +152,20 @@ class ShardLoad:
         return sum(self.backlog.get(name, 0) for name in keys.LANES[:keys.LANES.index(lane) + 1])
 
     def expected_wait_ms(self, lane: str) -> float:
-        """Time to drain what is ahead at the measured rate; 0 with no backlog or no rate measured.
+        """Time to drain what is ahead; 0 with no backlog or no rate measured, inf when it never drains.
 
-        No rate (workers loading, or none left) is "unknown", not "infinite": shedding
-        is for a fleet that is working and too slow, never a guess.
+        The rate left to ``lane`` is the drain rate less what arrives on higher lanes
+        meanwhile (they jump the queue). No drain rate measured (workers loading, or none
+        left) is "unknown", not "infinite": shedding is for a fleet that is working and
+        too slow, never a guess.
         """
         ahead = self.ahead(lane)
-        return 0.0 if ahead == 0 or self.drain_per_s <= 0 else ahead / self.drain_per_s * 1000
+        if ahead == 0 or self.drain_per_s <= 0:
+            return 0.0
+        higher = keys.LANES[:keys.LANES.index(lane)]
+        left_per_s = self.drain_per_s - sum(self.arrive_per_s.get(name, 0.0) for name in higher)
+        return ahead / left_per_s * 1000 if left_per_s > 0 else float("inf")
+
+
+def _finite_rate(rate: float) -> bool:
+    return rate >= 0 and rate != float("inf")  # NaN fails the first test

@@ -11,7 +11,8 @@ from conftest import MODEL, ThreadedWorker, wait_until
 from producer import Client
 from protocol import codec, keys, messages, sharding
 from protocol.errors import DeadlineExceeded, Overloaded
-from worker.load import LoadMeter
+from worker.consumer import StreamConsumer
+from worker.load import LoadMeter, Sample
 from worker.worker import Worker
 
 X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
@@ -114,16 +115,55 @@ def test_stale_or_malformed_load_sheds_nothing():
     assert load.expected_wait_ms("live") == 500.0 and load.expected_wait_ms("backfill") == 2000.0
 
 
-def test_the_drain_rate_is_the_groups_reads_over_at_least_a_second():
-    meter = LoadMeter.__new__(LoadMeter)  # the rate is pure arithmetic on samples
+def _sample(at_s: float, computed: int, backlog: int, live: int = 0, backfill: int = 0) -> Sample:
+    return Sample(at_s, computed, {"live": live, "backfill": backfill}, backlog)
+
+
+def test_the_drain_rate_is_entries_computed_over_at_least_a_second():
+    meter = LoadMeter.__new__(LoadMeter)  # the rates are pure arithmetic on samples
     meter._reads, meter._busy_rate = {}, {}
-    assert meter._drain_per_s(0, 0.0, 100, 5) == 0.0
-    assert meter._drain_per_s(0, 0.3, 130, 5) == 0.0, "too short a window to say"
-    assert meter._drain_per_s(0, 1.0, 300, 5) == pytest.approx(200.0)
-    assert meter._drain_per_s(0, 2.0, 400, 5) == pytest.approx(100.0)
+    assert meter._rates(0, _sample(0.0, 100, 5))[0] == 0.0
+    assert meter._rates(0, _sample(0.3, 130, 5))[0] == 0.0, "too short a window to say"
+    assert meter._rates(0, _sample(1.0, 300, 5))[0] == pytest.approx(200.0)
+    assert meter._rates(0, _sample(2.0, 400, 5))[0] == pytest.approx(100.0)
     # The backlog emptied: the window measured arrivals, not capacity; the busy rate stands.
-    assert meter._drain_per_s(0, 3.0, 410, 0) == pytest.approx(100.0)
-    assert meter._drain_per_s(0, 4.0, 420, 3) == pytest.approx(100.0), "idle time still in the window"
+    assert meter._rates(0, _sample(3.0, 410, 0))[0] == pytest.approx(100.0)
+    assert meter._rates(0, _sample(4.0, 420, 3))[0] == pytest.approx(100.0), "idle time still in the window"
+    # A counter that went back (stream recreated) restarts the window instead of a negative rate.
+    assert meter._rates(0, _sample(5.0, 10, 3))[0] == pytest.approx(100.0)
+
+
+def test_arrival_rates_are_measured_per_lane_busy_or_not():
+    meter = LoadMeter.__new__(LoadMeter)
+    meter._reads, meter._busy_rate = {}, {}
+    meter._rates(0, _sample(0.0, 0, 0, live=1000, backfill=0))
+    _, arrive = meter._rates(0, _sample(1.0, 0, 0, live=1300, backfill=2000))
+    assert arrive == {"live": pytest.approx(300.0), "backfill": pytest.approx(2000.0)}
+
+
+def test_a_lower_lane_waits_for_what_arrives_on_the_higher_ones():
+    load = sharding.ShardLoad({"live": 10, "backfill": 90}, 1000.0, 1, {"live": 600.0, "backfill": 5000.0})
+    assert load.expected_wait_ms("live") == pytest.approx(10.0), "live arrivals do not delay live"
+    assert load.expected_wait_ms("backfill") == pytest.approx(100 / 400 * 1000)
+    swamped = sharding.ShardLoad({"live": 0, "backfill": 1}, 1000.0, 1, {"live": 1200.0})
+    assert swamped.expected_wait_ms("backfill") == float("inf"), "live alone takes every slot"
+    assert swamped.expected_wait_ms("live") == 0.0
+    again = sharding.ShardLoad.from_hash(load.to_hash())
+    assert again is not None and again.arrive_per_s == load.arrive_per_s
+    assert sharding.ShardLoad.from_hash({**load.to_hash(), "arrive_per_s:live": "-1"}) is None
+
+
+def test_discarded_entries_do_not_count_as_drained(r, settings, slow_production):
+    """Expired entries leave the stream at once; only computed ones show what the fleet can do."""
+    s = settings.with_overrides(load_interval_s=0.05)
+    for i in range(50):  # long expired when read: answered DEADLINE_EXCEEDED without a model call
+        send(r, f"x{i}", "backfill", deadline_ms=1)
+    send(r, "ok", "live")
+    Worker(s, MODEL, burst=True).run()
+    assert int(r.get(keys.discarded_counter(MODEL))) == 50
+    consumer = StreamConsumer(r, MODEL, "probe", s)
+    state, discarded = consumer.group_state()
+    assert sum(c.answered for c in state.values()) - discarded == 1
 
 
 def test_workers_publish_backlog_and_drain_rate(r, settings, slow_production):

@@ -39,6 +39,23 @@ class Entry(NamedTuple):
     lane: str = "live"
 
 
+class LaneCounts(NamedTuple):
+    """One lane of a shard as read: backlog (undelivered), pending, answered and added since it began."""
+
+    backlog: int
+    pending: int
+    answered: int
+    added: int
+
+
+def _counter(raw: object) -> int:
+    """An untrusted counter's value (0 when absent, malformed or negative)."""
+    try:
+        return max(0, int(raw))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
+
+
 # Gets the fresh entries and those delivered too often (to dead-letter).
 ClaimHandler = Callable[[list[Entry], list[Entry]], None]
 
@@ -55,6 +72,12 @@ class Outbox:
     # (version, variant, code) of every reply, for the metrics; version "" when none served it
     codes: list[tuple[str, str, str]] = field(default_factory=list)
     waits: list[tuple[str, float]] = field(default_factory=list)  # (lane, seconds queued) per entry read
+    computed: int = 0  # entries that went into a model call; the rest of the acks were discarded
+
+    @property
+    def discarded(self) -> int:
+        """Entries answered without a model call (expired, shed, invalid, dead-lettered)."""
+        return max(0, len(self.ack_ids) - self.computed)
 
     def reply(self, reply_to: str, payload: bytes) -> None:
         """Queue a reply; replies sharing a token go out in one LPUSH."""
@@ -191,6 +214,8 @@ class StreamConsumer:
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
         for _, rows, _ in out.calls:
             pipe.hincrby(keys.batch_histogram(self.model, self.shard), str(rows), 1)
+        if out.discarded:  # only under overload or bad input: a healthy batch writes nothing here
+            pipe.incrby(keys.discarded_counter(self.model, self.shard), out.discarded)
         out.experiment.queue(pipe, self.model, self.shard)
         for lane, ids in out.acks.items():
             self._queue_ack_and_delete(pipe, self.streams[lane], ids)
@@ -251,8 +276,8 @@ class StreamConsumer:
             self.redis.xack(stream, self.group, *gone)
         return [Entry(text(i), f, lane) for i, f in claimed if f is not None]
 
-    def group_state(self) -> dict[str, tuple[int, int, int]]:
-        """Per lane: (backlog not yet delivered, pending, entries answered so far).
+    def group_state(self) -> tuple[dict[str, LaneCounts], int]:
+        """Per lane its :class:`LaneCounts`; and how many entries of the shard were discarded so far.
 
         Not the group's ``lag`` and ``entries-read``: servers stop reporting them once
         entries are deleted out of order (Valkey, newer Redis), and we delete every
@@ -260,10 +285,11 @@ class StreamConsumer:
         pending entries: backlog = length − pending, and ``entries-added`` − length
         counts every entry answered (or shed, or dead-lettered) since the stream began.
         """
-        pipe = self.redis.pipeline(transaction=False)  # every lane in the shard's slot: one round trip
+        pipe = self.redis.pipeline(transaction=False)  # every key in the shard's slot: one round trip
         for stream in self.streams.values():
             pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
+        pipe.get(keys.discarded_counter(self.model, self.shard))
         answers = pipe.execute(raise_on_error=False)
         state = {}
         for i, lane in enumerate(self.streams):
@@ -272,9 +298,9 @@ class StreamConsumer:
                 info, groups = {}, []  # the stream is gone; read() recreates it
             group: dict[str, Any] = next((g for g in groups if text(g["name"]) == self.group), {})
             length, pending = int(info.get("length") or 0), int(group.get("pending") or 0)
-            answered = int(info.get("entries-added") or 0) - length  # 0 where the server lacks the field
-            state[lane] = (max(0, length - pending), pending, max(0, answered))
-        return state
+            added = int(info.get("entries-added") or 0)  # 0 where the server lacks the field
+            state[lane] = LaneCounts(max(0, length - pending), pending, max(0, added - length), added)
+        return state, _counter(answers[-1])
 
     def leave(self) -> None:
         """Delete this consumer from the group unless entries are still pending on it (for reclaim)."""

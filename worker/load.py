@@ -1,9 +1,10 @@
 """Measure each shard's backlog and drain rate and publish it for backpressure (docs/protocol.md §13).
 
 Every ``load_interval_s`` a worker reads ``XINFO STREAM`` and ``XINFO GROUPS``
-of each lane of each shard it serves: the backlog (entries not yet delivered)
-and how many entries have been answered since the stream began, whose growth
-over about a second is the rate at which the whole fleet drains the shard
+of each lane of each shard it serves: the backlog (entries not yet delivered),
+how many entries have been computed since the stream began, whose growth over
+about a second is the rate at which the whole fleet drains the shard, and how
+many were added per lane, whose growth is each lane's arrival rate
 (``StreamConsumer.group_state``). Several workers of a shard publish the same
 numbers; the last write wins. The hash expires when no worker is left, so a
 bot never sheds on a dead fleet's figures.
@@ -15,7 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 
@@ -43,14 +44,22 @@ class LaneState:
     pending: int
 
 
+class Sample(NamedTuple):
+    """One reading of a shard: when, entries computed so far, entries added per lane so far, backlog."""
+
+    at_s: float
+    computed: int
+    added: dict[str, int]
+    backlog: int
+
+
 class LoadMeter:
     """Publishes ``keys.load_hash`` for every shard this worker reads."""
 
     def __init__(self, client: redis.Redis, model: str, settings: Settings) -> None:
         self.redis, self.model = client, model
         self.ttl_ms = int(max(LOAD_TTL_MIN_S, 4 * settings.load_interval_s) * 1000)
-        # shard → (time, entries answered, backlog) samples
-        self._reads: dict[int, deque[tuple[float, int, int]]] = {}
+        self._reads: dict[int, deque[Sample]] = {}  # shard → samples spanning about RATE_WINDOW_S
         self._busy_rate: dict[int, float] = {}  # shard → the last drain rate measured while never idle
         self.lanes: list[LaneState] = []  # the last reading, for the metrics
 
@@ -66,33 +75,40 @@ class LoadMeter:
         self.lanes = lanes
 
     def _publish_shard(self, shard: int, consumer: StreamConsumer) -> list[LaneState]:
-        state = consumer.group_state()
-        now_s = time.monotonic()
-        entries_read = sum(answered for _, _, answered in state.values())
-        load = ShardLoad(backlog={lane: backlog for lane, (backlog, _, _) in state.items()},
-                         drain_per_s=self._drain_per_s(shard, now_s, entries_read,
-                                                       sum(b for b, _, _ in state.values())),
-                         at_ms=int(time.time() * 1000))
+        state, discarded = consumer.group_state()
+        sample = Sample(time.monotonic(), sum(c.answered for c in state.values()) - discarded,
+                        {lane: c.added for lane, c in state.items()}, sum(c.backlog for c in state.values()))
+        drain_per_s, arrive_per_s = self._rates(shard, sample)
+        load = ShardLoad(backlog={lane: c.backlog for lane, c in state.items()}, drain_per_s=drain_per_s,
+                         at_ms=int(time.time() * 1000), arrive_per_s=arrive_per_s)
         pipe = self.redis.pipeline(transaction=True)  # one slot: the shard's
         pipe.hset(keys.load_hash(self.model, shard), mapping=load.to_hash())  # type: ignore[arg-type]
         pipe.pexpire(keys.load_hash(self.model, shard), self.ttl_ms)
         pipe.execute()
-        return [LaneState(shard, lane, backlog, pending) for lane, (backlog, pending, _) in state.items()]
+        return [LaneState(shard, lane, c.backlog, c.pending) for lane, c in state.items()]
 
-    def _drain_per_s(self, shard: int, now_s: float, entries_read: int, backlog: int) -> float:
-        """Entries answered per second over the last ``RATE_WINDOW_S`` or more (0 until known).
+    def _rates(self, shard: int, sample: Sample) -> tuple[float, dict[str, float]]:
+        """Entries computed per second, and added per second per lane, over ``RATE_WINDOW_S`` or more.
 
-        Only a window in which the backlog never emptied measures what the fleet *can*
-        drain; a window with idle time in it measures the arrival rate instead, and
-        shedding on it at the start of a burst would refuse what the fleet could serve.
-        Otherwise the last rate measured while busy stands.
+        The drain rate counts only computed entries (expired and shed ones leave the
+        stream fast and would make a saturated fleet look quick), and only over a window
+        in which the backlog never emptied: one with idle time in it measures arrivals,
+        not what the fleet *can* drain, and shedding on it at the start of a burst would
+        refuse what the fleet could serve. Otherwise the last busy rate stands. A counter
+        that went back (a stream recreated) restarts the window.
         """
         samples = self._reads.setdefault(shard, deque())
-        samples.append((now_s, entries_read, backlog))
-        while len(samples) > 2 and now_s - samples[1][0] >= RATE_WINDOW_S:
+        if samples and (sample.computed < samples[-1].computed
+                        or any(sample.added[k] < n for k, n in samples[-1].added.items())):
+            samples.clear()
+        samples.append(sample)
+        while len(samples) > 2 and sample.at_s - samples[1].at_s >= RATE_WINDOW_S:
             samples.popleft()  # keep the oldest sample that still spans the window
-        first_s, first_read, _ = samples[0]
-        if now_s - first_s >= RATE_WINDOW_S / 2 and entries_read >= first_read \
-                and all(b > 0 for _, _, b in samples):
-            self._busy_rate[shard] = (entries_read - first_read) / (now_s - first_s)
-        return self._busy_rate.get(shard, 0.0)
+        first = samples[0]
+        span_s = sample.at_s - first.at_s
+        if span_s < RATE_WINDOW_S / 2:
+            return self._busy_rate.get(shard, 0.0), {}
+        if all(s.backlog > 0 for s in samples):
+            self._busy_rate[shard] = (sample.computed - first.computed) / span_s
+        arrive = {lane: (n - first.added.get(lane, n)) / span_s for lane, n in sample.added.items()}
+        return self._busy_rate.get(shard, 0.0), arrive

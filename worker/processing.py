@@ -95,6 +95,7 @@ class BatchProcessor:
              arm: str | None) -> None:
         """Compute ``batch`` on ``loaded`` and queue one reply per request (tagged with ``arm``)."""
         t0 = time.perf_counter()
+        out.computed += len(batch)
         try:
             outputs = self._call(loaded, batch)
         except Exception as e:  # a model failure fails this batch only, never the worker
