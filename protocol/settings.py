@@ -25,6 +25,9 @@ class Settings(BaseSettings):
 
     max_batch: int = Field(32, ge=1, le=4096, description="rows per model call")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="wait after a batch's first item")
+    backfill_max_batch: int = Field(
+        8, ge=1, le=4096, description="lower-lane entries per batch while live requests are arriving: "
+        "bounds how long a live request waits behind backfill (full batches when the live lane is quiet)")
     block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
     reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")

@@ -166,11 +166,11 @@ def test_connection_cut_before_the_reply_transaction_answers_once(r, loaded_work
     entries = loaded_worker.consumer.read(10, 0)
     real_write = loaded_worker.consumer.write
 
-    def cut_then_write(out):
+    def cut_then_write(out, *rest):
         for c in r.client_list():
             if c["name"].startswith("ss-worker:"):
                 r.client_kill_filter(_id=c["id"])
-        real_write(out)
+        real_write(out, *rest)
 
     loaded_worker.consumer.write = cut_then_write
     loaded_worker.process(entries)

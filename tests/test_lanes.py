@@ -193,3 +193,41 @@ def test_live_requests_jump_a_backfill_backlog(r, settings, slow_production):
         for _ in range(3):
             assert client.predict(MODEL, X, lane="live").model_version == slow_production.version
             assert r.xlen(backfill) > 15, "the live request was answered before the backfill backlog"
+
+
+def test_backfill_fills_a_batch_only_up_to_its_cap_while_live_requests_arrive(r, settings, production):
+    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2), MODEL, burst=True)
+    consumer = worker.consumer
+    consumer.ensure_group()
+    worker.reconcile()
+    for i in range(12):
+        send(r, f"b{i}", "backfill")
+    batches = [consumer.read(8, 0)]
+    assert len(batches[0]) == 8, "no live traffic: backfill gets full batches"
+    send(r, "l0")
+    batches.append(consumer.read(8, 0))
+    assert [e.lane for e in batches[-1]] == ["live", "backfill", "backfill"]
+    batches.append(consumer.read(8, 0))
+    assert [e.lane for e in batches[-1]] == ["backfill"] * 2, "live seen recently: still capped"
+    for batch in batches:
+        worker.process(batch)
+    assert all(reply(r, f"b{i}")["ok"] for i in range(12)) and reply(r, "l0")["ok"]
+    assert r.xlen(keys.request_stream(MODEL, 0, "backfill")) == 0
+    worker.redis.close()
+
+
+def test_a_write_brings_back_the_next_batch_and_a_stopping_worker_answers_it(r, settings, production):
+    worker = Worker(settings, MODEL, burst=True)
+    worker.consumer.ensure_group()
+    worker.reconcile()
+    send(r, "first")
+    batch = worker.consumer.read(32, 0)
+    for i in range(3):
+        send(r, f"next{i}")
+    worker.process(batch, prefetch=32)
+    assert [e.lane for e in worker.consumer.prefetched] == ["live"] * 3, "read in the reply transaction"
+    assert reply(r, "first")["ok"]
+    worker.stop()
+    worker.run()  # stopping at once: only the prefetched entries are answered before it exits
+    assert all(reply(r, f"next{i}")["ok"] for i in range(3))
+    assert r.xlen(keys.request_stream(MODEL)) == 0

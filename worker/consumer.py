@@ -12,6 +12,7 @@ over at once (``take_over``); ``reclaim`` (idle time) is the backstop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from protocol.values import Fields, StreamRows
 
 log = logging.getLogger(__name__)
+LIVE_RECENT_S = 1.0  # live entries read this recently cap the backfill in a batch (backfill_max_batch)
 
 
 class Entry(NamedTuple):
@@ -46,6 +48,13 @@ class LaneCounts(NamedTuple):
     pending: int
     answered: int
     added: int
+
+
+def _field_map(fields: Any) -> dict[bytes, bytes]:
+    """An entry's fields as a dict, from a dict or a flat ``[field, value, …]`` list."""
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _counter(raw: object) -> int:
@@ -105,8 +114,11 @@ class StreamConsumer:
         self.stream = self.streams["live"]
         self.group = keys.consumer_group(model)
         self.has_xackdel = False  # Redis ≥ 8.2 acks and deletes in one command
-        # Lower-lane entries a blocking read delivered beyond the batch: served first next time.
+        # Lower-lane entries a read delivered beyond the batch: served before newer lower-lane ones.
         self.held: list[Entry] = []
+        # What the read riding on the last write returned (None: nothing rode on it).
+        self.prefetched: list[Entry] | None = None
+        self._live_seen_s = float("-inf")  # when a read last brought live entries
 
     def detect_server(self) -> None:
         """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
@@ -128,24 +140,43 @@ class StreamConsumer:
                     raise
 
     def read(self, count: int, wait_ms: float) -> list[Entry]:
-        """Up to ``count`` new entries, higher lanes first, blocking up to ``wait_ms`` (not below 1 ms).
+        """Up to ``count`` entries, live first, blocking up to ``wait_ms`` (not below 1 ms) for any.
 
-        Without blocking: ``live`` first, then ``backfill`` for the rest of the batch. A
-        blocking read waits on both lanes at once and may deliver a few lower-lane entries
-        more than fit; they are held (pending on this consumer) and go first next time.
+        One ``XREADGROUP`` on both lanes (none when the last write already brought the
+        next entries, ``prefetch``): it returns up to ``count`` of each, so the lower-lane
+        surplus is **held** (pending on this consumer) and goes into the next batches after
+        any newer live entries. While live requests are arriving, a batch takes at most
+        ``backfill_max_batch`` lower-lane entries: a live request then waits behind a short
+        backfill batch, not a full one.
         """
-        entries = self._xread({self.streams["live"]: ">"}, count, None)
-        if len(entries) < count and self.held:
-            taken, self.held = self.held[:count - len(entries)], self.held[count - len(entries):]
-            entries += taken
-        if len(entries) < count:
-            entries += self._xread({self.streams["backfill"]: ">"}, count - len(entries), None)
-        if entries or wait_ms < 1:
-            return entries
-        got = self._xread({s: ">" for s in self.streams.values()}, count, int(wait_ms))
-        got.sort(key=lambda e: keys.LANES.index(e.lane))
-        self.held.extend(got[count:])
-        return got[:count]
+        fresh, self.prefetched = self.prefetched, None
+        if not fresh:  # nothing rode on the last write, or it found nothing: read (and wait) now
+            block = int(wait_ms) if wait_ms >= 1 and not self.held else None
+            fresh = self._xread(self._read_streams(count), count, block)
+        return self._assemble(fresh, count)
+
+    def _read_streams(self, count: int) -> dict[str, str]:
+        """Streams for the next read: the lower lane only while fewer than ``count`` are held (a bound)."""
+        lanes = keys.LANES if len(self.held) < count else keys.LANES[:1]
+        return {self.streams[lane]: ">" for lane in lanes}
+
+    def _assemble(self, fresh: list[Entry], count: int) -> list[Entry]:
+        live = [e for e in fresh if e.lane == keys.LANES[0]][:count]
+        lower = self.held + [e for e in fresh if e.lane != keys.LANES[0]]
+        now_s = time.monotonic()
+        if live:
+            self._live_seen_s = now_s
+        room = count - len(live)
+        if now_s - self._live_seen_s < LIVE_RECENT_S:
+            room = min(room, self.settings.backfill_max_batch)
+        self.held = lower[room:]
+        return live + lower[:room]
+
+    def take_unanswered(self) -> list[Entry]:
+        """Entries read but not yet handed out (held, prefetched): a stopping worker answers them."""
+        entries = self.held + (self.prefetched or [])
+        self.held, self.prefetched = [], None
+        return entries
 
     def _xread(self, streams: dict[str, str], count: int, block: int | None) -> list[Entry]:
         try:
@@ -153,14 +184,26 @@ class StreamConsumer:
             response = cast("list[tuple[bytes, StreamRows]] | None", self.redis.xreadgroup(
                 self.group, self.name, cast("dict[Any, Any]", streams), count=count, block=block))
         except redis.ResponseError as e:
-            # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
-            if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
-                raise
-            log.warning("stream or group vanished (%s); recreating", e)
-            self.ensure_group()
-            return []
-        return [Entry(text(i), f, self.lane_of[text(stream)])
-                for stream, rows in response or [] for i, f in rows]
+            return self._vanished(e)
+        return self._entries(response)
+
+    def _vanished(self, e: redis.ResponseError) -> list[Entry]:
+        # NOGROUP: stream or group deleted; UNBLOCKED: deleted while we were blocked on it.
+        if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
+            raise e
+        log.warning("stream or group vanished (%s); recreating", e)
+        self.ensure_group()
+        return []
+
+    def _entries(self, response: Any) -> list[Entry]:
+        """Entries from an XREADGROUP answer in any of the shapes redis-py hands back.
+
+        ``[[stream, [(id, {field: value})…]]…]`` normally; inside a cluster transaction
+        the answer comes as ``{stream: [[id, [field, value, …]]…]}`` (no callback applied).
+        """
+        streams = response.items() if isinstance(response, dict) else response or []
+        return [Entry(text(i), _field_map(f), self.lane_of[text(stream)])
+                for stream, rows in streams for i, f in rows]
 
     def reclaim(self, handle: ClaimHandler) -> int:
         """Claim entries idle past ``reclaim_min_idle_ms``; ``handle`` answers them. Returns how many."""
@@ -198,10 +241,29 @@ class StreamConsumer:
         log.warning("claimed %d entries (%d over %d deliveries)", len(claimed), len(over), limit)
         return fresh, over
 
-    def write(self, out: Outbox) -> None:
-        """Replies, dead letters, histogram, experiment log and XACK in one MULTI/EXEC (the shard's slot)."""
-        ttl_ms = int(self.settings.reply_ttl_s * 1000)
+    def write(self, out: Outbox, prefetch: int = 0) -> None:
+        """Replies, dead letters, histogram, experiment log and acks in one MULTI/EXEC (the shard's slot).
+
+        With ``prefetch`` the transaction ends with a non-blocking read of up to that many
+        entries per lane, kept for the next :meth:`read`: under load the next batch comes
+        back with this write's answer, one round trip per batch instead of two.
+        """
         pipe = self.redis.pipeline(transaction=True)
+        self._queue_write(pipe, out)
+        if prefetch:
+            pipe.xreadgroup(self.group, self.name, cast("dict[Any, Any]", self._read_streams(prefetch)),
+                            count=prefetch)
+        answers = pipe.execute(raise_on_error=False)
+        if prefetch:
+            read, answers = answers[-1], answers[:-1]
+            self.prefetched = self._vanished(read) if isinstance(read, redis.ResponseError) else \
+                self._entries(read)
+        errors = [a for a in answers if isinstance(a, redis.RedisError)]
+        if errors:  # a command refused inside the transaction (e.g. a wrong type): report the first
+            raise errors[0]
+
+    def _queue_write(self, pipe: redis.client.Pipeline, out: Outbox) -> None:
+        ttl_ms = int(self.settings.reply_ttl_s * 1000)
         for reply_to, payloads in out.replies.items():
             key = keys.reply_key(self.model, reply_to, self.shard)
             pipe.lpush(key, *payloads)
@@ -219,7 +281,6 @@ class StreamConsumer:
         out.experiment.queue(pipe, self.model, self.shard)
         for lane, ids in out.acks.items():
             self._queue_ack_and_delete(pipe, self.streams[lane], ids)
-        pipe.execute()
 
     def _queue_ack_and_delete(self, pipe: redis.client.Pipeline, stream: str, ids: list[str]) -> None:
         """Retention: an answered entry leaves the stream with its ack, so the stream stays bounded."""

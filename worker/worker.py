@@ -113,7 +113,7 @@ class Worker:
             self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
                                        max_wait_ms=self.settings.max_wait_ms)
         for k in set(self.consumers) - set(shards):
-            if not self.consumers[k].held:  # held entries are ours to answer first
+            if not self.consumers[k].held and not self.consumers[k].prefetched:  # ours to answer first
                 del self.consumers[k], self.batchers[k]
 
     def run(self) -> None:
@@ -140,12 +140,11 @@ class Worker:
             self.metrics.close()
 
     def _answer_held(self) -> None:
-        """Stopping: answer the lower-lane entries a blocking read delivered beyond its batch."""
+        """Stopping: answer the entries read but not yet batched (held, or prefetched by the last write)."""
         for consumer in self.consumers.values():
-            n = self.settings.max_batch
-            while consumer.held:
-                batch, consumer.held = consumer.held[:n], consumer.held[n:]
-                self.process(batch, consumer=consumer)  # its write retries until it lands
+            n, entries = self.settings.max_batch, consumer.take_unanswered()
+            for i in range(0, len(entries), n):
+                self.process(entries[i:i + n], consumer=consumer)  # its write retries until it lands
 
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
@@ -197,7 +196,9 @@ class Worker:
         self._maintain()
         consumer, batch = self._next_batch(0 if self.burst else self._idle_wait_ms())
         if batch:
-            self.process(batch, consumer=consumer)
+            # The write brings back the next entries (one round trip per batch), unless stopping.
+            prefetch = 0 if self.stopping.is_set() else self.settings.max_batch
+            self.process(batch, consumer=consumer, prefetch=prefetch)
             return True
         return not self.burst or self.reclaim() > 0
 
@@ -217,10 +218,11 @@ class Worker:
         return self.consumers[k], self.batchers[k].next_batch(min(wait_ms, MULTI_SHARD_BLOCK_MS))
 
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
-                consumer: StreamConsumer | None = None) -> None:
-        """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies."""
+                consumer: StreamConsumer | None = None, prefetch: int = 0) -> None:
+        """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies;
+        the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
         out = self.processor.process(entries, dead_letter)
-        self._write(out, consumer or self.consumer)
+        self._write(out, consumer or self.consumer, prefetch)
         self.batches += 1
         self.requests += len(out.ack_ids)
         self._count(out)
@@ -236,7 +238,7 @@ class Worker:
         if out.dead:
             self.metrics.dead_lettered(len(out.dead))
 
-    def _write(self, out: Outbox, consumer: StreamConsumer) -> None:
+    def _write(self, out: Outbox, consumer: StreamConsumer, prefetch: int = 0) -> None:
         """The batch's one transaction, retried with backoff until it lands.
 
         OOM, READONLY (a failover) or a connection reset leave the replies in hand
@@ -247,7 +249,7 @@ class Worker:
         """
         while True:
             try:
-                consumer.write(out)
+                consumer.write(out, prefetch)
             except redis.RedisError as e:
                 delay_s = self._write_backoff.next_delay_s()
                 self.problems["redis_write"] = f"reply transaction failed: {type(e).__name__}: {e}"[:300]
@@ -255,6 +257,7 @@ class Worker:
                           len(out.ack_ids), e, delay_s)
                 time.sleep(delay_s)  # not stopping.wait: a stopping worker still owes these replies
                 self._try_heartbeat()
+                prefetch = 0  # a retry writes only: whatever a lost answer read stays pending (reclaim)
                 continue
             if self._write_backoff.failures:
                 self._write_backoff.reset()
