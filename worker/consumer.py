@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -119,6 +120,9 @@ class StreamConsumer:
         # What the read riding on the last write returned (None: nothing rode on it).
         self.prefetched: list[Entry] | None = None
         self._live_seen_s = float("-inf")  # when a read last brought live entries
+        # Rows per model call → calls, counted here and added to the shard's histogram by
+        # flush_stats (with the heartbeat): one write a second instead of one per batch.
+        self.batch_sizes: Counter[int] = Counter()
 
     def detect_server(self) -> None:
         """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
@@ -242,7 +246,7 @@ class StreamConsumer:
         return fresh, over
 
     def write(self, out: Outbox, prefetch: int = 0) -> None:
-        """Replies, dead letters, histogram, experiment log and acks in one MULTI/EXEC (the shard's slot).
+        """Replies, dead letters, experiment log and acks in one MULTI/EXEC (the shard's slot).
 
         With ``prefetch`` the transaction ends with a non-blocking read of up to that many
         entries per lane, kept for the next :meth:`read`: under load the next batch comes
@@ -254,6 +258,7 @@ class StreamConsumer:
             pipe.xreadgroup(self.group, self.name, cast("dict[Any, Any]", self._read_streams(prefetch)),
                             count=prefetch)
         answers = pipe.execute(raise_on_error=False)
+        self.batch_sizes.update(rows for _, rows, _ in out.calls)
         if prefetch:
             read, answers = answers[-1], answers[:-1]
             self.prefetched = self._vanished(read) if isinstance(read, redis.ResponseError) else \
@@ -274,13 +279,25 @@ class StreamConsumer:
             # A bytes-keyed dict is a fine XADD argument; redis-py's dict type is invariant in the key.
             pipe.xadd(keys.dead_letter_stream(self.model, self.shard), cast("Fields", record),
                       maxlen=self.settings.dead_letter_maxlen, approximate=True)
-        for _, rows, _ in out.calls:
-            pipe.hincrby(keys.batch_histogram(self.model, self.shard), str(rows), 1)
         if out.discarded:  # only under overload or bad input: a healthy batch writes nothing here
             pipe.incrby(keys.discarded_counter(self.model, self.shard), out.discarded)
         out.experiment.queue(pipe, self.model, self.shard)
         for lane, ids in out.acks.items():
             self._queue_ack_and_delete(pipe, self.streams[lane], ids)
+
+    def flush_stats(self) -> None:
+        """Add the batch sizes counted since the last flush to the shard's histogram (one round trip)."""
+        if not self.batch_sizes:
+            return
+        sizes, self.batch_sizes = self.batch_sizes, Counter()
+        pipe = self.redis.pipeline(transaction=False)
+        for rows, calls in sizes.items():
+            pipe.hincrby(keys.batch_histogram(self.model, self.shard), str(rows), calls)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self.batch_sizes.update(sizes)  # kept for the next flush
+            raise
 
     def _queue_ack_and_delete(self, pipe: redis.client.Pipeline, stream: str, ids: list[str]) -> None:
         """Retention: an answered entry leaves the stream with its ack, so the stream stays bounded."""

@@ -114,6 +114,7 @@ class Worker:
                                        max_wait_ms=self.settings.max_wait_ms)
         for k in set(self.consumers) - set(shards):
             if not self.consumers[k].held and not self.consumers[k].prefetched:  # ours to answer first
+                self.consumers[k].flush_stats()
                 del self.consumers[k], self.batchers[k]
 
     def run(self) -> None:
@@ -389,6 +390,8 @@ class Worker:
         pipe.zadd(members, {self.worker_id: beat.heartbeat_ms})
         pipe.zremrangebyscore(members, "-inf", beat.heartbeat_ms - ttl_ms)
         pipe.execute()
+        for consumer in self.consumers.values():
+            consumer.flush_stats()
 
     def presence(self) -> presence.Heartbeat:
         """This worker's heartbeat as of now."""
@@ -417,6 +420,8 @@ class Worker:
 
     def _sign_off(self) -> None:
         try:
+            for consumer in self.consumers.values():
+                consumer.flush_stats()
             pipe = self.redis.pipeline(transaction=True)
             pipe.zrem(keys.workers_zset(self.model), self.worker_id)
             pipe.delete(keys.worker_hash(self.model, self.worker_id))
