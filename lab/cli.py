@@ -54,6 +54,8 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--saturation-requests", type=int, default=6000, help="per client process")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=0.0)
+    p.add_argument("--spin-ms", type=float, default=2.0, help="the low-latency run's polling window "
+                   "(workers and client)")
     p.add_argument("--reload-threads", type=int, default=2, help="sequential clients during the reload")
     p.add_argument("--reload-seconds", type=float, default=6.0)
     p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "

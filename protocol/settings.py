@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     backfill_max_batch: int = Field(
         8, ge=1, le=4096, description="lower-lane entries per batch while live requests are arriving: "
         "bounds how long a live request waits behind backfill (full batches when the live lane is quiet)")
+    spin_ms: float = Field(
+        0.0, ge=0, le=100, description="low-latency mode: after each batch the worker polls its socket "
+        "for the next entries this long before it sleeps in the kernel (a core busy meanwhile; 0: off)")
     block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
     reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")

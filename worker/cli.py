@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--intra-op-threads", type=int)
+    p.add_argument("--spin-ms", type=float, help="low-latency mode: poll this long after each batch "
+                   "before sleeping (a core busy meanwhile; default 0: off)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: cpu")
     p.add_argument("--max-queue-ms", type=float, default=0.0,
                    help="shed requests queued longer than this with OVERLOADED (0 = never)")
@@ -30,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                        intra_op_threads=args.intra_op_threads, device=args.device,
-                                       shards=args.shards, metrics_port=args.metrics_port)
+                                       spin_ms=args.spin_ms, shards=args.shards,
+                                       metrics_port=args.metrics_port)
     model = args.model or settings.model
     if args.processes > 1 and not args.burst:
         return Supervisor(settings, model, args.processes, max_queue_ms=args.max_queue_ms).run()
