@@ -11,7 +11,7 @@ from conftest import MODEL, ThreadedWorker, wait_until
 from producer import Client
 from protocol import codec, keys, messages, sharding
 from protocol.errors import DeadlineExceeded, Overloaded
-from worker.consumer import StreamConsumer
+from worker.consumer import Entry, StreamConsumer
 from worker.load import LoadMeter, Sample
 from worker.worker import Worker
 
@@ -231,3 +231,10 @@ def test_a_write_brings_back_the_next_batch_and_a_stopping_worker_answers_it(r, 
     worker.run()  # stopping at once: only the prefetched entries are answered before it exits
     assert all(reply(r, f"next{i}")["ok"] for i in range(3))
     assert r.xlen(keys.request_stream(MODEL)) == 0
+
+
+def test_live_entries_beyond_a_read_are_held_never_dropped(r, settings):
+    consumer = StreamConsumer(r, MODEL, "c1", settings)
+    consumer.prefetched = [Entry(f"1-{i}", {}, "live") for i in range(5)]  # a prefetch larger than the read
+    assert [e.id for e in consumer.read(3, 0)] == ["1-0", "1-1", "1-2"]
+    assert [e.id for e in consumer.take_unanswered()] == ["1-3", "1-4"]

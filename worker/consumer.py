@@ -166,8 +166,9 @@ class StreamConsumer:
         return {self.streams[lane]: ">" for lane in lanes}
 
     def _assemble(self, fresh: list[Entry], count: int) -> list[Entry]:
-        live = [e for e in fresh if e.lane == keys.LANES[0]][:count]
-        lower = self.held + [e for e in fresh if e.lane != keys.LANES[0]]
+        live = [e for e in fresh if e.lane == keys.LANES[0]]
+        # Live beyond ``count`` (a prefetch larger than this read) is held first, never dropped.
+        live, lower = live[:count], live[count:] + self.held + [e for e in fresh if e.lane != keys.LANES[0]]
         now_s = time.monotonic()
         if live:
             self._live_seen_s = now_s
@@ -283,15 +284,14 @@ class StreamConsumer:
             pipe.xreadgroup(self.group, self.name, cast("dict[Any, Any]", self._read_streams(prefetch)),
                             count=prefetch)
         answers = pipe.execute(raise_on_error=False)
-        self.spin_until = time.monotonic() + self.settings.spin_ms / 1000
-        self.batch_sizes.update(rows for _, rows, _ in out.calls)
-        if prefetch:
+        if prefetch:  # a failed read (e.g. NOGROUP) is left to the next read(), which recovers
             read, answers = answers[-1], answers[:-1]
-            self.prefetched = self._vanished(read) if isinstance(read, redis.ResponseError) else \
-                self._entries(read)
+            self.prefetched = None if isinstance(read, redis.RedisError) else self._entries(read)
         errors = [a for a in answers if isinstance(a, redis.RedisError)]
         if errors:  # a command refused inside the transaction (e.g. a wrong type): report the first
             raise errors[0]
+        self.spin_until = time.monotonic() + self.settings.spin_ms / 1000
+        self.batch_sizes.update(rows for _, rows, _ in out.calls)
 
     def _queue_write(self, pipe: redis.client.Pipeline, out: Outbox) -> None:
         ttl_ms = int(self.settings.reply_ttl_s * 1000)
