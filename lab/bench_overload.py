@@ -62,7 +62,7 @@ from rich.table import Table
 from lab.bench_cluster import per_request, read_counters
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
-from producer import AsyncClient
+from producer import AsyncClient, Prediction
 from protocol import keys
 from protocol.errors import ConfigError, Overloaded, ReplyError, StreamserveError
 from protocol.settings import Settings
@@ -144,6 +144,7 @@ class Outcome(NamedTuple):
     latency_s: float
     code: str
     sent: bool
+    server_s: float = float("nan")  # enqueue to the end of its model call (the reply's queue + infer)
 
 
 def offer(o: Offer) -> tuple[list[Outcome], float]:
@@ -227,7 +228,15 @@ async def _call(client: AsyncClient, model: str, flow: Flow, due: float, t0: flo
     except StreamserveError as e:  # a reply's error (predict), shed before sending, Redis unreachable
         results = [e] * flow.chunk
     done = time.time()
-    outcomes.extend(Outcome(flow.cls, due - t0, issued - due, done - due, *_code(r)) for r in results)
+    outcomes.extend(Outcome(flow.cls, due - t0, issued - due, done - due, *_code(r), _server_s(r))
+                    for r in results)
+
+
+def _server_s(result: object) -> float:
+    """Seconds an answered request spent in the fleet: queued, then its batch's model call."""
+    if isinstance(result, Prediction):
+        return (result.queue_ms + result.infer_ms) / 1000
+    return float("nan")
 
 
 def _code(result: object) -> tuple[str, bool]:
@@ -252,6 +261,7 @@ def summarize(outcomes: Sequence[Outcome], cls: str, capacity_rps: float) -> dic
     issue_s = [o.at_s + o.lag_s for o in mine]
     span_s = max(1e-3, max(issue_s) - min(issue_s))
     ok = [o.latency_s for o in mine if o.code == "OK"]
+    server = [o.server_s for o in mine if o.code == "OK"]
     failed = Counter(o.code for o in mine if o.code != "OK")
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -265,6 +275,7 @@ def summarize(outcomes: Sequence[Outcome], cls: str, capacity_rps: float) -> dic
             "issue_lag_p99_ms": _percentile_ms([o.lag_s for o in mine], 99),
             "ok": len(ok), "success_rate": len(ok) / len(mine), "goodput_rps": len(ok) / span_s,
             "p50_ms": _percentile_ms(ok, 50), "p99_ms": _percentile_ms(ok, 99),
+            "server_p50_ms": _percentile_ms(server, 50), "server_p99_ms": _percentile_ms(server, 99),
             "failed": dict(failed), "sent": sum(o.sent for o in mine),
             "overloaded_client": sum(1 for o in mine if o.code == OVERLOADED and not o.sent),
             "overloaded_worker": sum(1 for o in mine if o.code == OVERLOADED and o.sent),
@@ -397,6 +408,7 @@ def ratios(runs: dict[str, Any], capacity_rps: float) -> dict[str, float]:
     """The numbers to judge the scenario by."""
     unloaded, lanes, plain = (runs[n]["classes"]["live"] for n in ("unloaded", "lanes", "no_lanes"))
     return {"live_p99_loaded_vs_unloaded": lanes["p99_ms"] / unloaded["p99_ms"],
+            "live_server_p99_loaded_vs_unloaded": lanes["server_p99_ms"] / unloaded["server_p99_ms"],
             "live_p50_loaded_vs_unloaded": lanes["p50_ms"] / unloaded["p50_ms"],
             "no_lanes_live_p99_vs_unloaded": plain["p99_ms"] / unloaded["p99_ms"],
             "live_success_lanes": lanes["success_rate"], "live_success_no_lanes": plain["success_rate"],
@@ -424,6 +436,11 @@ def print_overload(section: dict[str, Any]) -> None:
     print(f"live p99 loaded / unloaded = {r['live_p99_loaded_vs_unloaded']:.2f} (target <= 2); "
           f"p50 {r['live_p50_loaded_vs_unloaded']:.2f}; "
           f"without lanes p99 {r['no_lanes_live_p99_vs_unloaded']:.2f}")
+    u, ln = section["unloaded"]["classes"]["live"], section["lanes"]["classes"]["live"]
+    print(f"where live time goes (p99 ms, unloaded -> lanes): in the fleet (queue + model call) "
+          f"{u['server_p99_ms']:.1f} -> {ln['server_p99_ms']:.1f} "
+          f"(x{r['live_server_p99_loaded_vs_unloaded']:.2f}); senders issuing late "
+          f"{u['issue_lag_p99_ms']:.1f} -> {ln['issue_lag_p99_ms']:.1f}")
     print(f"live success {r['live_success_lanes']:.1%} with lanes, {r['live_success_no_lanes']:.1%} without; "
           f"live failures that could have met their deadline: {r['live_failures_could_have_met_deadline']} "
           f"(target 0), without lanes {r['no_lanes_live_failures_could_have_met_deadline']}")
