@@ -278,7 +278,7 @@ def test_low_latency_mode_polls_and_still_answers_and_sleeps_when_idle(r, settin
     """Worker and client poll their sockets for a while after each call; answers are unchanged."""
     from producer import Client
 
-    worker = Worker(settings.with_overrides(spin_ms=20.0), MODEL)
+    worker = Worker(settings.with_overrides(spin_ms=100.0), MODEL)
     spun, real = [], worker.consumer._xread_spinning
     worker.consumer._xread_spinning = lambda *args: spun.append(1) or real(*args)
     with ThreadedWorker(worker), Client.from_url(settings.redis_url, timeout_s=5.0, spin_ms=20.0) as client:
@@ -288,6 +288,6 @@ def test_low_latency_mode_polls_and_still_answers_and_sleeps_when_idle(r, settin
         # Within the window the worker is polling; the next request is answered all the same.
         assert client.predict(MODEL, X).model_version == first.model_version == 1
         assert spun, "no read polled"
-        time.sleep(0.05)  # past the window: the worker's read blocks in the kernel again
+        time.sleep(0.15)  # past the window: the worker's read blocks in the kernel again
         assert time.monotonic() > worker.consumer.spin_until
         assert client.predict(MODEL, X).model_version == 1
