@@ -4,13 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench validate-stats lint compose-check deploy-check clean
+.PHONY: install demo test bench bench-peers validate-stats lint compose-check deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# torch is pinned in the `train` extra (torch==2.13.0, the CPU build on these machines).
-	$(BIN)/pip install -e '.[lab,dev]'
+	$(BIN)/pip install -e '.[lab,peers,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/streamserve bench --out bench-results.json
+
+# streamserve, FastAPI (raw body) and Celery on one model and one machine: the ratios from one run.
+bench-peers: $(STAMP)
+	$(BIN)/streamserve bench-peers --out bench-peers-results.json
 
 validate-stats: $(STAMP)
 	$(BIN)/python -m experiments.validate
@@ -39,4 +43,4 @@ deploy-check: $(STAMP)
 	$(BIN)/python -m deploy.check
 
 clean:
-	rm -rf $(VENV) var bench-results.json .pytest_cache .mypy_cache
+	rm -rf $(VENV) var bench-results.json bench-peers-results.json .pytest_cache .mypy_cache

