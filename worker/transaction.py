@@ -80,7 +80,8 @@ class RawTransaction:
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()  # Any: redis-py leaves the low-level methods untyped
         try:
-            conn.send_packed_command(conn.pack_commands([("MULTI",), *self.commands, ("EXEC",)]))
+            # One buffer, one send (redis-py would send each large argument apart).
+            conn.send_packed_command([b"".join(conn.pack_commands([("MULTI",), *self.commands, ("EXEC",)]))])
             queued = [_answer(conn) for _ in range(len(self.commands) + 2)]  # the last: EXEC's
         except BaseException:
             conn.disconnect()
