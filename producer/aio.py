@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -166,18 +167,26 @@ class AsyncClient:
 
 
 async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
-    """Write the trip's commands and read every answer; a connection left mid-answer is closed."""
+    """Write the trip's commands and read every answer under one deadline; a connection left
+    mid-answer (an error, a cancellation, the deadline) is closed, never reused."""
     try:
-        await conn.send_packed_command(conn.pack_commands(trip.commands))
-        return [await _answer(conn, trip.read_timeout_s) for _ in trip.commands]
+        await conn.send_packed_command(connection.pack(trip.commands))  # packed in C, one buffer
+        # One timeout for the whole trip, not one per answer: each of redis-py's per-read timeout
+        # contexts costs more than the read of an answer already in the buffer.
+        async with asyncio.timeout(trip.read_timeout_s):
+            return [await _answer(conn) for _ in trip.commands]
+    except TimeoutError as e:  # the builtin (asyncio's): no answer within the trip's read timeout
+        await conn.disconnect()
+        raise redis.TimeoutError(f"no answer from Redis within {trip.read_timeout_s:.3f} s") from e
     except BaseException:
         await conn.disconnect()
         raise
 
 
-async def _answer(conn: Any, timeout_s: float) -> Any:
+async def _answer(conn: Any) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine)."""
     try:
-        return await conn.read_response(disable_decoding=True, timeout=timeout_s)
+        # inf: no timeout of its own (the trip's deadline covers it); None would mean socket_timeout.
+        return await conn.read_response(disable_decoding=True, timeout=math.inf)
     except redis.ResponseError as e:
         return e

@@ -137,9 +137,8 @@ class Client:
         except _core.RETRYABLE as e:
             raise _core.NotConnected(str(e)) from e
         try:
-            # One buffer, one send: redis-py hands a large argument (the tensor) over as a chunk of its
-            # own, and every send on loopback costs a system call and a wake-up of the server.
-            conn.send_packed_command([b"".join(conn.pack_commands(trip.commands))])
+            # One buffer, one send: every send on loopback costs a system call and a server wake-up.
+            conn.send_packed_command([connection.pack(trip.commands)])
             spin_until_s = time.monotonic() + self.spin_s
             return [_answer(conn, trip.read_timeout_s, spin_until_s) for _ in trip.commands]
         except BaseException:

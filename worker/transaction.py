@@ -5,9 +5,10 @@ builds a command object per call, applies a response callback to every answer an
 checks ``QUEUED`` one by one; on the hot path that is Python work per request
 for nothing we use. :class:`RawTransaction` takes the same calls the worker makes on
 a pipeline (``lpush``, ``pexpire``, ``xadd``, ``hincrby``, ``incrby``, ``xack``,
-``xdel``, ``xreadgroup``, ``execute_command``), packs them in one buffer, sends it on
-one pooled connection and returns ``EXEC``'s answers undecoded (errors inside it
-as exception values, as a pipeline's ``execute(raise_on_error=False)`` does).
+``xdel``, ``xreadgroup``, ``execute_command``), packs them in one buffer
+(``protocol.connection.pack``), sends it in one write on one pooled connection and
+returns ``EXEC``'s answers undecoded (errors inside it as exception values, as a
+pipeline's ``execute(raise_on_error=False)`` does).
 
 Single-node clients only: a cluster client keeps redis-py's pipeline, which finds
 the slot's node.
@@ -20,6 +21,8 @@ from itertools import chain
 from typing import Any
 
 import redis
+
+from protocol import connection
 
 Command = tuple[Any, ...]
 
@@ -80,8 +83,7 @@ class RawTransaction:
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()  # Any: redis-py leaves the low-level methods untyped
         try:
-            # One buffer, one send (redis-py would send each large argument apart).
-            conn.send_packed_command([b"".join(conn.pack_commands([("MULTI",), *self.commands, ("EXEC",)]))])
+            conn.send_packed_command([connection.pack([("MULTI",), *self.commands, ("EXEC",)])])
             queued = [_answer(conn) for _ in range(len(self.commands) + 2)]  # the last: EXEC's
         except BaseException:
             conn.disconnect()
