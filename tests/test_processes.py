@@ -8,6 +8,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from conftest import MODEL, wait_for_workers, wait_until
 
 from producer import _core
@@ -15,19 +16,20 @@ from protocol import keys
 from worker.worker import Worker
 
 X = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
-def pending_of(r, consumer: str) -> list[bytes]:
-    rows = r.xpending_range(keys.request_stream(MODEL), keys.consumer_group(MODEL), "-", "+", 1000,
-                            consumername=consumer)
+def pending_of(r, consumer: str, lane: str = "live") -> list[bytes]:
+    rows = r.xpending_range(keys.request_stream(MODEL, 0, lane), keys.consumer_group(MODEL), "-", "+",
+                            1000, consumername=consumer)
     return [row["message_id"] for row in rows]
 
 
-def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 20.0) -> bool:
+def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 20.0,
+                     lane: str = "live") -> bool:
     """SIGSTOP ``proc`` at a moment its consumer holds unacked entries (retrying until it does)."""
     def frozen_holding_entries() -> bool:
-        if not pending_of(r, consumer):
+        if not pending_of(r, consumer, lane):
             return False
         proc.send_signal(signal.SIGSTOP)
-        if pending_of(r, consumer):
+        if pending_of(r, consumer, lane):
             return True
         proc.send_signal(signal.SIGCONT)
         return False
@@ -36,16 +38,19 @@ def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float 
                       message="caught the victim with a batch in flight")
 
 
-def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production):
+# Full batches of 8: each reply transaction also reads the next entries, so the victim dies holding
+# entries it read ahead (and, on the backfill lane, entries held beyond its batch).
+@pytest.mark.parametrize("lane", ["live", "backfill"])
+def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production, lane):
     procs = [start_worker("--max-batch", "8") for _ in range(2)]
     results: list = []
     ids = wait_for_workers(client, 2)
     victim = procs[0]
-    load = threading.Thread(target=lambda: results.extend(
-        client.predict_many(MODEL, [X * (i % 7 + 1) for i in range(160)], return_exceptions=True)))
+    load = threading.Thread(target=lambda: results.extend(client.predict_many(
+        MODEL, [X * (i % 7 + 1) for i in range(160)], return_exceptions=True, lane=lane)))
     load.start()
     try:
-        assert freeze_mid_batch(r, victim, ids[victim.pid]), "caught the victim with a batch in flight"
+        assert freeze_mid_batch(r, victim, ids[victim.pid], lane=lane), "caught the victim mid-batch"
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
@@ -53,7 +58,7 @@ def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_work
     errors = [e for e in results if isinstance(e, Exception)]
     assert len(results) == 160 and not errors, errors[:3]
     assert all(p.worker != ids[victim.pid] for p in results[-20:])
-    assert r.xpending(keys.request_stream(MODEL), keys.consumer_group(MODEL))["pending"] == 0
+    assert r.xpending(keys.request_stream(MODEL, 0, lane), keys.consumer_group(MODEL))["pending"] == 0
 
 
 def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(r, settings, client, start_worker,

@@ -246,10 +246,13 @@ def test_stream_deleted_under_a_running_worker_is_recreated(r, settings, product
         assert wait_for_reply(r, "after")["ok"]
 
 
-def test_worker_survives_a_redis_restart(registry, production, caplog):
+# max_batch 1: every batch is full, so every reply transaction also reads the next entries (prefetch).
+@pytest.mark.parametrize("max_batch", [32, 1])
+def test_worker_survives_a_redis_restart(registry, production, caplog, max_batch):
     caplog.set_level(logging.WARNING, logger="worker.worker")
     server = EmbeddedRedis().start()
-    settings = Settings(redis_url=server.url, artifact_dir=registry.artifact_dir, block_ms=50)
+    settings = Settings(redis_url=server.url, artifact_dir=registry.artifact_dir, block_ms=50,
+                        max_batch=max_batch)
     client = redis.Redis.from_url(server.url)
     copy_registry(registry.redis, client)
     try:
