@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections import Counter
@@ -92,6 +93,9 @@ class OverloadConfig:
     backfill_timeout_s: float = 1.0
     backfill_chunk: int = 16  # backfill requests per predict_many call
     drain_timeout_s: float = 30.0
+    # > 0: the senders run at this nice level, below the workers and Redis: as bots on other
+    # machines would be (a diagnostic: on one small box the senders' CPU delays the fleet too).
+    sender_nice: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OverloadConfig:
@@ -101,7 +105,7 @@ class OverloadConfig:
                    senders=args.overload_senders,
                    live_timeout_s=args.overload_live_timeout_ms / 1000,
                    backfill_timeout_s=args.overload_backfill_timeout_ms / 1000,
-                   backfill_chunk=args.overload_backfill_chunk)
+                   backfill_chunk=args.overload_backfill_chunk, sender_nice=args.overload_sender_nice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,7 @@ class Offer:
     flows: tuple[Flow, ...]
     seconds: float
     senders: int
+    nice: int = 0
 
 
 class Outcome(NamedTuple):
@@ -175,6 +180,8 @@ def offer(o: Offer) -> tuple[list[Outcome], float]:
 
 
 def _sender_main(o: Offer, flow: Flow, index: int, ready: Any, gate: Any, start_at: Any, out: Any) -> None:
+    if o.nice:
+        os.nice(o.nice)
     out.put(asyncio.run(_send(o, flow, index, ready, gate, start_at)))
 
 
@@ -371,7 +378,7 @@ def run_phase(url: str, model: str, flows: tuple[Flow, ...], seconds: float, cfg
               capacity_rps: float) -> dict[str, Any]:
     """Offer ``flows`` for ``seconds``, then wait until the streams are drained; the phase's numbers."""
     with LoadSampler(url, model) as sampler:
-        outcomes, t0 = offer(Offer(url, model, flows, seconds, cfg.senders))
+        outcomes, t0 = offer(Offer(url, model, flows, seconds, cfg.senders, cfg.sender_nice))
     started = time.monotonic()
     left = wait_drained(url, model, cfg.drain_timeout_s)
     classes = {flow.cls: summarize(outcomes, flow.cls, capacity_rps) for flow in flows}
