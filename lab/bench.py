@@ -308,15 +308,27 @@ def _base(settings: Settings, args: argparse.Namespace, path: Path, tmp: Path, p
 
 
 def _overload(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
-    """The overload scenario on a Redis of its own, serving the reference model."""
-    with EmbeddedRedis(binary=args.redis_server) as server:
-        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts-overload")
-        client = Redis.from_url(server.url)
-        serve_reference(Registry(client, s.artifact_dir), "bench", tmp)
-        client.close()
-        section = bench_overload.run_overload(s, "bench", args.processes, _fleet_args(args),
-                                              bench_overload.OverloadConfig.from_args(args), progress)
-        return section | {"server": server.version()}
+    """The overload scenario on a Redis of its own, serving the reference model.
+
+    With ``--overload-pin`` the fleet (one worker process) runs on the first core alone and this
+    process, Redis, the bots and the senders on the others, as bots on other machines would."""
+    cores = sorted(os.sched_getaffinity(0))
+    fleet_cores = {cores[0]} if args.overload_pin else None
+    processes = 1 if args.overload_pin else args.processes
+    if args.overload_pin:
+        os.sched_setaffinity(0, set(cores[1:]))  # inherited by Redis, the bots and the senders
+    try:
+        with EmbeddedRedis(binary=args.redis_server) as server:
+            s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts-overload")
+            client = Redis.from_url(server.url)
+            serve_reference(Registry(client, s.artifact_dir), "bench", tmp)
+            client.close()
+            section = bench_overload.run_overload(s, "bench", processes, _fleet_args(args),
+                                                  bench_overload.OverloadConfig.from_args(args), progress,
+                                                  fleet_cores)
+            return section | {"server": server.version(), "pinned": args.overload_pin}
+    finally:
+        os.sched_setaffinity(0, set(cores))
 
 
 def _cluster(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:

@@ -61,7 +61,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.bench_cluster import per_request, read_counters
-from lab.fleet import Fleet
+from lab.fleet import Fleet, pin
 from lab.loadgen import LoadSpec, run_load
 from producer import AsyncClient, Prediction
 from protocol import keys
@@ -150,6 +150,7 @@ class Outcome(NamedTuple):
     code: str
     sent: bool
     server_s: float = float("nan")  # enqueue to the end of its model call (the reply's queue + infer)
+    infer_s: float = float("nan")  # its batch's model call alone
 
 
 def offer(o: Offer) -> tuple[list[Outcome], float]:
@@ -235,15 +236,16 @@ async def _call(client: AsyncClient, model: str, flow: Flow, due: float, t0: flo
     except StreamserveError as e:  # a reply's error (predict), shed before sending, Redis unreachable
         results = [e] * flow.chunk
     done = time.time()
-    outcomes.extend(Outcome(flow.cls, due - t0, issued - due, done - due, *_code(r), _server_s(r))
+    outcomes.extend(Outcome(flow.cls, due - t0, issued - due, done - due, *_code(r), *_fleet_s(r))
                     for r in results)
 
 
-def _server_s(result: object) -> float:
-    """Seconds an answered request spent in the fleet: queued, then its batch's model call."""
+def _fleet_s(result: object) -> tuple[float, float]:
+    """Seconds an answered request spent in the fleet (queued, then its batch's model call), and in
+    that model call alone."""
     if isinstance(result, Prediction):
-        return (result.queue_ms + result.infer_ms) / 1000
-    return float("nan")
+        return (result.queue_ms + result.infer_ms) / 1000, result.infer_ms / 1000
+    return float("nan"), float("nan")
 
 
 def _code(result: object) -> tuple[str, bool]:
@@ -269,6 +271,7 @@ def summarize(outcomes: Sequence[Outcome], cls: str, capacity_rps: float) -> dic
     span_s = max(1e-3, max(issue_s) - min(issue_s))
     ok = [o.latency_s for o in mine if o.code == "OK"]
     server = [o.server_s for o in mine if o.code == "OK"]
+    infer = [o.infer_s for o in mine if o.code == "OK"]
     failed = Counter(o.code for o in mine if o.code != "OK")
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -283,6 +286,7 @@ def summarize(outcomes: Sequence[Outcome], cls: str, capacity_rps: float) -> dic
             "ok": len(ok), "success_rate": len(ok) / len(mine), "goodput_rps": len(ok) / span_s,
             "p50_ms": _percentile_ms(ok, 50), "p99_ms": _percentile_ms(ok, 99),
             "server_p50_ms": _percentile_ms(server, 50), "server_p99_ms": _percentile_ms(server, 99),
+            "infer_p99_ms": _percentile_ms(infer, 99),
             "failed": dict(failed), "sent": sum(o.sent for o in mine),
             "overloaded_client": sum(1 for o in mine if o.code == OVERLOADED and not o.sent),
             "overloaded_worker": sum(1 for o in mine if o.code == OVERLOADED and o.sent),
@@ -392,11 +396,15 @@ def run_phase(url: str, model: str, flows: tuple[Flow, ...], seconds: float, cfg
 
 
 def run_overload(settings: Settings, model: str, processes: int, fleet_args: Sequence[str],
-                 cfg: OverloadConfig, progress: Callable[[str], object] = print) -> dict[str, Any]:
+                 cfg: OverloadConfig, progress: Callable[[str], object] = print,
+                 fleet_cores: set[int] | None = None) -> dict[str, Any]:
     """The four phases against a fleet serving ``model`` (registered and in Production on
-    ``settings.redis_url``, one shard); the ``overload`` section of the bench's document."""
+    ``settings.redis_url``, one shard); the ``overload`` section of the bench's document.
+    With ``fleet_cores`` the fleet runs on those cores only (the caller keeps the rest off them)."""
     url = settings.redis_url
-    with Fleet(settings, model, processes, *fleet_args):
+    with Fleet(settings, model, processes, *fleet_args) as fleet:
+        if fleet_cores and fleet.process is not None:
+            pin(fleet.process.pid, fleet_cores)
         progress(f"overload: capacity, {cfg.capacity_bots} clients x {cfg.capacity_concurrency} "
                  "single-sample calls …")
         capacity = measure_capacity(url, model, cfg)
@@ -431,7 +439,8 @@ def print_overload(section: dict[str, Any]) -> None:
     table = Table(title=f"overload scenario — capacity C = {cap['rps']:.0f}/s "
                         f"({section['processes']} workers, single-sample calls), "
                         f"deadlines live {cfg['live_timeout_s'] * 1000:.0f} ms, "
-                        f"backfill {cfg['backfill_timeout_s'] * 1000:.0f} ms")
+                        f"backfill {cfg['backfill_timeout_s'] * 1000:.0f} ms"
+                        + ("; the fleet on a core of its own" if section.get("pinned") else ""))
     for col in ("run / class", "target/s", "offered/s", "p50 ms", "p99 ms", "success", "OVERLOADED client",
                 "OVERLOADED worker", "DEADLINE_EXCEEDED", "other", "goodput/s"):
         table.add_column(col, justify="left" if col == "run / class" else "right")
@@ -446,7 +455,8 @@ def print_overload(section: dict[str, Any]) -> None:
     u, ln = section["unloaded"]["classes"]["live"], section["lanes"]["classes"]["live"]
     print(f"where live time goes (p99 ms, unloaded -> lanes): in the fleet (queue + model call) "
           f"{u['server_p99_ms']:.1f} -> {ln['server_p99_ms']:.1f} "
-          f"(x{r['live_server_p99_loaded_vs_unloaded']:.2f}); senders issuing late "
+          f"(x{r['live_server_p99_loaded_vs_unloaded']:.2f}; its model call alone {u['infer_p99_ms']:.1f} -> "
+          f"{ln['infer_p99_ms']:.1f}); senders issuing late "
           f"{u['issue_lag_p99_ms']:.1f} -> {ln['issue_lag_p99_ms']:.1f}")
     print(f"live success {r['live_success_lanes']:.1%} with lanes, {r['live_success_no_lanes']:.1%} without; "
           f"live failures that could have met their deadline: {r['live_failures_could_have_met_deadline']} "

@@ -41,7 +41,7 @@ from rich.table import Table
 from lab import peers
 from lab.bench import cpu_seconds, reference_artifact
 from lab.embedded_redis import EmbeddedRedis, free_port
-from lab.fleet import Fleet
+from lab.fleet import Fleet, tree_pids
 from modeltools import reference
 from producer import Client
 from protocol.errors import ConfigError
@@ -197,24 +197,6 @@ def drive(target: Target, processes: int, threads: int, requests: int, timeout_s
 
 
 # ---- servers ----------------------------------------------------------------------------------
-
-def tree_pids(root: int) -> list[int]:
-    """``root`` and every descendant process (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo += children.get(pid, [])
-    return pids
-
 
 @contextmanager
 def serving(system: str, model_path: Path, server: EmbeddedRedis, processes: int,

@@ -108,6 +108,8 @@ def _add_overload_flags(p: argparse.ArgumentParser) -> None:
                    "without lanes")
     g.add_argument("--overload-unloaded-seconds", type=float, default=8.0, help="the unloaded live run")
     g.add_argument("--overload-senders", type=int, default=2, help="open-loop sender processes per class")
+    g.add_argument("--overload-pin", action="store_true", help="the fleet (one worker process) on the "
+                   "first core alone; Redis, bots and senders on the others (needs 2 or more cores)")
     g.add_argument("--overload-sender-nice", type=int, default=0, help="run the senders at this nice level "
                    "(a diagnostic: bots below the fleet, as on other machines; default 0)")
     g.add_argument("--overload-capacity-requests", type=int, default=4000,
