@@ -155,6 +155,7 @@ class DroppingProxy:
         self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
         self.marker = b""  # drop the first answer that contains this, once
         self.dropped = 0
+        self.mute = False  # swallow every answer from now on, connections left open (a hung server)
         self.sockets: list[socket.socket] = []
         self.closed, self.lock = False, threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -177,6 +178,8 @@ class DroppingProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(1 << 16):
+                if answers and self.mute:
+                    continue
                 if answers and self.marker and self.marker in data:
                     self.marker, self.dropped = b"", self.dropped + 1
                     break
@@ -253,6 +256,18 @@ def test_redis_gone_past_the_deadline_raises_unavailable(r, proxy, call):
     wait_until(lambda: blocked_client(r))
     proxy.close()
     with pytest.raises(Unavailable, match="lost the connection"):
+        future.result(timeout=15)
+
+
+def test_a_server_that_stops_answering_raises_unavailable_by_the_deadline(r, proxy, call):
+    """The wait's answer never comes and the connection stays open: the trip's read deadline
+    (the wait plus a margin) ends it, and the call fails with Unavailable instead of hanging."""
+    future = call(proxy.url, "predict", MODEL, X, timeout_s=1.0)
+    entry = entries(r, 1)[0]
+    wait_until(lambda: blocked_client(r))
+    proxy.mute = True
+    answer(r, entry)  # answered in Redis, never delivered
+    with pytest.raises(Unavailable):
         future.result(timeout=15)
 
 

@@ -238,3 +238,28 @@ def test_live_entries_beyond_a_read_are_held_never_dropped(r, settings):
     consumer.prefetched = [Entry(f"1-{i}", {}, "live") for i in range(5)]  # a prefetch larger than the read
     assert [e.id for e in consumer.read(3, 0)] == ["1-0", "1-1", "1-2"]
     assert [e.id for e in consumer.take_unanswered()] == ["1-3", "1-4"]
+
+
+def test_a_malformed_discarded_counter_reads_as_zero(r, settings):
+    consumer = StreamConsumer(r, MODEL, "c1", settings)
+    consumer.ensure_group()
+    for junk in ("junk", "-5", "1e400"):
+        r.set(keys.discarded_counter(MODEL), junk)
+        assert consumer.group_state()[1] == 0, junk
+
+
+def test_a_read_ahead_that_fails_inside_the_reply_transaction_is_left_to_the_next_read(
+        r, settings, production):
+    worker = Worker(settings, MODEL, burst=True)
+    worker.consumer.ensure_group()
+    worker.reconcile()
+    send(r, "first")
+    batch = worker.consumer.read(32, 0)
+    for lane in keys.LANES:  # gone under the worker: XACK/XDEL of nothing, XREADGROUP answers NOGROUP
+        r.delete(keys.request_stream(MODEL, 0, lane))
+    worker.process(batch, prefetch=32)
+    assert worker.consumer.prefetched is None and reply(r, "first")["ok"], "the reply still landed"
+    assert worker.consumer.read(32, 0) == [], "the next read recreates the group"
+    send(r, "second")
+    assert [e.lane for e in worker.consumer.read(32, 0)] == ["live"]
+    worker.redis.close()
