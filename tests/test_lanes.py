@@ -263,3 +263,16 @@ def test_a_read_ahead_that_fails_inside_the_reply_transaction_is_left_to_the_nex
     send(r, "second")
     assert [e.lane for e in worker.consumer.read(32, 0)] == ["live"]
     worker.redis.close()
+
+
+def test_backfill_held_back_by_its_cap_makes_the_write_read_ahead(r, settings, production):
+    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2), MODEL, burst=True)
+    worker.consumer.ensure_group()
+    worker.reconcile()
+    send(r, "l0")
+    for i in range(10):
+        send(r, f"b{i}", "backfill")
+    assert worker._step()  # live + 2 backfill: not a full batch, but 6 backfill are held back
+    assert reply(r, "l0")["ok"] and worker.consumer.prefetched is not None, "the write read ahead"
+    worker.run()
+    assert all(reply(r, f"b{i}")["ok"] for i in range(10))

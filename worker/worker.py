@@ -197,11 +197,11 @@ class Worker:
         self._maintain()
         consumer, batch = self._next_batch(0 if self.burst else self._idle_wait_ms())
         if batch:
-            # A full batch says more is waiting: its write brings back the next entries (one round
-            # trip per batch). Below that the next read blocks anyway, and an empty read inside the
-            # reply transaction would only add work before the reply reaches the bot.
-            full = len(batch) >= self.settings.max_batch
-            prefetch = self.settings.max_batch if full and not self.stopping.is_set() else 0
+            # A full batch, or entries held back (backfill beyond its cap), says more is waiting: the
+            # write brings back the next entries (one round trip per batch). Otherwise the next read
+            # blocks anyway, and an empty read in the reply transaction only delays the reply.
+            waiting = len(batch) >= self.settings.max_batch or bool(consumer.held)
+            prefetch = self.settings.max_batch if waiting and not self.stopping.is_set() else 0
             self.process(batch, consumer=consumer, prefetch=prefetch)
             return True
         return not self.burst or self.reclaim() > 0
