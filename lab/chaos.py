@@ -144,11 +144,25 @@ def _wait_for_serving(client: Redis, workers: int, timeout_s: float = 120.0) -> 
             time.sleep(0.2)
 
 
-def _settle(client: Redis, s: Settings, result: ChaosResult, running: int) -> None:
-    """After the load: let the last victim's heartbeat expire and takeover finish, then count.
+def _wait_for_pids(client: Redis, pids: set[int], timeout_s: float = 120.0) -> None:
+    """Until each of ``pids`` serves: a replacement started by the last kill may still be
+    importing on a busy box, and it joins the group only once it reads."""
+    deadline = time.monotonic() + timeout_s
+    with Client(client) as c:
+        while not pids <= {w.pid for w in c.health(MODEL).workers if w.version is not None}:
+            if time.monotonic() > deadline:
+                raise RuntimeError("a replacement worker did not come up")
+            time.sleep(0.2)
 
-    ``running`` worker processes are alive; the group should shrink to them within a few TTLs.
+
+def _settle(client: Redis, s: Settings, result: ChaosResult, pids: set[int]) -> None:
+    """After the load: let every running worker serve, the last victim's heartbeat expire and
+    takeover finish, then count.
+
+    ``pids`` are the worker processes alive; the group should shrink to them within a few TTLs.
     """
+    _wait_for_pids(client, pids)
+    running = len(pids)
     deadline = time.monotonic() + 3 * s.heartbeat_ttl_s
     stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
     while time.monotonic() < deadline:
@@ -202,7 +216,7 @@ def run(settings: Settings, seconds: float, rate_rps: float, *, workers: int = 2
                 t.join()
         pool.check()
         result.crashes, result.hostile = pool.crashes, fuzz.counts(client)
-        _settle(client, s, result, running=len(pool.procs))
+        _settle(client, s, result, pids={p.pid for p in pool.procs})
         pool.stop()
         client.close()
     return result

@@ -88,12 +88,26 @@ def test_two_workers_racing_for_a_dead_consumer_take_each_entry_once(r, settings
     got: list[list[str]] = []
     first, second = (StreamConsumer(r, MODEL, name, s) for name in ("w1", "w2"))
     # Both listed the dead consumer's entries before either claimed them: only XCLAIM's guard decides.
-    listed, seen = first._consumers("live"), iter([first._pending_ids("dead-worker", "live"), []])
-    second._consumers = lambda lane="live": listed if lane == "live" else []  # type: ignore[method-assign]
+    # The dead worker read a moment ago; as listed, it has been silent for a minute.
+    listed = [c | {"idle": 60_000} for c in first._consumers("live")]
+    seen = iter([first._pending_ids("dead-worker", "live"), []])
+    for c in (first, second):
+        c._consumers = lambda lane="live": listed if lane == "live" else []  # type: ignore[method-assign]
     second._pending_ids = lambda consumer, lane="live": next(seen, [])  # type: ignore[method-assign]
     for consumer in (first, second):
         consumer.take_over({"w1", "w2"}, lambda fresh, over: got.append([e[0] for e in fresh + over]))
     assert [len(ids) for ids in got] == [5], "the second claim finds them freshly claimed and skips them"
+
+
+def test_a_consumer_seen_within_a_heartbeat_interval_is_kept_though_missing_from_live(r, settings):
+    """``live`` is read before the listing: a worker that started in between (heartbeat, then its
+    first read) is not in it, and deleting its empty consumer would drop what it reads next."""
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    r.xgroup_createconsumer(STREAM, GROUP, "just-started")  # as its first read does; nothing pending
+    slow_beats = settings.with_overrides(heartbeat_interval_s=60, heartbeat_ttl_s=120)
+    taker = StreamConsumer(r, MODEL, "w1", slow_beats)
+    assert taker.take_over(set(), lambda fresh, over: None) == 0
+    assert consumers(r) == {"just-started": 0}
 
 
 def test_killing_the_supervisor_stops_its_workers(r, client, start_worker, production):

@@ -12,6 +12,7 @@ over at once (``take_over``); ``reclaim`` (idle time) is the backstop.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -342,12 +343,15 @@ class StreamConsumer:
 
         XCLAIM with a minimum idle time makes the takeover exclusive: a second worker
         racing for the same entries finds them freshly claimed (idle ≈ 0) and skips them.
+        A consumer seen within a heartbeat interval is left alone: ``live`` was read
+        before the listing, so a worker that started in between (first heartbeat, first
+        read) is missing from it, and deleting its consumer would drop what it reads next.
         """
-        taken = 0
+        taken, min_idle_ms = 0, self.settings.heartbeat_interval_s * 1000
         for lane in keys.LANES:
             for consumer in self._consumers(lane):
                 name = text(consumer["name"])
-                if name != self.name and name not in live:
+                if name != self.name and name not in live and _idle_ms(consumer) >= min_idle_ms:
                     taken += self._take_over_from(lane, name, handle)
         return taken
 
@@ -415,6 +419,14 @@ class StreamConsumer:
         for stream in self.streams.values():
             if not self.redis.xpending_range(stream, self.group, "-", "+", 1, self.name):
                 self.redis.xgroup_delconsumer(stream, self.group, self.name)
+
+
+def _idle_ms(consumer: dict[str, Any]) -> float:
+    """How long ago the server last saw the consumer (XINFO CONSUMERS); unreadable reads as idle."""
+    try:
+        return float(consumer.get("idle", math.inf))
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def id_ms(entry_id: str) -> float:
