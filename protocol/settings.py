@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     spin_ms: float = Field(
         0.0, ge=0, le=100, description="low-latency mode: after each batch the worker polls its socket "
         "for the next entries this long before it sleeps in the kernel (a core busy meanwhile; 0: off)")
+    overlap_io: bool = Field(
+        True, description="under load, send the next batch's read before the model call and read the "
+        "reply transaction's answer after the next one, so Redis round trips overlap the model call "
+        "(single-node Redis; a cluster client writes and waits)")
     block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
     reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")

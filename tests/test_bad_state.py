@@ -134,7 +134,8 @@ def _answer_under(r, worker, fault, clear) -> dict:
     entries = worker.consumer.read(10, 0)
     fault()
     try:
-        thread = threading.Thread(target=worker.process, args=(entries,), daemon=True)
+        # With overlap_io the write's answer is read later: settle() is where a failed one is retried.
+        thread = threading.Thread(target=lambda: (worker.process(entries), worker.settle()), daemon=True)
         thread.start()
         wait_until(lambda: "redis_write" in worker.problems, message="write failure not reported")
         assert thread.is_alive(), "the worker gave up on the batch"
@@ -161,21 +162,31 @@ def test_readonly_on_the_reply_transaction_is_retried_until_it_lands(r, loaded_w
     assert reply["ok"] and reply["id"] == "w1"
 
 
-def test_connection_cut_before_the_reply_transaction_answers_once(r, loaded_worker):
+@pytest.mark.parametrize("method", ["write", "send_write"])  # overlap_io off / on
+def test_connection_cut_before_the_reply_transaction_answers_once(r, settings, production, method):
+    loaded_worker = Worker(settings.with_overrides(overlap_io=method == "send_write"), MODEL, burst=True)
+    loaded_worker.consumer.ensure_group()
+    loaded_worker.reconcile()
+    send(r, "w0")
+    loaded_worker.process(loaded_worker.consumer.read(10, 0))  # the link, if any, has a connection now
+    loaded_worker.settle()
     send(r, "w1")
     entries = loaded_worker.consumer.read(10, 0)
-    real_write = loaded_worker.consumer.write
+    real_write, cuts = getattr(loaded_worker.consumer, method), []
 
     def cut_then_write(out, *rest):
         for c in r.client_list():
             if c["name"].startswith("ss-worker:"):
-                r.client_kill_filter(_id=c["id"])
+                cuts.append(r.client_kill_filter(_id=c["id"]))
         real_write(out, *rest)
 
-    loaded_worker.consumer.write = cut_then_write
+    setattr(loaded_worker.consumer, method, cut_then_write)
     loaded_worker.process(entries)
+    loaded_worker.settle()
+    assert cuts, "the write went another way"
     assert r.llen(keys.reply_key(MODEL, "w1")) == 1
     assert r.xpending(keys.request_stream(MODEL), keys.consumer_group(MODEL))["pending"] == 0
+    loaded_worker.redis.close()
 
 
 def test_start_up_waits_out_an_oom_server(r, settings, production):

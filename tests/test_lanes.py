@@ -196,7 +196,8 @@ def test_live_requests_jump_a_backfill_backlog(r, settings, slow_production):
 
 
 def test_backfill_fills_a_batch_only_up_to_its_cap_while_live_requests_arrive(r, settings, production):
-    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2), MODEL, burst=True)
+    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2, overlap_io=False), MODEL,
+                    burst=True)
     consumer = worker.consumer
     consumer.ensure_group()
     worker.reconcile()
@@ -217,7 +218,7 @@ def test_backfill_fills_a_batch_only_up_to_its_cap_while_live_requests_arrive(r,
 
 
 def test_a_write_brings_back_the_next_batch_and_a_stopping_worker_answers_it(r, settings, production):
-    worker = Worker(settings, MODEL, burst=True)
+    worker = Worker(settings.with_overrides(overlap_io=False), MODEL, burst=True)  # the read in the write
     worker.consumer.ensure_group()
     worker.reconcile()
     send(r, "first")
@@ -250,7 +251,7 @@ def test_a_malformed_discarded_counter_reads_as_zero(r, settings):
 
 def test_a_read_ahead_that_fails_inside_the_reply_transaction_is_left_to_the_next_read(
         r, settings, production):
-    worker = Worker(settings, MODEL, burst=True)
+    worker = Worker(settings.with_overrides(overlap_io=False), MODEL, burst=True)
     worker.consumer.ensure_group()
     worker.reconcile()
     send(r, "first")
@@ -266,7 +267,8 @@ def test_a_read_ahead_that_fails_inside_the_reply_transaction_is_left_to_the_nex
 
 
 def test_backfill_held_back_by_its_cap_makes_the_write_read_ahead(r, settings, production):
-    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2), MODEL, burst=True)
+    worker = Worker(settings.with_overrides(max_batch=8, backfill_max_batch=2, overlap_io=False), MODEL,
+                    burst=True)
     worker.consumer.ensure_group()
     worker.reconcile()
     send(r, "l0")

@@ -25,7 +25,7 @@ from protocol import keys
 from protocol.settings import Settings
 from protocol.values import text
 from worker.arms import ExperimentLog
-from worker.transaction import RawTransaction
+from worker.transaction import Link, RawTransaction, exec_answers
 
 if TYPE_CHECKING:
     from redis.typing import StreamIdT
@@ -126,6 +126,12 @@ class StreamConsumer:
         # Rows per model call → calls, counted here and added to the shard's histogram by
         # flush_stats (with the heartbeat): one write a second instead of one per batch.
         self.batch_sizes: Counter[int] = Counter()
+        # overlap_io: reads ahead and reply transactions go out on this connection and are answered
+        # later; the writes whose answers came back, and those that failed (to write again).
+        self.link = Link(client) if settings.overlap_io and isinstance(client, redis.Redis) else None
+        self.confirmed: list[Outbox] = []
+        self.unconfirmed: list[Outbox] = []
+        self.link_error: redis.RedisError | None = None
 
     def detect_server(self) -> None:
         """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
@@ -157,6 +163,9 @@ class StreamConsumer:
         backfill batch, not a full one.
         """
         fresh, self.prefetched = self.prefetched, None
+        if not fresh and self.link is not None and self.link.unanswered:
+            self.settle()  # a read ahead may be answered; and the last write lands before we wait
+            fresh, self.prefetched = self.prefetched, None
         if not fresh:  # nothing rode on the last write, or it found nothing: read (and wait) now
             block = int(wait_ms) if wait_ms >= 1 and not self.held else None
             fresh = self._xread(self._read_streams(count), count, block)
@@ -179,6 +188,68 @@ class StreamConsumer:
             room = min(room, self.settings.backfill_max_batch)
         self.held = lower[room:]
         return live + lower[:room]
+
+    def read_ahead(self, count: int) -> None:
+        """``overlap_io``: send a non-blocking read of up to ``count`` entries per lane now, before
+        the model call; its answer, read after the call, is the next batch (:meth:`settle`)."""
+        assert self.link is not None
+        streams = self._read_streams(count)
+        try:
+            self.link.send([("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "STREAMS",
+                             *streams, *streams.values())], None)
+        except redis.RedisError as e:
+            self._link_lost(e)
+
+    def send_write(self, out: Outbox) -> None:
+        """``overlap_io``: send the batch's transaction (:meth:`write`'s commands, no read) and read
+        the answers of what went before it, not its own: they come back during the next model call."""
+        assert self.link is not None
+        tx = RawTransaction(self.redis)
+        self._queue_write(tx, out)
+        try:
+            self.link.send(tx.wrapped(), out)
+        except redis.RedisError as e:
+            self._link_lost(e)
+        self.spin_until = time.monotonic() + self.settings.spin_ms / 1000
+        self.settle(keep=1)
+
+    def settle(self, keep: int = 0) -> None:
+        """Read the answers of all sends on the link but the last ``keep``: landed writes go to
+        ``confirmed``; those that did not run, or whose answer was lost, to ``unconfirmed`` (the
+        worker writes them again); reads ahead to ``prefetched``."""
+        link = self.link
+        while link is not None and len(link.unanswered) > keep:
+            try:
+                tag, answers = link.take()
+            except redis.RedisError as e:
+                self._link_lost(e)
+                return
+            if isinstance(tag, Outbox):
+                self._settle_write(tag, answers)
+            elif not isinstance(answers[0], redis.RedisError):  # e.g. NOGROUP: the next read() recovers
+                self.prefetched = (self.prefetched or []) + self._entries(answers[0])
+
+    def _settle_write(self, out: Outbox, answers: list[Any]) -> None:
+        try:
+            _log_refused(exec_answers(answers), out)
+        except redis.RedisError as e:  # the transaction did not run (EXECABORT, OOM, READONLY)
+            self.unconfirmed.append(out)
+            self.link_error = e
+            return
+        self.confirmed.append(out)
+        self.batch_sizes.update(rows for _, rows, _ in out.calls)
+
+    def _link_lost(self, e: redis.RedisError) -> None:
+        """The link failed: every write on it not yet answered is written again; reads ahead are left
+        pending on this consumer (the reclaim backstop), as a read whose answer was lost always is."""
+        assert self.link is not None
+        self.unconfirmed += [t for t in self.link.reset() if isinstance(t, Outbox)]
+        self.link_error = e
+
+    @property
+    def busy(self) -> bool:
+        """Entries read and not handed out, or sends not answered: not to be dropped yet."""
+        return bool(self.held or self.prefetched or (self.link is not None and self.link.unanswered))
 
     def take_unanswered(self) -> list[Entry]:
         """Entries read but not yet handed out (held, prefetched): a stopping worker answers them."""
@@ -278,7 +349,8 @@ class StreamConsumer:
 
         With ``prefetch`` the transaction ends with a non-blocking read of up to that many
         entries per lane, kept for the next :meth:`read`: under load the next batch comes
-        back with this write's answer, one round trip per batch instead of two.
+        back with this write's answer, one round trip per batch instead of two. Raises when
+        the transaction did not run; a command refused inside it is logged (``_log_refused``).
         """
         # A cluster client's pipeline finds the slot's node; on one node the raw transaction
         # does the same work with less Python per command.
@@ -292,9 +364,7 @@ class StreamConsumer:
         if prefetch:  # a failed read (e.g. NOGROUP) is left to the next read(), which recovers
             read, answers = answers[-1], answers[:-1]
             self.prefetched = None if isinstance(read, redis.RedisError) else self._entries(read)
-        errors = [a for a in answers if isinstance(a, redis.RedisError)]
-        if errors:  # a command refused inside the transaction (e.g. a wrong type): report the first
-            raise errors[0]
+        _log_refused(answers, out)
         self.spin_until = time.monotonic() + self.settings.spin_ms / 1000
         self.batch_sizes.update(rows for _, rows, _ in out.calls)
 
@@ -419,6 +489,16 @@ class StreamConsumer:
         for stream in self.streams.values():
             if not self.redis.xpending_range(stream, self.group, "-", "+", 1, self.name):
                 self.redis.xgroup_delconsumer(stream, self.group, self.name)
+
+
+def _log_refused(answers: list[Any], out: Outbox) -> None:
+    """Commands refused inside a transaction that ran (a reply key or dead-letter stream of the wrong
+    type): the rest of it, acks included, did apply. The same write would be refused again, so it
+    is logged, not retried: the request's reply is lost; the worker and every other reply are not."""
+    errors = [a for a in answers if isinstance(a, redis.RedisError)]
+    if errors:
+        log.error("%d of %d commands in the reply transaction of %d entries were refused (%s); the "
+                  "other replies and the acks landed", len(errors), len(answers), len(out.ack_ids), errors[0])
 
 
 def _idle_ms(consumer: dict[str, Any]) -> float:

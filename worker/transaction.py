@@ -16,6 +16,7 @@ the slot's node.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from itertools import chain
 from typing import Any
@@ -73,6 +74,10 @@ class RawTransaction:
         """Queue any command."""
         self.commands.append(args)
 
+    def wrapped(self) -> list[Command]:
+        """``MULTI``, the commands, ``EXEC``: what one write sends."""
+        return [("MULTI",), *self.commands, ("EXEC",)]
+
     def execute(self, raise_on_error: bool = False) -> list[Any]:
         """Send ``MULTI``, the commands and ``EXEC`` in one write; ``EXEC``'s answers, undecoded.
 
@@ -83,24 +88,29 @@ class RawTransaction:
         pool = self.client.connection_pool
         conn: Any = pool.get_connection()  # Any: redis-py leaves the low-level methods untyped
         try:
-            conn.send_packed_command([connection.pack([("MULTI",), *self.commands, ("EXEC",)])])
+            conn.send_packed_command([connection.pack(self.wrapped())])
             queued = [_answer(conn) for _ in range(len(self.commands) + 2)]  # the last: EXEC's
         except BaseException:
             conn.disconnect()
             raise
         finally:
             pool.release(conn)
-        *queued, answers = queued
-        refused = next((q for q in queued if isinstance(q, redis.ResponseError)), None)
-        if refused is not None:  # EXEC answered EXECABORT: nothing ran; say why
-            raise refused
-        if isinstance(answers, redis.ResponseError):
-            raise answers
-        if answers is None:
-            raise redis.ResponseError("EXEC answered nil: the transaction did not run")
-        if raise_on_error:
-            _raise_first(answers)
-        return list(answers)
+        return exec_answers(queued, raise_on_error=raise_on_error)
+
+
+def exec_answers(queued: list[Any], *, raise_on_error: bool = False) -> list[Any]:
+    """``EXEC``'s answers from the answers to ``MULTI … EXEC``; raises if the transaction did not run."""
+    *queued, answers = queued
+    refused = next((q for q in queued if isinstance(q, redis.ResponseError)), None)
+    if refused is not None:  # EXEC answered EXECABORT: nothing ran; say why
+        raise refused
+    if isinstance(answers, redis.ResponseError):
+        raise answers
+    if answers is None:
+        raise redis.ResponseError("EXEC answered nil: the transaction did not run")
+    if raise_on_error:
+        _raise_first(answers)
+    return list(answers)
 
 
 def _answer(conn: Any) -> Any:
@@ -115,3 +125,48 @@ def _raise_first(answers: list[Any]) -> None:
     for answer in answers:
         if isinstance(answer, redis.RedisError):
             raise answer
+
+
+class Link:
+    """One connection kept for pipelined writes: a write is sent now, its answers read later, in order.
+
+    What lets a worker overlap Redis with its model call: the next batch's read and the
+    last batch's reply transaction travel while the model runs, and their answers are
+    read once it is done (they have arrived by then). Each :meth:`send` carries a tag
+    the caller gets back with the answers. A failure closes the connection (answers of
+    what was sent may be in flight) and hands back the tags of everything unanswered.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.conn: Any = None
+        self.unanswered: deque[tuple[int, object]] = deque()  # (answers expected, tag) in send order
+
+    def send(self, commands: list[Command], tag: object) -> None:
+        """Write ``commands`` in one send; their answers are expected after those already unanswered."""
+        if self.conn is None:
+            self.conn = self.client.connection_pool.get_connection()
+        self.unanswered.append((len(commands), tag))
+        self.conn.send_packed_command([connection.pack(commands)])
+
+    def take(self) -> tuple[object, list[Any]]:
+        """The oldest send's tag and its answers, undecoded (waits for them if they are not in yet)."""
+        n, tag = self.unanswered[0]
+        answers = [_answer(self.conn) for _ in range(n)]
+        self.unanswered.popleft()
+        return tag, answers
+
+    def reset(self) -> list[object]:
+        """Close the connection; the tags of every send whose answers were not read."""
+        tags = [tag for _, tag in self.unanswered]
+        self.unanswered.clear()
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.release()
+        return tags
+
+    def release(self) -> None:
+        """Give the connection back to the pool once nothing is unanswered (idle, stopping)."""
+        if self.conn is not None and not self.unanswered:
+            self.client.connection_pool.release(self.conn)
+            self.conn = None

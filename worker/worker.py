@@ -113,7 +113,7 @@ class Worker:
             self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
                                        max_wait_ms=self.settings.max_wait_ms)
         for k in set(self.consumers) - set(shards):
-            if not self.consumers[k].held and not self.consumers[k].prefetched:  # ours to answer first
+            if not self.consumers[k].busy:  # what it read is ours to answer first
                 self.consumers[k].flush_stats()
                 del self.consumers[k], self.batchers[k]
 
@@ -141,11 +141,16 @@ class Worker:
             self.metrics.close()
 
     def _answer_held(self) -> None:
-        """Stopping: answer the entries read but not yet batched (held, or prefetched by the last write)."""
+        """Stopping: answer the entries read but not yet batched (held, or read ahead), then make
+        sure every reply transaction sent has landed."""
         for consumer in self.consumers.values():
+            self.settle(consumer)
             n, entries = self.settings.max_batch, consumer.take_unanswered()
             for i in range(0, len(entries), n):
                 self.process(entries[i:i + n], consumer=consumer)  # its write retries until it lands
+            self.settle(consumer)
+            if consumer.link is not None:
+                consumer.link.release()
 
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
@@ -195,13 +200,21 @@ class Worker:
     def _step(self) -> bool:
         """False when a burst worker has drained the stream."""
         self._maintain()
+        for c in list(self.consumers.values()):
+            if not c.prefetched:  # the next read may wait: the last write lands, and is counted, first
+                self.settle(c)
         consumer, batch = self._next_batch(0 if self.burst else self._idle_wait_ms())
+        for c in list(self.consumers.values()):  # a read may have settled the last write (overlap_io)
+            self._collect(c)
         if batch:
             # A full batch, or entries held back (backfill beyond its cap), says more is waiting: the
             # write brings back the next entries (one round trip per batch). Otherwise the next read
             # blocks anyway, and an empty read in the reply transaction only delays the reply.
             waiting = len(batch) >= self.settings.max_batch or bool(consumer.held)
             prefetch = self.settings.max_batch if waiting and not self.stopping.is_set() else 0
+            if prefetch and consumer.link is not None:  # overlap_io: the read travels during the model call
+                consumer.read_ahead(prefetch)
+                prefetch = 0
             self.process(batch, consumer=consumer, prefetch=prefetch)
             return True
         return not self.burst or self.reclaim() > 0
@@ -226,10 +239,34 @@ class Worker:
         """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies;
         the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
         out = self.processor.process(entries, dead_letter)
-        self._write(out, consumer or self.consumer, prefetch)
+        consumer = consumer or self.consumer
         self.batches += 1
         self.requests += len(out.ack_ids)
-        self._count(out)
+        if consumer.link is None:
+            self._write(out, consumer, prefetch)
+            self._count(out)
+        else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
+            consumer.send_write(out)
+            self._collect(consumer)
+
+    def settle(self, consumer: StreamConsumer | None = None) -> None:
+        """Wait until every reply transaction sent on ``consumer``'s link (all, by default) has landed."""
+        for c in [consumer] if consumer is not None else list(self.consumers.values()):
+            c.settle()
+            self._collect(c)
+
+    def _collect(self, consumer: StreamConsumer) -> None:
+        """Count the writes whose answers came back; write again, until they land, those that failed."""
+        confirmed, consumer.confirmed = consumer.confirmed, []
+        for out in confirmed:
+            self._count(out)
+        failed, consumer.unconfirmed = consumer.unconfirmed, []
+        if failed:
+            log.error("%d reply transactions not confirmed (%s); writing them again",
+                      len(failed), consumer.link_error)
+        for out in failed:
+            self._write(out, consumer)
+            self._count(out)
 
     def _count(self, out: Outbox) -> None:
         """The batch in the metrics, once its transaction has landed."""
