@@ -34,7 +34,7 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
-from lab import bench_cluster, bench_overload
+from lab import bench_bulk, bench_cluster, bench_overload
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
@@ -273,7 +273,12 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
             doc["overload"] = _overload(settings, args, Path(tmp), progress)
         if not args.skip_cluster:
             doc["cluster"] = _cluster(settings, args, Path(tmp), progress)
-    servers = [doc.pop("server", None), *(doc.get(k, {}).get("server") for k in ("overload", "cluster"))]
+        if not args.skip_bulk:
+            cfg = bench_bulk.BulkConfig.from_args(args)
+            doc["bulk"] = bench_bulk.run_bulk(settings, path, Path(tmp), args.processes, cfg,
+                                              args.redis_server, progress)
+    servers = [doc.pop("server", None),
+               *(doc.get(k, {}).get("server") for k in ("overload", "cluster", "bulk"))]
     doc["machine"]["server"] = next((s for s in servers if s), "none")
     if "overload" in doc or "cluster" in doc:
         doc["capacity_model"] = bench_cluster.capacity_model(doc.get("cluster"), doc.get("overload"))
@@ -377,6 +382,8 @@ def print_table(doc: dict) -> None:
         bench_cluster.print_cluster(doc["cluster"])
     if "capacity_model" in doc:
         bench_cluster.print_capacity_model(doc["capacity_model"])
+    if "bulk" in doc:
+        bench_bulk.print_bulk(doc["bulk"])
 
 
 def _print_base(doc: dict) -> None:

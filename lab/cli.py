@@ -98,7 +98,21 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
                    help="skip the in-process floor, low-load, saturated and reload measurements")
     _add_overload_flags(p)
     _add_cluster_flags(p)
+    _add_bulk_flags(p)
     p.set_defaults(func=_bench)
+
+
+def _add_bulk_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bulk scenario (multi-sample entries, large batches: samples/s against the "
+                             "in-process ceiling at the same batch)")
+    g.add_argument("--skip-bulk", action="store_true")
+    g.add_argument("--bulk-samples", type=int, default=64, help="samples per stream entry")
+    g.add_argument("--bulk-max-batch", type=int, default=256, help="the workers' --max-batch (rows)")
+    g.add_argument("--bulk-device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="the workers' and the ceiling's device")
+    g.add_argument("--bulk-bots", type=int, default=2, help="client processes")
+    g.add_argument("--bulk-in-flight", type=int, default=4, help="calls in flight per client process")
+    g.add_argument("--bulk-seconds", type=float, default=8.0, help="each measurement")
 
 
 def _add_overload_flags(p: argparse.ArgumentParser) -> None:

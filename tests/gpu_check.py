@@ -46,12 +46,20 @@ def main() -> int:
         for batch in (1, 32, 256):
             result[f"cpu_b{batch}_p50_ms"] = timed(cpu, x[:batch], 50)
             result[f"cuda_b{batch}_p50_ms"] = timed(gpu, x[:batch], 200)
+        # The worker's path on CUDA: the batch assembled in pinned host memory (BatchProcessor._call).
+        staged = gpu.stage("features", x.shape, x.dtype)
+        np.copyto(staged, x)
+        result["staged_is_pinned"] = bool(gpu._pinned["features"].is_pinned())
+        result["max_abs_diff_staged_vs_cpu"] = float(
+            np.abs(gpu.run({"features": staged})["probs"] - cpu.run({"features": x})["probs"]).max())
+        result["cuda_b256_staged_p50_ms"] = timed(gpu, staged, 200)
     text = json.dumps(result, indent=2)
     out = os.environ.get("OUT")
     if out:
         Path(out, "gpu_check.json").write_text(text)
     print(text)
-    return 0 if result["cuda"] and diff < 1e-4 else 1
+    ok = result["cuda"] and diff < 1e-4 and result["staged_is_pinned"]
+    return 0 if ok and result["max_abs_diff_staged_vs_cpu"] < 1e-4 else 1
 
 
 if __name__ == "__main__":

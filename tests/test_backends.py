@@ -100,3 +100,41 @@ def test_device_setting_is_validated():
 
     with pytest.raises(pydantic.ValidationError):
         Settings(device="gpu")
+
+
+def test_a_batch_is_assembled_where_the_backend_stages_it(model_path, twin):
+    """On CUDA the torch backend hands out pinned host memory to assemble a batch in (checked by
+    tests/gpu_check.py on a device); on the CPU it stages nothing and batches are concatenated."""
+    from types import SimpleNamespace
+
+    from protocol import messages
+    from worker.backend import OnnxBackend
+    from worker.inputs import InputSpec
+    from worker.processing import BatchProcessor
+
+    assert TorchExportBackend(twin, output_names=["probs"]).stage("features", (4, 60, 110), X.dtype) is None
+    onnx = OnnxBackend(model_path)
+    staged = np.full((4, 60, 110), np.nan, np.float32)
+    seen = []
+
+    class Staging:
+        def stage(self, name, shape, dtype):
+            assert (name, shape, dtype) == ("features", staged.shape, staged.dtype)
+            return staged
+
+        def run(self, inputs):
+            seen.append(inputs["features"])
+            return onnx.run(inputs)
+
+    def entry(request_id, x):  # the fields as Redis hands them back: bytes
+        fields = messages.encode_request(request_id, {"features": x}, deadline_ms=2**40)
+        return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+    requests = [messages.decode_request(f"1-{i}", entry(f"r{i}", x), max_bytes=1 << 24)
+                for i, x in enumerate((X[:1], X[1:3], X[:1]))]
+    loaded = SimpleNamespace(backend=Staging(), spec=InputSpec({"features": {"dtype": "float32",
+                                                                              "shape": [60, 110]}}))
+    out = BatchProcessor._call(loaded, requests)
+    assert np.shares_memory(seen[0], staged), "the batch was assembled in the staged buffer"
+    np.testing.assert_array_equal(staged, np.concatenate([X[:1], X[1:3], X[:1]]))
+    np.testing.assert_allclose(out["probs"], onnx.run({"features": staged})["probs"])

@@ -11,6 +11,7 @@ import pytest
 import redis
 from conftest import MODEL
 
+from lab.bench_bulk import BulkConfig, print_bulk, run_bulk
 from lab.bench_cluster import ClusterConfig, capacity_model, print_cluster, run_cluster, spread_model_name
 from lab.bench_overload import Flow, OverloadConfig, print_overload, run_overload, schedule, summarize
 from lab.bench_overload import Outcome as O
@@ -114,3 +115,15 @@ def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsy
                                   for p in ("fastapi", "celery")}
     print_peers(doc)
     assert "streamserve trivial saturated rps vs celery" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(180)
+def test_bulk_scenario_sends_multi_sample_entries_and_compares_with_the_ceiling(tmp_path, model_path, capsys):
+    cfg = BulkConfig(samples=8, max_batch=32, bots=1, in_flight=2, seconds=1.0)
+    doc = run_bulk(Settings(), model_path, tmp_path, 1, cfg, None, lambda _: None, input_spec=models.SPEC,
+                   output_names=["probs"], labels=models.LABELS)
+    e2e = doc["end_to_end"]
+    assert e2e["entries"] > 0 and e2e["errors"] == 0
+    assert e2e["samples_per_s"] > 0 and doc["in_process_samples_per_s"] > 0 and doc["ratio"] > 0
+    print_bulk(doc)
+    assert "bulk end to end / in-process ceiling" in capsys.readouterr().out

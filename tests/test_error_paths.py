@@ -25,6 +25,9 @@ class EchoBackend:
     def run(self, inputs):
         return {"probs": np.full((len(inputs["features"]), 3), 1 / 3, np.float32)}
 
+    def stage(self, name, shape, dtype):
+        return None
+
 
 def test_heartbeat_must_outlive_its_interval():
     with pytest.raises(pydantic.ValidationError, match="heartbeat_ttl_s must exceed"):

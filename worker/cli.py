@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--spin-ms", type=float, help="low-latency mode: poll this long after each batch "
                    "before sleeping (a core busy meanwhile; default 0: off)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="default: cpu")
+    p.add_argument("--overlap-io", action=argparse.BooleanOptionalAction, default=None,
+                   help="under load, overlap the next read and the last reply transaction with the "
+                   "model call (default: on; single-node Redis)")
     p.add_argument("--max-queue-ms", type=float, default=0.0,
                    help="shed requests queued longer than this with OVERLOADED (0 = never)")
     p.add_argument("--shards", help="comma-separated stream shards to read, e.g. 0 or 1,2 "
@@ -32,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                        intra_op_threads=args.intra_op_threads, device=args.device,
-                                       spin_ms=args.spin_ms, shards=args.shards,
+                                       spin_ms=args.spin_ms, shards=args.shards, overlap_io=args.overlap_io,
                                        metrics_port=args.metrics_port)
     model = args.model or settings.model
     if args.processes > 1 and not args.burst:
