@@ -272,6 +272,24 @@ def test_worker_survives_a_redis_restart(registry, production, caplog, max_batch
         server.stop()
 
 
+def test_worker_and_bot_talk_over_a_unix_socket(registry, production, tmp_path):
+    """Same host: ``unix://`` URLs (no TCP keepalive option there; the worker used to refuse it)."""
+    from producer import Client
+
+    sock = tmp_path / "redis.sock"
+    server = EmbeddedRedis(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700")).start()
+    url = f"unix://{sock}?db=0"
+    client = redis.Redis.from_url(url)
+    copy_registry(registry.redis, client)
+    try:
+        settings = Settings(redis_url=url, artifact_dir=registry.artifact_dir)
+        with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(url, timeout_s=10) as bot:
+            assert bot.predict(MODEL, X).model_version == production.version
+    finally:
+        client.close()
+        server.stop()
+
+
 def copy_registry(source, target):
     for key in (keys.model_hash(MODEL), keys.version_hash(MODEL, 1)):
         target.hset(key, mapping=source.hgetall(key))

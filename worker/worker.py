@@ -70,7 +70,10 @@ class Worker:
         self.settings, self.model, self.burst = settings, keys.check_model_name(model), burst
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # The client name lets an operator find (and tests cut) a worker's connections in CLIENT LIST.
-        self.redis = connection.connect(settings.redis_url, socket_keepalive=True,
+        # TCP keepalive notices a peer gone silent on an idle connection; a Unix socket (unix://,
+        # same host) has no such option, and redis-py refuses the argument for it.
+        keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
+        self.redis = connection.connect(settings.redis_url, **keepalive,
                                         client_name=f"ss-worker:{self.worker_id}"[:120])
         registry = Registry(self.redis, settings.artifact_dir)
         # Pinned shards (``--shards``) are read whatever the layout says; otherwise the layout decides.
