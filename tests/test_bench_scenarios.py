@@ -107,6 +107,26 @@ def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsy
     cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
                       saturated_requests=10)
     doc = run_peers(cfg, tmp_path, models=("trivial",), progress=lambda _: None)
+    _check_peers(doc, capsys)
+
+
+@pytest.mark.timeout(180)
+def test_peers_scenario_over_unix_sockets(tmp_path, capsys):
+    pytest.importorskip("fastapi", reason="the peers extra")
+    cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
+                      saturated_requests=10, unix_socket=True)
+    doc = run_peers(cfg, tmp_path, systems=("streamserve", "fastapi"), models=("trivial",),
+                    progress=lambda _: None)
+    assert set(doc["results"]) == {"streamserve/trivial", "fastapi/trivial"}
+    assert doc["results"]["streamserve/trivial"]["address"] == [f"unix://{tmp_path / 'redis.sock'}?db=0"]
+    assert all(a.endswith(".sock") for a in doc["results"]["fastapi/trivial"]["address"])
+    for r in doc["results"].values():
+        assert r["sequential"]["n"] == 20 and r["saturated"]["n"] == 20
+    print_peers(doc)
+    assert "Unix sockets" in capsys.readouterr().out
+
+
+def _check_peers(doc, capsys):
     assert set(doc["results"]) == {f"{s}/trivial" for s in SYSTEMS}
     for r in doc["results"].values():
         assert r["sequential"]["n"] == 20 and r["saturated"]["n"] == 20
