@@ -148,8 +148,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         """A stream socket to ``path``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except OSError:  # not listening yet: the caller retries
+            sock.close()
+            raise
         self.sock = sock
 
 
