@@ -38,8 +38,10 @@ def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float 
                       message="caught the victim with a batch in flight")
 
 
-# Full batches of 8: each reply transaction also reads the next entries, so the victim dies holding
-# entries it read ahead (and, on the backfill lane, entries held beyond its batch).
+# Full batches of 8: the worker reads the next entries before each model call and reads each reply
+# transaction's answer after the next call (overlap_io, the default), so the victim dies holding
+# entries it read ahead, writes not yet confirmed (and, on the backfill lane, entries held beyond
+# its batch).
 @pytest.mark.parametrize("lane", ["live", "backfill"])
 def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production, lane):
     procs = [start_worker("--max-batch", "8") for _ in range(2)]

@@ -1,8 +1,12 @@
 """The worker: read a model's stream through its consumer group, micro-batch, infer, reply, ack.
 
-One process serves one model. The loop is synchronous on purpose: a batch is
-read, computed and answered in order, so "finish the in-flight batch" on
-SIGTERM is simply "finish this iteration". The parts it ties together:
+One process serves one model. The loop is single-threaded on purpose: a batch
+is read, computed and answered in order, so "finish the in-flight batch" on
+SIGTERM is "finish this iteration, then read the answers still owed". Under load
+(``overlap_io``) the next batch's read is sent before the model call and each reply
+transaction's answer is read after the next call, so Redis works while the model
+does; nothing is acked outside the transaction that carries its reply. The parts
+it ties together:
 :class:`~worker.consumer.StreamConsumer` (read, reclaim, one MULTI/EXEC for
 replies and acks), :class:`~worker.slot.ModelSlot` (the served version and its
 background reload), :class:`~worker.arms.ExperimentArms` (the experiment's
