@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +21,8 @@ from protocol.messages import Prediction
 class Client:
     """Send feature tensors to a model's stream and wait for the replies.
 
-    Thread-safe: each call takes its own connection from redis-py's pool. ``timeout_s``
+    Thread-safe: each thread keeps a connection of redis-py's pool for its calls (on a
+    cluster, each call takes one from the node's pool). ``timeout_s``
     is honoured whatever the connection's ``socket_timeout``: the wait's read timeout is
     derived from it per call. A connection lost while waiting is re-opened and the wait
     repeated (the request is not re-sent) until the deadline. See docs/protocol.md §4.
@@ -33,6 +36,7 @@ class Client:
         self._finished = _core.Finished()
         self._router = _core.Router()
         self._cluster = connection.is_cluster(client)
+        self._leases = threading.local()  # one server: this thread's kept connection (_Lease)
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, spin_ms: float = 0.0,
@@ -133,7 +137,7 @@ class Client:
             raise _core.NotConnected(str(e)) from e
         try:
             # Any: redis-py leaves the connection's low-level methods untyped.
-            conn: Any = pool.get_connection()
+            conn: Any = pool.get_connection() if self._cluster else self._kept_connection()
         except _core.RETRYABLE as e:
             raise _core.NotConnected(str(e)) from e
         try:
@@ -142,10 +146,33 @@ class Client:
             spin_until_s = time.monotonic() + self.spin_s
             return [_answer(conn, trip.read_timeout_s, spin_until_s) for _ in trip.commands]
         except BaseException:
-            conn.disconnect()
+            conn.disconnect()  # a kept connection reconnects on its next send
             raise
         finally:
-            pool.release(conn)
+            if self._cluster:
+                pool.release(conn)
+
+    def _kept_connection(self) -> Any:
+        """This thread's connection, taken from the pool once and kept: redis-py 8's checkout and
+        release (a lock, set updates, observability hooks) cost more CPU than the rest of a
+        call's Python. Given back when the thread ends; a forked child takes its own."""
+        lease = getattr(self._leases, "lease", None)
+        if lease is None or lease.pid != os.getpid():
+            pool = self.redis.connection_pool
+            lease = self._leases.lease = _Lease(pool, pool.get_connection())
+        # As the pool's checkout does, before anything is sent: (re)connect, and a connection with
+        # something to read between calls (the server closed it: restarted, or an idle timeout) is
+        # replaced. A server that is down then fails the call as "nothing sent", at once, not as an
+        # answer lost in flight to be waited for until the deadline.
+        conn = lease.conn
+        try:
+            stale = conn.can_read(timeout=0)  # connects first if closed
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            stale = True
+        if stale:
+            conn.disconnect()
+            conn.connect()
+        return conn
 
     def record_outcome(self, model: str, request_id: str, *, correct: bool | None = None,
                        label: str | None = None, pnl: float | None = None) -> str:
@@ -190,6 +217,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class _Lease:
+    """A connection a thread keeps; back to its pool when the thread (or the client) is gone."""
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self.pool, self.conn, self.pid = pool, conn, os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # never touch a parent's socket after a fork
+            with contextlib.suppress(Exception):  # the pool may be gone at interpreter exit
+                self.pool.release(self.conn)
 
 
 def _answer(conn: Any, timeout_s: float, spin_until_s: float = 0.0) -> Any:

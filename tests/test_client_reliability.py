@@ -323,3 +323,28 @@ def test_reply_keys_are_deleted_by_the_next_call_and_at_close(r, redis_server):
         answer(r, entry)
         second.result(timeout=15)
     assert not r.keys(keys.reply_key_pattern(MODEL)), "close() deletes the rest"
+
+
+@pytest.mark.parametrize("gone", ["proxy closed", "connection killed"])
+def test_a_threads_kept_connection_gone_between_calls_is_replaced_before_sending(r, proxy, gone):
+    """A thread keeps its connection between calls; one the server closed meanwhile (a restart, an
+    idle timeout) is replaced before the next request is sent, never found dead after it."""
+    with Client.from_url(proxy.url, timeout_s=20.0) as client, ThreadPoolExecutor(1) as thread:
+        first = thread.submit(client.predict, MODEL, X)
+        answer(r, entries(r, 1)[0])
+        first.result(timeout=15)
+        started = time.monotonic()
+        if gone == "proxy closed":
+            proxy.close()
+            with pytest.raises(Unavailable, match="cannot be reached"):
+                thread.submit(client.predict, MODEL, X).result(timeout=25)
+            assert time.monotonic() - started < 5, "not after the timeout"
+            return
+        for c in r.client_list():
+            if c["cmd"] in ("blmove", "lrange", "xadd", "unlink"):  # the client's, idle after its call
+                r.client_kill_filter(_id=c["id"])
+        second = thread.submit(client.predict, MODEL, X)
+        entry = entries(r, 2)[1]
+        answer(r, entry)
+        assert_answered(second.result(timeout=15), entry)
+        assert time.monotonic() - started < 5 and r.xlen(STREAM) == 2, "sent once, on a new connection"
