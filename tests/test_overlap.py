@@ -91,3 +91,37 @@ def test_a_reply_key_of_the_wrong_type_costs_its_reply_only_never_the_worker(
     assert r.get(keys.reply_key(MODEL, "poisoned")) == b"not a list"
     assert r.xlen(keys.request_stream(MODEL)) == 0 and pending_count(r) == 0, "acked with the other replies"
     assert any("WRONGTYPE" in m for m in caplog.messages)
+
+
+def test_a_read_ahead_that_cannot_be_sent_hands_the_unanswered_write_back(r, settings, production):
+    """The link fails while sending: the write still unanswered on it is written again, and the
+    entries are served by the next plain read."""
+    import redis as redis_py
+
+    worker = _ready(settings)
+    consumer = worker.consumer
+    send(r, "first")
+    worker.process(consumer.read(32, 0), consumer=consumer)  # its write's answer not read yet
+    send(r, "second")
+
+    conn = consumer.link.conn
+    real = conn.send_packed_command
+
+    def refuse_once(*_args, **_kwargs):
+        conn.send_packed_command = real  # the connection goes back to the pool: fine from then on
+        raise redis_py.ConnectionError("connection reset")
+
+    conn.send_packed_command = refuse_once
+    consumer.read_ahead(32)
+    assert len(consumer.unconfirmed) == 1 and not consumer.link.unanswered and consumer.link.conn is None
+    worker._collect(consumer)
+    assert reply(r, "first")["ok"]
+    worker.run()
+    assert reply(r, "second")["ok"] and pending_count(r) == 0
+
+
+def test_a_consumer_whose_idle_time_is_unreadable_counts_as_idle():
+    from worker.consumer import _idle_ms
+
+    assert _idle_ms({"idle": 250}) == 250.0
+    assert _idle_ms({"idle": b"junk"}) == _idle_ms({}) == float("inf")
