@@ -125,3 +125,17 @@ def test_a_consumer_whose_idle_time_is_unreadable_counts_as_idle():
 
     assert _idle_ms({"idle": 250}) == 250.0
     assert _idle_ms({"idle": b"junk"}) == _idle_ms({}) == float("inf")
+
+
+def test_a_shard_no_longer_read_gives_its_kept_connection_back(r, settings, production):
+    worker = Worker(settings, MODEL, burst=True, shards=[0, 1])
+    worker.reconcile()
+    for consumer in worker.consumers.values():
+        consumer.ensure_group()
+    dropped = worker.consumers[1]
+    dropped.read_ahead(8)  # the link opens its connection
+    dropped.settle()
+    assert dropped.link.conn is not None and not dropped.busy
+    worker._set_shards([0])
+    assert 1 not in worker.consumers and dropped.link.conn is None, "the connection went back to the pool"
+    worker.redis.close()

@@ -25,7 +25,7 @@ from protocol import keys
 from protocol.settings import Settings
 from protocol.values import text
 from worker.arms import ExperimentLog
-from worker.transaction import Link, RawTransaction, exec_answers
+from worker.transaction import Link, RawTransaction, exec_answers, xreadgroup_command
 
 if TYPE_CHECKING:
     from redis.typing import StreamIdT
@@ -195,8 +195,7 @@ class StreamConsumer:
         assert self.link is not None
         streams = self._read_streams(count)
         try:
-            self.link.send([("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "STREAMS",
-                             *streams, *streams.values())], None)
+            self.link.send([xreadgroup_command(self.group, self.name, streams, count)], None)
         except redis.RedisError as e:
             self._link_lost(e)
 
@@ -277,8 +276,7 @@ class StreamConsumer:
         pool = self.redis.connection_pool
         conn: Any = pool.get_connection()  # Any: redis-py leaves the low-level methods untyped
         try:
-            conn.send_command("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", block,
-                              "STREAMS", *streams, *streams.values())
+            conn.send_command(*xreadgroup_command(self.group, self.name, streams, count, block))
             while time.monotonic() < self.spin_until and not conn.can_read(timeout=0):
                 pass
             return self._entries(self.redis.parse_response(conn, "XREADGROUP"))

@@ -67,8 +67,7 @@ class RawTransaction:
 
     def xreadgroup(self, group: str, consumer: str, streams: Mapping[str, str], count: int) -> None:
         """Queue a non-blocking ``XREADGROUP`` (inside ``MULTI`` a read never blocks)."""
-        self.commands.append(("XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS",
-                              *streams, *streams.values()))
+        self.commands.append(xreadgroup_command(group, consumer, streams, count))
 
     def execute_command(self, *args: Any) -> None:
         """Queue any command."""
@@ -96,6 +95,14 @@ class RawTransaction:
         finally:
             pool.release(conn)
         return exec_answers(queued, raise_on_error=raise_on_error)
+
+
+def xreadgroup_command(group: str, consumer: str, streams: Mapping[str, str], count: int,
+                       block_ms: int | None = None) -> Command:
+    """``XREADGROUP`` of up to ``count`` entries per stream, blocking up to ``block_ms`` if given."""
+    block = ("BLOCK", block_ms) if block_ms is not None else ()
+    return ("XREADGROUP", "GROUP", group, consumer, "COUNT", count, *block, "STREAMS",
+            *streams, *streams.values())
 
 
 def exec_answers(queued: list[Any], *, raise_on_error: bool = False) -> list[Any]:

@@ -120,8 +120,11 @@ class Worker:
             self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
                                        max_wait_ms=self.settings.max_wait_ms)
         for k in set(self.consumers) - set(shards):
-            if not self.consumers[k].busy:  # what it read is ours to answer first
-                self.consumers[k].flush_stats()
+            dropped = self.consumers[k]
+            if not dropped.busy:  # what it read is ours to answer first
+                dropped.flush_stats()
+                if dropped.link is not None:
+                    dropped.link.release()  # its kept connection back to the pool
                 del self.consumers[k], self.batchers[k]
 
     def run(self) -> None:
