@@ -31,6 +31,7 @@ class Request:
     route: str
     inputs: dict[str, np.ndarray]
     raw_inputs: bytes = b""  # the msgpack as received, kept for the experiment journal
+    resend: bool = False  # the bot re-sent this id after an Interrupted error (field "resend" = "1")
 
     @property
     def n_rows(self) -> int:
@@ -41,12 +42,14 @@ class Request:
 
 def encode_request(
     request_id: str, inputs: dict[str, np.ndarray], *, deadline_ms: int, route: str = "",
-    reply_to: str | None = None,
+    reply_to: str | None = None, resend: bool = False,
 ) -> Fields:
     """Stream entry fields for XADD. Every input must already have its batch axis.
 
     ``reply_to`` names the reply list (default: the request id); several requests
-    may share one, and their replies are told apart by their ``id``.
+    may share one, and their replies are told apart by their ``id``. ``resend`` marks
+    a request re-sent with the id of one that may have been queued before (field
+    ``resend`` = ``1``), so the worker answers it from its per-id marker if it ran.
     """
     body = {name: codec.encode_tensor(array) for name, array in inputs.items()}
     fields: Fields = {
@@ -58,6 +61,8 @@ def encode_request(
     }
     if reply_to is not None and reply_to != request_id:
         fields["reply_to"] = check_request_id(reply_to)
+    if resend:
+        fields["resend"] = "1"
     return fields
 
 
@@ -99,7 +104,8 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
         route = _text(fields, b"route") or ""
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
-    return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs, fields.get(b"inputs", b""))
+    return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs, fields.get(b"inputs", b""),
+                   resend=fields.get(b"resend") == b"1")
 
 
 def _deadline_ms(text: str | None) -> int:

@@ -100,3 +100,20 @@ def test_unknown_protocol_version_is_a_clear_invalid_input():
     fields = {b"v": b"2", b"id": b"abc", b"inputs": b""}
     with pytest.raises(InvalidInput, match="unsupported protocol version '2'; this worker speaks 1"):
         messages.decode_request("1-1", fields, max_bytes=LIMIT)
+
+
+def _wire(fields):
+    return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+
+@pytest.mark.parametrize("resend, raw, expected", [
+    (False, None, False), (True, None, True), (False, b"1", True), (False, b"0", False),
+    (False, b"true", False), (False, b"", False),
+])
+def test_resend_field_is_written_only_when_true_and_read_as_exactly_1(resend, raw, expected):
+    x = np.ones((1, 3), np.float32)
+    fields = _wire(messages.encode_request("abc", {"features": x}, deadline_ms=123, resend=resend))
+    assert (b"resend" in fields) == resend
+    if raw is not None:
+        fields[b"resend"] = raw
+    assert messages.decode_request("5-0", fields, max_bytes=LIMIT).resend is expected
