@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import models
+import msgpack
 import numpy as np
 import pydantic
 import pytest
@@ -247,6 +249,23 @@ def test_bot_predicts_worker_serves_ops_promotes_with_the_documented_rules(acl, 
         denied = [(e["username"], e["object"]) for e in admin.acl_log()]  # redis-py decodes this one
     # Every refusal would be a permission the code needs and the rules lack, even one it swallows.
     assert [d for d in denied if d[1] != "client|setinfo"] == []
+
+
+def test_a_popping_client_from_the_protocol_alone_works_under_the_bot_role(acl, tmp_path):
+    """docs/protocol.md §4 "Compatibility": XADD, then BLPOP on the reply key, with raw commands only."""
+    ops = Registry(acl.connect("ops"), tmp_path / "artifacts")
+    register_two_versions(ops, ACL_MODEL, tmp_path)
+    tensor = {"dtype": "<f4", "shape": [1, 60, 110], "data": X.tobytes()}
+    fields = {"v": "1", "id": "popper1", "deadline_ms": str(int(time.time() * 1000) + 20_000),
+              "inputs": msgpack.packb({"features": tensor}, use_bin_type=True)}
+    settings = serving_settings(acl.url("worker"), tmp_path)
+    with ThreadedWorker(Worker(settings, ACL_MODEL)), acl.connect("bot") as bot:
+        bot.xadd(keys.request_stream(ACL_MODEL), fields)
+        popped = bot.blpop([keys.reply_key(ACL_MODEL, "popper1")], timeout=20)
+        assert popped is not None, "no reply within 20 s"
+        reply = msgpack.unpackb(popped[1], raw=False)
+        assert (reply["id"], reply["ok"], reply["label"][0] in models.LABELS) == ("popper1", True, True)
+        assert bot.lpop(keys.reply_key(ACL_MODEL, "popper1")) is None
 
 
 BOT_DENIED = {
