@@ -12,9 +12,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from protocol.errors import ConfigError
 
@@ -100,61 +102,147 @@ class EmbeddedRedis:
 
 
 class EmbeddedCluster:
-    """A Redis Cluster of ``masters`` primaries (no replicas) on 127.0.0.1; use as a context manager.
+    """A Redis Cluster on 127.0.0.1: ``masters`` primaries with ``replicas`` replicas each; a context manager.
 
     Each node is an :class:`EmbeddedRedis` in cluster mode; the slots are split evenly
-    with ``CLUSTER ADDSLOTSRANGE`` and the nodes joined with ``CLUSTER MEET`` (what
-    ``redis-cli --cluster create`` does, without needing redis-cli).
+    over the masters with ``CLUSTER ADDSLOTSRANGE``, every node is joined with
+    ``CLUSTER MEET`` and each replica attached with ``CLUSTER REPLICATE`` (what
+    ``redis-cli --cluster create --cluster-replicas N`` does, without needing redis-cli).
+    ``nodes`` lists the masters first (index ``i``), then master ``i``'s replicas at
+    ``masters + i * replicas + j``. For failure tests: :meth:`kill_node` (SIGKILL),
+    :meth:`master_of` (which node serves a key now) and :meth:`wait_failover`.
     """
 
-    def __init__(self, masters: int = 3, *, binary: Path | None = None) -> None:
+    def __init__(self, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000,
+                 binary: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.masters, self.replicas = masters, replicas
+        total = masters * (1 + replicas)
         # The bus port is given: the default (port + 10000) does not exist for ports above 55535.
-        self.bus_ports = [free_port() for _ in range(masters)]
+        self.bus_ports = [free_port() for _ in range(total)]
         self.nodes = [EmbeddedRedis(binary=binary, extra_args=(
             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
-            "--cluster-port", str(bus), "--cluster-node-timeout", "5000"))
+            "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
+            # A replica's first sync starts at once, not after the default 5 s wait for more replicas.
+            "--repl-diskless-sync-delay", "0", *extra_args))
             for i, bus in enumerate(self.bus_ports)]
+        self.killed: set[int] = set()
+        self._lost_slots: dict[int, list[int]] = {}  # killed node → first slot of each range it served
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:<first node's port>/0``: clients discover the other nodes."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        """``redis+cluster://127.0.0.1:<a live node's port>/0``: clients discover the other nodes."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[self.live()[0]].port}/0"
+
+    def live(self) -> list[int]:
+        """Indices of the nodes not killed."""
+        return [i for i in range(len(self.nodes)) if i not in self.killed]
 
     def node_clients(self) -> list[redis.Redis]:
         """A plain client per node (per-node INFO, CONFIG, or a single node's keys)."""
         return [redis.Redis(port=n.port) for n in self.nodes]
 
-    def start(self, timeout_s: float = 20.0) -> EmbeddedCluster:
-        """Start the nodes, assign the slots, join them, wait until every node says the cluster is ok."""
+    def replica_of(self, master: int, j: int = 0) -> int:
+        """Index of master ``master``'s ``j``-th replica as started (roles change on failover)."""
+        return self.masters + master * self.replicas + j
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
+        """Start the nodes, assign the slots, join them, attach the replicas; wait until all is ok."""
         try:
             for node in self.nodes:
                 node.start()
             clients = self.node_clients()
-            per_node = 16384 // len(clients)
-            for i, client in enumerate(clients):
-                last = 16383 if i == len(clients) - 1 else (i + 1) * per_node - 1
-                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per_node, last)
+            self._assign_slots(clients[:self.masters])
             for node, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
                 clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus)
-            self._wait_ok(clients, timeout_s)
+            self._wait(lambda: all(_known_nodes(c) == len(clients) for c in clients), timeout_s,
+                       "every node to know every other")
+            self._attach_replicas(clients)
+            self._wait(lambda: self._healthy(clients), timeout_s, "the cluster to be ok")
+            for c in clients:
+                c.close()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ok(self, clients: list[redis.Redis], timeout_s: float) -> None:
+    def _assign_slots(self, masters: list[redis.Redis]) -> None:
+        per_node = 16384 // len(masters)
+        for i, client in enumerate(masters):
+            last = 16383 if i == len(masters) - 1 else (i + 1) * per_node - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per_node, last)
+
+    def _attach_replicas(self, clients: list[redis.Redis]) -> None:
+        for m in range(self.masters):
+            master_id = _text(clients[m].execute_command("CLUSTER", "MYID"))
+            for j in range(self.replicas):
+                clients[self.replica_of(m, j)].execute_command("CLUSTER", "REPLICATE", master_id)
+
+    def _healthy(self, clients: list[redis.Redis]) -> bool:
+        """Every node says ok and knows every node; every replica's link to its master is up."""
+        if not all(_cluster_info(c)["cluster_state"] == "ok" and _known_nodes(c) == len(clients)
+                   for c in clients):
+            return False
+        return all(clients[i].info("replication").get("master_link_status") == "up"
+                   for i in range(self.masters, len(clients)))
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            infos = [_cluster_info(c) for c in clients]
-            if all(i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == len(clients)
-                   for i in infos):
-                return
+        while not done():
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"waited {timeout_s} s for {what}")
             time.sleep(0.05)
-        raise ConfigError(f"the cluster did not become ok within {timeout_s} s")
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node ``i`` (no shutdown, no save): a crashed or unplugged machine.
+
+        The slots it served are remembered for :meth:`wait_failover`."""
+        self._lost_slots[i] = [first for first, _, owner in self.slot_owners() if owner == i]
+        process = self.nodes[i].process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        self.killed.add(i)
+
+    def slot_owners(self) -> list[tuple[int, int, int]]:
+        """``(first slot, last slot, node index)`` of every slot range, as a live node sees it now."""
+        client = redis.Redis(port=self.nodes[self.live()[0]].port, socket_timeout=2.0)
+        try:
+            return _slot_ranges(client, {n.port: i for i, n in enumerate(self.nodes)})
+        finally:
+            client.close()
+
+    def master_of(self, key: str) -> int:
+        """Index of the node serving ``key``'s slot now."""
+        return self.master_of_slot(key_slot(key.encode()))
+
+    def wait_failover(self, dead: int, timeout_s: float = 30.0) -> int:
+        """Wait until every live node says the cluster is ok and none gives ``dead`` a slot; returns
+        the index of the node that now serves what ``dead`` served (``dead`` if it served nothing)."""
+        ports = {n.port: i for i, n in enumerate(self.nodes)}
+        clients = [redis.Redis(port=self.nodes[i].port, socket_timeout=2.0) for i in self.live()]
+
+        def over() -> bool:
+            try:
+                return all(_cluster_info(c)["cluster_state"] == "ok"
+                           and all(i != dead for *_, i in _slot_ranges(c, ports)) for c in clients)
+            except redis.RedisError:
+                return False
+
+        try:
+            self._wait(over, timeout_s, f"node {dead}'s slots to fail over")
+        finally:
+            for c in clients:
+                c.close()
+        lost = self._lost_slots.get(dead, [])
+        return self.master_of_slot(lost[0]) if lost else dead
+
+    def master_of_slot(self, slot: int) -> int:
+        """Index of the node serving ``slot`` now."""
+        return next(i for first, last, i in self.slot_owners() if first <= slot <= last)
 
     def version(self) -> str:
-        """Server name and version of the first node."""
-        return self.nodes[0].version()
+        """Server name and version of a live node."""
+        return self.nodes[self.live()[0]].version()
 
     def stop(self) -> None:
         """Stop every node."""
@@ -168,8 +256,21 @@ class EmbeddedCluster:
         self.stop()
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
     """CLUSTER INFO of one node as a dict (a plain client has no parser for it)."""
-    raw = client.execute_command("CLUSTER", "INFO")
-    lines = (raw.decode() if isinstance(raw, bytes) else str(raw)).splitlines()
+    lines = _text(client.execute_command("CLUSTER", "INFO")).splitlines()
     return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def _known_nodes(client: redis.Redis) -> int:
+    return int(_cluster_info(client)["cluster_known_nodes"])
+
+
+def _slot_ranges(client: redis.Redis, ports: dict[int, int]) -> list[tuple[int, int, int]]:
+    """``CLUSTER SLOTS`` of one node as ``(first, last, node index)``; masters only."""
+    return [(int(r[0]), int(r[1]), ports.get(int(r[2][1]), -1))
+            for r in client.execute_command("CLUSTER", "SLOTS")]
