@@ -109,13 +109,17 @@ class EmbeddedCluster:
     ``CLUSTER MEET`` and each replica attached with ``CLUSTER REPLICATE`` (what
     ``redis-cli --cluster create --cluster-replicas N`` does, without needing redis-cli).
     ``nodes`` lists the masters first (index ``i``), then master ``i``'s replicas at
-    ``masters + i * replicas + j``. For failure tests: :meth:`kill_node` (SIGKILL),
-    :meth:`master_of` (which node serves a key now) and :meth:`wait_failover`.
+    ``masters + i * replicas + j``. With ``full_coverage`` (Redis' default) every node refuses
+    every command (``CLUSTERDOWN``) from the moment a master is marked failed until its
+    replica is promoted; without, only that master's slots are down. For failure tests:
+    :meth:`kill_node` (SIGKILL), :meth:`master_of` (which node serves a key now) and
+    :meth:`wait_failover`.
     """
 
     def __init__(self, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 5000,
-                 binary: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
-        self.masters, self.replicas = masters, replicas
+                 full_coverage: bool = True, binary: Path | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.masters, self.replicas, self.full_coverage = masters, replicas, full_coverage
         total = masters * (1 + replicas)
         # The bus port is given: the default (port + 10000) does not exist for ports above 55535.
         self.bus_ports = [free_port() for _ in range(total)]
@@ -123,7 +127,9 @@ class EmbeddedCluster:
             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
             "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
             # A replica's first sync starts at once, not after the default 5 s wait for more replicas.
-            "--repl-diskless-sync-delay", "0", *extra_args))
+            "--repl-diskless-sync-delay", "0",
+            # "no": while a master is down (until its replica is promoted) the others keep serving.
+            "--cluster-require-full-coverage", "yes" if full_coverage else "no", *extra_args))
             for i, bus in enumerate(self.bus_ports)]
         self.killed: set[int] = set()
         self._lost_slots: dict[int, list[int]] = {}  # killed node → first slot of each range it served
