@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from conftest import MODEL, wait_for_workers, wait_until
+from conftest import FAST_ENV, MODEL, wait_for_workers, wait_until
 
 from producer import _core
 from protocol import keys
@@ -94,3 +96,38 @@ def test_processes_flag_runs_a_supervised_fleet_that_stops_cleanly(r, client, st
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     assert r.zcard(keys.workers_zset(MODEL)) == 0
+
+
+@pytest.mark.timeout(90)
+def test_group_sigterm_drains_every_supervised_child_once(r, settings, client, tmp_path, production):
+    """systemd's KillMode=control-group (``kill -- -PGID``): each child gets SIGTERM directly and from
+    the supervisor; both are one request to drain, never a forcing second signal."""
+    cmd = [sys.executable, "-m", "streamserve", "--redis-url", settings.redis_url, "--artifact-dir",
+           str(settings.artifact_dir), "worker", "--model", MODEL, "--processes", "2", "--max-batch", "4"]
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **FAST_ENV}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    stream, group = keys.request_stream(MODEL), keys.consumer_group(MODEL)
+    results: list = []
+    load = threading.Thread(target=lambda: results.extend(client.predict_many(
+        MODEL, [X * (i % 5 + 1) for i in range(120)], timeout_s=30, return_exceptions=True)))
+    try:
+        wait_for_workers(client, 2)
+        load.start()
+        wait_until(lambda: r.xpending(stream, group)["pending"] > 0, 20, interval_s=0.001,
+                   message="the children hold no batch")
+        os.killpg(proc.pid, signal.SIGTERM)
+        exit_code = proc.wait(30)
+        pending = r.xpending(stream, group)["pending"]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        Worker(settings, MODEL, burst=True).run()  # what the children never read
+        load.join(60)
+    assert exit_code == 0, log_path.read_text()
+    assert pending == 0, "every batch in hand was finished and acked"
+    assert "forcing exit" not in log_path.read_text()
+    errors = [e for e in results if isinstance(e, Exception)]
+    assert len(results) == 120 and not errors, errors[:3]

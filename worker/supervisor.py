@@ -1,9 +1,13 @@
 """Run N worker processes (one per core) and keep them running.
 
 SIGTERM/SIGINT to the supervisor → SIGTERM to every child (each finishes its
-batch and exits); a second signal → SIGKILL. Children ignore SIGINT so a
+batch and exits); a second signal → SIGKILL. A supervised child drains on
+SIGTERM however many times it comes: a group signal (systemd's default
+``KillMode=control-group``, ``kill -- -PGID``) reaches it both directly and
+through the supervisor, and only the supervisor decides to force (the grace
+period still bounds each child's drain). Children ignore SIGINT so a
 terminal's Ctrl-C reaches them once, through the supervisor. A child that
-dies on its own is restarted. A child also stops (SIGTERM: drain, ack, exit)
+dies on its own is restarted, unless the fleet is stopping. A child also stops (SIGTERM: drain, ack, exit)
 when the supervisor dies, even by SIGKILL (Linux's parent-death signal), so a
 restarted supervisor never doubles the fleet.
 
@@ -23,8 +27,7 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from protocol.settings import Settings
@@ -49,11 +52,32 @@ def _child(settings_json: str, secret: str | None, model: str, max_queue_ms: flo
     configure_logging(verbose)
     settings = Settings.model_validate_json(settings_json).with_overrides(control_secret=secret)
     worker = Worker(settings, model, max_queue_ms=max_queue_ms)
-    worker.install_signal_handlers(sigint=False)
-    # Its own signal, not SIGTERM: it may come more than once, and must never count as a forcing second.
-    signal.signal(PARENT_DIED, lambda _signum, _frame: worker.stop())
+    drain = drain_once(worker)
+    for signum in (signal.SIGTERM, PARENT_DIED):
+        signal.signal(signum, drain)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     worker.run()
+
+
+def drain_once(worker: Worker) -> Callable[[int, object], None]:
+    """A signal handler for a supervised worker: the first call drains, later ones change nothing.
+
+    Unlike an unsupervised worker's second signal, a repeat is not an order to force: a group
+    SIGTERM arrives twice (directly and forwarded). Forcing is the supervisor's SIGKILL, or the
+    grace period, counted from the first signal.
+    """
+    def handle(signum: int, _frame: object) -> None:
+        if worker.stopping.is_set():
+            log.info("signal %s: already finishing the current batch", signum)
+            return
+        log.info("signal %s: finishing the current batch, then exiting", signum)
+        worker.stop()
+        timer = threading.Timer(worker.settings.grace_period_s, os._exit, (1,))
+        timer.daemon = True
+        timer.start()
+
+    return handle
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -127,7 +151,10 @@ class Supervisor:
             log.warning("worker pid %s exited with %s; restarting", child.pid, child.exitcode)
             if self._fleet is not None and child.pid is not None:
                 self._fleet.child_exited(child.pid)
-            time.sleep(RESTART_DELAY_S)
+            # A wait the stop signal ends: a child that drained on a group signal before the
+            # supervisor handled its own must not be replaced by one nobody stops.
+            if self.stopping.wait(RESTART_DELAY_S):
+                return
             self.children[i] = self._spawn()
 
     def _healthy(self) -> bool:
