@@ -18,7 +18,7 @@ from protocol.errors import RegistryError
 from protocol.settings import Settings
 from registry.resharding import reshard
 from registry.rollout import wait_for_fleet
-from registry.store import FORMATS, STAGES, ModelVersion, Registry
+from registry.store import FORMATS, PRIMARY, STAGES, ModelVersion, Registry
 
 ParityChecker = Callable[[Registry, ModelVersion], dict[str, float]]
 
@@ -84,7 +84,11 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true", help="wait until every live worker serves it")
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--rollback-on-failure", action="store_true",
-                   help="with --wait: restore the previous Production if any worker fails to load")
+                   help="with --wait: restore the previous Production if any worker fails to load it, "
+                   "or serves it only through a fallback variant (without --allow-fallback)")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="with --wait: a worker serving the version through a fallback variant (e.g. the "
+                   "torch artifact when the ONNX one cannot load) counts as switched")
     p.set_defaults(func=_promote)
 
 
@@ -223,13 +227,15 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         if not (args.wait and args.stage == "Production"):
             return 0
         report = wait_for_fleet(reg.redis, args.name, args.version, timeout_s=args.timeout_s,
-                                ttl_s=settings.heartbeat_ttl_s)
+                                ttl_s=settings.heartbeat_ttl_s, variant=mv.serving_variant or PRIMARY,
+                                allow_fallback=args.allow_fallback)
         print("\n".join(report.lines()))
         if report.ok:
             return 0
         if args.rollback_on_failure and previous is not None and previous != args.version:
+            not_served = sorted({*report.failed, *report.fallback})
             reg.promote(args.name, previous, "Production", allow_archived=True,
-                        reason=f"automatic rollback: v{args.version} failed on {sorted(report.failed)}")
+                        reason=f"automatic rollback: v{args.version} failed on {not_served}")
             print(f"rolled back to v{previous}")
     return 1
 

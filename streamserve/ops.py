@@ -14,7 +14,7 @@ from protocol import connection, keys, messages, presence, sharding
 from protocol.errors import InvalidInput, RegistryError
 from protocol.settings import Settings
 from protocol.values import text
-from registry import ModelVersion, Registry
+from registry import PRIMARY, ModelVersion, Registry
 from registry.rollout import publish_reload, wait_for_fleet
 from worker.loader import load_version, version_parity
 
@@ -102,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--wait", action="store_true", help="wait until every live worker serves Production")
     p.add_argument("--timeout-s", type=float, default=60.0)
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="with --wait: a worker serving Production through a fallback variant counts as "
+                   "switched")
     p.set_defaults(func=_reload)
     p = subparsers.add_parser("replay", help="run a version on the inputs the current experiment journaled")
     p.add_argument("model")
@@ -121,13 +124,15 @@ def parity_checker(registry: Registry, mv: ModelVersion) -> dict[str, float]:
 
 def _reload(args: argparse.Namespace, settings: Settings) -> int:
     with connection.connect(settings.redis_url) as client:
-        target = Registry(client, settings.artifact_dir).production(args.model).version
+        production = Registry(client, settings.artifact_dir).production(args.model)
+        target = production.version
         receivers = publish_reload(client, args.model, target, secret=settings.control_secret)
         print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
         if not args.wait:
             return 0
         report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s,
-                                ttl_s=settings.heartbeat_ttl_s)
+                                ttl_s=settings.heartbeat_ttl_s, variant=production.serving_variant or PRIMARY,
+                                allow_fallback=args.allow_fallback)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 

@@ -154,3 +154,48 @@ def test_reload_wait_and_status_commands(r, settings, registry, tmp_path, produc
         assert main([*base, "status"]) == 0
         out = capsys.readouterr().out
     assert f"{MODEL}: Production v1" in out and worker.worker_id in out and "dead letters 0" in out
+
+
+@pytest.fixture
+def v2_on_its_fallback(settings, registry, tmp_path, production):
+    """v2 with a torch twin of its ONNX artifact, the ONNX artifact corrupted in the store: a
+    worker can serve v2 only through the torch fallback."""
+    pytest.importorskip("torch")
+    path = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
+    v2 = registry.register(MODEL, path, input_spec=models.SPEC, output_names=["probs"],
+                           labels=models.LABELS,
+                           alternates={"torch_export": models.torch_twin(path, tmp_path / "v2.pt2")})
+    corrupt(settings, v2)
+    return v2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("allow", [False, True])
+def test_promote_wait_counts_a_fallback_variant_as_not_switched_unless_allowed(
+        r, settings, registry, v2_on_its_fallback, capsys, allow):
+    v2 = v2_on_its_fallback
+    base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir)]
+    with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url) as client:
+        client.predict(MODEL, X)
+        extra = ["--allow-fallback"] if allow else []
+        code = main([*base, "registry", "promote", MODEL, str(v2.version), "--wait", "--timeout-s", "20",
+                     *extra])
+        out = capsys.readouterr().out
+        assert client.predict(MODEL, X).model_version == v2.version, "v2 serves, through torch"
+    assert code == (0 if allow else 1), out
+    assert "torch_export" in out and "artifact bytes do not match" in out, "the variant and why"
+    summary = out.strip().splitlines()[-1]
+    assert ("NOT switched" in summary) is not allow and "1 on a fallback" in summary
+
+
+def test_wait_for_fleet_holds_a_worker_to_the_variant_asked_for(r, settings, registry, v2_on_its_fallback):
+    v2 = v2_on_its_fallback
+    with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url) as client:
+        client.predict(MODEL, X)
+        registry.promote(MODEL, v2.version)
+        report = wait_for_fleet(r, MODEL, v2.version, timeout_s=20)
+        assert not report.ok and not report.switched and len(report.fallback) == 1
+        # Asking for the torch variant itself: serving it is no fallback.
+        registry.select_variant(MODEL, v2.version, "torch_export")
+        asked = wait_for_fleet(r, MODEL, v2.version, timeout_s=20, variant="torch_export")
+    assert asked.ok and len(asked.switched) == 1 and not asked.fallback, asked.lines()
