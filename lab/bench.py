@@ -10,6 +10,11 @@
     (``lab/bench_overload.py``).
 (e) A 3-master Redis Cluster with one shard of the model, then three: Redis CPU and
     bytes per request per node, and the capacity model (``lab/bench_cluster.py``).
+(f) Deadline precision: how late a call with no reply returns, per timeout, sync and
+    asyncio clients, on a server at ``hz 10`` (``lab/bench_deadlines.py``).
+(g) Fleet down: Redis memory while every worker is stopped under load, against its
+    bound, and how long the returning fleet takes to empty the stream
+    (``lab/bench_fleetdown.py``).
 Ratios (b)/(a) are the numbers to watch; absolute times on a shared box are noisy.
 """
 
@@ -34,7 +39,7 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
-from lab import bench_bulk, bench_cluster, bench_overload
+from lab import bench_bulk, bench_cluster, bench_deadlines, bench_fleetdown, bench_overload
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
@@ -47,6 +52,7 @@ from registry.rollout import wait_for_fleet
 from worker.loader import make_golden
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+SERVED_SECTIONS = ("overload", "cluster", "bulk", "deadlines", "fleetdown")  # each names its server
 
 
 def _session(path: Path):
@@ -277,8 +283,12 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
             cfg = bench_bulk.BulkConfig.from_args(args)
             doc["bulk"] = bench_bulk.run_bulk(settings, path, Path(tmp), args.processes, cfg,
                                               args.redis_server, progress)
-    servers = [doc.pop("server", None),
-               *(doc.get(k, {}).get("server") for k in ("overload", "cluster", "bulk"))]
+        if not getattr(args, "skip_deadlines", False):
+            doc["deadlines"] = bench_deadlines.run_deadlines(bench_deadlines.DeadlineConfig.from_args(args),
+                                                             args.redis_server, progress)
+        if not getattr(args, "skip_fleetdown", False):
+            doc["fleetdown"] = _fleetdown(settings, args, Path(tmp), progress)
+    servers = [doc.pop("server", None), *(doc.get(k, {}).get("server") for k in SERVED_SECTIONS)]
     doc["machine"]["server"] = next((s for s in servers if s), "none")
     if "overload" in doc or "cluster" in doc:
         doc["capacity_model"] = bench_cluster.capacity_model(doc.get("cluster"), doc.get("overload"))
@@ -358,6 +368,18 @@ def _overload(settings: Settings, args: argparse.Namespace, tmp: Path, progress)
         os.sched_setaffinity(0, set(cores))
 
 
+def _fleetdown(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
+    """The fleet-down scenario on a Redis of its own, serving the reference model."""
+    with EmbeddedRedis(binary=args.redis_server) as server:
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts-fleetdown")
+        client = Redis.from_url(server.url)
+        serve_reference(Registry(client, s.artifact_dir), "bench", tmp)
+        client.close()
+        section = bench_fleetdown.run_fleetdown(s, "bench", args.processes, _fleet_args(args),
+                                                bench_fleetdown.FleetDownConfig.from_args(args), progress)
+        return section | {"server": server.version()}
+
+
 def _cluster(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
     """The cluster scenario on a 3-master cluster of its own, serving the reference model."""
     with EmbeddedCluster(3, binary=args.redis_server) as cluster:
@@ -384,6 +406,10 @@ def print_table(doc: dict) -> None:
         bench_cluster.print_capacity_model(doc["capacity_model"])
     if "bulk" in doc:
         bench_bulk.print_bulk(doc["bulk"])
+    if "deadlines" in doc:
+        bench_deadlines.print_deadlines(doc["deadlines"])
+    if "fleetdown" in doc:
+        bench_fleetdown.print_fleetdown(doc["fleetdown"])
 
 
 def _print_base(doc: dict) -> None:

@@ -13,6 +13,8 @@ from conftest import MODEL
 
 from lab.bench_bulk import BulkConfig, print_bulk, run_bulk
 from lab.bench_cluster import ClusterConfig, capacity_model, print_cluster, run_cluster, spread_model_name
+from lab.bench_deadlines import DeadlineConfig, print_deadlines, run_deadlines
+from lab.bench_fleetdown import FleetDownConfig, print_fleetdown, run_fleetdown
 from lab.bench_overload import Flow, OverloadConfig, print_overload, run_overload, schedule, summarize
 from lab.bench_overload import Outcome as O
 from lab.bench_peers import SYSTEMS, PeersConfig, print_peers, run_peers
@@ -54,6 +56,9 @@ def test_a_failure_counts_as_avoidable_only_beyond_what_the_capacity_forces():
     assert summarize(outcomes, "live", capacity_rps=100.0)["failures_could_have_met_deadline"] == 7
 
 
+# Its own waits exceed the default 30 s on a busy box: the fleet's start and each phase's senders
+# may take up to 60 s to come up, and each of the three phases drains for up to 10 s.
+@pytest.mark.timeout(180)
 def test_overload_counts_add_up_and_lanes_shed_backfill_before_live(settings, slow_production, capsys):
     doc = run_overload(settings, MODEL, 1, ("--max-batch", "8"), TINY, progress=lambda _: None)
     assert doc["capacity"]["rps"] > 0 and not doc["capacity"]["errors"]
@@ -147,3 +152,31 @@ def test_bulk_scenario_sends_multi_sample_entries_and_compares_with_the_ceiling(
     assert e2e["samples_per_s"] > 0 and doc["in_process_samples_per_s"] > 0 and doc["ratio"] > 0
     print_bulk(doc)
     assert "bulk end to end / in-process ceiling" in capsys.readouterr().out
+
+
+def test_deadline_scenario_measures_how_late_each_client_returns_without_a_worker(capsys):
+    cfg = DeadlineConfig(timeouts_ms=(2.0, 20.0), calls=5)
+    doc = run_deadlines(cfg, progress=lambda _: None)
+    assert {(r["client"], r["timeout_ms"]) for r in doc["rows"]} == {
+        (c, t) for c in ("sync", "asyncio") for t in (2.0, 20.0)}
+    for row in doc["rows"]:
+        assert row["n"] == 5 and not row["errors"], "every call should end DeadlineExceeded, nothing else"
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert doc["hz"] == 10 and doc["worst_p99_late_ms"] == max(r["p99_ms"] for r in doc["rows"])
+    print_deadlines(doc)
+    assert "deadline precision: worst p99 late" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(150)
+def test_fleet_down_scenario_keeps_the_stream_within_max_timeout_and_drains_when_workers_return(
+        settings, production, capsys):
+    cfg = FleetDownConfig(rate_rps=200.0, seconds=4.0, max_timeout_s=1.0, senders=2, batch=10,
+                          sample_s=0.25, drain_timeout_s=60.0)
+    doc = run_fleetdown(settings, MODEL, 1, (), cfg, progress=lambda _: None)
+    assert doc["sent"] > 0 and set(doc["outcomes"]) == {"DeadlineExceeded"}, doc["outcomes"]
+    # The property itself: nothing older than max_timeout_s stays (1 s of slack for sampling and ~).
+    assert doc["peak_oldest_entry_s"] <= cfg.max_timeout_s + 1.0, doc["peak_oldest_entry_s"]
+    assert doc["within_bound"], (doc["peak_bytes"], doc["bound_bytes"])
+    assert doc["back"]["entries_left"] == 0 and doc["back"]["empty_s"] is not None
+    print_fleetdown(doc)
+    assert "fleet back: up in" in capsys.readouterr().out
