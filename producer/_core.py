@@ -10,7 +10,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -19,8 +19,16 @@ import numpy as np
 import redis
 from redis.crc import key_slot
 
-from protocol import keys, messages, sharding
-from protocol.errors import DeadlineExceeded, InvalidInput, Overloaded, ReplyError, Unavailable
+from protocol import keys, messages, presence, sharding
+from protocol.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ReplyError,
+    StreamserveError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from protocol.values import Fields
@@ -30,25 +38,41 @@ Command = tuple[object, ...]  # one Redis command's arguments, e.g. ("LRANGE", k
 DEFAULT_INPUT = "features"
 MAX_REPLY_BYTES = 64 << 20
 OUTCOMES_MAXLEN = 1_000_000  # a safety cap on the outcomes stream, far above an experiment's needs
-# The socket may wait this much longer than the server-side block: a slow network or a busy
-# server is not a dead connection, and a read timeout only costs a (safe) retry anyway.
-READ_MARGIN_S = 1.0
+# A read never waits past the call's deadline (the server ends a blocked command only on its cron
+# tick, 100 ms at hz 10); once due, answers already buffered are still taken, none is waited for.
+MIN_READ_S = 0.0001
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.01, 0.25  # between retries after a lost connection
 MAX_FINISHED_KEYS = 1024  # reply keys waiting for deletion; beyond this they simply expire
-# Server replies that say "not now" rather than "never": retried like a lost connection.
+# Server replies that say "not now" rather than "never": the XADD is re-sent (nothing was queued),
+# a later command's is retried like a lost connection.
 BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
-# redis-py parses these replies into classes and strips the prefix from the message.
+# redis-py parses these replies into classes and strips the prefix from the message; it makes
+# LOADING a ConnectionError (BusyLoadingError), which the clients read as an answer, not a loss.
 BUSY_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-               redis.exceptions.MasterDownError)
+               redis.exceptions.MasterDownError, redis.exceptions.BusyLoadingError)
+ERROR_ANSWERS = (redis.ResponseError, redis.exceptions.BusyLoadingError)
 # Connection trouble: retried within the deadline, without re-sending the request.
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 
 LOAD_REFRESH_S = 0.2  # how stale a shard's load may get before the next trip re-reads it (§13)
 LOAD_MAX_AGE_S = 3.0  # an older load says nothing about now: nothing is shed on it
+CLOSE_MAX_S = 0.5  # close() deletes finished reply keys within this, or leaves them to expire
+STATE_READ_MAX_S = 0.1  # the layout/registry/presence read never holds a call longer than this
+NEGATIVE_RECHECK_S = 0.05  # an older "nobody serves it" is read again before a call is refused
 
 
 class NotConnected(redis.ConnectionError):
     """No connection could be opened: nothing of the round trip reached Redis."""
+
+
+class DeadlineReached(redis.TimeoutError):
+    """A trip's read reached the call's deadline; its connection (a command may still be blocked
+    on it) is closed, never reused."""
+
+
+class NotQueued(Exception):
+    """Redis answered the XADD itself "not now" (LOADING, BUSY, …): nothing was queued, so the
+    request is sent again within the deadline, after a backoff."""
 
 
 class Redirected(Exception):
@@ -90,16 +114,19 @@ def new_token() -> str:
 
 def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
             sample_ndim: int | None, request_id: str | None = None,
-            reply_to: str | None = None) -> Pending:
+            reply_to: str | None = None, resend: bool = False) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
     single sample" (the usual bot call with a (60, 110) window). A caller-supplied
     ``request_id`` is checked and gets a random reply token of its own, so its reply
-    key is never one an earlier call (or another bot) used.
+    key is never one an earlier call (or another bot) used. ``resend`` marks a request
+    sent again under the id of one that may have been queued (see ``Interrupted``).
     """
     if timeout_s <= 0:
         raise InvalidInput(f"timeout_s must be > 0, got {timeout_s}")
+    if resend and request_id is None:
+        raise InvalidInput("resend=True needs the request_id of the request sent before")
     inputs = features if isinstance(features, dict) else {DEFAULT_INPUT: features}
     arrays = {name: np.asarray(a) for name, a in inputs.items()}
     first = next(iter(arrays.values()))
@@ -111,9 +138,23 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
         reply_to = new_token()
     deadline_s = time.time() + timeout_s
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
-                                     route=route, reply_to=reply_to)
+                                     route=route, reply_to=reply_to, resend=resend)
     reply_key = keys.reply_key(target.model, reply_to or request_id, target.shard)
     return Pending(request_id, reply_key, fields, deadline_s, target.stream)
+
+
+def check_call(timeout_s: float, max_timeout_s: float, request_id: str | None = None,
+               resend: bool = False) -> float:
+    """``timeout_s`` if the call is valid, checked before anything is read or sent; streams are
+    trimmed to ``max_timeout_s`` (§4), so a longer timeout is refused."""
+    if not 0 < timeout_s <= max_timeout_s:
+        raise InvalidInput(f"timeout_s must be > 0 and at most this client's max_timeout_s "
+                           f"{max_timeout_s} (older requests are trimmed from the stream), got {timeout_s}")
+    if request_id is not None:
+        keys.check_request_id(request_id)
+    elif resend:
+        raise InvalidInput("resend=True needs the request_id of the request sent before")
+    return timeout_s
 
 
 def prepare_many(target: Target, batch: Sequence[Features], *, route: str,
@@ -186,6 +227,8 @@ class Gatherer:
         call, or anything else someone pushed): it is never returned.
         """
         for payload in payloads:
+            if not isinstance(payload, bytes):
+                continue  # not a reply at all (the list holds what anyone with access pushed)
             result = parse(payload)
             if result.request_id in self.wanted:
                 self.results.setdefault(result.request_id, result)
@@ -201,16 +244,56 @@ class Gatherer:
 
 @dataclass(frozen=True, slots=True)
 class Trip:
-    """One round trip: commands sent together on one connection, and how long a read may wait."""
+    """One round trip: commands sent together on one connection, read until ``deadline_s``.
+
+    The first ``head`` answers (the XADDs', which Redis sends before the wait blocks) are
+    handed to ``check`` before the rest is read, so a refused XADD ends the call at once.
+    """
 
     commands: list[Command]
-    read_timeout_s: float
+    deadline_s: float  # wall clock: no answer is waited for after it (DeadlineReached)
     key: str = ""  # every command's key is in this key's slot (the node a cluster client sends to)
+    head: int = 0
+    check: Callable[[list[Any]], None] | None = None
+
+    def read_timeout_s(self) -> float:
+        """How long the next read may wait: until the deadline, never past it."""
+        return max(MIN_READ_S, self.deadline_s - time.time())
 
 
-def xadd_command(stream: str, fields: Fields) -> Command:
-    """``XADD stream * field value …`` as raw arguments."""
-    return ("XADD", stream, "*", *chain.from_iterable(fields.items()))
+def xadd_command(stream: str, fields: Fields, minid_ms: int | None = None) -> Command:
+    """``XADD stream [MINID ~ t] * field value …`` as raw arguments."""
+    trim = ("MINID", "~", minid_ms) if minid_ms is not None else ()
+    return ("XADD", stream, *trim, "*", *chain.from_iterable(fields.items()))
+
+
+def entry_ms(entry_id: Any) -> int | None:
+    """The milliseconds part of a stream entry id (the server's clock when it was added)."""
+    raw = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = raw.partition("-")
+    return int(ms) if ms.isdigit() and seq.isdigit() and len(ms) < 16 else None
+
+
+class ServerClock:
+    """Each stream's server clock, learned from the client's own XADD answers (an entry id is the
+    server's milliseconds), so that ``MINID`` is never computed on the client's clock."""
+
+    def __init__(self) -> None:
+        self._offsets_ms: dict[str, float] = {}
+
+    def learn(self, stream: str, entry_id: Any, local_s: float) -> None:
+        """Record the offset shown by an entry id read at ``local_s`` (it was made a bit before:
+        the estimate errs towards an earlier server time, so trimming errs towards less)."""
+        ms = entry_ms(entry_id)
+        if ms is not None:
+            self._offsets_ms[stream] = ms - local_s * 1000
+
+    def minid_ms(self, stream: str, horizon_s: float) -> int | None:
+        """The server's now minus ``horizon_s``; None until the stream's clock is known."""
+        offset_ms = self._offsets_ms.get(stream)
+        if offset_ms is None or horizon_s <= 0:
+            return None
+        return max(0, int(time.time() * 1000 + offset_ms - horizon_s * 1000))
 
 
 class Exchange:
@@ -223,47 +306,73 @@ class Exchange:
     flight, and the XADDs are never sent twice. Later round trips start with
     ``LTRIM key 0 -(n+1)``, dropping the n replies already read: workers LPUSH, so
     whatever arrived since sits at the head. After a lost round trip nothing is trimmed
-    (it may have run); replies read twice are told apart by their ``id``.
+    (it may have run); replies read twice are told apart by their ``id``. No read waits
+    past the deadline: a wait still blocked then is abandoned with its connection.
     """
 
-    def __init__(self, pendings: list[Pending], timeout_s: float,
-                 finished: Sequence[str] = (), extra: Sequence[Command] = ()) -> None:
+    def __init__(self, pendings: list[Pending], timeout_s: float, finished: Sequence[str] = (),
+                 extra: Sequence[Command] = (), *, clock: ServerClock | None = None,
+                 horizon_s: float = 0.0) -> None:
         self.stream = pendings[0].stream if pendings else ""
         self.extra = list(extra)  # read-only commands riding on the first trip (a shard's load)
         self.extra_answers: list[Any] = []
         self.gatherer = Gatherer(pendings, timeout_s)
         self.reply_key = self.gatherer.reply_key
         self.finished = list(finished)
+        self.clock, self.horizon_s = clock, horizon_s  # streams trimmed to the longest deadline
         self.queued = False  # the XADDs were sent (they may have been executed)
+        self.entry_ids: list[str] = []  # the XADDs' answers, once read
         self.read = 0  # replies the last LRANGE returned, to trim on the next round trip
         self.failures = 0  # consecutive lost round trips
         self.error: Exception | None = None  # why the last round trip was lost, until one succeeds
-        self._head = 0
+        self.expired = False  # a read reached the deadline
+        self._head = self._tail = 0
 
     def trip(self) -> Trip:
         """The next round trip."""
         key = self.reply_key
+        check: Callable[[list[Any]], None] | None = None
         if not self.queued:
+            minid = self.clock.minid_ms(self.stream, self.horizon_s) if self.clock else None
             head = [*(("UNLINK", k) for k in self.finished),
-                    *(xadd_command(self.stream, p.fields) for p in self.gatherer.pendings)]
+                    *(xadd_command(self.stream, p.fields, minid) for p in self.gatherer.pendings)]
+            check = self.sent
         else:
             head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
-        self._head = len(head)
-        wait_s = block_s(self.gatherer.deadline_s)
         tail = self.extra if not self.queued else []
-        return Trip([*head, ("BLMOVE", key, key, "RIGHT", "LEFT", wait_s), ("LRANGE", key, 0, -1),
-                     *tail], wait_s + READ_MARGIN_S, key)
+        self._head, self._tail = len(head), len(tail)
+        wait = ("BLMOVE", key, key, "RIGHT", "LEFT", block_s(self.gatherer.deadline_s))
+        return Trip([*head, wait, ("LRANGE", key, 0, -1), *tail], self.gatherer.deadline_s, key,
+                    len(head), check)
+
+    def sent(self, answers: list[Any]) -> None:
+        """The first trip's answers before the wait: UNLINKs', then one per XADD (entry id or error).
+
+        A refused XADD raises at once (the caller closes the connection the wait blocks on);
+        a "not now" refusal of every XADD raises ``NotQueued``: nothing was queued.
+        """
+        xadds = answers[len(self.finished):]
+        refused = [a for a in xadds if isinstance(a, Exception)]
+        if refused and len(refused) == len(xadds) and _busy(refused[0]):
+            raise NotQueued(f"Redis answered XADD with {_message(refused[0])}")
+        for answer in refused:
+            _raise_for(answer, "XADD", queued=False)
+        self.queued = True
+        self.entry_ids = [a.decode() if isinstance(a, bytes) else str(a) for a in xadds]
+        if self.clock is not None and xadds:
+            self.clock.learn(self.stream, xadds[-1], time.time())
 
     def receive(self, answers: list[Any]) -> None:
         """The answers to :meth:`trip`'s commands, in order (errors as exception values)."""
-        if not self.queued:
-            for answer in answers[len(self.finished):self._head]:
-                _raise_for(answer, "XADD", queued=False)
-            self.queued = True
+        if not self.queued:  # a transport that did not call ``check``
+            self.sent(answers[:self._head])
+        if self._tail:
             self.extra_answers = answers[self._head + 2:]
         moved, listed = answers[self._head:self._head + 2]
         _raise_for(moved, "BLMOVE", queued=True)
         _raise_for(listed, "LRANGE", queued=True)
+        if not isinstance(listed, list):
+            raise redis.ConnectionError(f"LRANGE answered {type(listed).__name__}, not a list")
         self.gatherer.take(oldest_first(moved, listed))
         self.read, self.failures, self.error = len(listed), 0, None
 
@@ -272,18 +381,26 @@ class Exchange:
         the next. Raises ``Unavailable`` when nothing was sent, or when out of time."""
         if isinstance(error, NotConnected) and not self.queued:
             raise Unavailable(f"Redis cannot be reached: {error}") from error
-        self.queued, self.read, self.error = True, 0, error
-        self.failures += 1
-        left_s = self.gatherer.deadline_s - time.time()
-        if left_s <= 0:
-            raise self.unavailable() from error
-        return min(left_s, BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.failures - 1))
+        self.queued, self.read = True, 0
+        if isinstance(error, DeadlineReached):
+            self.expired, self.error = True, None  # Redis was there: a plain timeout
+            return 0.0
+        self.error = error
+        return self._backoff(error)
+
+    def refused_for_now(self, error: NotQueued) -> float:
+        """The XADD was answered "not now": seconds to wait before sending it again."""
+        self.error = error
+        return self._backoff(error)
 
     def redirected(self, error: Redirected) -> float:
         """A trip bounced off a node that no longer serves the slot: nothing of it ran, so the
         same trip is repeated (after the slot map is refreshed); seconds to wait before it."""
-        self.failures += 1
         self.error = error
+        return self._backoff(error)
+
+    def _backoff(self, error: Exception) -> float:
+        self.failures += 1
         left_s = self.gatherer.deadline_s - time.time()
         if left_s <= 0:
             raise self.unavailable() from error
@@ -291,12 +408,15 @@ class Exchange:
 
     def unavailable(self) -> Unavailable:
         """The error for connection trouble that outlasted the deadline."""
+        if isinstance(self.error, NotQueued):
+            return Unavailable(f"Redis refused the request until the deadline "
+                               f"({self.gatherer.timeout_s:.3f} s): {self.error}")
         return Unavailable(f"lost the connection to Redis and could not read the reply within "
                            f"{self.gatherer.timeout_s:.3f} s: {self.error}")
 
     def done(self) -> bool:
         """Sent, and every reply in or out of time."""
-        return self.queued and self.gatherer.done()
+        return self.queued and (self.expired or self.gatherer.done())
 
     def outcome(self) -> list[messages.Prediction | ReplyError]:
         """Results in request order; raises ``Unavailable`` if the connection was lost at the end."""
@@ -305,18 +425,38 @@ class Exchange:
         return self.gatherer.outcome()
 
 
+def _message(answer: Exception) -> str:
+    """An error answer as Redis wrote it (redis-py strips the code of those it maps to a class)."""
+    message = str(answer)
+    for cls, code in _STRIPPED_CODES:
+        if isinstance(answer, cls) and not message.startswith(code):
+            return f"{code} {message}"
+    return message
+
+
+_STRIPPED_CODES = (
+    (redis.exceptions.BusyLoadingError, "LOADING"), (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"), (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.NoPermissionError, "NOPERM"))
+
+
+def _busy(answer: Exception) -> bool:
+    """True for an answer that means "not now" (the command was not run)."""
+    return isinstance(answer, BUSY_ERRORS) or str(answer).startswith(BUSY_PREFIXES)
+
+
 def _raise_for(answer: Any, command: str, *, queued: bool) -> None:
     """Turn an error answer into the client's error: OOM → ``Overloaded`` at once; a busy
     server → retried (as a lost connection) once the request may be queued; else ``Unavailable``."""
-    if not isinstance(answer, redis.ResponseError):
+    if not isinstance(answer, ERROR_ANSWERS):
         return
-    message = str(answer)
+    message = _message(answer)
     # A cluster slot moved (resharding, failover); MovedError subclasses AskError.
     if isinstance(answer, redis.exceptions.AskError) or message.startswith(("MOVED", "ASK")):
         raise Redirected(f"{command}: {message}")
     if isinstance(answer, redis.exceptions.OutOfMemoryError) or message.startswith("OOM"):
         raise Overloaded(f"Redis is out of memory (maxmemory) and refused {command}: {message}") from answer
-    if queued and (isinstance(answer, BUSY_ERRORS) or message.startswith(BUSY_PREFIXES)):
+    if queued and _busy(answer):
         raise redis.ConnectionError(f"Redis answered {command} with {message}") from answer
     raise Unavailable(f"Redis refused {command}: {message}") from answer
 
@@ -349,38 +489,106 @@ class Finished:
         return taken
 
 
-class Router:
-    """Which shard a call goes to, and whether its shard is too loaded to meet the deadline.
+@dataclass(slots=True)
+class ModelState:
+    """What a client last read about a model: its shard layout, whether the registry knows it and
+    whether a worker is live (``None``: not known). Times are ``time.monotonic()``."""
 
-    I/O-free: the clients feed it the layout (refreshed every ``sharding.LAYOUT_REFRESH_S``
-    with one HGETALL) and each shard's load (re-read every ``LOAD_REFRESH_S`` by a
-    command riding on a call's first round trip, so it costs no round trip).
+    route: int = 1
+    read_at: float = float("-inf")  # last read attempt, successful or not
+    answered_at: float = float("-inf")  # last read that answered
+    known: bool | None = None
+    live: bool | None = None
+
+
+def _as_hash(raw: Any) -> dict[Any, Any] | None:
+    """A hash as read on a raw connection: a map (RESP3) or a flat field/value list (RESP2)."""
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, list) and len(raw) % 2 == 0:
+        return dict(zip(raw[::2], raw[1::2], strict=True))
+    return None
+
+
+def unlink_trips(reply_keys: Sequence[str], deadline_s: float) -> list[Trip]:
+    """``UNLINK`` of finished reply keys, one trip per cluster slot, read until ``deadline_s``."""
+    by_slot: dict[int, list[str]] = {}
+    for key in reply_keys:
+        by_slot.setdefault(key_slot(key.encode()), []).append(key)
+    return [Trip([("UNLINK", key) for key in group], deadline_s, group[0]) for group in by_slot.values()]
+
+
+class Router:
+    """Which shard a call goes to, whether anyone serves the model, and whether its shard is too
+    loaded to meet the deadline.
+
+    I/O-free: the clients feed it the model's state (re-read every ``sharding.LAYOUT_REFRESH_S``
+    in one round trip, :meth:`state_trip`) and each shard's load (re-read every
+    ``LOAD_REFRESH_S`` by a command riding on a call's first round trip, so it costs no round trip).
     """
 
     def __init__(self) -> None:
         self._picker = sharding.ShardPicker()
-        self._routes: dict[str, tuple[int, float]] = {}  # model → (shards to route to, read at)
+        self._models: dict[str, ModelState] = {}
         self._loads: dict[tuple[str, int], tuple[sharding.ShardLoad | None, float]] = {}
         self._lock = threading.Lock()
 
+    def _state(self, model: str) -> ModelState:
+        with self._lock:
+            return self._models.setdefault(model, ModelState())
+
     def layout_stale(self, model: str) -> bool:
-        """True when the model's layout should be re-read before routing."""
-        _, read_at = self._routes.get(model, (1, float("-inf")))
-        return time.monotonic() - read_at >= sharding.LAYOUT_REFRESH_S
+        """True when the model's state should be re-read before routing."""
+        return time.monotonic() - self._state(model).read_at >= sharding.LAYOUT_REFRESH_S
+
+    def state_trip(self, model: str, deadline_s: float) -> Trip:
+        """One round trip in the model's ``{model}`` slot: layout, registry entry, a live worker."""
+        zset, min_ms, max_ms = presence.members_query(model)
+        return Trip([("HGETALL", keys.shards_hash(model)), ("EXISTS", keys.model_hash(model)),
+                     ("ZRANGEBYSCORE", zset, min_ms, max_ms, "LIMIT", 0, 1)],
+                    deadline_s, keys.shards_hash(model))
+
+    def set_state(self, model: str, answers: list[Any] | None) -> None:
+        """Record :meth:`state_trip`'s answers (None: unread). What could not be read (an error
+        answer, e.g. a role without the command) keeps its last value."""
+        state = self._state(model)
+        state.read_at = time.monotonic()
+        if answers is None or len(answers) != 3:
+            return
+        layout, known, live = answers
+        self.set_layout(model, _as_hash(layout))
+        if isinstance(known, int):
+            state.known = bool(known)
+        if isinstance(live, list):
+            state.live = bool(live)
+        if isinstance(known, int) or isinstance(live, list):
+            state.answered_at = state.read_at
 
     def set_layout(self, model: str, raw: Any) -> None:
         """Record the layout hash just read (None: it could not be read); a malformed or
         unread one keeps the last good layout until the next refresh."""
-        route = self._routes.get(model, (1, 0.0))[0]
+        state = self._state(model)
         if raw is not None:
-            with contextlib.suppress(InvalidInput):
-                route = sharding.ShardLayout.from_hash(raw).route
-        with self._lock:
-            self._routes[model] = (route, time.monotonic())
+            with contextlib.suppress(InvalidInput, AttributeError, UnicodeDecodeError):
+                state.route = sharding.ShardLayout.from_hash(raw).route
+        state.read_at = time.monotonic()
+
+    def refusal(self, model: str) -> StreamserveError | None:
+        """Why a call to ``model`` must not be sent (nobody would serve it), or None."""
+        state = self._state(model)
+        if state.known is False:
+            return ModelNotFound(f"model {model!r} is not in the registry")
+        if state.live is False:
+            return Unavailable(f"no live worker for {model}")
+        return None
+
+    def answer_age_s(self, model: str) -> float:
+        """Seconds since the model's state was last read successfully."""
+        return time.monotonic() - self._state(model).answered_at
 
     def target(self, model: str, route: str, lane: str) -> Target:
         """The shard and lane for a call with routing key ``route``."""
-        shards = self._routes.get(model, (1, 0.0))[0]
+        shards = self._state(model).route
         return Target(model, self._picker.pick(route, shards), keys.check_lane(lane))
 
     def load_command(self, target: Target) -> Command | None:

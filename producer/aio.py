@@ -24,31 +24,37 @@ class AsyncClient:
     """Asyncio client; many concurrent ``predict`` calls share one connection pool.
 
     The same conversation with Redis as :class:`producer.Client` (``producer._core``):
-    ``timeout_s`` honoured whatever the socket timeout, replies read without removing
-    them until they are in hand, the request never re-sent on a lost connection.
+    ``timeout_s`` honoured to the millisecond, replies read without removing them until
+    they are in hand, the request never re-sent on a lost connection; the same
+    ``fail_fast`` and ``max_timeout_s``.
     """
 
-    def __init__(self, client: aioredis.Redis, *, timeout_s: float = 1.0) -> None:
+    def __init__(self, client: aioredis.Redis, *, timeout_s: float = 1.0, fail_fast: bool = True,
+                 max_timeout_s: float = 60.0) -> None:
         self.redis = client
-        self.timeout_s = timeout_s
+        self.timeout_s = _core.check_call(timeout_s, max_timeout_s)
+        self.fail_fast, self.max_timeout_s = fail_fast, max_timeout_s
         self._finished = _core.Finished()
         self._router = _core.Router()
+        self._clock = _core.ServerClock()
         self._cluster = connection.is_cluster(client)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0, **redis_kwargs: Any) -> AsyncClient:
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, fail_fast: bool = True,
+                 max_timeout_s: float = 60.0, **redis_kwargs: Any) -> AsyncClient:
         """A client for ``redis://host:port/db``, or a Redis Cluster with ``redis+cluster://host:port``."""
-        return cls(connection.connect_async(url, **redis_kwargs), timeout_s=timeout_s)
+        return cls(connection.connect_async(url, **redis_kwargs), timeout_s=timeout_s, fail_fast=fail_fast,
+                   max_timeout_s=max_timeout_s)
 
     async def predict(self, model: str, features: _core.Features, *, route: str = "",
                       timeout_s: float | None = None, sample_ndim: int | None = None,
-                      request_id: str | None = None, lane: str = "live") -> Prediction:
+                      request_id: str | None = None, lane: str = "live", resend: bool = False) -> Prediction:
         """One request; the XADD and the wait in one round trip. Same arguments and errors as
         :meth:`producer.Client.predict`."""
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
         target = await self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
-                                sample_ndim=sample_ndim, request_id=request_id)
+                                sample_ndim=sample_ndim, request_id=request_id, resend=resend)
         return _core.unwrap((await self._exchange(target, [pending], timeout_s))[0])
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
@@ -58,7 +64,7 @@ class AsyncClient:
 
         Same contract as :meth:`producer.Client.predict_many`.
         """
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
         if not batch:
             return []
         target = await self._target(model, route, lane, timeout_s)
@@ -69,25 +75,38 @@ class AsyncClient:
     async def _target(self, model: str, route: str, lane: str, timeout_s: float) -> _core.Target:
         """See :meth:`producer.Client._target`."""
         if self._router.layout_stale(model):
-            raw = None  # unreadable: route with the last layout; the exchange reports Redis being down
-            with contextlib.suppress(*_core.RETRYABLE):
-                raw = await self.redis.hgetall(keys.shards_hash(model))
-            self._router.set_layout(model, raw)
+            await self._read_state(model, timeout_s)
+        if self.fail_fast and self._router.refusal(model) is not None:
+            if self._router.answer_age_s(model) > _core.NEGATIVE_RECHECK_S:
+                await self._read_state(model, timeout_s)  # a worker may have just started
+            if (refusal := self._router.refusal(model)) is not None:
+                raise refusal
         target = self._router.target(model, route, lane)
         self._router.check(target, timeout_s)
         return target
+
+    async def _read_state(self, model: str, timeout_s: float) -> None:
+        """See :meth:`producer.Client._read_state`."""
+        trip = self._router.state_trip(model, time.time() + min(timeout_s, _core.STATE_READ_MAX_S))
+        answers = None
+        with contextlib.suppress(*_core.RETRYABLE):
+            answers = await self._round_trip(trip)
+        self._router.set_state(model, answers)
 
     async def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
                         timeout_s: float) -> list[Prediction | ReplyError]:
         slot = connection.slot(pendings[0].reply_key) if self._cluster else None
         load = self._router.load_command(target)
-        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [])
+        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [],
+                                  clock=self._clock, horizon_s=self.max_timeout_s)
         try:
             while not exchange.done():
                 try:
                     exchange.receive(await self._round_trip(exchange.trip()))
                 except _core.RETRYABLE as e:
                     await asyncio.sleep(exchange.lost(e))
+                except _core.NotQueued as e:
+                    await asyncio.sleep(exchange.refused_for_now(e))
                 except _core.Redirected as e:
                     await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # cluster only
                     await asyncio.sleep(exchange.redirected(e))
@@ -145,14 +164,10 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Delete the reply keys of finished calls (best effort), release the connection pool."""
-        finished = self._finished.take()
         try:
-            if finished:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for key in finished:
-                        # Not pipe.unlink: on a cluster pipeline that is a coroutine (multi-key split).
-                        pipe.execute_command("UNLINK", key)
-                    await pipe.execute()
+            # Bounded: a hung or unreachable server must not hold the bot; keys left expire.
+            for trip in _core.unlink_trips(self._finished.take(), time.time() + _core.CLOSE_MAX_S):
+                await self._round_trip(trip)
         except redis.RedisError:
             pass  # they expire with the reply TTL
         finally:
@@ -167,17 +182,21 @@ class AsyncClient:
 
 
 async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
-    """Write the trip's commands and read every answer under one deadline; a connection left
-    mid-answer (an error, a cancellation, the deadline) is closed, never reused."""
+    """Write the trip's commands and read every answer by the call's deadline; a connection left
+    mid-answer (an error, a refused XADD, a cancellation, the deadline) is closed, never reused."""
     try:
         await conn.send_packed_command(connection.pack(trip.commands))  # packed in C, one buffer
         # One timeout for the whole trip, not one per answer: each of redis-py's per-read timeout
         # contexts costs more than the read of an answer already in the buffer.
-        async with asyncio.timeout(trip.read_timeout_s):
-            return [await _answer(conn) for _ in trip.commands]
-    except TimeoutError as e:  # the builtin (asyncio's): no answer within the trip's read timeout
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(loop.time() + trip.read_timeout_s()):
+            answers = [await _answer(conn) for _ in range(trip.head)]
+            if trip.check is not None:
+                trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
+            return answers + [await _answer(conn) for _ in trip.commands[trip.head:]]
+    except TimeoutError as e:  # the builtin (asyncio's): the call's deadline came first
         await conn.disconnect()
-        raise redis.TimeoutError(f"no answer from Redis within {trip.read_timeout_s:.3f} s") from e
+        raise _core.DeadlineReached("no answer from Redis by the call's deadline") from e
     except BaseException:
         await conn.disconnect()
         raise
@@ -187,6 +206,6 @@ async def _answer(conn: Any) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine)."""
     try:
         # inf: no timeout of its own (the trip's deadline covers it); None would mean socket_timeout.
-        return await conn.read_response(disable_decoding=True, timeout=math.inf)
-    except redis.ResponseError as e:
+        return await conn.read_response(disable_decoding=True, timeout=math.inf, disconnect_on_error=False)
+    except _core.ERROR_ANSWERS as e:
         return e

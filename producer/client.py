@@ -23,34 +23,45 @@ class Client:
 
     Thread-safe: each thread keeps a connection of redis-py's pool for its calls (on a
     cluster, each call takes one from the node's pool). ``timeout_s``
-    is honoured whatever the connection's ``socket_timeout``: the wait's read timeout is
-    derived from it per call. A connection lost while waiting is re-opened and the wait
-    repeated (the request is not re-sent) until the deadline. See docs/protocol.md §4.
+    is honoured to the millisecond whatever the connection's ``socket_timeout`` and the
+    server's timer: no read waits past the call's deadline. A connection lost while waiting
+    is re-opened and the wait repeated (the request is not re-sent) until the deadline.
+
+    ``fail_fast`` (default): a model the registry does not know raises ``ModelNotFound``,
+    one no live worker serves raises ``Unavailable``, before anything is sent; with
+    ``fail_fast=False`` such a request is queued (and trimmed once older than
+    ``max_timeout_s``). ``max_timeout_s`` is the longest ``timeout_s`` allowed: every
+    XADD trims its stream to entries younger than that (by the server's clock). See
+    docs/protocol.md §4.
     """
 
-    def __init__(self, client: redis.Redis, *, timeout_s: float = 1.0, spin_ms: float = 0.0) -> None:
+    def __init__(self, client: redis.Redis, *, timeout_s: float = 1.0, spin_ms: float = 0.0,
+                 fail_fast: bool = True, max_timeout_s: float = 60.0) -> None:
         self.redis = client
-        self.timeout_s = timeout_s
+        self.timeout_s = _core.check_call(timeout_s, max_timeout_s)
+        self.fail_fast, self.max_timeout_s = fail_fast, max_timeout_s
         # Low-latency mode: poll the socket this long for the answers before sleeping in the kernel.
         self.spin_s = spin_ms / 1000
         self._finished = _core.Finished()
         self._router = _core.Router()
+        self._clock = _core.ServerClock()
         self._cluster = connection.is_cluster(client)
         self._leases = threading.local()  # one server: this thread's kept connection (_Lease)
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0, spin_ms: float = 0.0,
-                 **redis_kwargs: Any) -> Client:
+    def from_url(cls, url: str, *, timeout_s: float = 1.0, spin_ms: float = 0.0, fail_fast: bool = True,
+                 max_timeout_s: float = 60.0, **redis_kwargs: Any) -> Client:
         """A client for ``redis://host:port/db``, or a Redis Cluster with ``redis+cluster://host:port``.
 
         ``spin_ms`` > 0 is the low-latency mode: each call polls its socket for the reply
         for up to that long before it sleeps, trading a busy core for one wake-up fewer.
         """
-        return cls(connection.connect(url, **redis_kwargs), timeout_s=timeout_s, spin_ms=spin_ms)
+        return cls(connection.connect(url, **redis_kwargs), timeout_s=timeout_s, spin_ms=spin_ms,
+                   fail_fast=fail_fast, max_timeout_s=max_timeout_s)
 
     def predict(self, model: str, features: _core.Features, *, route: str = "",
                 timeout_s: float | None = None, sample_ndim: int | None = None,
-                request_id: str | None = None, lane: str = "live") -> Prediction:
+                request_id: str | None = None, lane: str = "live", resend: bool = False) -> Prediction:
         """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
 
         The XADD and the wait go in one round trip. Raises the ``ReplyError`` subclass
@@ -60,12 +71,13 @@ class Client:
         ``Unavailable`` when Redis cannot be reached (at once if nothing was sent).
         ``request_id`` defaults to a random one; a given one is checked. ``route`` (e.g.
         the symbol) picks the shard, so one symbol's requests stay in order; ``lane`` is
-        the priority: ``live`` is always served before ``backfill``.
+        the priority: ``live`` is always served before ``backfill``. ``resend=True`` with the
+        ``request_id`` of an ``Interrupted`` call sends it again (computed once, §4).
         """
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
         target = self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
-                                sample_ndim=sample_ndim, request_id=request_id)
+                                sample_ndim=sample_ndim, request_id=request_id, resend=resend)
         return _core.unwrap(self._exchange(target, [pending], timeout_s)[0])
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
@@ -79,7 +91,7 @@ class Client:
         list; otherwise the first error is raised. ``Overloaded`` and ``Unavailable``
         (Redis itself failing, or a backlog too long for ``timeout_s``) are always raised.
         """
-        timeout_s = timeout_s or self.timeout_s
+        timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
         if not batch:
             return []
         target = self._target(model, route, lane, timeout_s)
@@ -88,27 +100,43 @@ class Client:
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
     def _target(self, model: str, route: str, lane: str, timeout_s: float) -> _core.Target:
-        """The shard and lane, after refreshing a stale layout; ``Overloaded`` if it cannot keep up."""
+        """The shard and lane, after refreshing a stale state; ``Overloaded`` if it cannot keep up,
+        ``ModelNotFound`` / ``Unavailable`` (fail-fast) if nobody would serve it."""
         if self._router.layout_stale(model):
-            raw = None  # unreadable: route with the last layout; the exchange reports Redis being down
-            with contextlib.suppress(*_core.RETRYABLE):
-                raw = self.redis.hgetall(keys.shards_hash(model))
-            self._router.set_layout(model, raw)
+            self._read_state(model, timeout_s)
+        if self.fail_fast and self._router.refusal(model) is not None:
+            if self._router.answer_age_s(model) > _core.NEGATIVE_RECHECK_S:
+                self._read_state(model, timeout_s)  # a worker may have just started
+            if (refusal := self._router.refusal(model)) is not None:
+                raise refusal
         target = self._router.target(model, route, lane)
         self._router.check(target, timeout_s)
         return target
+
+    def _read_state(self, model: str, timeout_s: float) -> None:
+        """Re-read the model's layout, registry entry and presence: one round trip, bounded by
+        ``STATE_READ_MAX_S``; unreadable (Redis down, a node failing over) keeps the last state,
+        and is tried again after the refresh interval, not on every call."""
+        trip = self._router.state_trip(model, time.time() + min(timeout_s, _core.STATE_READ_MAX_S))
+        answers = None
+        with contextlib.suppress(*_core.RETRYABLE):
+            answers = self._round_trip(trip)
+        self._router.set_state(model, answers)
 
     def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
                   timeout_s: float) -> list[Prediction | ReplyError]:
         slot = connection.slot(pendings[0].reply_key) if self._cluster else None
         load = self._router.load_command(target)
-        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [])
+        exchange = _core.Exchange(pendings, timeout_s, self._finished.take(slot), [load] if load else [],
+                                  clock=self._clock, horizon_s=self.max_timeout_s)
         try:
             while not exchange.done():
                 try:
                     exchange.receive(self._round_trip(exchange.trip()))
                 except _core.RETRYABLE as e:
                     time.sleep(exchange.lost(e))
+                except _core.NotQueued as e:
+                    time.sleep(exchange.refused_for_now(e))
                 except _core.Redirected as e:
                     self._refresh_slots()
                     time.sleep(exchange.redirected(e))
@@ -144,7 +172,10 @@ class Client:
             # One buffer, one send: every send on loopback costs a system call and a server wake-up.
             conn.send_packed_command([connection.pack(trip.commands)])
             spin_until_s = time.monotonic() + self.spin_s
-            return [_answer(conn, trip.read_timeout_s, spin_until_s) for _ in trip.commands]
+            answers = [_answer(conn, trip, spin_until_s) for _ in range(trip.head)]
+            if trip.check is not None:
+                trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
+            return answers + [_answer(conn, trip, spin_until_s) for _ in trip.commands[trip.head:]]
         except BaseException:
             conn.disconnect()  # a kept connection reconnects on its next send
             raise
@@ -199,14 +230,11 @@ class Client:
 
     def close(self) -> None:
         """Delete the reply keys of finished calls (best effort), release the connection pool."""
-        finished = self._finished.take()
         try:
-            if finished:
-                pipe = self.redis.pipeline(transaction=False)
-                for key in finished:
-                    pipe.unlink(key)
-                pipe.execute()
-        except redis.RedisError:
+            # Bounded: a hung or unreachable server must not hold the bot; keys left expire.
+            for trip in _core.unlink_trips(self._finished.take(), time.time() + _core.CLOSE_MAX_S):
+                self._round_trip(trip)
+        except (redis.RedisError, _core.NotConnected):
             pass  # they expire with the reply TTL
         finally:
             self.redis.close()
@@ -230,15 +258,21 @@ class _Lease:
                 self.pool.release(self.conn)
 
 
-def _answer(conn: Any, timeout_s: float, spin_until_s: float = 0.0) -> Any:
+def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine).
 
     Until ``spin_until_s`` (monotonic; the low-latency mode) the socket is polled rather
-    than slept on, so a reply arriving by then finds this thread running.
+    than slept on, so a reply arriving by then finds this thread running. No read waits
+    past the trip's deadline (``DeadlineReached``; the caller closes the connection).
     """
     while time.monotonic() < spin_until_s and not conn.can_read(timeout=0):
         pass
     try:
-        return conn.read_response(disable_decoding=True, timeout=timeout_s)
-    except redis.ResponseError as e:
+        # disconnect_on_error=False: an error answer (even LOADING, which redis-py raises as a
+        # ConnectionError) leaves the rest readable; on anything else _round_trip closes it.
+        return conn.read_response(disable_decoding=True, timeout=trip.read_timeout_s(),
+                                  disconnect_on_error=False)
+    except _core.ERROR_ANSWERS as e:
         return e
+    except redis.TimeoutError as e:
+        raise _core.DeadlineReached(f"no answer from Redis by the call's deadline: {e}") from e

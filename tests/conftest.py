@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import redis
 
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from producer import Client
+from protocol import keys
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
 
@@ -58,7 +60,8 @@ def start_worker(settings, tmp_path):
 
 @pytest.fixture
 def client(settings):
-    with Client.from_url(settings.redis_url, timeout_s=60.0) as c:
+    """A client that queues while no worker is up (tests start and kill workers around its calls)."""
+    with Client.from_url(settings.redis_url, timeout_s=60.0, fail_fast=False) as c:
         yield c
 
 
@@ -152,7 +155,11 @@ def production(registry: Registry, model_path: Path) -> ModelVersion:
 
 
 class ThreadedWorker:
-    """A Worker in a background thread, for client tests that need live replies."""
+    """A Worker in a background thread, for client tests that need live replies.
+
+    Entering waits (up to 15 s, then goes on) until the worker has heartbeated, as a bot
+    would before sending: a fail-fast client refuses calls to a model nobody serves.
+    """
 
     def __init__(self, worker) -> None:
         self.worker = worker
@@ -160,6 +167,10 @@ class ThreadedWorker:
 
     def __enter__(self):
         self.thread.start()
+        members = keys.workers_zset(self.worker.model)
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not self.thread.is_alive()
+                       or self.worker.redis.zscore(members, self.worker.worker_id) is not None, 15)
         return self.worker
 
     def __exit__(self, *exc) -> None:

@@ -65,10 +65,11 @@ def test_typed_error_from_reply(client, settings, registry, model_path):
         client.predict(MODEL, X)
 
 
-def test_client_side_timeout_when_no_worker_answers(client, r):
-    with pytest.raises(DeadlineExceeded, match="no reply within"):
-        client.predict(MODEL, X, timeout_s=0.05)
-    results = client.predict_many(MODEL, [X, X], timeout_s=0.05, return_exceptions=True)
+def test_client_side_timeout_when_no_worker_answers(redis_server, r):
+    with Client.from_url(redis_server.url, fail_fast=False) as client:  # queued: nobody serves it
+        with pytest.raises(DeadlineExceeded, match="no reply within"):
+            client.predict(MODEL, X, timeout_s=0.05)
+        results = client.predict_many(MODEL, [X, X], timeout_s=0.05, return_exceptions=True)
     assert all(isinstance(e, DeadlineExceeded) for e in results)
 
 
@@ -89,7 +90,7 @@ def test_async_client(redis_server, settings, production):
             many = await client.predict_many(MODEL, [X, X * 2, X[:, :5]], return_exceptions=True)
             health = await client.health(MODEL)
             await client.record_outcome(MODEL, one.request_id, correct=False, pnl=-3.0)
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(ModelNotFound, match="'nobody' is not in the registry"):
                 await client.predict("nobody", X, timeout_s=0.05)
         return one, many, health
 

@@ -1,0 +1,131 @@
+"""Deadlines to the millisecond on a real server left at ``hz 10`` (it ends a blocked command only on
+its 100 ms tick): the client's own read timeout ends the wait, and a refused XADD ends it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import MODEL, wait_until
+from test_client_reliability import answer, entries, request_of
+
+from producer import AsyncClient, Client, DeadlineExceeded, Unavailable
+from protocol import keys
+
+X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
+TIMEOUTS_S = (0.002, 0.005, 0.02, 0.05, 0.2)
+CALLS = 20
+SLACK_S = 0.03  # generous: the target is +2 ms at p99 (make bench measures it); this must not flake
+
+
+def timed_calls(url: str, kind: str, method: str, timeout_s: float, n: int, **kwargs: Any) -> list[float]:
+    """Seconds each of ``n`` calls took; each must end with DeadlineExceeded (no worker)."""
+    args = (X,) if method == "predict" else ([X, X],)
+
+    def check(result: Any) -> None:
+        assert method == "predict_many" and all(isinstance(e, DeadlineExceeded) for e in result)
+
+    if kind == "sync":
+        with Client.from_url(url, fail_fast=False, **kwargs) as client:
+            return [_timed(lambda: getattr(client, method)(MODEL, *args, timeout_s=timeout_s,
+                                                           **_many(method)), check) for _ in range(n)]
+
+    async def scenario() -> list[float]:
+        async with AsyncClient.from_url(url, fail_fast=False, **kwargs) as client:
+            took = []
+            for _ in range(n):
+                started = time.perf_counter()
+                with contextlib.suppress(DeadlineExceeded):
+                    check(await getattr(client, method)(MODEL, *args, timeout_s=timeout_s, **_many(method)))
+                took.append(time.perf_counter() - started)
+            return took
+    return asyncio.run(scenario())
+
+
+def _many(method: str) -> dict[str, Any]:
+    return {"return_exceptions": True} if method == "predict_many" else {}
+
+
+def _timed(call: Callable[[], Any], check: Callable[[Any], None]) -> float:
+    started = time.perf_counter()
+    with contextlib.suppress(DeadlineExceeded):
+        check(call())
+    return time.perf_counter() - started
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("method", ["predict", "predict_many"])
+def test_short_timeouts_end_at_the_callers_deadline_not_the_servers_tick(r, redis_server, kind, method):
+    assert r.config_get("hz")["hz"] == "10", "the server's default timer: 100 ms between checks"
+    n = CALLS if method == "predict" else 5
+    worst = {t: max(timed_calls(redis_server.url, kind, method, t, n)) for t in TIMEOUTS_S}
+    late = {t: round(w * 1000, 1) for t, w in worst.items() if w > t + SLACK_S}
+    assert not late, f"calls ended this late (ms) for these timeouts: {late}"
+    assert r.xlen(keys.request_stream(MODEL)) == n * len(TIMEOUTS_S) * (1 if method == "predict" else 2)
+
+
+def test_a_call_abandoned_at_its_deadline_leaves_the_next_call_working_and_its_key_deleted(r, redis_server):
+    with Client.from_url(redis_server.url, fail_fast=False, timeout_s=10.0) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.predict(MODEL, X, timeout_s=0.005)
+        first = entries(r, 1)[0]
+        answer(r, first)  # a late reply: its key must not be left to expire
+        late_key = keys.reply_key(MODEL, request_of(first).reply_to)
+        assert r.exists(late_key)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(client.predict, MODEL, X)
+            second = entries(r, 2)[1]
+            assert not r.exists(late_key), "deleted by the next call's first round trip"
+            answer(r, second)
+            assert future.result(timeout=15).request_id == request_of(second).request_id
+
+
+@pytest.fixture
+def denied_xadd_url(r, redis_server):
+    r.execute_command("ACL", "SETUSER", "noxadd", "on", ">pw", "~*", "&*", "+@all", "-xadd")
+    yield f"redis://noxadd:pw@127.0.0.1:{redis_server.port}/0"
+    r.execute_command("ACL", "DELUSER", "noxadd")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("refusal", ["WRONGTYPE", "NOPERM"])
+def test_a_refused_xadd_ends_the_call_at_once_with_the_servers_reason(r, redis_server, denied_xadd_url,
+                                                                       kind, refusal):
+    url = redis_server.url
+    if refusal == "WRONGTYPE":
+        r.set(keys.request_stream(MODEL), "not a stream")
+    else:
+        url = denied_xadd_url
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=f"refused XADD: {refusal}"):
+        if kind == "sync":
+            with Client.from_url(url, fail_fast=False) as client:
+                client.predict(MODEL, X, timeout_s=3.0)
+        else:
+            async def call() -> None:
+                async with AsyncClient.from_url(url, fail_fast=False) as client:
+                    await client.predict(MODEL, X, timeout_s=3.0)
+            asyncio.run(call())
+    assert time.monotonic() - started < 1.0, "not after the 3 s timeout"
+    wait_until(lambda: not any("b" in c["flags"] for c in r.client_list()),
+               message="the abandoned wait must not stay blocked on the server")
+
+
+def test_a_refused_xadd_closes_the_blocked_connection_and_the_next_call_works(r, redis_server):
+    stream = keys.request_stream(MODEL)
+    r.set(stream, "not a stream")
+    with Client.from_url(redis_server.url, fail_fast=False) as client:
+        with pytest.raises(Unavailable, match="WRONGTYPE"):
+            client.predict(MODEL, X, timeout_s=3.0)
+        r.delete(stream)
+        with pytest.raises(DeadlineExceeded):
+            client.predict(MODEL, X, timeout_s=0.01)
+    assert r.xlen(stream) == 1
+
