@@ -81,6 +81,22 @@ def now_in_ms() -> int:
     return int(time.time() * 1000)
 
 
+def refresh(client: redis.Redis, model: str, worker_id: str, ttl_s: float) -> int:
+    """Renew a worker's heartbeat without rewriting the rest of its hash; the time written (ms).
+
+    What a worker sends from a side thread while a long model call runs: its loop, busy in
+    the call, cannot send the whole heartbeat, and a live worker must not look dead.
+    """
+    now_ms, ttl_ms = now_in_ms(), int(ttl_s * 1000)
+    key = keys.worker_hash(model, worker_id)
+    pipe = client.pipeline(transaction=True)  # the hash and the zset share the model's slot
+    pipe.hset(key, mapping={"worker_id": worker_id, "heartbeat_ms": now_ms})
+    pipe.pexpire(key, ttl_ms)
+    pipe.zadd(keys.workers_zset(model), {worker_id: now_ms})
+    pipe.execute()
+    return now_ms
+
+
 def members_query(model: str, ttl_s: float = DEFAULT_TTL_S) -> tuple[str, int, str]:
     """ZRANGEBYSCORE arguments selecting the workers heard from within ``ttl_s``."""
     return keys.workers_zset(model), now_in_ms() - int(ttl_s * 1000), "+inf"

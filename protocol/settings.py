@@ -23,7 +23,14 @@ class Settings(BaseSettings):
     artifact_dir: Path = Path("var/artifacts")
     model: str = Field("hybrid_cnn_lstm", description="the model commands act on when none is named")
 
-    max_batch: int = Field(32, ge=1, le=4096, description="rows per model call")
+    max_batch: int = Field(32, ge=1, le=4096, description="entries per batch (one read's COUNT)")
+    max_batch_rows: int = Field(
+        0, ge=0, le=1_000_000, description="rows per model call: a batch's entries are computed in "
+        "calls of at most this many rows, and an entry with more rows is computed alone (0: "
+        "batch_memory_mb over one sample's input bytes, from the served version's input spec)")
+    batch_memory_mb: float = Field(
+        16.0, gt=0, le=65_536, description="input bytes one model call may stack (MiB), what "
+        "max_batch_rows is derived from when it is 0; the model's own memory grows with the rows")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="wait after a batch's first item")
     backfill_max_batch: int = Field(
         8, ge=1, le=4096, description="lower-lane entries per batch while live requests are arriving: "
@@ -37,6 +44,10 @@ class Settings(BaseSettings):
         "(single-node Redis; a cluster client writes and waits)")
     block_ms: int = Field(200, ge=1, le=60_000, description="idle XREADGROUP block; bounds shutdown")
     reply_ttl_s: float = Field(60.0, gt=0, description="reply list expiry")
+    idempotency_window_s: float = Field(
+        60.0, gt=0, le=86_400, description="how long a computed reply is kept as the request id's "
+        "marker (keys.done_key): a re-sent request (field resend=1) within it gets that reply again "
+        "instead of a second model call")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads (0 = ORT default)")
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="cuda: fail unless a CUDA backend is available; auto: CUDA when present")

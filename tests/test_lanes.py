@@ -73,7 +73,7 @@ def publish_load(r, backlog: dict[str, int], drain_per_s: float) -> None:
 def test_the_client_sheds_before_sending_when_the_backlog_outlasts_its_timeout(r, settings, production):
     # 10,000 entries ahead at 100/s: 100 s of backlog for the backfill lane, none for live.
     publish_load(r, {"live": 0, "backfill": 10_000}, 100.0)
-    with Client.from_url(settings.redis_url, timeout_s=0.3) as client:
+    with Client.from_url(settings.redis_url, timeout_s=0.3, fail_fast=False) as client:
         with pytest.raises(DeadlineExceeded):  # the first call reads the load (no worker answers)
             client.predict(MODEL, X, lane="backfill")
         sent = r.xlen(keys.request_stream(MODEL, 0, "backfill"))
@@ -92,7 +92,7 @@ def test_a_client_sheds_only_on_a_fresh_reading(r, settings, production, monkeyp
     from producer import _core
 
     publish_load(r, {"live": 0, "backfill": 10_000}, 100.0)
-    with Client.from_url(settings.redis_url, timeout_s=0.3) as client:
+    with Client.from_url(settings.redis_url, timeout_s=0.3, fail_fast=False) as client:
         with pytest.raises(DeadlineExceeded):
             client.predict(MODEL, X, lane="backfill")
         with pytest.raises(Overloaded):

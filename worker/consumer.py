@@ -6,7 +6,11 @@ An entry is acknowledged, and deleted from its stream, only in the MULTI/EXEC
 that carries its reply (or its dead letter): the streams hold only unread and
 pending entries, and an entry never answered stays pending for another worker.
 Entries pending on a consumer whose worker's heartbeat has expired are taken
-over at once (``take_over``); ``reclaim`` (idle time) is the backstop.
+over at once (``take_over``); ``reclaim`` (idle time) is the backstop, and
+``recover`` answers what a read delivered to this consumer without its answer
+ever arriving. A pending entry may be gone from its stream (a bot trims with
+``XADD … MINID``): every path that claims pending entries acks such ids and counts
+them as discarded.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -311,16 +315,90 @@ class StreamConsumer:
         return sum(self._reclaim_lane(lane, handle) for lane in keys.LANES)
 
     def _reclaim_lane(self, lane: str, handle: ClaimHandler) -> int:
-        start, handled, stream = "0-0", 0, self.streams[lane]
+        start, handled = "0-0", 0
         while True:
-            start, claimed, deleted = self._autoclaim(lane, start)
-            if deleted:  # trimmed away while pending: nothing left to answer
-                self.redis.xack(stream, self.group, *deleted)
+            try:
+                start, claimed, deleted = self._autoclaim(lane, start)
+            except redis.ResponseError as e:  # NOGROUP: the group is recreated, nothing to reclaim
+                self._vanished(e)
+                return handled
+            self._forget(lane, deleted)
+            holding = self.holding()  # idle, but read by this worker and still to be answered by it
+            claimed = [e for e in claimed if e.id not in holding]
             if claimed:
                 handled += len(claimed)
                 handle(*self._split_over_delivered(lane, claimed))
             if start == "0-0":
                 return handled
+
+    def _forget(self, lane: str, gone: Sequence[str]) -> None:
+        """Pending ids whose entries were trimmed or deleted: nothing is left to answer. Acked (a
+        no-op where XCLAIM already dropped them) and counted as discarded."""
+        if not gone:
+            return
+        pipe = self.redis.pipeline(transaction=False)  # both keys in the shard's slot
+        pipe.xack(self.streams[lane], self.group, *gone)
+        pipe.incrby(keys.discarded_counter(self.model, self.shard), len(gone))
+        pipe.execute()
+        log.warning("%d pending entries of %s were gone from the stream (trimmed); discarded",
+                    len(gone), self.streams[lane])
+
+    def holding(self) -> set[str]:
+        """Ids of the entries this consumer read and holds to answer later (held, read ahead)."""
+        return {e.id for e in [*self.held, *(self.prefetched or [])]}
+
+    def recover(self, handle: ClaimHandler) -> int:
+        """Answer the entries pending on this consumer that it does not hold: reads delivered whose
+        answer never arrived (a connection cut, or Redis killed, while it was in flight; a read ahead
+        lost with its link). Call with nothing in flight (:meth:`settle` first). Returns how many."""
+        holding, recovered = self.holding(), 0
+        for lane, stream in self.streams.items():
+            try:
+                lost = [i for i in self._own_pending(lane) if i not in holding]
+            except redis.ResponseError as e:  # NOGROUP: Redis came back empty; nothing is pending
+                self._vanished(e)
+                return recovered
+            if not lost:
+                continue
+            # XCLAIM to itself returns what is left of them (and drops trimmed ids from the PEL).
+            rows = cast("StreamRows", self.redis.xclaim(stream, self.group, self.name, 0,
+                                                        cast("list[StreamIdT]", lost)))
+            claimed = [Entry(text(i), f, lane) for i, f in rows if f]
+            found = {e.id for e in claimed}
+            self._forget(lane, [i for i in lost if i not in found])
+            log.warning("recovered %d entries read by this consumer whose answer never arrived",
+                        len(claimed))
+            if claimed:
+                recovered += len(claimed)
+                handle(*self._split_over_delivered(lane, claimed))
+        return recovered
+
+    def _own_pending(self, lane: str) -> list[str]:
+        """Every id pending on this consumer in ``lane`` (a few batches at most: what it read)."""
+        ids: list[str] = []
+        start = "-"
+        while True:
+            rows = self.redis.xpending_range(self.streams[lane], self.group, start, "+", 1000,
+                                             consumername=self.name)
+            ids += [text(r["message_id"]) for r in rows]
+            if len(rows) < 1000:
+                return ids
+            start = "(" + ids[-1]
+
+    def touch(self, in_hand: Sequence[Entry] = ()) -> None:
+        """Reset the idle time of the entries this consumer is answering (``in_hand``) or holds: the
+        reclaim backstop takes entries by idle time, and these have a live worker. XCLAIM to itself
+        with JUSTID changes neither owner nor delivery count; ids answered meanwhile are skipped."""
+        by_lane: dict[str, list[str]] = {}
+        for e in [*in_hand, *self.held, *(self.prefetched or [])]:
+            by_lane.setdefault(e.lane, []).append(e.id)
+        if not by_lane:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for lane, ids in by_lane.items():
+            pipe.xclaim(self.streams[lane], self.group, self.name, 0, cast("list[StreamIdT]", ids),
+                        justid=True)
+        pipe.execute()
 
     def _autoclaim(self, lane: str, start: str) -> tuple[str, list[Entry], list[str]]:
         result = self.redis.xautoclaim(self.streams[lane], self.group, self.name,
@@ -425,7 +503,12 @@ class StreamConsumer:
 
     def _take_over_from(self, lane: str, consumer: str, handle: ClaimHandler) -> int:
         taken = 0
-        while claimed := self._claim_from(lane, consumer):
+        while ids := self._pending_ids(consumer, lane):
+            claimed = self._claim_from(lane, ids)
+            if not claimed:  # trimmed (now off its list), or claimed by another worker first
+                if ids == self._pending_ids(consumer, lane):
+                    break
+                continue
             log.warning("took over %d entries from dead consumer %s", len(claimed), consumer)
             taken += len(claimed)
             handle(*self._split_over_delivered(lane, claimed))
@@ -440,21 +523,27 @@ class StreamConsumer:
         except redis.ResponseError:  # NOGROUP: nothing to take over; read() recreates the group
             return []
 
-    def _pending_ids(self, consumer: str, lane: str = "live") -> list[StreamIdT]:
+    def _pending_ids(self, consumer: str, lane: str = "live") -> list[str]:
         rows = self.redis.xpending_range(self.streams[lane], self.group, "-", "+", self.settings.max_batch,
                                          consumername=consumer)
         return [text(r["message_id"]) for r in rows]
 
-    def _claim_from(self, lane: str, consumer: str) -> list[Entry]:
-        ids = self._pending_ids(consumer, lane)
-        if not ids:
-            return []
+    def _claim_from(self, lane: str, ids: list[str]) -> list[Entry]:
+        """XCLAIM ``ids`` (idle past a heartbeat interval); trimmed ones are forgotten (discarded)."""
         stream, min_idle_ms = self.streams[lane], int(self.settings.heartbeat_interval_s * 1000)
-        claimed = cast("StreamRows", self.redis.xclaim(stream, self.group, self.name, min_idle_ms, ids))
-        gone = [i for i, f in claimed if f is None]  # deleted from the stream: nothing left to answer
-        if gone:
-            self.redis.xack(stream, self.group, *gone)
-        return [Entry(text(i), f, lane) for i, f in claimed if f is not None]
+        rows = cast("StreamRows", self.redis.xclaim(stream, self.group, self.name, min_idle_ms,
+                                                    cast("list[StreamIdT]", ids)))
+        claimed = [Entry(text(i), f, lane) for i, f in rows if f]
+        # Not returned: trimmed (Redis ≥ 7 drops them from the PEL; older servers return nil), or
+        # freshly claimed by another worker (the idle guard). Only the first are gone from the stream.
+        found = {e.id for e in claimed}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                pipe.xrange(stream, i, i)
+            self._forget(lane, [i for i, row in zip(missing, pipe.execute(), strict=True) if not row])
+        return claimed
 
     def group_state(self) -> tuple[dict[str, LaneCounts], int]:
         """Per lane its :class:`LaneCounts`; and how many entries of the shard were discarded so far.

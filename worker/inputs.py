@@ -58,6 +58,16 @@ class InputSpec:
         self.finite_only = [name for name, s in parsed.items()
                             if not s.allow_non_finite and np.dtype(s.dtype).kind == "f"]
 
+    @property
+    def sample_bytes(self) -> int:
+        """Input bytes of one sample (one row of every input), what a batch's memory grows by per row."""
+        return sum(dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                   for dtype, shape in self.fields.values())
+
+    def max_rows(self, budget_mb: float) -> int:
+        """The rows whose stacked inputs fit ``budget_mb`` MiB (at least 1)."""
+        return max(1, int(budget_mb * (1 << 20)) // max(1, self.sample_bytes))
+
     def check(self, inputs: dict[str, np.ndarray], max_rows: int) -> None:
         """Raise ``InvalidInput`` naming the first mismatch."""
         if set(inputs) != set(self.fields):

@@ -2,8 +2,9 @@
 
 Each entry is admitted on its own (decode, deadline, queue age, input spec):
 a bad one gets its error reply alone. The valid ones go through the
-experiment arms to one model call per arm; a model failure fails that call's
-requests with ``INTERNAL`` and never the worker.
+experiment arms to one model call per arm, in calls of at most ``max_batch_rows``
+rows (an entry with more rows is computed alone); a model failure fails that
+call's requests with ``INTERNAL`` and never the worker.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -44,10 +45,34 @@ class BatchProcessor:
         for entry in dead_letter:
             self._dead_letter(out, entry, f"delivered more than {self.settings.max_deliveries} times")
         valid = [r for r in (self._admit(out, e, started_ms) for e in entries) if r is not None]
-        if valid and self.slot.loaded is not None:
-            self.arms.serve(out.experiment, self.slot.loaded, valid, call=self._call,
-                            run=lambda loaded, batch, arm: self._run(out, loaded, batch, started_ms, arm))
+        loaded = self.slot.loaded
+        if not valid or loaded is None:
+            return out
+        for i, chunk in enumerate(row_chunks(valid, self.max_rows(loaded))):
+            # Later calls start later: a request whose deadline passed meanwhile is not computed.
+            chunk = self._in_time(out, chunk, started_ms) if i else chunk
+            if chunk:
+                self.arms.serve(out.experiment, loaded, chunk, call=self._call,
+                                run=lambda model, batch, arm: self._run(out, model, batch, started_ms, arm))
         return out
+
+    def max_rows(self, loaded: LoadedModel) -> int:
+        """Rows per model call: ``max_batch_rows``, or what ``batch_memory_mb`` holds of this version's
+        inputs."""
+        return self.settings.max_batch_rows or loaded.spec.max_rows(self.settings.batch_memory_mb)
+
+    def _in_time(self, out: Outbox, chunk: list[messages.Request],
+                 started_ms: float) -> list[messages.Request]:
+        """The requests of ``chunk`` still within their deadline; the others get DEADLINE_EXCEEDED."""
+        now_ms = time.time() * 1000
+        late = [r for r in chunk if r.deadline_ms and r.deadline_ms < now_ms]
+        for r in late:
+            error = DeadlineExceeded(f"deadline passed {now_ms - r.deadline_ms:.1f} ms before compute "
+                                     f"(waited {now_ms - started_ms:.1f} ms behind this batch's earlier "
+                                     "model calls)", request_id=r.request_id)
+            out.reply(r.reply_to, self._error(r.request_id, error, {"queue_ms": now_ms - id_ms(r.entry_id)}))
+            out.codes.append(("", "", error.code))
+        return [r for r in chunk if not (r.deadline_ms and r.deadline_ms < now_ms)]
 
     def _admit(self, out: Outbox, entry: Entry, now_ms: float) -> messages.Request | None:
         out.ack(entry)
@@ -145,6 +170,20 @@ class BatchProcessor:
             err = InternalError(f"dead-lettered: {reason}", request_id=address[0])
             out.reply(address[1], self._error(address[0], err, {}))
             out.codes.append(("", "", err.code))
+
+
+def row_chunks(requests: list[messages.Request], max_rows: int) -> Iterator[list[messages.Request]]:
+    """Consecutive groups of ``requests`` of at most ``max_rows`` rows; one over the cap is a group alone."""
+    chunk: list[messages.Request] = []
+    rows = 0
+    for r in requests:
+        if chunk and rows + r.n_rows > max_rows:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(r)
+        rows += r.n_rows
+    if chunk:
+        yield chunk
 
 
 class RecentMinimum:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import redis
 
@@ -65,6 +66,52 @@ class Backoff:
         self.failures = 0
 
 
+class Pulse:
+    """While a batch computes, calls ``beat`` about every ``interval_s`` from a thread of its own.
+
+    The loop beats between batches; a model call longer than the heartbeat TTL would
+    otherwise make a live worker look dead, and the fleet would take its batch over and
+    compute it a second time. ``beat`` decides whether a beat is due.
+    """
+
+    def __init__(self, beat: Callable[[], None], interval_s: float) -> None:
+        self.beat, self.interval_s = beat, interval_s
+        self._busy, self._stopped = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (a daemon: it never holds the process up)."""
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self._run, name="pulse", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Beat while the block runs."""
+        self._busy.set()
+        try:
+            yield
+        finally:
+            self._busy.clear()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s / 4):
+            if not self._busy.is_set():
+                continue
+            try:
+                self.beat()
+            except redis.RedisError as e:  # Redis down: the loop reports it; beat again next time
+                log.debug("heartbeat during a model call failed: %s", e)
+            except Exception:  # never let the thread die: the next call would look dead
+                log.exception("heartbeat during a model call failed")
+
+
 class Worker:
     """Serve one model from its request stream until stopped (or drained, with ``burst``)."""
 
@@ -103,6 +150,11 @@ class Worker:
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
         self.listener: ControlListener | None = None
+        self.pulse = Pulse(self._beat_if_due, settings.heartbeat_interval_s)
+        self._in_hand: tuple[StreamConsumer, list[Entry]] | None = None  # the batch being answered
+        self._beat_landed_s = -math.inf  # monotonic: when this worker's last heartbeat landed
+        # Monotonic: no take-over or reclaim before this (after Redis was out of reach, _landed).
+        self.takeover_after_s = 0.0
 
     @property
     def consumer(self) -> StreamConsumer:
@@ -140,11 +192,13 @@ class Worker:
         self.listener = None if self.burst else ControlListener(
             self.settings.redis_url, self.model, lambda _command: self.reload_requested.set(),
             secret=self.settings.control_secret).start()
+        self.pulse.start()
         try:
             while not self.stopping.is_set() and self._step_or_wait():
                 pass
             self._answer_held()
         finally:
+            self.pulse.stop()
             if self.listener is not None:
                 self.listener.stop()
             self._sign_off()
@@ -188,6 +242,7 @@ class Worker:
             more = self._step()
         except redis.RedisError as e:  # down, OOM, READONLY, a race lost to another worker
             self._failed("redis", f"Redis unavailable: {type(e).__name__}: {e}", log_traceback=False)
+            self._due["reclaim"] = 0.0  # a read may have been lost with the connection: recover it soon
             return True
         except Exception as e:
             self._failed("loop", f"{type(e).__name__}: {e}", log_traceback=True)
@@ -248,8 +303,13 @@ class Worker:
                 consumer: StreamConsumer | None = None, prefetch: int = 0) -> None:
         """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies;
         the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
-        out = self.processor.process(entries, dead_letter)
         consumer = consumer or self.consumer
+        self._in_hand = (consumer, [*entries, *dead_letter])
+        try:
+            with self.pulse.busy():
+                out = self.processor.process(entries, dead_letter)
+        finally:
+            self._in_hand = None
         self.batches += 1
         self.requests += len(out.ack_ids)
         if consumer.link is None:
@@ -308,6 +368,7 @@ class Worker:
                           len(out.ack_ids), e, delay_s)
                 time.sleep(delay_s)  # not stopping.wait: a stopping worker still owes these replies
                 self._try_heartbeat()
+                self._due["reclaim"] = 0.0  # the connection may have been lost with a read: recover
                 prefetch = 0  # a retry writes only: whatever a lost answer read stays pending (reclaim)
                 continue
             if self._write_backoff.failures:
@@ -321,14 +382,26 @@ class Worker:
             self.heartbeat()
 
     def reclaim(self) -> int:
-        """Take over entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
-        reclaimed = sum(c.reclaim(self._handler(c)) for c in list(self.consumers.values()))
+        """Recover this worker's own lost reads; then (unless Redis was just out of reach) take over
+        entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
+        reclaimed = 0
+        for c in list(self.consumers.values()):
+            self.settle(c)  # nothing in flight: what is pending on it and not held was lost
+            reclaimed += c.recover(self._handler(c))
+        if time.monotonic() >= self.takeover_after_s:
+            reclaimed += sum(c.reclaim(self._handler(c)) for c in list(self.consumers.values()))
         if reclaimed:
             self.metrics.reclaimed(reclaimed)
         return reclaimed
 
     def take_over(self) -> int:
-        """Answer what is pending on workers whose heartbeat expired; remove their empty consumers."""
+        """Answer what is pending on workers whose heartbeat expired; remove their empty consumers.
+
+        Not while Redis has just come back (``takeover_after_s``): the others' heartbeats
+        look stale because nobody could beat, not because they died.
+        """
+        if time.monotonic() < self.takeover_after_s:
+            return 0
         live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
         # A consumer never takes from itself.
         taken = sum(c.take_over(live, self._handler(c)) for c in list(self.consumers.values()))
@@ -440,8 +513,33 @@ class Worker:
         pipe.zadd(members, {self.worker_id: beat.heartbeat_ms})
         pipe.zremrangebyscore(members, "-inf", beat.heartbeat_ms - ttl_ms)
         pipe.execute()
+        self._landed()
         for consumer in self.consumers.values():
             consumer.flush_stats()
+            consumer.touch()  # what it holds (held, read ahead) is not idle: keep it from reclaim
+
+    def _beat_if_due(self) -> None:
+        """The pulse's beat, during a batch: renew the heartbeat and the idle time of what is in hand."""
+        if time.monotonic() - self._beat_landed_s < self.settings.heartbeat_interval_s:
+            return
+        presence.refresh(self.redis, self.model, self.worker_id, self.settings.heartbeat_ttl_s)
+        self._landed()
+        in_hand = self._in_hand
+        for consumer in list(self.consumers.values()):
+            consumer.touch(in_hand[1] if in_hand is not None and in_hand[0] is consumer else ())
+
+    def _landed(self) -> None:
+        """A heartbeat landed. If the last one before it landed more than two intervals ago, this
+        worker could not beat meanwhile (Redis down, restarting, paused) and most likely neither
+        could the others: their heartbeats look stale through no fault of theirs. Take-overs wait
+        until they have had an interval and a TTL, from now, to beat again."""
+        now_s, s = time.monotonic(), self.settings
+        gap_s = now_s - self._beat_landed_s
+        if math.isfinite(gap_s) and gap_s > 2 * s.heartbeat_interval_s:
+            self.takeover_after_s = now_s + s.heartbeat_interval_s + s.heartbeat_ttl_s
+            log.warning("no heartbeat landed for %.1f s; no take-over for the next %.1f s", gap_s,
+                        s.heartbeat_interval_s + s.heartbeat_ttl_s)
+        self._beat_landed_s = now_s
 
     def presence(self) -> presence.Heartbeat:
         """This worker's heartbeat as of now."""
