@@ -105,6 +105,7 @@ def _kind(first_byte: int) -> str:
     return "other"  # nil, bool, float, ext, never-used: nothing a tensor body holds
 
 
+_ATOMS = ("str", "int", "other")
 _BIN_LENGTH = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}  # bin 8/16/32: header byte, then the length
 
 
@@ -117,8 +118,8 @@ class _BodyReader:
     decoding allocates next to nothing beyond the entry itself.
     """
 
-    def __init__(self, payload: bytes, max_bytes: int) -> None:
-        self.payload, self.max_bytes = payload, max_bytes
+    def __init__(self, payload: bytes, max_bytes: int, max_str_chars: int = MAX_NAME_CHARS) -> None:
+        self.payload, self.max_bytes, self.max_str_chars = payload, max_bytes, max_str_chars
         self._start_at(0)
 
     def _start_at(self, offset: int) -> None:
@@ -128,7 +129,7 @@ class _BodyReader:
         self.base = offset
         self.unpacker = msgpack.Unpacker(
             stream, raw=False, read_size=min(len(self.payload), 1 << 16) or 1,
-            max_buffer_size=1 << 20, max_str_len=MAX_NAME_CHARS, max_bin_len=self.max_bytes,
+            max_buffer_size=1 << 20, max_str_len=self.max_str_chars, max_bin_len=self.max_bytes,
             max_array_len=MAX_NDIM, max_map_len=64, max_ext_len=0, strict_map_key=True)
 
     def tell(self) -> int:
@@ -156,6 +157,24 @@ class _BodyReader:
         """One str or int."""
         self._expect(kind, what)
         return self.unpacker.unpack()
+
+    def kind(self, what: str) -> str:
+        """The msgpack family of the next value."""
+        offset = self.tell()
+        if offset >= len(self.payload):
+            raise InvalidInput(f"msgpack ends before {what}")
+        return _kind(self.payload[offset])
+
+    def atom(self, what: str) -> Any:
+        """One str, int, float, bool or nil: a value that holds no other."""
+        found = self.kind(what)
+        if found not in _ATOMS:
+            raise InvalidInput(f"{what} must be a str or a number, found {found}")
+        return self.unpacker.unpack()
+
+    def skip(self) -> None:
+        """Step over one value without building it (a reply key this version does not know)."""
+        self.unpacker.skip()
 
     def data(self, what: str, max_bytes: int) -> memoryview:
         """A bin's bytes as a view into the payload (no copy), its length checked from the header."""
@@ -211,6 +230,72 @@ def _tensor_map(reader: _BodyReader, name: str, max_bytes: int) -> dict[str, Any
         else:
             raise InvalidInput(f"tensor {name!r} has unknown key {key!r}")
     return tensor
+
+
+MAX_REPLY_KEYS = 64
+MAX_REPLY_ROWS = 1 << 16  # labels / confidences: one per row of the request
+MAX_MESSAGE_CHARS = 1 << 16  # an error message
+
+
+def unpack_reply(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[str, Any]:
+    """A reply map, walked key by key under the reply schema before anything is built.
+
+    Scalars, ``outputs`` (tensor maps, data left in the payload), ``timings``,
+    ``label`` / ``confidence`` (one per row) and ``error`` are read with their own
+    bounds; an unknown key's value is stepped over unbuilt. A crafted reply (a header
+    claiming 2^32 items, deep nesting, a huge string) is refused at its header.
+    """
+    if len(payload) > max_bytes:
+        raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    reader = _BodyReader(payload, max_bytes, MAX_MESSAGE_CHARS)
+    try:
+        reply: dict[str, Any] = {}
+        for _ in range(reader.header("map", "a reply", MAX_REPLY_KEYS)):
+            key = reader.scalar("str", "a reply key")
+            if key in _REPLY_KEYS:
+                reply[key] = _reply_value(reader, key, max_bytes, max_tensors)
+            else:
+                reader.skip()  # replies may gain keys within a version
+        reader.finish()
+    except (ValueError, msgpack.UnpackException) as e:  # limits hit inside msgpack itself
+        raise InvalidInput(f"malformed msgpack: {e}") from e
+    return reply
+
+
+_REPLY_ATOMS = frozenset({"v", "id", "ok", "model", "version", "worker", "variant"})
+_REPLY_KEYS = _REPLY_ATOMS | {"outputs", "timings", "error", "label", "confidence"}
+
+
+class Unread:
+    """Stands for a reply value of the wrong kind, stepped over unbuilt: the schema check that
+    follows reports it (with the request id, once that is read)."""
+
+    def __repr__(self) -> str:
+        return "<unread value>"
+
+
+_CONTAINERS = {"outputs": "map", "timings": "map", "error": "map", "label": "array", "confidence": "array"}
+
+
+def _reply_value(reader: _BodyReader, key: str, max_bytes: int, max_tensors: int) -> Any:
+    found = reader.kind(repr(key))
+    if key in _CONTAINERS and found != _CONTAINERS[key]:
+        if found in _ATOMS:
+            return reader.unpacker.unpack()
+        reader.skip()
+        return Unread()
+    if key == "outputs":
+        outputs: dict[str, Any] = {}
+        for _ in range(reader.header("map", "outputs", max_tensors)):
+            name = reader.scalar("str", "an output name")
+            outputs[name] = _tensor_map(reader, name, max_bytes)
+        return outputs
+    if key in ("timings", "error"):
+        n = reader.header("map", key, 32)
+        return {reader.scalar("str", f"a key of {key}"): reader.atom(f"a value of {key}") for _ in range(n)}
+    if key in ("label", "confidence"):
+        return [reader.atom(f"a {key}") for _ in range(reader.header("array", key, MAX_REPLY_ROWS))]
+    return reader.atom(repr(key))
 
 
 def pack(obj: Any) -> bytes:

@@ -215,9 +215,11 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
     wrong types) raises ``InvalidInput``, never ``KeyError`` or ``TypeError``. Unknown
     keys are ignored (replies may gain keys within version 1).
     """
-    reply = codec.unpack(payload, max_bytes=max_bytes)
-    if not isinstance(reply, dict):
-        raise InvalidInput("malformed reply: not a msgpack map")
+    try:
+        # Walked under the schema before anything is built (a crafted reply costs no memory).
+        reply = codec.unpack_reply(payload, max_bytes=max_bytes, max_tensors=MAX_INPUTS)
+    except InvalidInput as e:
+        raise InvalidInput(f"malformed reply: {e}") from e
     request_id = _reply_id(reply)
     if not _field(reply, "ok", (bool,), request_id):
         raise _reply_error(reply, request_id)
