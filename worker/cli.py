@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
+import redis
+
+from protocol import connection, keys
 from protocol.settings import Settings
 from worker.supervisor import Supervisor
 from worker.worker import Worker
+
+# Redis refusing this user: a start-up error; anything else Redis says at start-up is waited out.
+REFUSED = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,9 +45,29 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
                                        spin_ms=args.spin_ms, shards=args.shards, overlap_io=args.overlap_io,
                                        metrics_port=args.metrics_port)
     model = args.model or settings.model
+    check_access(settings, model)
     if args.processes > 1 and not args.burst:
         return Supervisor(settings, model, args.processes, max_queue_ms=args.max_queue_ms).run()
     worker = Worker(settings, model, burst=args.burst, max_queue_ms=args.max_queue_ms)
     worker.install_signal_handlers()
     worker.run()
     return 0
+
+
+def check_access(settings: Settings, model: str) -> None:
+    """Refuse to start when Redis refuses this user (wrong password, or a role without the worker's
+    commands): an ACL does not heal by waiting, so the error goes up to the command's one line.
+
+    An unreachable or loading Redis is not an error here: the worker waits for it, as it
+    does during an outage. The probe (XINFO GROUPS on the model's request stream) is in the
+    documented worker role and changes nothing.
+    """
+    try:
+        with connection.connect(settings.redis_url) as client:
+            client.execute_command("XINFO", "GROUPS", keys.request_stream(model))
+    except REFUSED:
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.RedisClusterException) as e:
+        logging.getLogger(__name__).info("Redis not reachable yet (%s); the worker waits for it", e)
+    except redis.ResponseError:
+        pass  # no such key: no request stream yet, which is fine
