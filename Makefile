@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test bench bench-peers validate-stats lint compose-check deploy-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# torch is pinned in the `train` extra (torch==2.13.0, the CPU build on these machines).
-	$(BIN)/pip install -e '.[lab,peers,dev]'
+	# constraints.txt pins every package to the version CI tested (torch==2.13.0, the CPU build on
+	# these machines, as the `train` extra does): a fresh clone gets the same redis-py.
+	$(BIN)/pip install -c constraints.txt -e '.[lab,peers,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
