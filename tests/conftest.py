@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -9,15 +10,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import models
 import pytest
 import redis
 
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
-from producer import Client
+from producer import AsyncClient, Client
 from protocol import keys
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
@@ -63,6 +65,31 @@ def client(settings):
     """A client that queues while no worker is up (tests start and kill workers around its calls)."""
     with Client.from_url(settings.redis_url, timeout_s=60.0, fail_fast=False) as c:
         yield c
+
+
+@pytest.fixture(params=["sync", "async"])
+def call(request: pytest.FixtureRequest) -> Iterator[Callable[..., Future]]:
+    """Both clients, each in a thread: ``call(url, "predict", *args, client_kwargs={…}, **kwargs)``
+    → a Future of the result. The clients queue (``fail_fast=False``): the test plays the worker."""
+    kind = request.param
+    with ThreadPoolExecutor(1) as pool:
+        def submit(url: str, method: str, *args: Any, client_kwargs: dict | None = None,
+                   **kwargs: Any) -> Future:
+            options = {"timeout_s": 10.0, "fail_fast": False, **(client_kwargs or {})}
+            if kind == "sync":
+                def run() -> Any:
+                    with Client.from_url(url, **options) as client:
+                        return getattr(client, method)(*args, **kwargs)
+            else:
+                async def arun() -> Any:
+                    async with AsyncClient.from_url(url, **options) as client:
+                        return await getattr(client, method)(*args, **kwargs)
+
+                def run() -> Any:
+                    return asyncio.run(arun())
+            return pool.submit(run)
+
+        yield submit
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float = 10.0, *, interval_s: float = 0.01,

@@ -7,14 +7,13 @@ arrives. Every scenario runs with the sync and the asyncio client.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 import redis
 from conftest import MODEL, wait_until
 
-from producer import AsyncClient, Client, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from producer import Client, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 from protocol import keys, messages
 
 X = np.random.default_rng(2).standard_normal((60, 110)).astype(np.float32)
@@ -68,31 +67,6 @@ def blocked_for_s(r: redis.Redis) -> int:
 
 
 # ---- both clients, run in a thread while the test plays the worker ------------------------
-
-
-@pytest.fixture(params=["sync", "async"])
-def call(request: pytest.FixtureRequest) -> Iterator[Callable[..., Future]]:
-    """``call(url, "predict", *args, client_kwargs={…}, **kwargs)`` → a Future of the result."""
-    kind = request.param
-    with ThreadPoolExecutor(1) as pool:
-        def submit(url: str, method: str, *args: Any, client_kwargs: dict | None = None,
-                   **kwargs: Any) -> Future:
-            # No registry and no worker here (the test plays the worker): the call must go out.
-            options = {"timeout_s": 10.0, "fail_fast": False, **(client_kwargs or {})}
-            if kind == "sync":
-                def run() -> Any:
-                    with Client.from_url(url, **options) as client:
-                        return getattr(client, method)(*args, **kwargs)
-            else:
-                async def arun() -> Any:
-                    async with AsyncClient.from_url(url, **options) as client:
-                        return await getattr(client, method)(*args, **kwargs)
-
-                def run() -> Any:
-                    return asyncio.run(arun())
-            return pool.submit(run)
-
-        yield submit
 
 
 def assert_answered(p: messages.Prediction, entry: tuple[bytes, dict[bytes, bytes]]) -> None:

@@ -1,0 +1,91 @@
+"""Answers that prove nothing was queued (LOADING while Redis loads its data, BUSY while a script
+runs) make the client send the request again within its deadline, not wait for a reply that
+cannot come (docs/protocol.md §4)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+from conftest import MODEL, wait_until
+from test_client_reliability import answer, assert_answered, entries
+
+from lab.embedded_redis import EmbeddedRedis
+
+X = np.random.default_rng(4).standard_normal((60, 110)).astype(np.float32)
+
+
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedRedis]:
+    """A server of this test's own: it is made to load or run a script, which stalls every client."""
+    with EmbeddedRedis(extra_args=("--enable-debug-command", "yes")) as server:
+        yield server
+
+
+def xadd_calls(r: redis.Redis) -> dict[str, int]:
+    stats = r.info("commandstats").get("cmdstat_xadd", {})
+    return {"calls": int(stats.get("calls", 0)), "rejected": int(stats.get("rejected_calls", 0))}
+
+
+def refused(client: redis.Redis, error: type[Exception]) -> bool:
+    try:
+        client.ping()
+    except error:
+        return True
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_a_request_refused_while_redis_loads_is_sent_again_when_it_has_loaded(own_server, call):
+    r = redis.Redis.from_url(own_server.url)
+    r.execute_command("DEBUG", "POPULATE", 1_500_000, "filler", 64)  # about a second to load
+
+    def reload() -> None:
+        with contextlib.suppress(redis.RedisError):  # 7.0 may close the reloading connection
+            redis.Redis.from_url(own_server.url).execute_command("DEBUG", "RELOAD")
+
+    loader = threading.Thread(target=reload, daemon=True)
+    loader.start()
+    probe = redis.Redis.from_url(own_server.url)
+    wait_until(lambda: refused(probe, redis.exceptions.BusyLoadingError), 20, interval_s=0.002)
+    future = call(own_server.url, "predict", MODEL, X, timeout_s=20.0)
+    loader.join(30)
+    entry = entries(r, 1)[0]
+    answer(r, entry)
+    assert_answered(future.result(timeout=25), entry)
+    stats = xadd_calls(r)
+    assert r.xlen(f"ss:{{{MODEL}}}:requests") == 1 and stats["calls"] == 1, "queued exactly once"
+
+
+@pytest.mark.timeout(60)
+def test_a_request_refused_while_a_script_runs_is_sent_again_after_it(own_server, call):
+    r = redis.Redis.from_url(own_server.url)
+    r.config_set("busy-reply-threshold", 20)  # BUSY after 20 ms of script (lua-time-limit)
+
+    def script() -> None:
+        with contextlib.suppress(redis.RedisError):  # killed by the test
+            redis.Redis.from_url(own_server.url).eval("while true do end", 0)
+
+    threading.Thread(target=script, daemon=True).start()
+    probe = redis.Redis.from_url(own_server.url)
+    wait_until(lambda: refused(probe, redis.ResponseError), 10)
+    future = call(own_server.url, "predict", MODEL, X, timeout_s=20.0)
+    time.sleep(0.3)  # the server stays busy while the call's first tries meet BUSY
+    wait_until(lambda: _killed(probe), 10)
+    entry = entries(r, 1)[0]
+    answer(r, entry)
+    assert_answered(future.result(timeout=25), entry)
+    stats = xadd_calls(r)
+    assert stats["rejected"] >= 1, "the call did meet BUSY"
+    assert r.xlen(f"ss:{{{MODEL}}}:requests") == 1 and stats["calls"] == 1, "queued exactly once"
+
+
+def _killed(probe: redis.Redis) -> bool:
+    with contextlib.suppress(redis.ResponseError):  # NOTBUSY once it is gone
+        probe.script_kill()
+    return not refused(probe, redis.ResponseError)
