@@ -49,13 +49,13 @@ PARENT_DIED = signal.SIGUSR1  # a supervised worker drains and exits on it
 
 def _child(settings_json: str, secret: str | None, model: str, max_queue_ms: float, verbose: bool,
            parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a Ctrl-C while it starts is the supervisor's
     configure_logging(verbose)
     settings = Settings.model_validate_json(settings_json).with_overrides(control_secret=secret)
     worker = Worker(settings, model, max_queue_ms=max_queue_ms)
     drain = drain_once(worker)
     for signum in (signal.SIGTERM, PARENT_DIED):
         signal.signal(signum, drain)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     worker.run()
 
