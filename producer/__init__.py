@@ -11,6 +11,7 @@ from producer.health import Health, WorkerInfo
 from protocol.errors import (
     DeadlineExceeded,
     InternalError,
+    Interrupted,
     InvalidInput,
     ModelNotFound,
     Overloaded,
@@ -26,6 +27,7 @@ __all__ = [
     "DeadlineExceeded",
     "Health",
     "InternalError",
+    "Interrupted",
     "InvalidInput",
     "ModelNotFound",
     "Overloaded",

@@ -22,6 +22,7 @@ from redis.crc import key_slot
 from protocol import keys, messages, presence, sharding
 from protocol.errors import (
     DeadlineExceeded,
+    Interrupted,
     InvalidInput,
     ModelNotFound,
     Overloaded,
@@ -57,6 +58,7 @@ RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 LOAD_REFRESH_S = 0.2  # how stale a shard's load may get before the next trip re-reads it (§13)
 LOAD_MAX_AGE_S = 3.0  # an older load says nothing about now: nothing is shed on it
 CLOSE_MAX_S = 0.5  # close() deletes finished reply keys within this, or leaves them to expire
+VERIFY_MAX_S = 0.5  # after a failover, the look for the request on the new master is bounded so
 STATE_READ_MAX_S = 0.1  # the layout/registry/presence read never holds a call longer than this
 NEGATIVE_RECHECK_S = 0.05  # an older "nobody serves it" is read again before a call is refused
 
@@ -157,12 +159,18 @@ def check_call(timeout_s: float, max_timeout_s: float, request_id: str | None = 
     return timeout_s
 
 
-def prepare_many(target: Target, batch: Sequence[Features], *, route: str,
-                 timeout_s: float) -> list[Pending]:
-    """Single-sample requests that share one reply list (one wait collects them all)."""
+def prepare_many(target: Target, batch: Sequence[Features], *, route: str, timeout_s: float,
+                 request_ids: Sequence[str] | None = None, resend: bool = False) -> list[Pending]:
+    """Single-sample requests that share one reply list (one wait collects them all); ``request_ids``
+    (one per sample) are given to re-send those of an ``Interrupted`` call with ``resend``."""
+    if request_ids is not None and len(request_ids) != len(batch):
+        raise InvalidInput(f"{len(request_ids)} request_ids for {len(batch)} samples")
+    if resend and request_ids is None:
+        raise InvalidInput("resend=True needs the request_ids of the requests sent before")
+    ids: Sequence[str | None] = request_ids if request_ids is not None else [None] * len(batch)
     token = new_token()
-    return [prepare(target, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token)
-            for f in batch]
+    return [prepare(target, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token,
+                    request_id=rid, resend=resend) for f, rid in zip(batch, ids, strict=True)]
 
 
 def parse(payload: bytes) -> messages.Prediction | ReplyError:
@@ -413,6 +421,31 @@ class Exchange:
                                f"({self.gatherer.timeout_s:.3f} s): {self.error}")
         return Unavailable(f"lost the connection to Redis and could not read the reply within "
                            f"{self.gatherer.timeout_s:.3f} s: {self.error}")
+
+    def verify_trip(self) -> Trip:
+        """After the slot's master changed under a lost trip: are the request's entries (by the ids
+        the XADDs answered) or its replies on the new master?"""
+        commands: list[Command] = [("XRANGE", self.stream, i, i) for i in self.entry_ids]
+        commands.append(("LRANGE", self.reply_key, 0, -1))
+        return Trip(commands, min(self.gatherer.deadline_s, time.time() + VERIFY_MAX_S), self.reply_key)
+
+    def verified(self, answers: list[Any]) -> None:
+        """The answers to :meth:`verify_trip`: raise ``Interrupted`` when a request not yet answered
+        has neither its entry nor its reply there (lost with the old master, or never queued);
+        otherwise the wait goes on on the new master. An unreadable answer proves nothing: the
+        wait goes on (and is looked at again after the next loss)."""
+        *ranges, listed = answers
+        if any(isinstance(a, Exception) for a in answers) or not isinstance(listed, list):
+            return
+        self.gatherer.take(oldest_first(None, listed))
+        queued = {p.request_id for p, rows in zip(self.gatherer.pendings, ranges, strict=False) if rows}
+        lost = [p.request_id for p in self.gatherer.pendings
+                if p.request_id not in self.gatherer.results and p.request_id not in queued]
+        if lost:
+            raise Interrupted(
+                f"{len(lost)} request(s) lost in a Redis failover (the slot's new master holds neither "
+                f"the entry nor a reply); each may be re-sent with the same id: "
+                f"predict(..., request_id={lost[0]!r}, resend=True)", request_ids=lost)
 
     def done(self) -> bool:
         """Sent, and every reply in or out of time."""

@@ -59,7 +59,8 @@ class AsyncClient:
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                            timeout_s: float | None = None, return_exceptions: bool = False,
-                           lane: str = "live") -> list[Prediction | ReplyError]:
+                           lane: str = "live", request_ids: Sequence[str] | None = None,
+                           resend: bool = False) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         Same contract as :meth:`producer.Client.predict_many`.
@@ -68,7 +69,8 @@ class AsyncClient:
         if not batch:
             return []
         target = await self._target(model, route, lane, timeout_s)
-        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s)
+        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
+                                      request_ids=request_ids, resend=resend)
         results = await self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
@@ -101,19 +103,48 @@ class AsyncClient:
                                   clock=self._clock, horizon_s=self.max_timeout_s)
         try:
             while not exchange.done():
+                trip = exchange.trip()
+                sent_to = self._node_name(trip.key)
                 try:
-                    exchange.receive(await self._round_trip(exchange.trip()))
+                    exchange.receive(await self._round_trip(trip))
                 except _core.RETRYABLE as e:
-                    await asyncio.sleep(exchange.lost(e))
+                    wait_s = exchange.lost(e)
+                    if self._cluster and not exchange.done():
+                        await self._after_loss(exchange, sent_to)
+                    await asyncio.sleep(wait_s)
                 except _core.NotQueued as e:
                     await asyncio.sleep(exchange.refused_for_now(e))
                 except _core.Redirected as e:
                     await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # cluster only
+                    if exchange.queued:  # the wait moved (a failover or a migration): is the request there?
+                        await self._look_on_new_master(exchange, sent_to)
                     await asyncio.sleep(exchange.redirected(e))
             return exchange.outcome()
         finally:
             self._finished.add(exchange.reply_key)
             self._router.set_load(target, exchange.extra_answers)
+
+    async def _after_loss(self, exchange: _core.Exchange, sent_to: str) -> None:
+        """See :meth:`producer.Client._after_loss`."""
+        with contextlib.suppress(redis.RedisError):
+            await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # cluster only
+        await self._look_on_new_master(exchange, sent_to)
+
+    async def _look_on_new_master(self, exchange: _core.Exchange, sent_to: str) -> None:
+        """See :meth:`producer.Client._look_on_new_master`."""
+        if self._node_name(exchange.reply_key) in ("", sent_to):
+            return
+        with contextlib.suppress(*_core.RETRYABLE):
+            exchange.verified(await self._round_trip(exchange.verify_trip()))
+
+    def _node_name(self, key: str) -> str:
+        """See :meth:`producer.Client._node_name`."""
+        if not self._cluster:
+            return ""
+        try:
+            return str(self.redis.get_node_from_key(key).name)  # type: ignore[attr-defined]  # cluster only
+        except redis.RedisError:
+            return ""
 
     async def _round_trip(self, trip: _core.Trip) -> list[Any]:
         """See :meth:`producer.Client._round_trip`; a cancelled call closes its connection."""

@@ -68,7 +68,10 @@ class Client:
         matching the reply's code, ``DeadlineExceeded`` when no reply came within
         ``timeout_s``, ``Overloaded`` at once when Redis is out of memory or when the
         shard's backlog cannot drain within ``timeout_s`` (nothing is sent then), and
-        ``Unavailable`` when Redis cannot be reached (at once if nothing was sent).
+        ``Unavailable`` when Redis cannot be reached (at once if nothing was sent), and
+        its subclass ``Interrupted`` when a cluster failover lost the request (re-send it).
+        Before anything is sent, ``ModelNotFound`` / ``Unavailable`` if nobody serves the
+        model (``fail_fast``); ``InvalidInput`` for a ``timeout_s`` over ``max_timeout_s``.
         ``request_id`` defaults to a random one; a given one is checked. ``route`` (e.g.
         the symbol) picks the shard, so one symbol's requests stay in order; ``lane`` is
         the priority: ``live`` is always served before ``backfill``. ``resend=True`` with the
@@ -82,20 +85,24 @@ class Client:
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                      timeout_s: float | None = None, return_exceptions: bool = False,
-                     lane: str = "live") -> list[Prediction | ReplyError]:
+                     lane: str = "live", request_ids: Sequence[str] | None = None,
+                     resend: bool = False) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         The requests share one reply list, so collecting N replies costs a few round
         trips, not N; they all go to one shard (``route``'s, or the next round-robin
         one). With ``return_exceptions`` a failed request's error takes its place in the
         list; otherwise the first error is raised. ``Overloaded`` and ``Unavailable``
-        (Redis itself failing, or a backlog too long for ``timeout_s``) are always raised.
+        (Redis itself failing, or a backlog too long for ``timeout_s``) are always raised;
+        after ``Interrupted`` (a failover lost them) the same samples may be sent again with
+        ``request_ids=e.request_ids``-matching ids and ``resend=True``.
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
         if not batch:
             return []
         target = self._target(model, route, lane, timeout_s)
-        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s)
+        pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
+                                      request_ids=request_ids, resend=resend)
         results = self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
@@ -131,19 +138,50 @@ class Client:
                                   clock=self._clock, horizon_s=self.max_timeout_s)
         try:
             while not exchange.done():
+                trip = exchange.trip()
+                sent_to = self._node_name(trip.key)
                 try:
-                    exchange.receive(self._round_trip(exchange.trip()))
+                    exchange.receive(self._round_trip(trip))
                 except _core.RETRYABLE as e:
-                    time.sleep(exchange.lost(e))
+                    wait_s = exchange.lost(e)
+                    if self._cluster and not exchange.done():
+                        self._after_loss(exchange, sent_to)
+                    time.sleep(wait_s)
                 except _core.NotQueued as e:
                     time.sleep(exchange.refused_for_now(e))
                 except _core.Redirected as e:
                     self._refresh_slots()
+                    if exchange.queued:  # the wait moved (a failover or a migration): is the request there?
+                        self._look_on_new_master(exchange, sent_to)
                     time.sleep(exchange.redirected(e))
             return exchange.outcome()
         finally:
             self._finished.add(exchange.reply_key)
             self._router.set_load(target, exchange.extra_answers)
+
+    def _after_loss(self, exchange: _core.Exchange, sent_to: str) -> None:
+        """A cluster trip lost once the request may be queued: re-read the slot map; if the slot has a
+        new master (a failover), look for the request there (``Interrupted`` if it is not)."""
+        with contextlib.suppress(redis.RedisError):
+            self._refresh_slots()
+        self._look_on_new_master(exchange, sent_to)
+
+    def _look_on_new_master(self, exchange: _core.Exchange, sent_to: str) -> None:
+        """If the slot's master is no longer ``sent_to``, raise ``Interrupted`` unless the request's
+        entries or replies are there (then the wait goes on there)."""
+        if self._node_name(exchange.reply_key) in ("", sent_to):
+            return  # the same node (a blip, or not failed over yet): the wait is retried there
+        with contextlib.suppress(*_core.RETRYABLE):
+            exchange.verified(self._round_trip(exchange.verify_trip()))
+
+    def _node_name(self, key: str) -> str:
+        """The node serving ``key``'s slot now ("" without a cluster, or while none does)."""
+        if not self._cluster:
+            return ""
+        try:
+            return str(self.redis.get_node_from_key(key).name)  # type: ignore[attr-defined]  # cluster only
+        except redis.RedisError:
+            return ""
 
     def _refresh_slots(self) -> None:
         """Re-read the cluster's slot map after MOVED/ASK (a slot migrated or failed over)."""

@@ -11,6 +11,7 @@
     │   └── InternalError          INTERNAL           model failure, dead-lettered entry
     ├── ConfigError                settings or arguments that cannot work
     ├── Unavailable                Redis cannot be reached (client side)
+    │   └── Interrupted            lost in a failover: safe to re-send with the same ids
     ├── RegistryError              unknown model/version, bad stage transition
     └── ArtifactIntegrityError     artifact outside the store, missing, or not matching its sha256
 
@@ -19,6 +20,8 @@ back into the same class with :func:`from_reply`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class StreamserveError(Exception):
@@ -76,6 +79,20 @@ class Unavailable(StreamserveError):
     Raised by the clients, never written into a reply. Raised at once when nothing was
     sent; once a request may have been queued, only after the caller's deadline.
     """
+
+
+class Interrupted(Unavailable):
+    """A cluster failover lost the request: the connection to its node was lost after it may have
+    been queued, and the slot's new master holds neither its entry nor its reply.
+
+    ``request_ids`` are the calls' ids not answered; each may be re-sent with the same id and
+    ``resend=True`` (``predict(..., request_id=e.request_ids[0], resend=True)``): a worker
+    answers a re-sent id it already computed from its reply marker, so nothing is computed twice.
+    """
+
+    def __init__(self, message: str, *, request_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.request_ids = list(request_ids)
 
 
 class RegistryError(StreamserveError):
