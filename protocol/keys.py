@@ -94,6 +94,18 @@ def reply_key(model: str, request_id: str, shard: int = 0) -> str:
     return f"{_tag(model, shard)}:reply:{check_request_id(request_id)}"
 
 
+def done_key(model: str, request_id: str, shard: int = 0) -> str:
+    """A computed request's marker, next to its reply list in the shard's slot: the reply's payload,
+    kept ``idempotency_window_s`` so that a re-sent request (``resend``) gets it again uncomputed."""
+    return f"{_tag(model, shard)}:done:{check_request_id(request_id)}"
+
+
+def done_probe_key(model: str, shard: int = 0) -> str:
+    """A key among the markers that no request id names ("." is not allowed in one): what a worker
+    writes at start-up to learn whether its ACL lets it keep markers."""
+    return f"{_tag(model, shard)}:done:.probe"
+
+
 def reply_key_pattern(model: str, shard: int = 0) -> str:
     """A SCAN/KEYS pattern matching every reply list of a shard of ``model`` (operators and tests)."""
     return f"{_tag(model, shard)}:reply:*"

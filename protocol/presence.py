@@ -41,7 +41,9 @@ class Heartbeat:
     host: str = ""
     pid: int = 0
     batches: int = 0
-    requests: int = 0
+    requests: int = 0  # entries answered, all ways
+    computed: int = 0  # of those, entries that went into a model call
+    replayed: int = 0  # of those, re-sent entries answered from their marker (keys.done_key)
     heartbeat_ms: int = 0
     shards: str = ""  # the stream shards it reads, e.g. "0,1,2"
 
@@ -60,6 +62,7 @@ class Heartbeat:
             variant=d.get("variant", ""), fallback=d.get("fallback", ""), error=d.get("error", ""),
             state=d.get("state", ""), host=d.get("host", ""), pid=int(d.get("pid") or 0),
             batches=int(d.get("batches") or 0), requests=int(d.get("requests") or 0),
+            computed=int_or_none(d.get("computed")) or 0, replayed=int_or_none(d.get("replayed")) or 0,
             heartbeat_ms=int(d.get("heartbeat_ms") or 0), shards=d.get("shards", ""))
 
     @property

@@ -89,10 +89,13 @@ class Outbox:
     codes: list[tuple[str, str, str]] = field(default_factory=list)
     waits: list[tuple[str, float]] = field(default_factory=list)  # (lane, seconds queued) per entry read
     computed: int = 0  # entries that went into a model call; the rest of the acks were discarded
+    # (request id, reply payload) of every computed reply: its marker (keys.done_key), for re-sends
+    markers: list[tuple[str, bytes]] = field(default_factory=list)
+    replayed: int = 0  # re-sent entries answered from their marker, without a model call
 
     @property
     def discarded(self) -> int:
-        """Entries answered without a model call (expired, shed, invalid, dead-lettered)."""
+        """Entries answered without a model call (expired, shed, invalid, dead-lettered, replayed)."""
         return max(0, len(self.ack_ids) - self.computed)
 
     def reply(self, reply_to: str, payload: bytes) -> None:
@@ -121,6 +124,7 @@ class StreamConsumer:
         self.stream = self.streams["live"]
         self.group = keys.consumer_group(model)
         self.has_xackdel = False  # Redis ≥ 8.2 acks and deletes in one command
+        self.has_markers = True  # off when the worker's ACL may not write keys.done_key (detect_server)
         # Lower-lane entries a read delivered beyond the batch: served before newer lower-lane ones.
         self.held: list[Entry] = []
         # What the read riding on the last write returned (None: nothing rode on it).
@@ -146,6 +150,27 @@ class StreamConsumer:
             raise
         except redis.RedisError:  # unknown command (Redis < 8.2, Valkey; a cluster client says so itself)
             self.has_xackdel = False
+        self.has_markers = self._may_write_markers()
+
+    def _may_write_markers(self) -> bool:
+        """False where the ACL refuses the markers' SET: a reply transaction holding one would be
+        refused whole (NOPERM aborts it when queued), so such a worker serves without them."""
+        try:
+            self.redis.set(keys.done_probe_key(self.model, self.shard), b"", px=1)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except redis.ResponseError as e:
+            if not isinstance(e, redis.exceptions.NoPermissionError) and "NOPERM" not in str(e):
+                return True  # OOM, READONLY: a passing state, not a refusal of the key
+            log.warning("the ACL refuses SET on %s: re-sent requests are computed again (%s)",
+                        keys.done_probe_key(self.model, self.shard), e)
+            return False
+        return True
+
+    def markers(self, request_ids: list[str]) -> list[object]:
+        """The stored replies (``keys.done_key``) of ``request_ids``, None where there is none: one MGET
+        (the keys share the shard's slot). Untrusted: the caller checks what it gets."""
+        return list(self.redis.mget([keys.done_key(self.model, i, self.shard) for i in request_ids]))
 
     def ensure_group(self) -> None:
         """Create the group (and the streams) of every lane from id 0 unless it exists."""
@@ -450,6 +475,10 @@ class StreamConsumer:
             key = keys.reply_key(self.model, reply_to, self.shard)
             pipe.lpush(key, *payloads)
             pipe.pexpire(key, ttl_ms)
+        if self.has_markers:
+            window_ms = int(self.settings.idempotency_window_s * 1000)
+            for request_id, payload in out.markers:
+                pipe.set(keys.done_key(self.model, request_id, self.shard), payload, px=window_ms)
         for entry, reason in out.dead:
             record = {**entry.fields, b"entry_id": entry.id, b"lane": entry.lane, b"reason": reason,
                       b"worker": self.name}

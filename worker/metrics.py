@@ -150,6 +150,9 @@ class WorkerMetrics:
                                   ["model"], registry=reg).labels(model)
         self._dead_letters = Counter("streamserve_dead_letters_total", "Entries moved to the dead letters",
                                      ["model"], registry=reg).labels(model)
+        self._replayed = Counter(
+            "streamserve_replayed_total", "Re-sent requests answered from their stored reply, uncomputed",
+            ["model"], registry=reg).labels(model)
         self._loads = _Children(Counter(
             "streamserve_model_loads_total", "Model version loads, by result (ok or failed)",
             ["model", "version", "result"], registry=reg), model)
@@ -191,6 +194,10 @@ class WorkerMetrics:
     def reclaimed(self, n: int) -> None:
         """``n`` entries taken over from other (dead or stuck) consumers."""
         self._reclaimed.inc(n)
+
+    def replayed(self, n: int) -> None:
+        """``n`` re-sent requests answered from their marker (no model call)."""
+        self._replayed.inc(n)
 
     def dead_lettered(self, n: int) -> None:
         """``n`` entries moved to the dead letters."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import redis
 
 from protocol import messages
 from protocol.errors import DeadlineExceeded, InternalError, ModelNotFound, Overloaded, ReplyError
@@ -25,6 +26,8 @@ from worker.loader import LoadedModel
 from worker.slot import ModelSlot
 
 log = logging.getLogger(__name__)
+# The stored replies of request ids (``keys.done_key``), None where there is none.
+Markers = Callable[[list[str]], list[object]]
 
 
 class BatchProcessor:
@@ -38,13 +41,17 @@ class BatchProcessor:
         # cannot be answered in time, so it is shed before the call instead of failing after it.
         self.fastest_call_ms = RecentMinimum()
 
-    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = ()) -> Outbox:
-        """Answer every entry (computed, or with its own error); dead-letter ``dead_letter``."""
+    def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
+                markers: Markers | None = None) -> Outbox:
+        """Answer every entry (computed, from its marker if re-sent, or with its own error);
+        dead-letter ``dead_letter``. ``markers`` reads the stored replies of re-sent requests."""
         started_ms = time.time() * 1000
         out = Outbox()
         for entry in dead_letter:
             self._dead_letter(out, entry, f"delivered more than {self.settings.max_deliveries} times")
         valid = [r for r in (self._admit(out, e, started_ms) for e in entries) if r is not None]
+        if markers is not None and any(r.resend for r in valid):
+            valid = self._replay(out, valid, markers)
         loaded = self.slot.loaded
         if not valid or loaded is None:
             return out
@@ -55,6 +62,27 @@ class BatchProcessor:
                 self.arms.serve(out.experiment, loaded, chunk, call=self._call,
                                 run=lambda model, batch, arm: self._run(out, model, batch, started_ms, arm))
         return out
+
+    def _replay(self, out: Outbox, valid: list[messages.Request], markers: Markers) -> list[messages.Request]:
+        """Answer re-sent requests that were computed before from their markers; the rest, to compute.
+
+        Only re-sent requests are looked up (one MGET), so the normal path reads nothing. A
+        marker that cannot be read, or is not a plausible payload, is ignored: computing again
+        costs a model call, never a wrong answer.
+        """
+        resent = [r for r in valid if r.resend]
+        try:
+            stored = markers([r.request_id for r in resent])
+        except redis.RedisError as e:
+            log.warning("markers of %d re-sent requests unreadable (%s); computing them", len(resent), e)
+            return valid
+        replayed = set()
+        for r, payload in zip(resent, stored, strict=True):
+            if isinstance(payload, bytes) and 0 < len(payload) <= self.settings.max_message_bytes:
+                out.reply(r.reply_to, payload)
+                replayed.add(r.entry_id)
+        out.replayed += len(replayed)
+        return [r for r in valid if r.entry_id not in replayed]
 
     def max_rows(self, loaded: LoadedModel) -> int:
         """Rows per model call: ``max_batch_rows``, or what ``batch_memory_mb`` holds of this version's
@@ -137,9 +165,11 @@ class BatchProcessor:
         out.codes.extend([(str(mv.version), arm or "", "OK")] * len(batch))
         for r, part in zip(batch, split_rows(outputs, batch), strict=True):
             timings = {"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms}
-            out.reply(r.reply_to, messages.encode_ok(
-                r, model=self.model, version=mv.version, outputs=part, labels=mv.labels,
-                timings=timings, worker=self.worker_id, variant=arm))
+            payload = messages.encode_ok(r, model=self.model, version=mv.version, outputs=part,
+                                         labels=mv.labels, timings=timings, worker=self.worker_id,
+                                         variant=arm)
+            out.reply(r.reply_to, payload)
+            out.markers.append((r.request_id, payload))
             if arm:
                 out.experiment.served(arm, r, mv.version, labels_of(mv.labels, part),
                                       timings["queue_ms"] + infer_ms)

@@ -4,7 +4,7 @@ A worker sends one ``MULTI … EXEC`` per batch. redis-py's transaction pipeline
 builds a command object per call, applies a response callback to every answer and
 checks ``QUEUED`` one by one; on the hot path that is Python work per request
 for nothing we use. :class:`RawTransaction` takes the same calls the worker makes on
-a pipeline (``lpush``, ``pexpire``, ``xadd``, ``hincrby``, ``incrby``, ``xack``,
+a pipeline (``lpush``, ``pexpire``, ``set``, ``xadd``, ``hincrby``, ``incrby``, ``xack``,
 ``xdel``, ``xreadgroup``, ``execute_command``), packs them in one buffer
 (``protocol.connection.pack``), sends it in one write on one pooled connection and
 returns ``EXEC``'s answers undecoded (errors inside it as exception values, as a
@@ -42,6 +42,10 @@ class RawTransaction:
     def pexpire(self, key: str, ms: int) -> None:
         """Queue ``PEXPIRE``."""
         self.commands.append(("PEXPIRE", key, ms))
+
+    def set(self, key: str, value: bytes, px: int | None = None) -> None:
+        """Queue ``SET`` (expiring after ``px`` milliseconds when given)."""
+        self.commands.append(("SET", key, value, *(("PX", px) if px is not None else ())))
 
     def xadd(self, stream: str, fields: Mapping[Any, Any], maxlen: int | None = None,
              approximate: bool = True) -> None:

@@ -144,6 +144,7 @@ class Worker:
         self._load_reported: int | None = None  # the last version whose load (or failure) was counted
         self.reload_requested, self.stopping = threading.Event(), threading.Event()
         self.batches = self.requests = 0
+        self.computed = self.replayed = 0  # entries that went into a model call; answered from a marker
         self._turn = 0  # which shard an idle multi-shard worker blocks on next
         self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0, "load": 0.0}
         # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
@@ -168,6 +169,7 @@ class Worker:
             if self.consumers:  # the first is set up by _start_up, with Redis checks and backoff
                 consumer.ensure_group()
                 consumer.has_xackdel = self.consumer.has_xackdel
+                consumer.has_markers = self.consumer.has_markers
             self.consumers[k] = consumer
             self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
                                        max_wait_ms=self.settings.max_wait_ms)
@@ -224,6 +226,7 @@ class Worker:
             self.consumer.detect_server()
             for consumer in self.consumers.values():
                 consumer.has_xackdel = self.consumer.has_xackdel
+                consumer.has_markers = self.consumer.has_markers
         except redis.RedisError as e:  # down, OOM, READONLY: wait for it, never crash-loop
             self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
             return False
@@ -307,11 +310,13 @@ class Worker:
         self._in_hand = (consumer, [*entries, *dead_letter])
         try:
             with self.pulse.busy():
-                out = self.processor.process(entries, dead_letter)
+                out = self.processor.process(entries, dead_letter,
+                                             markers=consumer.markers if consumer.has_markers else None)
         finally:
             self._in_hand = None
         self.batches += 1
         self.requests += len(out.ack_ids)
+        self.computed, self.replayed = self.computed + out.computed, self.replayed + out.replayed
         if consumer.link is None:
             self._write(out, consumer, prefetch)
             self._count(out)
@@ -348,6 +353,8 @@ class Worker:
             self.metrics.inference(version, rows, seconds)
         if out.dead:
             self.metrics.dead_lettered(len(out.dead))
+        if out.replayed:
+            self.metrics.replayed(out.replayed)
 
     def _write(self, out: Outbox, consumer: StreamConsumer, prefetch: int = 0) -> None:
         """The batch's one transaction, retried with backoff until it lands.
@@ -551,6 +558,7 @@ class Worker:
             backend=loaded.backend.name if loaded else "", variant=loaded.variant if loaded else "",
             fallback=loaded.fallback_reason if loaded else "", error=self.problem(), state=self._state(),
             host=socket.gethostname(), pid=os.getpid(), batches=self.batches, requests=self.requests,
+            computed=self.computed, replayed=self.replayed,
             heartbeat_ms=presence.now_in_ms(), shards=",".join(map(str, sorted(self.consumers))))
 
     def problem(self) -> str:
