@@ -4,7 +4,7 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY protocol ./protocol
 COPY producer ./producer
 COPY registry ./registry
@@ -16,7 +16,7 @@ COPY streamserve ./streamserve
 RUN useradd --create-home --uid 10001 streamserve && mkdir -p /artifacts && chown streamserve /artifacts
 
 FROM base AS worker
-RUN pip install '.[worker]'
+RUN pip install -c constraints.txt '.[worker]'
 USER streamserve
 # /metrics, /healthz and /readyz: on by default in the image, so orchestrators can probe it.
 ENV STREAMSERVE_METRICS_PORT=9100
@@ -28,7 +28,7 @@ ENTRYPOINT ["streamserve"]
 CMD ["worker"]
 
 FROM base AS trainer
-RUN pip install '.[train]'
+RUN pip install -c constraints.txt '.[train]'
 USER streamserve
 ENTRYPOINT ["streamserve"]
 CMD ["train"]

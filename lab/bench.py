@@ -283,10 +283,10 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
             cfg = bench_bulk.BulkConfig.from_args(args)
             doc["bulk"] = bench_bulk.run_bulk(settings, path, Path(tmp), args.processes, cfg,
                                               args.redis_server, progress)
-        if not getattr(args, "skip_deadlines", False):
+        if not args.skip_deadlines:
             doc["deadlines"] = bench_deadlines.run_deadlines(bench_deadlines.DeadlineConfig.from_args(args),
                                                              args.redis_server, progress)
-        if not getattr(args, "skip_fleetdown", False):
+        if not args.skip_fleetdown:
             doc["fleetdown"] = _fleetdown(settings, args, Path(tmp), progress)
     servers = [doc.pop("server", None), *(doc.get(k, {}).get("server") for k in SERVED_SECTIONS)]
     doc["machine"]["server"] = next((s for s in servers if s), "none")

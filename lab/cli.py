@@ -101,7 +101,23 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     _add_overload_flags(p)
     _add_cluster_flags(p)
     _add_bulk_flags(p)
+    _add_failure_flags(p)
     p.set_defaults(func=_bench)
+
+
+def _add_failure_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deadline-precision scenario (no worker, server at hz 10: returned − asked "
+                             "per timeout, sync and asyncio)")
+    g.add_argument("--skip-deadlines", action="store_true")
+    g.add_argument("--deadline-calls", type=int, default=100, help="calls per timeout and client")
+    g = p.add_argument_group("fleet-down scenario (every worker stopped under load: Redis memory against "
+                             "its bound, then drain)")
+    g.add_argument("--skip-fleetdown", action="store_true")
+    g.add_argument("--fleetdown-rate", type=float, default=1000.0, help="requests per second offered")
+    g.add_argument("--fleetdown-seconds", type=float, default=60.0,
+                   help="how long the fleet stays down (600: the 10-minute run)")
+    g.add_argument("--fleetdown-max-timeout-s", type=float, default=10.0,
+                   help="the clients' max_timeout_s (the age bound of an entry)")
 
 
 def _add_bulk_flags(p: argparse.ArgumentParser) -> None:
