@@ -307,11 +307,11 @@ class ServerClock:
 class Exchange:
     """One call's conversation with Redis, without the I/O.
 
-    First round trip: ``UNLINK`` of finished calls' reply keys, the ``XADD``\\ s, then
-    ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``. Moving a list onto itself
-    removes nothing (it rotates), so the wait is non-destructive, and so is LRANGE: a
-    round trip lost with its connection is simply repeated, no reply is ever lost in
-    flight, and the XADDs are never sent twice. Later round trips start with
+    First round trip: ``UNLINK`` of finished calls' reply keys, the ``XADD``\\ s, the shard's
+    load (``HGETALL``, when due), then ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``.
+    Moving a list onto itself removes nothing (it rotates), so the wait is non-destructive,
+    and so is LRANGE: a round trip lost with its connection is simply repeated, no reply is
+    ever lost in flight, and the XADDs are never sent twice. Later round trips start with
     ``LTRIM key 0 -(n+1)``, dropping the n replies already read: workers LPUSH, so
     whatever arrived since sits at the head. After a lost round trip nothing is trimmed
     (it may have run); replies read twice are told apart by their ``id``. No read waits
@@ -334,7 +334,7 @@ class Exchange:
         self.failures = 0  # consecutive lost round trips
         self.error: Exception | None = None  # why the last round trip was lost, until one succeeds
         self.expired = False  # a read reached the deadline
-        self._head = self._tail = 0
+        self._head = 0
 
     def trip(self) -> Trip:
         """The next round trip."""
@@ -342,16 +342,16 @@ class Exchange:
         check: Callable[[list[Any]], None] | None = None
         if not self.queued:
             minid = self.clock.minid_ms(self.stream, self.horizon_s) if self.clock else None
+            # The extra reads go before the wait: their answers come even if the wait is cut short.
             head = [*(("UNLINK", k) for k in self.finished),
-                    *(xadd_command(self.stream, p.fields, minid) for p in self.gatherer.pendings)]
+                    *(xadd_command(self.stream, p.fields, minid) for p in self.gatherer.pendings),
+                    *self.extra]
             check = self.sent
         else:
             head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
-        tail = self.extra if not self.queued else []
-        self._head, self._tail = len(head), len(tail)
+        self._head = len(head)
         wait = ("BLMOVE", key, key, "RIGHT", "LEFT", block_s(self.gatherer.deadline_s))
-        return Trip([*head, wait, ("LRANGE", key, 0, -1), *tail], self.gatherer.deadline_s, key,
-                    len(head), check)
+        return Trip([*head, wait, ("LRANGE", key, 0, -1)], self.gatherer.deadline_s, key, len(head), check)
 
     def sent(self, answers: list[Any]) -> None:
         """The first trip's answers before the wait: UNLINKs', then one per XADD (entry id or error).
@@ -359,7 +359,8 @@ class Exchange:
         A refused XADD raises at once (the caller closes the connection the wait blocks on);
         a "not now" refusal of every XADD raises ``NotQueued``: nothing was queued.
         """
-        xadds = answers[len(self.finished):]
+        xadds = answers[len(self.finished):len(answers) - len(self.extra)]
+        self.extra_answers = answers[len(answers) - len(self.extra):]
         refused = [a for a in xadds if isinstance(a, Exception)]
         if refused and len(refused) == len(xadds) and _busy(refused[0]):
             raise NotQueued(f"Redis answered XADD with {_message(refused[0])}")
@@ -374,8 +375,6 @@ class Exchange:
         """The answers to :meth:`trip`'s commands, in order (errors as exception values)."""
         if not self.queued:  # a transport that did not call ``check``
             self.sent(answers[:self._head])
-        if self._tail:
-            self.extra_answers = answers[self._head + 2:]
         moved, listed = answers[self._head:self._head + 2]
         _raise_for(moved, "BLMOVE", queued=True)
         _raise_for(listed, "LRANGE", queued=True)

@@ -20,7 +20,7 @@ import redis
 
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from producer import AsyncClient, Client
-from protocol import keys
+from protocol import presence
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
 
@@ -194,11 +194,16 @@ class ThreadedWorker:
 
     def __enter__(self):
         self.thread.start()
-        members = keys.workers_zset(self.worker.model)
         with contextlib.suppress(AssertionError):
-            wait_until(lambda: not self.thread.is_alive()
-                       or self.worker.redis.zscore(members, self.worker.worker_id) is not None, 15)
+            wait_until(self._heartbeated, 15)
         return self.worker
+
+    def _heartbeated(self) -> bool:
+        try:  # with the worker's own connection (and role): the command its takeover uses
+            return not self.thread.is_alive() or self.worker.worker_id in presence.live_ids(
+                self.worker.redis, self.worker.model, self.worker.settings.heartbeat_ttl_s)
+        except redis.RedisError:
+            return True  # cannot tell: go on
 
     def __exit__(self, *exc) -> None:
         self.worker.stop()
