@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from protocol.values import Fields, StreamRows
 
 log = logging.getLogger(__name__)
+TOUCH_MAX = 10_000  # pending entries one touch renews: far more than a consumer reads ahead
 LIVE_RECENT_S = 1.0  # live entries read this recently cap the backfill in a batch (backfill_max_batch)
 
 
@@ -410,20 +411,27 @@ class StreamConsumer:
                 return ids
             start = "(" + ids[-1]
 
-    def touch(self, in_hand: Sequence[Entry] = ()) -> None:
-        """Reset the idle time of the entries this consumer is answering (``in_hand``) or holds: the
-        reclaim backstop takes entries by idle time, and these have a live worker. XCLAIM to itself
-        with JUSTID changes neither owner nor delivery count; ids answered meanwhile are skipped."""
-        by_lane: dict[str, list[str]] = {}
-        for e in [*in_hand, *self.held, *(self.prefetched or [])]:
-            by_lane.setdefault(e.lane, []).append(e.id)
-        if not by_lane:
+    def touch(self) -> None:
+        """Reset the idle time of every entry pending on this consumer: the batch in hand, entries
+        held, a read ahead whose answer is not read yet. The reclaim backstop takes entries by idle
+        time, and these have a live worker (its own lost reads are its to recover: :meth:`recover`).
+        XCLAIM to itself with JUSTID changes neither owner nor delivery count."""
+        pipe = self.redis.pipeline(transaction=False)  # both lanes in the shard's slot
+        for stream in self.streams.values():
+            pipe.xpending_range(stream, self.group, "-", "+", TOUCH_MAX, consumername=self.name)
+        listed: dict[str, list[str]] = {}
+        for lane, rows in zip(self.streams, pipe.execute(raise_on_error=False), strict=True):
+            if rows and not isinstance(rows, redis.RedisError):  # NOGROUP: nothing pending there
+                listed[lane] = [text(r["message_id"]) for r in rows]
+                pipe.xclaim(self.streams[lane], self.group, self.name, 0,
+                            cast("list[StreamIdT]", listed[lane]), justid=True)
+        if not listed:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for lane, ids in by_lane.items():
-            pipe.xclaim(self.streams[lane], self.group, self.name, 0, cast("list[StreamIdT]", ids),
-                        justid=True)
-        pipe.execute()
+        for (lane, ids), claimed in zip(listed.items(), pipe.execute(), strict=True):
+            # XCLAIM dropped trimmed ones from the PEL. (An id this worker's own write acked in
+            # between would be gone too; the pulse runs during the model call, after the write landed.)
+            found = {text(i) for i in claimed}
+            self._forget_gone(lane, [i for i in ids if i not in found])
 
     def _autoclaim(self, lane: str, start: str) -> tuple[str, list[Entry], list[str]]:
         result = self.redis.xautoclaim(self.streams[lane], self.group, self.name,
@@ -566,13 +574,17 @@ class StreamConsumer:
         # Not returned: trimmed (Redis ≥ 7 drops them from the PEL; older servers return nil), or
         # freshly claimed by another worker (the idle guard). Only the first are gone from the stream.
         found = {e.id for e in claimed}
-        missing = [i for i in ids if i not in found]
-        if missing:
-            pipe = self.redis.pipeline(transaction=False)
-            for i in missing:
-                pipe.xrange(stream, i, i)
-            self._forget(lane, [i for i, row in zip(missing, pipe.execute(), strict=True) if not row])
+        self._forget_gone(lane, [i for i in ids if i not in found])
         return claimed
+
+    def _forget_gone(self, lane: str, missing: list[str]) -> None:
+        """:meth:`_forget` those of ``missing`` no longer in the stream (one round trip, if any)."""
+        if not missing:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for i in missing:
+            pipe.xrange(self.streams[lane], i, i)
+        self._forget(lane, [i for i, row in zip(missing, pipe.execute(), strict=True) if not row])
 
     def group_state(self) -> tuple[dict[str, LaneCounts], int]:
         """Per lane its :class:`LaneCounts`; and how many entries of the shard were discarded so far.

@@ -152,7 +152,6 @@ class Worker:
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
         self.listener: ControlListener | None = None
         self.pulse = Pulse(self._beat_if_due, settings.heartbeat_interval_s)
-        self._in_hand: tuple[StreamConsumer, list[Entry]] | None = None  # the batch being answered
         self._beat_landed_s = -math.inf  # monotonic: when this worker's last heartbeat landed
         # Monotonic: no take-over or reclaim before this (after Redis was out of reach, _landed).
         self.takeover_after_s = 0.0
@@ -307,13 +306,9 @@ class Worker:
         """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies;
         the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
         consumer = consumer or self.consumer
-        self._in_hand = (consumer, [*entries, *dead_letter])
-        try:
-            with self.pulse.busy():
-                out = self.processor.process(entries, dead_letter,
-                                             markers=consumer.markers if consumer.has_markers else None)
-        finally:
-            self._in_hand = None
+        with self.pulse.busy():
+            out = self.processor.process(entries, dead_letter,
+                                         markers=consumer.markers if consumer.has_markers else None)
         self.batches += 1
         self.requests += len(out.ack_ids)
         self.computed, self.replayed = self.computed + out.computed, self.replayed + out.replayed
@@ -531,18 +526,18 @@ class Worker:
             return
         presence.refresh(self.redis, self.model, self.worker_id, self.settings.heartbeat_ttl_s)
         self._landed()
-        in_hand = self._in_hand
         for consumer in list(self.consumers.values()):
-            consumer.touch(in_hand[1] if in_hand is not None and in_hand[0] is consumer else ())
+            consumer.touch()
 
     def _landed(self) -> None:
-        """A heartbeat landed. If the last one before it landed more than two intervals ago, this
-        worker could not beat meanwhile (Redis down, restarting, paused) and most likely neither
-        could the others: their heartbeats look stale through no fault of theirs. Take-overs wait
-        until they have had an interval and a TTL, from now, to beat again."""
+        """A heartbeat landed. If the last one before it landed more than two intervals (and a
+        quarter of the TTL) ago, this worker could not beat meanwhile (Redis down, restarting,
+        paused) and most likely neither could the others: their heartbeats look stale through no
+        fault of theirs. Take-overs wait until they have had an interval and a TTL, from now, to
+        beat again."""
         now_s, s = time.monotonic(), self.settings
         gap_s = now_s - self._beat_landed_s
-        if math.isfinite(gap_s) and gap_s > 2 * s.heartbeat_interval_s:
+        if math.isfinite(gap_s) and gap_s > max(2 * s.heartbeat_interval_s, s.heartbeat_ttl_s / 4):
             self.takeover_after_s = now_s + s.heartbeat_interval_s + s.heartbeat_ttl_s
             log.warning("no heartbeat landed for %.1f s; no take-over for the next %.1f s", gap_s,
                         s.heartbeat_interval_s + s.heartbeat_ttl_s)
