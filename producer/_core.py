@@ -46,11 +46,11 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.01, 0.25  # between retries after a lost conn
 MAX_FINISHED_KEYS = 1024  # reply keys waiting for deletion; beyond this they simply expire
 # Server replies that say "not now" rather than "never": the XADD is re-sent (nothing was queued),
 # a later command's is retried like a lost connection.
-BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
+BUSY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY", "CLUSTERDOWN")
 # redis-py parses these replies into classes and strips the prefix from the message; it makes
 # LOADING a ConnectionError (BusyLoadingError), which the clients read as an answer, not a loss.
 BUSY_ERRORS = (redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError,
-               redis.exceptions.MasterDownError, redis.exceptions.BusyLoadingError)
+               redis.exceptions.ClusterDownError, redis.exceptions.BusyLoadingError)  # MASTERDOWN included
 ERROR_ANSWERS = (redis.ResponseError, redis.exceptions.BusyLoadingError)
 # Connection trouble: retried within the deadline, without re-sending the request.
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
@@ -395,8 +395,10 @@ class Exchange:
         self.error = error
         return self._backoff(error)
 
-    def refused_for_now(self, error: NotQueued) -> float:
-        """The XADD was answered "not now": seconds to wait before sending it again."""
+    def refused_for_now(self, error: Exception) -> float:
+        """Nothing was queued, for now: the XADD was answered "not now", or (on a cluster, where
+        a failover may be under way) its node could not be reached. Seconds to wait before
+        sending it again; ``Interrupted`` (safe to re-send) once out of time."""
         self.error = error
         return self._backoff(error)
 
@@ -415,6 +417,11 @@ class Exchange:
 
     def unavailable(self) -> Unavailable:
         """The error for connection trouble that outlasted the deadline."""
+        if isinstance(self.error, NotConnected) and not self.queued:
+            ids = [p.request_id for p in self.gatherer.pendings]
+            return Interrupted(
+                f"Redis cannot be reached until the deadline ({self.gatherer.timeout_s:.3f} s; nothing "
+                f"was sent, the request may be re-sent with the same id): {self.error}", request_ids=ids)
         if isinstance(self.error, NotQueued):
             return Unavailable(f"Redis refused the request until the deadline "
                                f"({self.gatherer.timeout_s:.3f} s): {self.error}")
@@ -469,7 +476,7 @@ def _message(answer: Exception) -> str:
 _STRIPPED_CODES = (
     (redis.exceptions.BusyLoadingError, "LOADING"), (redis.exceptions.ReadOnlyError, "READONLY"),
     (redis.exceptions.TryAgainError, "TRYAGAIN"), (redis.exceptions.MasterDownError, "MASTERDOWN"),
-    (redis.exceptions.NoPermissionError, "NOPERM"))
+    (redis.exceptions.NoPermissionError, "NOPERM"), (redis.exceptions.ClusterDownError, "CLUSTERDOWN"))
 
 
 def _busy(answer: Exception) -> bool:

@@ -91,8 +91,13 @@ class AsyncClient:
         """See :meth:`producer.Client._read_state`."""
         trip = self._router.state_trip(model, time.time() + min(timeout_s, _core.STATE_READ_MAX_S))
         answers = None
-        with contextlib.suppress(*_core.RETRYABLE):
+        try:
             answers = await self._round_trip(trip)
+        except _core.NotConnected:
+            if self._cluster:  # its node is gone (a failover?): the next read goes to the new master
+                await self._refresh_slots_quietly()
+        except _core.RETRYABLE:
+            pass  # the last state stands until the next read
         self._router.set_state(model, answers)
 
     async def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
@@ -108,6 +113,12 @@ class AsyncClient:
                 try:
                     exchange.receive(await self._round_trip(trip))
                 except _core.RETRYABLE as e:
+                    if self._cluster and isinstance(e, _core.NotConnected) and not exchange.queued:
+                        # Nothing sent, its node unreachable: a failover may be under way; the slot
+                        # map is re-read and the request sent (to the new master) within the deadline.
+                        await self._refresh_slots_quietly()
+                        await asyncio.sleep(exchange.refused_for_now(e))
+                        continue
                     wait_s = exchange.lost(e)
                     if self._cluster and not exchange.done():
                         await self._after_loss(exchange, sent_to)
@@ -126,9 +137,13 @@ class AsyncClient:
 
     async def _after_loss(self, exchange: _core.Exchange, sent_to: str) -> None:
         """See :meth:`producer.Client._after_loss`."""
+        await self._refresh_slots_quietly()
+        await self._look_on_new_master(exchange, sent_to)
+
+    async def _refresh_slots_quietly(self) -> None:
+        """Re-read the cluster's slot map; a failure leaves the old one."""
         with contextlib.suppress(redis.RedisError):
             await self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]  # cluster only
-        await self._look_on_new_master(exchange, sent_to)
 
     async def _look_on_new_master(self, exchange: _core.Exchange, sent_to: str) -> None:
         """See :meth:`producer.Client._look_on_new_master`."""

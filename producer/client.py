@@ -126,8 +126,13 @@ class Client:
         and is tried again after the refresh interval, not on every call."""
         trip = self._router.state_trip(model, time.time() + min(timeout_s, _core.STATE_READ_MAX_S))
         answers = None
-        with contextlib.suppress(*_core.RETRYABLE):
+        try:
             answers = self._round_trip(trip)
+        except _core.NotConnected:
+            if self._cluster:  # its node is gone (a failover?): the next read goes to the new master
+                self._refresh_slots_quietly()
+        except _core.RETRYABLE:
+            pass  # the last state stands until the next read
         self._router.set_state(model, answers)
 
     def _exchange(self, target: _core.Target, pendings: list[_core.Pending],
@@ -143,6 +148,12 @@ class Client:
                 try:
                     exchange.receive(self._round_trip(trip))
                 except _core.RETRYABLE as e:
+                    if self._cluster and isinstance(e, _core.NotConnected) and not exchange.queued:
+                        # Nothing sent, its node unreachable: a failover may be under way; the slot
+                        # map is re-read and the request sent (to the new master) within the deadline.
+                        self._refresh_slots_quietly()
+                        time.sleep(exchange.refused_for_now(e))
+                        continue
                     wait_s = exchange.lost(e)
                     if self._cluster and not exchange.done():
                         self._after_loss(exchange, sent_to)
@@ -162,9 +173,13 @@ class Client:
     def _after_loss(self, exchange: _core.Exchange, sent_to: str) -> None:
         """A cluster trip lost once the request may be queued: re-read the slot map; if the slot has a
         new master (a failover), look for the request there (``Interrupted`` if it is not)."""
+        self._refresh_slots_quietly()
+        self._look_on_new_master(exchange, sent_to)
+
+    def _refresh_slots_quietly(self) -> None:
+        """Re-read the cluster's slot map; a failure leaves the old one."""
         with contextlib.suppress(redis.RedisError):
             self._refresh_slots()
-        self._look_on_new_master(exchange, sent_to)
 
     def _look_on_new_master(self, exchange: _core.Exchange, sent_to: str) -> None:
         """If the slot's master is no longer ``sent_to``, raise ``Interrupted`` unless the request's

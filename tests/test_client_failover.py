@@ -144,3 +144,17 @@ def test_a_wait_whose_slot_changes_master_ends_interrupted_or_goes_on_there(rc, 
     finally:
         _move_slot(plain, slot, home)
         rc.nodes_manager.initialize()
+
+
+def test_clusterdown_on_the_xadd_is_sent_again_and_an_unreachable_node_ends_interrupted():
+    pendings = [_core.prepare(_core.Target("m"), X, route="", timeout_s=5.0, sample_ndim=None)]
+    ex = _core.Exchange(pendings, 5.0)
+    ex.trip()
+    with pytest.raises(_core.NotQueued, match="CLUSTERDOWN"):
+        ex.sent([redis.exceptions.ClusterDownError("The cluster is down")])
+    assert not ex.queued, "nothing was queued: the same trip is sent again"
+    assert 0 < ex.refused_for_now(_core.NotConnected("connection refused")) <= _core.BACKOFF_MAX_S
+    ex.gatherer.deadline_s = time.time() - 1  # the failover outlasted the deadline
+    with pytest.raises(Interrupted, match="nothing was sent") as caught:
+        ex.refused_for_now(_core.NotConnected("connection refused"))
+    assert caught.value.request_ids == [pendings[0].request_id]
