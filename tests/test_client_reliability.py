@@ -321,6 +321,8 @@ def test_a_threads_kept_connection_gone_between_calls_is_replaced_before_sending
         for c in r.client_list():
             if c["cmd"] in ("blmove", "lrange", "xadd", "unlink"):  # the client's, idle after its call
                 r.client_kill_filter(_id=c["id"])
+        # The proxy passes the close on from its own thread: until then the client cannot see it.
+        wait_until(lambda: all(sock.fileno() == -1 for sock in proxy.sockets))
         second = thread.submit(client.predict, MODEL, X)
         entry = entries(r, 2)[1]
         answer(r, entry)
