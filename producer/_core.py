@@ -650,7 +650,9 @@ class Router:
     def check(self, target: Target, timeout_s: float) -> None:
         """Raise ``Overloaded`` when the shard's backlog ahead of this lane outlasts ``timeout_s``."""
         load, read_at = self._loads.get((target.model, target.shard), (None, 0.0))
-        if load is None or time.time() * 1000 - load.at_ms > LOAD_MAX_AGE_S * 1000:
+        # Dated more than LOAD_MAX_AGE_S either way by this client's clock: stale, or from a host whose
+        # clock is off; neither is a basis for refusing work.
+        if load is None or abs(time.time() * 1000 - load.at_ms) > LOAD_MAX_AGE_S * 1000:
             return
         # A shed call reads nothing: on a figure read LOAD_REFRESH_S ago or more the call goes out
         # (and re-reads it), or one bad reading would shed everything for LOAD_MAX_AGE_S.

@@ -115,6 +115,21 @@ def test_stale_or_malformed_load_sheds_nothing():
     assert load.expected_wait_ms("live") == 500.0 and load.expected_wait_ms("backfill") == 2000.0
 
 
+@pytest.mark.parametrize("skew_s", [0.0, -10.0, 10.0], ids=["fresh", "stale", "future-dated"])
+def test_a_load_dated_far_from_the_clients_clock_sheds_nothing(skew_s):
+    from producer._core import Router, Target
+
+    target = Target(MODEL)
+    load = sharding.ShardLoad({"live": 1_000_000, "backfill": 0}, 1.0, int((time.time() + skew_s) * 1000))
+    router = Router()
+    router.set_load(target, [load.to_hash()])
+    if skew_s == 0.0:
+        with pytest.raises(Overloaded):
+            router.check(target, 1.0)
+    else:
+        router.check(target, 1.0)  # a host whose clock is off is no basis for refusing work
+
+
 def _sample(at_s: float, computed: int, backlog: int, live: int = 0, backfill: int = 0) -> Sample:
     return Sample(at_s, computed, {"live": live, "backfill": backfill}, backlog)
 
