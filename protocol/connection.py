@@ -16,10 +16,17 @@ import hiredis
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.retry import Retry
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# A fail-fast cluster client (``connect(fail_fast_s=…)``): one quick retry, which absorbs a
+# redirect or a stale pooled connection; a node that stays unreachable is the caller's to handle.
+FAIL_FAST_RETRIES = 1
+FAIL_FAST_BACKOFF_BASE_S, FAIL_FAST_BACKOFF_CAP_S = 0.01, 0.05
+FAIL_FAST_CONNECT_S = 1.0  # a TCP connect takes milliseconds; a dead host never answers the SYN
 
 
 def cluster_url(url: str) -> str | None:
@@ -33,16 +40,33 @@ def cluster_url(url: str) -> str | None:
     return f"{plain}://{address}"
 
 
-def connect(url: str, **kwargs: Any) -> redis.Redis:
+def connect(url: str, *, fail_fast_s: float | None = None, **kwargs: Any) -> redis.Redis:
     """A client for ``url``; a ``RedisCluster`` for a ``+cluster`` scheme.
 
     Typed as ``redis.Redis``: ``RedisCluster`` offers the same command methods, and
     every caller sends only single-slot commands and transactions.
+
+    ``fail_fast_s`` (cluster only; a one-server client is unchanged): a command to a node
+    that is down fails within about that long instead of sitting in the library's retries
+    (by default ten, backing off up to a second each: seconds per command while a master
+    fails over). One quick retry is kept; connects give up after ``FAIL_FAST_CONNECT_S``
+    and reads after ``fail_fast_s``, which must exceed the longest blocking read the caller
+    sends. For a caller that serves several nodes and handles each one's failure itself.
     """
     plain = cluster_url(url)
     if plain is None:
         return redis.Redis.from_url(url, **kwargs)
+    if fail_fast_s is not None:
+        kwargs = {**fail_fast_options(fail_fast_s), **kwargs}
     return cast("redis.Redis", RedisCluster.from_url(plain, **kwargs))
+
+
+def fail_fast_options(read_timeout_s: float) -> dict[str, Any]:
+    """``RedisCluster`` options of a fail-fast client (:func:`connect`)."""
+    return {"retry": Retry(ExponentialBackoff(cap=FAIL_FAST_BACKOFF_CAP_S, base=FAIL_FAST_BACKOFF_BASE_S),
+                           FAIL_FAST_RETRIES),
+            "socket_connect_timeout": min(FAIL_FAST_CONNECT_S, read_timeout_s),
+            "socket_timeout": read_timeout_s}
 
 
 def connect_async(url: str, **kwargs: Any) -> aioredis.Redis:

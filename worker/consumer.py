@@ -141,6 +141,9 @@ class StreamConsumer:
         self.confirmed: list[Outbox] = []
         self.unconfirmed: list[Outbox] = []
         self.link_error: redis.RedisError | None = None
+        # Reply transactions that failed, kept to be written again (a worker reading several shards
+        # serves the others meanwhile): their entries stay pending on this consumer, answered by them.
+        self.unwritten: list[Outbox] = []
 
     def detect_server(self) -> None:
         """Use XACKDEL where the server has it (one command instead of XACK + XDEL)."""
@@ -278,7 +281,8 @@ class StreamConsumer:
     @property
     def busy(self) -> bool:
         """Entries read and not handed out, or sends not answered: not to be dropped yet."""
-        return bool(self.held or self.prefetched or (self.link is not None and self.link.unanswered))
+        return bool(self.held or self.prefetched or self.unwritten
+                    or (self.link is not None and self.link.unanswered))
 
     def take_unanswered(self) -> list[Entry]:
         """Entries read but not yet handed out (held, prefetched): a stopping worker answers them."""
@@ -370,8 +374,10 @@ class StreamConsumer:
                     len(gone), self.streams[lane])
 
     def holding(self) -> set[str]:
-        """Ids of the entries this consumer read and holds to answer later (held, read ahead)."""
-        return {e.id for e in [*self.held, *(self.prefetched or [])]}
+        """Ids of the entries this consumer read and holds to answer later (held, read ahead, or
+        answered by a reply transaction still to be written)."""
+        unwritten = [i for out in self.unwritten for i in out.ack_ids]
+        return {e.id for e in [*self.held, *(self.prefetched or [])]} | set(unwritten)
 
     def recover(self, handle: ClaimHandler) -> int:
         """Answer the entries pending on this consumer that it does not hold: reads delivered whose

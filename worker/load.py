@@ -63,16 +63,20 @@ class LoadMeter:
         self._busy_rate: dict[int, float] = {}  # shard → the last drain rate measured while never idle
         self.lanes: list[LaneState] = []  # the last reading, for the metrics
 
-    def publish(self, consumers: Mapping[int, StreamConsumer]) -> None:
-        """Read and publish every shard's load; Redis errors are logged (the next interval retries)."""
+    def publish(self, consumers: Mapping[int, StreamConsumer]) -> dict[int, redis.RedisError]:
+        """Read and publish every shard's load; the shards whose Redis failed, with the error (logged;
+        the next interval retries). A shard that fails does not keep the others from being published."""
         lanes: list[LaneState] = []
-        try:
-            for shard, consumer in consumers.items():
+        failed: dict[int, redis.RedisError] = {}
+        for shard, consumer in consumers.items():
+            try:
                 lanes += self._publish_shard(shard, consumer)
-        except redis.RedisError as e:
-            log.debug("load not published: %s", e)
-            return
-        self.lanes = lanes
+            except redis.RedisError as e:
+                log.debug("load of shard %d not published: %s", shard, e)
+                failed[shard] = e
+        # Failed shards keep their last reading (a metric, not a decision).
+        self.lanes = [lane for lane in self.lanes if lane.shard in failed] + lanes
+        return failed
 
     def _publish_shard(self, shard: int, consumer: StreamConsumer) -> list[LaneState]:
         state, discarded = consumer.group_state()

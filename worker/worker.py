@@ -48,22 +48,45 @@ RELOAD_POLL_MS = 20
 MULTI_SHARD_BLOCK_MS = 5
 BACKOFF_FIRST_S = 0.05  # after a failed step or write; doubles per failure in a row
 BACKOFF_MAX_S = 2.0  # also bounds how long after a Redis restart serving resumes
+# A worker reading several shards puts a failing shard on a backoff of its own, capped lower: a
+# master that failed over is read again soon after its replica takes over.
+SHARD_BACKOFF_MAX_S = 1.0
+# ... and at least this many times as long as its failed attempt took (a node that times out
+# rather than refuses): the failing shard gets at most a fifth of the loop's time.
+SHARD_BACKOFF_TIME_RATIO = 4.0
+MAINTENANCE_RETRY_S = 1.0  # a failed heartbeat, take-over or reconcile (several shards) is retried after
+# A worker's cluster client: a command to a node that is down fails within the longest blocking
+# read plus this, instead of waiting out the library's retries (``connection.connect``).
+FAIL_FAST_MARGIN_S = 2.0
 
 
 class Backoff:
-    """Exponential delays for failures in a row: 50 ms, 100 ms … capped at 2 s; reset on success."""
+    """Exponential delays for failures in a row: 50 ms, 100 ms … capped (at 2 s); reset on success."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_s: float = BACKOFF_MAX_S) -> None:
+        self.max_s = max_s
         self.failures = 0
+        self.retry_at_s = 0.0  # monotonic: the next attempt is due then (:meth:`fail`)
 
     def next_delay_s(self) -> float:
         """The delay before the next attempt, counting this failure."""
         self.failures += 1
-        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures - 1))
+        return min(self.max_s, BACKOFF_FIRST_S * 2 ** (self.failures - 1))
+
+    def fail(self, at_least_s: float = 0.0) -> float:
+        """Count a failure; the next attempt is due after the delay returned (``at_least_s`` or more)."""
+        delay_s = max(at_least_s, self.next_delay_s())
+        self.retry_at_s = time.monotonic() + delay_s
+        return delay_s
+
+    def due(self, now_s: float) -> bool:
+        """No failure is being waited out at ``now_s``."""
+        return now_s >= self.retry_at_s
 
     def reset(self) -> None:
         """The last attempt worked."""
         self.failures = 0
+        self.retry_at_s = 0.0
 
 
 class Pulse:
@@ -124,7 +147,10 @@ class Worker:
         # TCP keepalive notices a peer gone silent on an idle connection; a Unix socket (unix://,
         # same host) has no such option, and redis-py refuses the argument for it.
         keepalive = {} if settings.redis_url.startswith("unix:") else {"socket_keepalive": True}
+        # On a cluster, a command to a dead master fails fast (the worker backs off that shard
+        # and serves the others); the longest read the worker sends blocks for block_ms.
         self.redis = connection.connect(settings.redis_url, **keepalive,
+                                        fail_fast_s=settings.block_ms / 1000 + FAIL_FAST_MARGIN_S,
                                         client_name=f"ss-worker:{self.worker_id}"[:120])
         registry = Registry(self.redis, settings.artifact_dir)
         # Pinned shards (``--shards``) are read whatever the layout says; otherwise the layout decides.
@@ -150,6 +176,8 @@ class Worker:
         # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
+        # Reading several shards: each shard's failures in a row (a shard not listed has none).
+        self._shard_backoff: dict[int, Backoff] = {}
         self.listener: ControlListener | None = None
         self.pulse = Pulse(self._beat_if_due, settings.heartbeat_interval_s)
         self._beat_landed_s = -math.inf  # monotonic: when this worker's last heartbeat landed
@@ -179,6 +207,8 @@ class Worker:
                 if dropped.link is not None:
                     dropped.link.release()  # its kept connection back to the pool
                 del self.consumers[k], self.batchers[k]
+                self._shard_backoff.pop(k, None)
+                self._resolved(f"shard {k}")
 
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
@@ -214,8 +244,20 @@ class Worker:
             for i in range(0, len(entries), n):
                 self.process(entries[i:i + n], consumer=consumer)  # its write retries until it lands
             self.settle(consumer)
+        self._write_all_unwritten()
+        for consumer in self.consumers.values():
             if consumer.link is not None:
                 consumer.link.release()
+
+    def _write_all_unwritten(self) -> None:
+        """Stopping: every reply transaction kept to be written again is written, each shard retried
+        on its backoff until all have landed (a stopping worker owes them; the grace period bounds
+        the wait)."""
+        while owing := [c for c in self.consumers.values() if c.unwritten]:
+            for consumer in owing:
+                self._write_unwritten(consumer)
+            retry_at_s = min((self._retry_at_s(c) for c in owing if c.unwritten), default=0.0)
+            time.sleep(max(0.0, min(BACKOFF_MAX_S, retry_at_s - time.monotonic())))
 
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
@@ -264,9 +306,66 @@ class Worker:
         for area in areas:
             self.problems.pop(area, None)
 
+    @property
+    def isolating(self) -> bool:
+        """Several shards are read: a Redis failure on one shard's node backs off that shard only."""
+        return len(self.consumers) > 1
+
+    def _retry_at_s(self, consumer: StreamConsumer) -> float:
+        """When ``consumer``'s shard may be tried again (monotonic; 0 when it is not failing)."""
+        backoff = self._shard_backoff.get(consumer.shard)
+        return 0.0 if backoff is None else backoff.retry_at_s
+
+    def _up(self, consumer: StreamConsumer) -> bool:
+        """The shard may be read: it is not waiting out a failure, nor holding replies to write."""
+        return not consumer.unwritten and time.monotonic() >= self._retry_at_s(consumer)
+
+    def _up_consumers(self) -> list[StreamConsumer]:
+        return [c for c in list(self.consumers.values()) if self._up(c)]
+
+    def _failing(self) -> bool:
+        """Some shard is waiting out a failure, or holds replies still to be written."""
+        return any(c.unwritten or self._retry_at_s(c) for c in self.consumers.values())
+
+    @contextlib.contextmanager
+    def _on_shard(self, consumer: StreamConsumer, *, isolate: bool | None = None) -> Iterator[None]:
+        """The block's Redis work on ``consumer``'s shard. Several shards (``isolate``): a Redis error
+        puts that shard on a backoff of its own and ends the block, and the loop goes on with the
+        others; success ends the shard's backoff. One shard: the error is the step's, as before
+        (the worker waits)."""
+        if not (self.isolating if isolate is None else isolate):
+            yield
+            return
+        started_s = time.monotonic()
+        try:
+            yield
+        except redis.RedisError as e:
+            self._shard_failed(consumer, e, time.monotonic() - started_s)
+            return
+        backoff = self._shard_backoff.get(consumer.shard)
+        if backoff is not None and backoff.failures:
+            log.info("shard %d is served again after %d failures", consumer.shard, backoff.failures)
+            backoff.reset()
+            self._resolved(f"shard {consumer.shard}")
+
+    def _shard_failed(self, consumer: StreamConsumer, e: redis.RedisError, took_s: float) -> None:
+        """Back ``consumer``'s shard off (at least a few times as long as the failed attempt took);
+        what it holds stays in hand, and its lost reads are recovered when it is tried again."""
+        backoff = self._shard_backoff.setdefault(consumer.shard, Backoff(SHARD_BACKOFF_MAX_S))
+        delay_s = backoff.fail(min(BACKOFF_MAX_S, took_s * SHARD_BACKOFF_TIME_RATIO))
+        problem = f"Redis unavailable: {type(e).__name__}: {e}"
+        log.error("shard %d: %s; serving the other shards, retrying it in %.2f s", consumer.shard,
+                  problem, delay_s)
+        self.problems[f"shard {consumer.shard}"] = problem[:300]
+        # A read may have been lost with the connection: recover it as soon as the shard is tried.
+        self._due["reclaim"] = min(self._due["reclaim"], backoff.retry_at_s)
+
     def _step(self) -> bool:
         """False when a burst worker has drained the stream."""
         self._maintain()
+        for c in list(self.consumers.values()):
+            if c.unwritten and time.monotonic() >= self._retry_at_s(c):
+                self._write_unwritten(c)
         for c in list(self.consumers.values()):
             if not c.prefetched:  # the next read may wait: the last write lands, and is counted, first
                 self.settle(c)
@@ -284,22 +383,38 @@ class Worker:
                 prefetch = 0
             self.process(batch, consumer=consumer, prefetch=prefetch)
             return True
-        return not self.burst or self.reclaim() > 0
+        # A burst worker has not drained a shard it cannot read: it goes on (as it does on a failed step).
+        return not self.burst or self.reclaim() > 0 or self._failing()
 
     def _next_batch(self, wait_ms: float) -> tuple[StreamConsumer, list[Entry]]:
-        """The next batch of one shard: without waiting from any shard, else wait on one in turn."""
-        shards = sorted(self.consumers)
-        if len(shards) == 1:
+        """The next batch of one shard: without waiting from any shard, else wait on one in turn.
+        Shards backing off are skipped; while every shard is, this waits (up to ``wait_ms``)."""
+        shards = [k for k in sorted(self.consumers) if self._up(self.consumers[k])]
+        if not shards:
+            retry_at_s = min(self._retry_at_s(c) for c in self.consumers.values())
+            self.stopping.wait(max(0.0, min(wait_ms / 1000, retry_at_s - time.monotonic())))
+            return self.consumer, []
+        if len(self.consumers) == 1:
             return self.consumer, self.batchers[shards[0]].next_batch(wait_ms)
         for i in range(len(shards)):
             k = shards[(self._turn + i) % len(shards)]
-            batch = self.batchers[k].next_batch(0)
-            if batch:
+            if batch := self._read_shard(k, 0):
                 self._turn = (self._turn + i + 1) % len(shards)  # the next shard goes first next time
                 return self.consumers[k], batch
+        shards = [k for k in shards if self._up(self.consumers[k])]  # a read may have failed
+        if not shards:
+            return self.consumer, []
         k = shards[self._turn % len(shards)]
         self._turn = (self._turn + 1) % len(shards)
-        return self.consumers[k], self.batchers[k].next_batch(min(wait_ms, MULTI_SHARD_BLOCK_MS))
+        return self.consumers[k], self._read_shard(k, min(wait_ms, MULTI_SHARD_BLOCK_MS))
+
+    def _read_shard(self, shard: int, wait_ms: float) -> list[Entry]:
+        """A batch from ``shard``, waiting up to ``wait_ms``; none when its Redis fails (it backs off;
+        entries a failed read delivered stay pending on its consumer, recovered by :meth:`reclaim`)."""
+        batch: list[Entry] = []
+        with self._on_shard(self.consumers[shard]):
+            batch = self.batchers[shard].next_batch(wait_ms)
+        return batch
 
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
                 consumer: StreamConsumer | None = None, prefetch: int = 0) -> None:
@@ -314,7 +429,6 @@ class Worker:
         self.computed, self.replayed = self.computed + out.computed, self.replayed + out.replayed
         if consumer.link is None:
             self._write(out, consumer, prefetch)
-            self._count(out)
         else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
             consumer.send_write(out)
             self._collect(consumer)
@@ -336,7 +450,6 @@ class Worker:
                       len(failed), consumer.link_error)
         for out in failed:
             self._write(out, consumer)
-            self._count(out)
 
     def _count(self, out: Outbox) -> None:
         """The batch in the metrics, once its transaction has landed."""
@@ -352,14 +465,22 @@ class Worker:
             self.metrics.replayed(out.replayed)
 
     def _write(self, out: Outbox, consumer: StreamConsumer, prefetch: int = 0) -> None:
-        """The batch's one transaction, retried with backoff until it lands.
+        """The batch's one transaction, retried with backoff until it lands (and then counted).
 
         OOM, READONLY (a failover) or a connection reset leave the replies in hand
         and the entries pending; a retry after an EXEC whose answer was lost can
         push a reply twice, which clients tolerate (they take one and drop the key).
         During a long outage the heartbeat lapses, a live worker takes the entries
         over, and whichever transaction lands first answers.
+
+        Reading several shards, the retries do not hold the loop: a write that fails is kept on
+        its consumer and written again when its shard's backoff is over, while the other
+        shards are served (:meth:`_write_unwritten`).
         """
+        if self.isolating:
+            consumer.unwritten.append(out)
+            self._write_unwritten(consumer, prefetch)
+            return
         while True:
             try:
                 consumer.write(out, prefetch)
@@ -376,7 +497,17 @@ class Worker:
             if self._write_backoff.failures:
                 self._write_backoff.reset()
                 self._resolved("redis_write")
+            self._count(out)
             return
+
+    def _write_unwritten(self, consumer: StreamConsumer, prefetch: int = 0) -> None:
+        """Write ``consumer``'s kept reply transactions, oldest first, until one fails (its shard then
+        backs off; the rest wait for its next try). The first may read ``prefetch`` next entries."""
+        while consumer.unwritten and time.monotonic() >= self._retry_at_s(consumer):
+            with self._on_shard(consumer, isolate=True):
+                consumer.write(consumer.unwritten[0], prefetch)
+                self._count(consumer.unwritten.pop(0))
+            prefetch = 0
 
     def _try_heartbeat(self) -> None:
         """Report the problem if Redis takes writes at all (under OOM or READONLY it will not)."""
@@ -387,11 +518,14 @@ class Worker:
         """Recover this worker's own lost reads; then (unless Redis was just out of reach) take over
         entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
         reclaimed = 0
-        for c in list(self.consumers.values()):
-            self.settle(c)  # nothing in flight: what is pending on it and not held was lost
-            reclaimed += c.recover(self._handler(c))
+        for c in self._up_consumers():  # a shard backing off is recovered when it is tried again
+            with self._on_shard(c):
+                self.settle(c)  # nothing in flight: what is pending on it and not held was lost
+                reclaimed += c.recover(self._handler(c))
         if time.monotonic() >= self.takeover_after_s:
-            reclaimed += sum(c.reclaim(self._handler(c)) for c in list(self.consumers.values()))
+            for c in self._up_consumers():
+                with self._on_shard(c):
+                    reclaimed += c.reclaim(self._handler(c))
         if reclaimed:
             self.metrics.reclaimed(reclaimed)
         return reclaimed
@@ -405,8 +539,10 @@ class Worker:
         if time.monotonic() < self.takeover_after_s:
             return 0
         live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
-        # A consumer never takes from itself.
-        taken = sum(c.take_over(live, self._handler(c)) for c in list(self.consumers.values()))
+        taken = 0
+        for c in self._up_consumers():  # a consumer never takes from itself
+            with self._on_shard(c):
+                taken += c.take_over(live, self._handler(c))
         if taken:
             self.metrics.reclaimed(taken)
         return taken
@@ -445,24 +581,52 @@ class Worker:
         now, s = time.monotonic(), self.settings
         if now >= self._due["load"]:
             self._due["load"] = now + s.load_interval_s
-            self.load.publish(self.consumers)
-            for lane in self.load.lanes:
-                self.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
+            self._publish_load()
         if now >= self._due["heartbeat"]:
             self._due["heartbeat"] = now + s.heartbeat_interval_s
-            self.heartbeat()
-            self.take_over()
+            self._maintenance("heartbeat", self._beat_and_take_over)
         if now >= self._due["reconcile"] or self.reload_requested.is_set():
             self.reload_requested.clear()
             self._due["reconcile"] = now + s.reconcile_interval_s
-            self.reconcile()
+            self._maintenance("reconcile", self.reconcile)
         if self.slot.swap_if_ready():
-            self.heartbeat()  # tell the fleet at once, not at the next interval
+            self._maintenance("heartbeat", self.heartbeat)  # tell the fleet at once, not at the next interval
         self._count_loads()
         self.arms.swap_if_ready()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + s.reclaim_interval_s
             self.reclaim()
+
+    def _publish_load(self) -> None:
+        """Every readable shard's load; a shard whose node is out of reach backs off (several shards)."""
+        failed = self.load.publish({c.shard: c for c in self._up_consumers()})
+        for shard, e in failed.items():
+            if self.isolating and isinstance(e, redis.ConnectionError | redis.TimeoutError):
+                self._shard_failed(self.consumers[shard], e, 0.0)
+        for lane in self.load.lanes:
+            self.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
+
+    def _beat_and_take_over(self) -> None:
+        self.heartbeat()
+        self.take_over()
+
+    def _maintenance(self, area: str, task: Callable[[], object]) -> None:
+        """A task on the model's own slot (heartbeat, take-over, reconcile). Several shards: a Redis
+        error is reported in the heartbeat's problems under ``area`` (a ``_due`` key) and the task
+        tried again within ``MAINTENANCE_RETRY_S``, while the shards are served. One shard: the
+        error is the step's (its shard most likely fails with it), as before."""
+        if not self.isolating:
+            task()
+            return
+        try:
+            task()
+        except redis.RedisError as e:
+            problem = f"Redis unavailable: {type(e).__name__}: {e}"
+            log.error("%s failed: %s; serving on, retrying in %.1f s", area, problem, MAINTENANCE_RETRY_S)
+            self.problems[area] = problem[:300]
+            self._due[area] = min(self._due[area], time.monotonic() + MAINTENANCE_RETRY_S)
+            return
+        self._resolved(area)
 
     def _count_loads(self) -> None:
         """Count each target version's load once: served, or failed."""
@@ -516,9 +680,11 @@ class Worker:
         pipe.zremrangebyscore(members, "-inf", beat.heartbeat_ms - ttl_ms)
         pipe.execute()
         self._landed()
-        for consumer in self.consumers.values():
-            consumer.flush_stats()
-            consumer.touch()  # what it holds (held, read ahead) is not idle: keep it from reclaim
+        for consumer in list(self.consumers.values()):
+            if time.monotonic() >= self._retry_at_s(consumer):  # a shard backing off waits its turn
+                with self._on_shard(consumer):
+                    consumer.flush_stats()
+                    consumer.touch()  # what it holds (held, read ahead, unwritten) is not idle: no reclaim
 
     def _beat_if_due(self) -> None:
         """The pulse's beat, during a batch: renew the heartbeat and the idle time of what is in hand."""
@@ -527,7 +693,8 @@ class Worker:
         presence.refresh(self.redis, self.model, self.worker_id, self.settings.heartbeat_ttl_s)
         self._landed()
         for consumer in list(self.consumers.values()):
-            consumer.touch()
+            with contextlib.suppress(redis.RedisError):  # one shard's node down: touch the others
+                consumer.touch()
 
     def _landed(self) -> None:
         """A heartbeat landed. If the last one before it landed more than two intervals (and a
