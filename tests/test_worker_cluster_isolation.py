@@ -1,0 +1,79 @@
+"""A worker reading several shards keeps serving the shards on live masters while another is down.
+
+Three masters, no replicas, ``cluster-require-full-coverage no`` and a node timeout longer than
+the test: once the master holding shard 0 (and the model's own slot: registry, layout,
+heartbeats) is SIGKILLed, its slots simply refuse connections while the other two masters serve
+on. One worker reads all three shards. Requests routed to shards 1 and 2 must keep being answered
+within a bound far below the seconds a command to the dead node used to cost (the cluster
+client's retries, then the worker's whole-loop backoff, for every shard at once); the worker
+reports the dead shard and its failing heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import ThreadedWorker, wait_until
+from test_failover import X, routes_per_shard, serve_sharded
+
+from lab.embedded_redis import EmbeddedCluster
+from producer import Client
+from protocol import keys
+from worker.worker import Worker
+
+SHARDS = 3
+NODE_TIMEOUT_MS = 60_000  # the dead master is never marked failed while the test runs
+WATCH_S = 6.0  # longer than the default cluster client's retries of one command (about 4 s)
+LIVE_BOUND_S = 1.0  # a live shard's call; normal is milliseconds, a stall was 4 s or more
+PERIOD_S = 0.02  # between calls: steady load, not a busy loop on a 2-core box
+
+
+@pytest.fixture
+def cluster() -> Iterator[EmbeddedCluster]:
+    """3 masters, no replicas, partial coverage; a fresh one (the test kills a node)."""
+    try:
+        cluster = EmbeddedCluster(3, node_timeout_ms=NODE_TIMEOUT_MS, full_coverage=False).start()
+    except Exception as e:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no Redis Cluster could be started: {e}")
+    yield cluster
+    cluster.stop()
+
+
+def timed_calls(client: Client, model: str, routes: list[str], seconds: float) -> list[float]:
+    """Predictions on ``routes`` in turn for ``seconds``; each one's latency (an error raises)."""
+    took: list[float] = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        started = time.monotonic()
+        client.predict(model, X, route=routes[len(took) % len(routes)])
+        took.append(time.monotonic() - started)
+        time.sleep(PERIOD_S)
+    return took
+
+
+@pytest.mark.timeout(90)
+def test_shards_on_live_masters_are_served_while_another_shards_master_is_down(cluster, tmp_path):
+    model, settings = serve_sharded(cluster, tmp_path)
+    dead = cluster.master_of(keys.request_stream(model, 0))
+    masters = {k: cluster.master_of(keys.request_stream(model, k)) for k in range(SHARDS)}
+    assert len(set(masters.values())) == SHARDS, "the model's shards should sit on three masters"
+    routes = routes_per_shard(SHARDS)
+    live_routes = routes[1] + routes[2]
+    worker = Worker(settings, model)
+    with ThreadedWorker(worker), Client.from_url(cluster.url, timeout_s=10.0) as client:
+        before = timed_calls(client, model, [*routes[0], *live_routes], 1.0)
+        cluster.kill_node(dead)
+        during = timed_calls(client, model, live_routes, WATCH_S)
+        wait_until(lambda: {"shard 0", "heartbeat"} <= set(worker.problems),
+                   message=f"the dead shard and heartbeat not reported: {worker.problems}")
+    worst_s = max(during)
+    print(f"live shards: {len(during)} calls, worst {worst_s * 1000:.0f} ms "
+          f"(before the kill: worst {max(before) * 1000:.0f} ms)")
+    assert worst_s < LIVE_BOUND_S, (
+        f"a call on a live master's shard took {worst_s:.2f} s while shard 0's master was down "
+        f"({sum(t >= LIVE_BOUND_S for t in during)} of {len(during)} calls over {LIVE_BOUND_S:g} s)")
