@@ -27,6 +27,9 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 FAIL_FAST_RETRIES = 1
 FAIL_FAST_BACKOFF_BASE_S, FAIL_FAST_BACKOFF_CAP_S = 0.01, 0.05
 FAIL_FAST_CONNECT_S = 1.0  # a TCP connect takes milliseconds; a dead host never answers the SYN
+# The slot map is re-read at most this often after errors (the library's default is 1 s): a
+# replica promoted in a failover is found soon after.
+FAIL_FAST_REFRESH_S = 0.25
 
 
 def cluster_url(url: str) -> str | None:
@@ -51,7 +54,8 @@ def connect(url: str, *, fail_fast_s: float | None = None, **kwargs: Any) -> red
     (by default ten, backing off up to a second each: seconds per command while a master
     fails over). One quick retry is kept; connects give up after ``FAIL_FAST_CONNECT_S``
     and reads after ``fail_fast_s``, which must exceed the longest blocking read the caller
-    sends. For a caller that serves several nodes and handles each one's failure itself.
+    sends; the slot map is re-read after errors up to every ``FAIL_FAST_REFRESH_S``. For a
+    caller that serves several nodes and handles each one's failure itself.
     """
     plain = cluster_url(url)
     if plain is None:
@@ -66,7 +70,7 @@ def fail_fast_options(read_timeout_s: float) -> dict[str, Any]:
     return {"retry": Retry(ExponentialBackoff(cap=FAIL_FAST_BACKOFF_CAP_S, base=FAIL_FAST_BACKOFF_BASE_S),
                            FAIL_FAST_RETRIES),
             "socket_connect_timeout": min(FAIL_FAST_CONNECT_S, read_timeout_s),
-            "socket_timeout": read_timeout_s}
+            "socket_timeout": read_timeout_s, "topology_refresh_min_interval": FAIL_FAST_REFRESH_S}
 
 
 def connect_async(url: str, **kwargs: Any) -> aioredis.Redis:

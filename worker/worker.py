@@ -49,10 +49,11 @@ MULTI_SHARD_BLOCK_MS = 5
 BACKOFF_FIRST_S = 0.05  # after a failed step or write; doubles per failure in a row
 BACKOFF_MAX_S = 2.0  # also bounds how long after a Redis restart serving resumes
 # A worker reading several shards puts a failing shard on a backoff of its own, capped lower: a
-# master that failed over is read again soon after its replica takes over.
-SHARD_BACKOFF_MAX_S = 1.0
-# ... and at least this many times as long as its failed attempt took (a node that times out
-# rather than refuses): the failing shard gets at most a fifth of the loop's time.
+# master that failed over is read again soon after its replica takes over (an attempt on a node
+# that refuses connections costs milliseconds).
+SHARD_BACKOFF_MAX_S = 0.5
+# ... but after a timeout (a node that does not answer at all), at least this many times as long
+# as the attempt took: such a shard gets at most a fifth of the loop's time.
 SHARD_BACKOFF_TIME_RATIO = 4.0
 MAINTENANCE_RETRY_S = 1.0  # a failed heartbeat, take-over or reconcile (several shards) is retried after
 # A worker's cluster client: a command to a node that is down fails within the longest blocking
@@ -331,8 +332,8 @@ class Worker:
     def _on_shard(self, consumer: StreamConsumer, *, isolate: bool | None = None) -> Iterator[None]:
         """The block's Redis work on ``consumer``'s shard. Several shards (``isolate``): a Redis error
         puts that shard on a backoff of its own and ends the block, and the loop goes on with the
-        others; success ends the shard's backoff. One shard: the error is the step's, as before
-        (the worker waits)."""
+        others; success ends the shard's backoff once no reply of it is left to write. One shard:
+        the error is the step's, as before (the worker waits)."""
         if not (self.isolating if isolate is None else isolate):
             yield
             return
@@ -343,16 +344,17 @@ class Worker:
             self._shard_failed(consumer, e, time.monotonic() - started_s)
             return
         backoff = self._shard_backoff.get(consumer.shard)
-        if backoff is not None and backoff.failures:
+        if backoff is not None and backoff.failures and not consumer.unwritten:
             log.info("shard %d is served again after %d failures", consumer.shard, backoff.failures)
             backoff.reset()
             self._resolved(f"shard {consumer.shard}")
 
     def _shard_failed(self, consumer: StreamConsumer, e: redis.RedisError, took_s: float) -> None:
-        """Back ``consumer``'s shard off (at least a few times as long as the failed attempt took);
+        """Back ``consumer``'s shard off (after a timeout, a few times as long as the attempt took);
         what it holds stays in hand, and its lost reads are recovered when it is tried again."""
         backoff = self._shard_backoff.setdefault(consumer.shard, Backoff(SHARD_BACKOFF_MAX_S))
-        delay_s = backoff.fail(min(BACKOFF_MAX_S, took_s * SHARD_BACKOFF_TIME_RATIO))
+        slow_s = took_s * SHARD_BACKOFF_TIME_RATIO if isinstance(e, redis.TimeoutError) else 0.0
+        delay_s = backoff.fail(min(BACKOFF_MAX_S, slow_s))
         problem = f"Redis unavailable: {type(e).__name__}: {e}"
         log.error("shard %d: %s; serving the other shards, retrying it in %.2f s", consumer.shard,
                   problem, delay_s)
