@@ -55,7 +55,9 @@ SHARD_BACKOFF_MAX_S = 0.5
 # ... but after a timeout (a node that does not answer at all), at least this many times as long
 # as the attempt took: such a shard gets at most a fifth of the loop's time.
 SHARD_BACKOFF_TIME_RATIO = 4.0
-MAINTENANCE_RETRY_S = 1.0  # a failed heartbeat, take-over or reconcile (several shards) is retried after
+# A failed heartbeat, take-over or reconcile (several shards) is retried on a backoff capped at this:
+# the first heartbeat after a failover of the model's own slot lands soon, before it looks stale.
+MAINTENANCE_BACKOFF_MAX_S = 0.25
 # A worker's cluster client: a command to a node that is down fails within the longest blocking
 # read plus this, instead of waiting out the library's retries (``connection.connect``).
 FAIL_FAST_MARGIN_S = 2.0
@@ -177,8 +179,10 @@ class Worker:
         # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
-        # Reading several shards: each shard's failures in a row (a shard not listed has none).
+        # Reading several shards: each shard's failures in a row (a shard not listed has none), and
+        # each maintenance area's (``_maintenance``).
         self._shard_backoff: dict[int, Backoff] = {}
+        self._area_backoff: dict[str, Backoff] = {}
         self.listener: ControlListener | None = None
         self.pulse = Pulse(self._beat_if_due, settings.heartbeat_interval_s)
         self._beat_landed_s = -math.inf  # monotonic: when this worker's last heartbeat landed
@@ -356,8 +360,8 @@ class Worker:
         slow_s = took_s * SHARD_BACKOFF_TIME_RATIO if isinstance(e, redis.TimeoutError) else 0.0
         delay_s = backoff.fail(min(BACKOFF_MAX_S, slow_s))
         problem = f"Redis unavailable: {type(e).__name__}: {e}"
-        log.error("shard %d: %s; serving the other shards, retrying it in %.2f s", consumer.shard,
-                  problem, delay_s)
+        _log_failure(backoff.failures, "shard %d: %s; serving the other shards, retrying it in %.2f s",
+                     consumer.shard, problem, delay_s)
         self.problems[f"shard {consumer.shard}"] = problem[:300]
         # A read may have been lost with the connection: recover it as soon as the shard is tried.
         self._due["reclaim"] = min(self._due["reclaim"], backoff.retry_at_s)
@@ -615,19 +619,25 @@ class Worker:
     def _maintenance(self, area: str, task: Callable[[], object]) -> None:
         """A task on the model's own slot (heartbeat, take-over, reconcile). Several shards: a Redis
         error is reported in the heartbeat's problems under ``area`` (a ``_due`` key) and the task
-        tried again within ``MAINTENANCE_RETRY_S``, while the shards are served. One shard: the
-        error is the step's (its shard most likely fails with it), as before."""
+        tried again on a short backoff, while the shards are served. One shard: the error is the
+        step's (its shard most likely fails with it), as before."""
         if not self.isolating:
             task()
             return
+        backoff = self._area_backoff.setdefault(area, Backoff(MAINTENANCE_BACKOFF_MAX_S))
         try:
             task()
         except redis.RedisError as e:
+            delay_s = backoff.fail()
             problem = f"Redis unavailable: {type(e).__name__}: {e}"
-            log.error("%s failed: %s; serving on, retrying in %.1f s", area, problem, MAINTENANCE_RETRY_S)
+            _log_failure(backoff.failures, "%s failed: %s; serving on, retrying in %.2f s", area, problem,
+                         delay_s)
             self.problems[area] = problem[:300]
-            self._due[area] = min(self._due[area], time.monotonic() + MAINTENANCE_RETRY_S)
+            self._due[area] = min(self._due[area], backoff.retry_at_s)
             return
+        if backoff.failures:
+            log.info("%s works again after %d failures", area, backoff.failures)
+            backoff.reset()
         self._resolved(area)
 
     def _count_loads(self) -> None:
@@ -753,3 +763,8 @@ class Worker:
         self.redis.close()  # the pool reconnects if run() is called again
         log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
                  self.batches, self.requests)
+
+
+def _log_failure(failures: int, message: str, *args: object) -> None:
+    """A failure in a row logged as an error on the 1st, 2nd, 4th, 8th … (retries come often)."""
+    log.log(logging.ERROR if failures & (failures - 1) == 0 else logging.DEBUG, message, *args)
