@@ -116,7 +116,8 @@ def new_token() -> str:
 
 def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
             sample_ndim: int | None, request_id: str | None = None,
-            reply_to: str | None = None, resend: bool = False) -> Pending:
+            reply_to: str | None = None, resend: bool = False,
+            deadline_s: float | None = None) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
@@ -124,6 +125,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     ``request_id`` is checked and gets a random reply token of its own, so its reply
     key is never one an earlier call (or another bot) used. ``resend`` marks a request
     sent again under the id of one that may have been queued (see ``Interrupted``).
+    ``deadline_s`` (wall clock) is when the caller's call started plus ``timeout_s``: what
+    ran before (the state read, encoding) is part of the caller's time.
     """
     if timeout_s <= 0:
         raise InvalidInput(f"timeout_s must be > 0, got {timeout_s}")
@@ -138,7 +141,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
         request_id = new_token()
     elif reply_to is None:
         reply_to = new_token()
-    deadline_s = time.time() + timeout_s
+    if deadline_s is None:
+        deadline_s = time.time() + timeout_s
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
                                      route=route, reply_to=reply_to, resend=resend)
     reply_key = keys.reply_key(target.model, reply_to or request_id, target.shard)
@@ -160,7 +164,8 @@ def check_call(timeout_s: float, max_timeout_s: float, request_id: str | None = 
 
 
 def prepare_many(target: Target, batch: Sequence[Features], *, route: str, timeout_s: float,
-                 request_ids: Sequence[str] | None = None, resend: bool = False) -> list[Pending]:
+                 request_ids: Sequence[str] | None = None, resend: bool = False,
+                 deadline_s: float | None = None) -> list[Pending]:
     """Single-sample requests that share one reply list (one wait collects them all); ``request_ids``
     (one per sample) are given to re-send those of an ``Interrupted`` call with ``resend``."""
     if request_ids is not None and len(request_ids) != len(batch):
@@ -169,8 +174,10 @@ def prepare_many(target: Target, batch: Sequence[Features], *, route: str, timeo
         raise InvalidInput("resend=True needs the request_ids of the requests sent before")
     ids: Sequence[str | None] = request_ids if request_ids is not None else [None] * len(batch)
     token = new_token()
+    deadline_s = time.time() + timeout_s if deadline_s is None else deadline_s
     return [prepare(target, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token,
-                    request_id=rid, resend=resend) for f, rid in zip(batch, ids, strict=True)]
+                    request_id=rid, resend=resend, deadline_s=deadline_s)
+            for f, rid in zip(batch, ids, strict=True)]
 
 
 def parse(payload: bytes) -> messages.Prediction | ReplyError:

@@ -52,9 +52,11 @@ class AsyncClient:
         """One request; the XADD and the wait in one round trip. Same arguments and errors as
         :meth:`producer.Client.predict`."""
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
+        deadline_s = time.time() + timeout_s  # the caller's clock starts now, before the state read
         target = await self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
-                                sample_ndim=sample_ndim, request_id=request_id, resend=resend)
+                                sample_ndim=sample_ndim, request_id=request_id, resend=resend,
+                                deadline_s=deadline_s)
         return _core.unwrap((await self._exchange(target, [pending], timeout_s))[0])
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
@@ -66,11 +68,12 @@ class AsyncClient:
         Same contract as :meth:`producer.Client.predict_many`.
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
+        deadline_s = time.time() + timeout_s
         if not batch:
             return []
         target = await self._target(model, route, lane, timeout_s)
         pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
-                                      request_ids=request_ids, resend=resend)
+                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s)
         results = await self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 

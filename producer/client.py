@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import time
 from collections.abc import Sequence
@@ -16,6 +17,9 @@ from producer.health import Health, read_health
 from protocol import connection, keys, messages
 from protocol.errors import ReplyError
 from protocol.messages import Prediction
+
+SELECT_MAX_FD = 1024  # FD_SETSIZE: select() refuses higher descriptors
+PRECISE_WAIT_S = 0.002  # the end of a wait is timed with select(), to the microsecond
 
 
 class Client:
@@ -78,9 +82,11 @@ class Client:
         ``request_id`` of an ``Interrupted`` call sends it again (computed once, §4).
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
+        deadline_s = time.time() + timeout_s  # the caller's clock starts now, before the state read
         target = self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
-                                sample_ndim=sample_ndim, request_id=request_id, resend=resend)
+                                sample_ndim=sample_ndim, request_id=request_id, resend=resend,
+                                deadline_s=deadline_s)
         return _core.unwrap(self._exchange(target, [pending], timeout_s)[0])
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
@@ -98,11 +104,12 @@ class Client:
         ``request_ids=e.request_ids``-matching ids and ``resend=True``.
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
+        deadline_s = time.time() + timeout_s
         if not batch:
             return []
         target = self._target(model, route, lane, timeout_s)
         pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
-                                      request_ids=request_ids, resend=resend)
+                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s)
         results = self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 
@@ -311,6 +318,26 @@ class _Lease:
                 self.pool.release(self.conn)
 
 
+def _await_answer(conn: Any, trip: _core.Trip) -> None:
+    """Sleep until an answer can be read, or raise ``DeadlineReached`` at the trip's deadline.
+
+    A socket timeout (``poll``) is rounded up to the next whole millisecond, so the wait is an
+    ordinary one until ``PRECISE_WAIT_S`` before the deadline (where almost every answer has
+    come), and ``select``, which takes microseconds, for the rest: the caller's deadline is
+    kept to about 0.1 ms.
+    """
+    left_s = trip.deadline_s - time.time()
+    if left_s > PRECISE_WAIT_S and conn.can_read(timeout=left_s - PRECISE_WAIT_S):
+        return
+    if conn.can_read(timeout=0):  # buffered already (or TLS bytes the socket no longer shows)
+        return
+    sock = getattr(conn, "_sock", None)
+    if sock is None or sock.fileno() >= SELECT_MAX_FD:
+        return  # no socket (read_response reports it), or one select() cannot take: poll, to the ms
+    if not select.select([sock], [], [], max(0.0, trip.deadline_s - time.time()))[0]:
+        raise _core.DeadlineReached("no answer from Redis by the call's deadline")
+
+
 def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine).
 
@@ -320,6 +347,7 @@ def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     """
     while time.monotonic() < spin_until_s and not conn.can_read(timeout=0):
         pass
+    _await_answer(conn, trip)
     try:
         # disconnect_on_error=False: an error answer (even LOADING, which redis-py raises as a
         # ConnectionError) leaves the rest readable; on anything else _round_trip closes it.
