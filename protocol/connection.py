@@ -19,9 +19,14 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterUnreachableError, SlotNotCoveredError
 from redis.retry import Retry
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# What a command can raise when Redis is out of reach or refuses it: a cluster client adds two
+# errors that are not ``redis.RedisError`` (a slot no node serves; no node reachable at all).
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.RedisError, SlotNotCoveredError, RedisClusterUnreachableError)
 # A fail-fast cluster client (``connect(fail_fast_s=…)``): one quick retry, which absorbs a
 # redirect or a stale pooled connection; a node that stays unreachable is the caller's to handle.
 FAIL_FAST_RETRIES = 1

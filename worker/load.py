@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import redis
 
 from protocol import keys
+from protocol.connection import REDIS_ERRORS
 from protocol.sharding import ShardLoad
 
 if TYPE_CHECKING:
@@ -63,15 +64,15 @@ class LoadMeter:
         self._busy_rate: dict[int, float] = {}  # shard → the last drain rate measured while never idle
         self.lanes: list[LaneState] = []  # the last reading, for the metrics
 
-    def publish(self, consumers: Mapping[int, StreamConsumer]) -> dict[int, redis.RedisError]:
+    def publish(self, consumers: Mapping[int, StreamConsumer]) -> dict[int, Exception]:
         """Read and publish every shard's load; the shards whose Redis failed, with the error (logged;
         the next interval retries). A shard that fails does not keep the others from being published."""
         lanes: list[LaneState] = []
-        failed: dict[int, redis.RedisError] = {}
+        failed: dict[int, Exception] = {}
         for shard, consumer in consumers.items():
             try:
                 lanes += self._publish_shard(shard, consumer)
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 log.debug("load of shard %d not published: %s", shard, e)
                 failed[shard] = e
         # Failed shards keep their last reading (a metric, not a decision).

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 import redis
 
 from protocol import connection, keys, presence, sharding
+from protocol.connection import REDIS_ERRORS
 from protocol.errors import InvalidInput, StreamserveError
 from protocol.settings import Settings
 from registry import Registry
@@ -132,7 +133,7 @@ class Pulse:
                 continue
             try:
                 self.beat()
-            except redis.RedisError as e:  # Redis down: the loop reports it; beat again next time
+            except REDIS_ERRORS as e:  # Redis down: the loop reports it; beat again next time
                 log.debug("heartbeat during a model call failed: %s", e)
             except Exception:  # never let the thread die: the next call would look dead
                 log.exception("heartbeat during a model call failed")
@@ -273,7 +274,7 @@ class Worker:
             for consumer in self.consumers.values():
                 consumer.has_xackdel = self.consumer.has_xackdel
                 consumer.has_markers = self.consumer.has_markers
-        except redis.RedisError as e:  # down, OOM, READONLY: wait for it, never crash-loop
+        except REDIS_ERRORS as e:  # down, OOM, READONLY: wait for it, never crash-loop
             self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
             return False
         self._resolved("redis")
@@ -289,7 +290,7 @@ class Worker:
         self.metrics.tick()
         try:
             more = self._step()
-        except redis.RedisError as e:  # down, OOM, READONLY, a race lost to another worker
+        except REDIS_ERRORS as e:  # down, OOM, READONLY, a race lost to another worker
             self._failed("redis", f"Redis unavailable: {type(e).__name__}: {e}", log_traceback=False)
             self._due["reclaim"] = 0.0  # a read may have been lost with the connection: recover it soon
             return True
@@ -344,7 +345,7 @@ class Worker:
         started_s = time.monotonic()
         try:
             yield
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             self._shard_failed(consumer, e, time.monotonic() - started_s)
             return
         backoff = self._shard_backoff.get(consumer.shard)
@@ -353,7 +354,7 @@ class Worker:
             backoff.reset()
             self._resolved(f"shard {consumer.shard}")
 
-    def _shard_failed(self, consumer: StreamConsumer, e: redis.RedisError, took_s: float) -> None:
+    def _shard_failed(self, consumer: StreamConsumer, e: Exception, took_s: float) -> None:
         """Back ``consumer``'s shard off (after a timeout, a few times as long as the attempt took);
         what it holds stays in hand, and its lost reads are recovered when it is tried again."""
         backoff = self._shard_backoff.setdefault(consumer.shard, Backoff(SHARD_BACKOFF_MAX_S))
@@ -490,7 +491,7 @@ class Worker:
         while True:
             try:
                 consumer.write(out, prefetch)
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 delay_s = self._write_backoff.next_delay_s()
                 self.problems["redis_write"] = f"reply transaction failed: {type(e).__name__}: {e}"[:300]
                 log.error("reply transaction for %d entries failed (%s); retrying in %.2f s",
@@ -517,7 +518,7 @@ class Worker:
 
     def _try_heartbeat(self) -> None:
         """Report the problem if Redis takes writes at all (under OOM or READONLY it will not)."""
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(*REDIS_ERRORS):
             self.heartbeat()
 
     def reclaim(self) -> int:
@@ -604,10 +605,11 @@ class Worker:
             self.reclaim()
 
     def _publish_load(self) -> None:
-        """Every readable shard's load; a shard whose node is out of reach backs off (several shards)."""
+        """Every readable shard's load; a shard whose node is out of reach backs off (several shards;
+        an error the server answered, e.g. NOPERM on the load hash, leaves serving alone)."""
         failed = self.load.publish({c.shard: c for c in self._up_consumers()})
         for shard, e in failed.items():
-            if self.isolating and isinstance(e, redis.ConnectionError | redis.TimeoutError):
+            if self.isolating and not isinstance(e, redis.ResponseError):
                 self._shard_failed(self.consumers[shard], e, 0.0)
         for lane in self.load.lanes:
             self.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
@@ -627,7 +629,7 @@ class Worker:
         backoff = self._area_backoff.setdefault(area, Backoff(MAINTENANCE_BACKOFF_MAX_S))
         try:
             task()
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             delay_s = backoff.fail()
             problem = f"Redis unavailable: {type(e).__name__}: {e}"
             _log_failure(backoff.failures, "%s failed: %s; serving on, retrying in %.2f s", area, problem,
@@ -705,7 +707,7 @@ class Worker:
         presence.refresh(self.redis, self.model, self.worker_id, self.settings.heartbeat_ttl_s)
         self._landed()
         for consumer in list(self.consumers.values()):
-            with contextlib.suppress(redis.RedisError):  # one shard's node down: touch the others
+            with contextlib.suppress(*REDIS_ERRORS):  # one shard's node down: touch the others
                 consumer.touch()
 
     def _landed(self) -> None:
@@ -758,7 +760,7 @@ class Worker:
             pipe.execute()
             for consumer in self.consumers.values():
                 consumer.leave()
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             log.warning("sign-off failed: %s", e)
         self.redis.close()  # the pool reconnects if run() is called again
         log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
