@@ -11,6 +11,14 @@ it ties together:
 replies and acks), :class:`~worker.slot.ModelSlot` (the served version and its
 background reload), :class:`~worker.arms.ExperimentArms` (the experiment's
 treatment) and :class:`~worker.processing.BatchProcessor` (entries → replies).
+
+A worker reading several shards (on a cluster, on several nodes) contains a node's
+failure to the shards it holds: a Redis error on one shard puts that shard on a
+backoff of its own, its reads skipped and its unwritten reply transactions kept on
+its consumer and written first when it is tried again, while the other shards are
+served; the model's own slot (heartbeat, take-over, reconcile) failing is reported
+and retried without holding them. With one shard, a failure is the worker's: it
+waits with backoff, and its write is retried in place until it lands.
 """
 
 from __future__ import annotations
@@ -82,10 +90,6 @@ class Backoff:
         delay_s = max(at_least_s, self.next_delay_s())
         self.retry_at_s = time.monotonic() + delay_s
         return delay_s
-
-    def due(self, now_s: float) -> bool:
-        """No failure is being waited out at ``now_s``."""
-        return now_s >= self.retry_at_s
 
     def reset(self) -> None:
         """The last attempt worked."""
