@@ -61,6 +61,9 @@ CLOSE_MAX_S = 0.5  # close() deletes finished reply keys within this, or leaves 
 VERIFY_MAX_S = 0.5  # after a failover, the look for the request on the new master is bounded so
 STATE_READ_MAX_S = 0.1  # the layout/registry/presence read never holds a call longer than this
 NEGATIVE_RECHECK_S = 0.05  # an older "nobody serves it" is read again before a call is refused
+# After the model's slot could not be read (its node down, failing over), its workers could not beat
+# either: "no live worker" is not believed until they have had this long to beat again.
+OUTAGE_GRACE_S = 2.0
 
 
 class NotConnected(redis.ConnectionError):
@@ -545,6 +548,8 @@ class ModelState:
     answered_at: float = float("-inf")  # last read that answered
     known: bool | None = None
     live: bool | None = None
+    unread_since: float | None = None  # the first failed read since the last that answered
+    grace_until: float = float("-inf")  # "no live worker" is not believed before this
 
 
 def _as_hash(raw: Any) -> dict[Any, Any] | None:
@@ -600,7 +605,11 @@ class Router:
         state = self._state(model)
         state.read_at = time.monotonic()
         if answers is None or len(answers) != 3:
+            if state.unread_since is None:
+                state.unread_since = state.read_at
             return
+        if state.unread_since is not None:  # readable again: the workers' heartbeats lapsed with it
+            state.grace_until, state.unread_since = state.read_at + OUTAGE_GRACE_S, None
         layout, known, live = answers
         self.set_layout(model, _as_hash(layout))
         if isinstance(known, int):
@@ -624,7 +633,7 @@ class Router:
         state = self._state(model)
         if state.known is False:
             return ModelNotFound(f"model {model!r} is not in the registry")
-        if state.live is False:
+        if state.live is False and time.monotonic() >= state.grace_until:
             return Unavailable(f"no live worker for {model}")
         return None
 

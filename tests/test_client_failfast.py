@@ -114,3 +114,21 @@ def test_the_state_read_is_one_round_trip_in_the_models_slot():
     slots = {_core.key_slot(str(c[1]).encode()) for c in trip.commands}
     assert slots == {_core.key_slot(trip.key.encode())}
     assert trip.deadline_s - time.time() <= 1.0
+
+
+def test_no_live_worker_is_not_believed_right_after_the_models_slot_was_unreadable(monkeypatch):
+    """A failover of the node holding {model}: its workers could not beat meanwhile either."""
+    from producer import _core
+
+    router, now = _core.Router(), [100.0]
+    monkeypatch.setattr(_core.time, "monotonic", lambda: now[0])
+    nobody = [{}, 1, []]  # layout, registry knows it, no live worker
+    router.set_state(MODEL, nobody)
+    assert isinstance(router.refusal(MODEL), Unavailable)
+    router.set_state(MODEL, None)  # the node is gone
+    now[0] += 5.0
+    router.set_state(MODEL, nobody)  # back, before any worker could beat again
+    assert router.refusal(MODEL) is None
+    now[0] += _core.OUTAGE_GRACE_S
+    router.set_state(MODEL, nobody)
+    assert isinstance(router.refusal(MODEL), Unavailable)
