@@ -97,3 +97,25 @@ def test_an_outage_longer_than_the_ttl_does_not_make_a_live_worker_look_dead(r, 
             wait_until(lambda: r.llen(keys.reply_key(MODEL, "a1")), 15,
                        message="a dead worker kept its entries")
     assert [reply(r, f"a{i}")["ok"] for i in range(2)] == [True, True]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_starting_as_redis_comes_back_does_not_take_over_workers_yet_to_beat(r, settings, production):
+    """A worker that starts (or first reaches Redis) right after an outage has not watched the others
+    beat for a TTL: a worker whose heartbeat lapsed only with the outage, and that beats again within an
+    interval and a TTL, keeps its entries."""
+    # A short interval: the take-over's guard (a consumer seen within one interval is left alone) has
+    # expired by the time the starter has loaded its model.
+    s = settings.with_overrides(heartbeat_interval_s=0.05, heartbeat_ttl_s=2.0, reclaim_min_idle_ms=3_600_000)
+    r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    send(r, "b0")
+    r.xreadgroup(GROUP, "live-worker", {STREAM: ">"})
+    r.zadd(keys.workers_zset(MODEL), {"live-worker": presence.now_in_ms() - 10_000})  # lapsed in the outage
+    with ThreadedWorker(Worker(s, MODEL)) as starter:
+        with beating(r, "live-worker", s.heartbeat_interval_s / 2):
+            member, zset = starter.worker_id, keys.workers_zset(MODEL)
+            after_grace_ms = presence.now_in_ms() + (s.heartbeat_interval_s + s.heartbeat_ttl_s) * 1000
+            wait_until(lambda: (r.zscore(zset, member) or 0) > after_grace_ms, 15,
+                       message="the starter stopped beating")
+            assert consumers(r).get("live-worker") == 1, "a live worker's entry was taken over"
+    assert r.llen(keys.reply_key(MODEL, "b0")) == 0

@@ -719,10 +719,14 @@ class Worker:
         quarter of the TTL) ago, this worker could not beat meanwhile (Redis down, restarting,
         paused) and most likely neither could the others: their heartbeats look stale through no
         fault of theirs. Take-overs wait until they have had an interval and a TTL, from now, to
-        beat again."""
+        beat again; so they do after this worker's first heartbeat (it may have started while
+        Redis was out of reach, and has not yet watched the others beat for a TTL)."""
         now_s, s = time.monotonic(), self.settings
         gap_s = now_s - self._beat_landed_s
-        if math.isfinite(gap_s) and gap_s > max(2 * s.heartbeat_interval_s, s.heartbeat_ttl_s / 4):
+        if not math.isfinite(gap_s):  # the first: this worker has not seen the others beat for a TTL yet
+            if not self.burst:  # a burst worker drains what is there now, dead workers' entries included
+                self.takeover_after_s = now_s + s.heartbeat_interval_s + s.heartbeat_ttl_s
+        elif gap_s > max(2 * s.heartbeat_interval_s, s.heartbeat_ttl_s / 4):
             self.takeover_after_s = now_s + s.heartbeat_interval_s + s.heartbeat_ttl_s
             log.warning("no heartbeat landed for %.1f s; no take-over for the next %.1f s", gap_s,
                         s.heartbeat_interval_s + s.heartbeat_ttl_s)
