@@ -114,6 +114,7 @@ def test_a_worker_starting_as_redis_comes_back_leaves_workers_yet_to_beat_alone(
     with ThreadedWorker(Worker(s, MODEL)) as starter, beating(r, "live-worker", s.heartbeat_interval_s / 2):
         member, zset = starter.worker_id, keys.workers_zset(MODEL)
         after_grace_ms = presence.now_in_ms() + (s.heartbeat_interval_s + s.heartbeat_ttl_s) * 1000
-        wait_until(lambda: (r.zscore(zset, member) or 0) > after_grace_ms, 15, message="the starter stopped beating")
+        wait_until(lambda: (r.zscore(zset, member) or 0) > after_grace_ms, 15,
+                   message="the starter stopped beating")
         assert consumers(r).get("live-worker") == 1, "a live worker's entry was taken over"
     assert r.llen(keys.reply_key(MODEL, "b0")) == 0
