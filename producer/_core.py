@@ -561,6 +561,14 @@ def _as_hash(raw: Any) -> dict[Any, Any] | None:
     return None
 
 
+def node_name(client: Any, key: str) -> str:
+    """The cluster node serving ``key``'s slot now, as ``host:port`` ("" while none does)."""
+    try:
+        return str(client.get_node_from_key(key).name)
+    except redis.RedisError:
+        return ""
+
+
 def unlink_trips(reply_keys: Sequence[str], deadline_s: float) -> list[Trip]:
     """``UNLINK`` of finished reply keys, one trip per cluster slot, read until ``deadline_s``."""
     by_slot: dict[int, list[str]] = {}

@@ -157,12 +157,7 @@ class AsyncClient:
 
     def _node_name(self, key: str) -> str:
         """See :meth:`producer.Client._node_name`."""
-        if not self._cluster:
-            return ""
-        try:
-            return str(self.redis.get_node_from_key(key).name)  # type: ignore[attr-defined]  # cluster only
-        except redis.RedisError:
-            return ""
+        return _core.node_name(self.redis, key) if self._cluster else ""
 
     async def _round_trip(self, trip: _core.Trip) -> list[Any]:
         """See :meth:`producer.Client._round_trip`; a cancelled call closes its connection."""

@@ -198,12 +198,7 @@ class Client:
 
     def _node_name(self, key: str) -> str:
         """The node serving ``key``'s slot now ("" without a cluster, or while none does)."""
-        if not self._cluster:
-            return ""
-        try:
-            return str(self.redis.get_node_from_key(key).name)  # type: ignore[attr-defined]  # cluster only
-        except redis.RedisError:
-            return ""
+        return _core.node_name(self.redis, key) if self._cluster else ""
 
     def _refresh_slots(self) -> None:
         """Re-read the cluster's slot map after MOVED/ASK (a slot migrated or failed over)."""
