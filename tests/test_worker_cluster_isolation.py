@@ -15,7 +15,6 @@ answered, and a stopping worker still writes it before it exits.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import redis
-from conftest import MODEL, ThreadedWorker, wait_until
+from conftest import MODEL, ThreadedWorker, started, wait_until
 from test_failover import X, routes_per_shard, serve_sharded
 
 from lab.embedded_redis import EmbeddedCluster
@@ -41,12 +40,8 @@ PERIOD_S = 0.02  # between calls: steady load, not a busy loop on a 2-core box
 @pytest.fixture
 def cluster() -> Iterator[EmbeddedCluster]:
     """3 masters, no replicas, partial coverage; a fresh one (the test kills a node)."""
-    try:
-        cluster = EmbeddedCluster(3, node_timeout_ms=NODE_TIMEOUT_MS, full_coverage=False).start()
-    except Exception as e:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no Redis Cluster could be started: {e}")
+    cluster = started(EmbeddedCluster(3, node_timeout_ms=NODE_TIMEOUT_MS, full_coverage=False),
+                      "Redis Cluster")
     yield cluster
     cluster.stop()
 
