@@ -449,12 +449,16 @@ class Exchange:
         """The answers to :meth:`verify_trip`: raise ``Interrupted`` when a request not yet answered
         has neither its entry nor its reply there (lost with the old master, or never queued);
         otherwise the wait goes on on the new master. An unreadable answer proves nothing: the
-        wait goes on (and is looked at again after the next loss)."""
+        wait goes on (and is looked at again after the next loss). An entry the server refuses to
+        show (the documented bot role may not read request streams: NOPERM) counts as not seen, so
+        the call ends on the reply alone instead of waiting out its timeout."""
         *ranges, listed = answers
-        if any(isinstance(a, Exception) for a in answers) or not isinstance(listed, list):
+        unreadable = [a for a in answers if isinstance(a, Exception) and not isinstance(a, ERROR_ANSWERS)]
+        if unreadable or not isinstance(listed, list):
             return
         self.gatherer.take(oldest_first(None, listed))
-        queued = {p.request_id for p, rows in zip(self.gatherer.pendings, ranges, strict=False) if rows}
+        queued = {p.request_id for p, rows in zip(self.gatherer.pendings, ranges, strict=False)
+                  if isinstance(rows, list) and rows}
         lost = [p.request_id for p in self.gatherer.pendings
                 if p.request_id not in self.gatherer.results and p.request_id not in queued]
         if lost:

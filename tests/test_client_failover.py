@@ -63,6 +63,15 @@ def test_nothing_there_interrupts_every_request_and_an_unreadable_answer_proves_
     assert caught.value.request_ids == [p.request_id for p in ex.gatherer.pendings]
 
 
+def test_entries_the_bot_role_may_not_read_count_as_not_seen():
+    """Under the documented ACLs a bot cannot XRANGE request streams: decide on the reply alone."""
+    ex = exchange()
+    denied = redis.exceptions.NoPermissionError("this user has no permissions to run the 'xrange' command")
+    with pytest.raises(Interrupted) as caught:
+        ex.verified([denied, denied, [reply_for(ex, 0)]])
+    assert caught.value.request_ids == [ex.gatherer.pendings[1].request_id]
+
+
 def test_entry_ids_never_read_are_interrupted_if_no_reply_is_there():
     pendings = [_core.prepare(_core.Target("m"), X, route="", timeout_s=5.0, sample_ndim=None)]
     ex = _core.Exchange(pendings, 5.0)
