@@ -139,3 +139,18 @@ def test_a_shard_no_longer_read_gives_its_kept_connection_back(r, settings, prod
     worker._set_shards([0])
     assert 1 not in worker.consumers and dropped.link.conn is None, "the connection went back to the pool"
     worker.redis.close()
+
+
+def test_refreshing_idle_times_does_not_count_a_write_landing_meanwhile_as_trimmed(r, settings, production):
+    """The heartbeat lists what is pending on the worker, then claims it to itself; a reply transaction
+    in flight that lands in between acks and deletes its entries: answered, not trimmed."""
+    worker = _ready(settings)
+    consumer = worker.consumer
+    send(r, "first")
+    batch = consumer.read(32, 0)
+    r.execute_command("CLIENT", "PAUSE", 300, "WRITE")  # the write waits; the listing (a read) does not
+    worker.process(batch, consumer=consumer)  # overlap_io: the transaction is sent, not confirmed
+    consumer.touch()  # lists "first" as pending; its claim runs after the write lands
+    consumer.settle()
+    assert reply(r, "first")["ok"]
+    assert int(r.get(keys.discarded_counter(MODEL)) or 0) == 0, "an answered entry counted as trimmed"

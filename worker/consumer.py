@@ -421,7 +421,9 @@ class StreamConsumer:
         """Reset the idle time of every entry pending on this consumer: the batch in hand, entries
         held, a read ahead whose answer is not read yet. The reclaim backstop takes entries by idle
         time, and these have a live worker (its own lost reads are its to recover: :meth:`recover`).
-        XCLAIM to itself with JUSTID changes neither owner nor delivery count."""
+        XCLAIM to itself with JUSTID changes neither owner nor delivery count; it drops trimmed
+        ids from the pending list (Redis ≥ 7), which are counted as discarded here."""
+        acking = self._acking()  # before the listing: a write confirmed since then is still in it
         pipe = self.redis.pipeline(transaction=False)  # both lanes in the shard's slot
         for stream in self.streams.values():
             pipe.xpending_range(stream, self.group, "-", "+", TOUCH_MAX, consumername=self.name)
@@ -434,10 +436,20 @@ class StreamConsumer:
         if not listed:
             return
         for (lane, ids), claimed in zip(listed.items(), pipe.execute(), strict=True):
-            # XCLAIM dropped trimmed ones from the PEL. (An id this worker's own write acked in
-            # between would be gone too; the pulse runs during the model call, after the write landed.)
-            found = {text(i) for i in claimed}
-            self._forget_gone(lane, [i for i in ids if i not in found])
+            if acking is not None:  # unknown: forget nothing now (recover() will, with nothing in flight)
+                found = {text(i) for i in claimed} | acking
+                self._forget_gone(lane, [i for i in ids if i not in found])
+
+    def _acking(self) -> set[str] | None:
+        """Ids that reply transactions sent on the link and not yet confirmed ack (and delete): gone
+        from the stream, but not trimmed. None when the link changed under the pulse thread's feet."""
+        if self.link is None:
+            return set()
+        try:
+            tags = [tag for _, tag in list(self.link.unanswered)]
+        except RuntimeError:  # the loop's thread sent or settled meanwhile
+            return None
+        return {i for tag in tags if isinstance(tag, Outbox) for i in tag.ack_ids}
 
     def _autoclaim(self, lane: str, start: str) -> tuple[str, list[Entry], list[str]]:
         result = self.redis.xautoclaim(self.streams[lane], self.group, self.name,
