@@ -87,7 +87,8 @@ class Interrupted(Unavailable):
 
     ``request_ids`` are the calls' ids not answered; each may be re-sent with the same id and
     ``resend=True`` (``predict(..., request_id=e.request_ids[0], resend=True)``): a worker
-    answers a re-sent id it already computed from its reply marker, so nothing is computed twice.
+    answers a re-sent id it already computed from its reply marker instead of computing it again
+    (docs/protocol.md §6 names the cases a marker cannot cover).
     """
 
     def __init__(self, message: str, *, request_ids: Sequence[str] = ()) -> None:
