@@ -120,7 +120,7 @@ def new_token() -> str:
 def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
             sample_ndim: int | None, request_id: str | None = None,
             reply_to: str | None = None, resend: bool = False,
-            deadline_s: float | None = None) -> Pending:
+            deadline_s: float | None = None, experiment: bool = True) -> Pending:
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
@@ -129,7 +129,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     key is never one an earlier call (or another bot) used. ``resend`` marks a request
     sent again under the id of one that may have been queued (see ``Interrupted``).
     ``deadline_s`` (wall clock) is when the caller's call started plus ``timeout_s``: what
-    ran before (the state read, encoding) is part of the caller's time.
+    ran before (the state read, encoding) is part of the caller's time. ``experiment=False``
+    keeps the request outside any experiment (field ``experiment`` = ``off``).
     """
     if timeout_s <= 0:
         raise InvalidInput(f"timeout_s must be > 0, got {timeout_s}")
@@ -147,7 +148,7 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     if deadline_s is None:
         deadline_s = time.time() + timeout_s
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
-                                     route=route, reply_to=reply_to, resend=resend)
+                                     route=route, reply_to=reply_to, resend=resend, experiment=experiment)
     reply_key = keys.reply_key(target.model, reply_to or request_id, target.shard)
     return Pending(request_id, reply_key, fields, deadline_s, target.stream)
 
@@ -168,9 +169,10 @@ def check_call(timeout_s: float, max_timeout_s: float, request_id: str | None = 
 
 def prepare_many(target: Target, batch: Sequence[Features], *, route: str, timeout_s: float,
                  request_ids: Sequence[str] | None = None, resend: bool = False,
-                 deadline_s: float | None = None) -> list[Pending]:
+                 deadline_s: float | None = None, experiment: bool = True) -> list[Pending]:
     """Single-sample requests that share one reply list (one wait collects them all); ``request_ids``
-    (one per sample) are given to re-send those of an ``Interrupted`` call with ``resend``."""
+    (one per sample) are given to re-send those of an ``Interrupted`` call with ``resend``;
+    ``experiment=False`` keeps them all outside any experiment."""
     if request_ids is not None and len(request_ids) != len(batch):
         raise InvalidInput(f"{len(request_ids)} request_ids for {len(batch)} samples")
     if resend and request_ids is None:
@@ -179,7 +181,7 @@ def prepare_many(target: Target, batch: Sequence[Features], *, route: str, timeo
     token = new_token()
     deadline_s = time.time() + timeout_s if deadline_s is None else deadline_s
     return [prepare(target, f, route=route, timeout_s=timeout_s, sample_ndim=None, reply_to=token,
-                    request_id=rid, resend=resend, deadline_s=deadline_s)
+                    request_id=rid, resend=resend, deadline_s=deadline_s, experiment=experiment)
             for f, rid in zip(batch, ids, strict=True)]
 
 

@@ -48,7 +48,8 @@ class AsyncClient:
 
     async def predict(self, model: str, features: _core.Features, *, route: str = "",
                       timeout_s: float | None = None, sample_ndim: int | None = None,
-                      request_id: str | None = None, lane: str = "live", resend: bool = False) -> Prediction:
+                      request_id: str | None = None, lane: str = "live", resend: bool = False,
+                      experiment: bool = True) -> Prediction:
         """One request; the XADD and the wait in one round trip. Same arguments and errors as
         :meth:`producer.Client.predict`."""
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
@@ -56,13 +57,13 @@ class AsyncClient:
         target = await self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id, resend=resend,
-                                deadline_s=deadline_s)
+                                deadline_s=deadline_s, experiment=experiment)
         return _core.unwrap((await self._exchange(target, [pending], timeout_s))[0])
 
     async def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                            timeout_s: float | None = None, return_exceptions: bool = False,
                            lane: str = "live", request_ids: Sequence[str] | None = None,
-                           resend: bool = False) -> list[Prediction | ReplyError]:
+                           resend: bool = False, experiment: bool = True) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         Same contract as :meth:`producer.Client.predict_many`.
@@ -73,7 +74,8 @@ class AsyncClient:
             return []
         target = await self._target(model, route, lane, timeout_s)
         pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
-                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s)
+                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s,
+                                      experiment=experiment)
         results = await self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 
 from producer.client import Client
+from protocol.messages import OUTSIDE, Prediction
 from protocol.settings import Settings
 
 
@@ -19,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--shape", default="60,110", help="shape of the random sample if no --npy")
     p.add_argument("--route", default="")
     p.add_argument("--timeout-s", type=float, default=1.0)
+    p.add_argument("--in-experiment", action="store_true",
+                   help="take part in the model's running experiment (assigned to an arm and journaled as an "
+                        "exposure, which then waits for an outcome); by default the request is sent outside "
+                        "any experiment and the Production version answers it")
     p.set_defaults(func=_predict)
 
     p = subparsers.add_parser("health", help="live workers of a model and the versions they serve")
@@ -33,13 +39,27 @@ def _predict(args: argparse.Namespace, settings: Settings) -> int:
         shape = tuple(int(d) for d in args.shape.split(","))
         features = np.random.default_rng().standard_normal(shape).astype(np.float32)
     with Client.from_url(settings.redis_url) as client:
-        p = client.predict(args.model, features, route=args.route, timeout_s=args.timeout_s)
+        p = client.predict(args.model, features, route=args.route, timeout_s=args.timeout_s,
+                           experiment=args.in_experiment)
     print(json.dumps({
-        "model": p.model, "version": p.model_version, "label": p.labels, "confidence": p.confidences,
-        "outputs": {k: v.tolist() for k, v in p.outputs.items()},
+        "model": p.model, "version": p.model_version, "variant": p.variant, "label": p.labels,
+        "confidence": p.confidences, "outputs": {k: v.tolist() for k, v in p.outputs.items()},
         "queue_ms": round(p.queue_ms, 3), "infer_ms": round(p.infer_ms, 3), "worker": p.worker,
     }, indent=2))
+    print(f"answered by {p.model} v{p.model_version}, arm: {_arm(p, args.in_experiment)}", file=sys.stderr)
     return 0
+
+
+def _arm(p: Prediction, asked_in: bool) -> str:
+    """Which arm answered, in words; the JSON on stdout stays machine-readable."""
+    if p.variant == OUTSIDE:
+        return "none (sent outside any experiment)"
+    if not p.in_experiment:
+        return "none (no experiment active)"
+    if asked_in:
+        return f"{p.variant} (journaled as an exposure of the running experiment)"
+    return (f"{p.variant}: the worker predates the 'experiment' field, so this request was journaled as an "
+            "exposure of the running experiment")
 
 
 def _health(args: argparse.Namespace, settings: Settings) -> int:

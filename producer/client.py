@@ -65,7 +65,8 @@ class Client:
 
     def predict(self, model: str, features: _core.Features, *, route: str = "",
                 timeout_s: float | None = None, sample_ndim: int | None = None,
-                request_id: str | None = None, lane: str = "live", resend: bool = False) -> Prediction:
+                request_id: str | None = None, lane: str = "live", resend: bool = False,
+                experiment: bool = True) -> Prediction:
         """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
 
         The XADD and the wait go in one round trip. Raises the ``ReplyError`` subclass
@@ -80,19 +81,23 @@ class Client:
         the symbol) picks the shard, so one symbol's requests stay in order; ``lane`` is
         the priority: ``live`` is always served before ``backfill``. ``resend=True`` with the
         ``request_id`` of an ``Interrupted`` call sends it again (computed once, §4).
+        ``experiment=False`` keeps the request out of the model's experiment (tests, debugging,
+        anything that will never report an outcome): the Production version answers, nothing is
+        journaled, and the reply's ``variant`` is ``none``. A worker that predates this ignores it
+        and serves the request as any other: then ``variant`` names the arm that journaled it.
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
         deadline_s = time.time() + timeout_s  # the caller's clock starts now, before the state read
         target = self._target(model, route, lane, timeout_s)
         pending = _core.prepare(target, features, route=route, timeout_s=timeout_s,
                                 sample_ndim=sample_ndim, request_id=request_id, resend=resend,
-                                deadline_s=deadline_s)
+                                deadline_s=deadline_s, experiment=experiment)
         return _core.unwrap(self._exchange(target, [pending], timeout_s)[0])
 
     def predict_many(self, model: str, batch: Sequence[_core.Features], *, route: str = "",
                      timeout_s: float | None = None, return_exceptions: bool = False,
                      lane: str = "live", request_ids: Sequence[str] | None = None,
-                     resend: bool = False) -> list[Prediction | ReplyError]:
+                     resend: bool = False, experiment: bool = True) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
         The requests share one reply list, so collecting N replies costs a few round
@@ -101,7 +106,8 @@ class Client:
         list; otherwise the first error is raised. ``Overloaded`` and ``Unavailable``
         (Redis itself failing, or a backlog too long for ``timeout_s``) are always raised;
         after ``Interrupted`` (a failover lost them) the same samples may be sent again with
-        ``request_ids=e.request_ids``-matching ids and ``resend=True``.
+        ``request_ids=e.request_ids``-matching ids and ``resend=True``. ``experiment=False``:
+        every sample outside the experiment, as in :meth:`predict`.
         """
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s)
         deadline_s = time.time() + timeout_s
@@ -109,7 +115,8 @@ class Client:
             return []
         target = self._target(model, route, lane, timeout_s)
         pendings = _core.prepare_many(target, batch, route=route, timeout_s=timeout_s,
-                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s)
+                                      request_ids=request_ids, resend=resend, deadline_s=deadline_s,
+                                      experiment=experiment)
         results = self._exchange(target, pendings, timeout_s)
         return results if return_exceptions else [_core.unwrap(r) for r in results]
 

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 1
 MAX_INPUTS = 16
+# Entry field ``experiment``: its one value, "serve outside any experiment" (absent: take part).
+EXPERIMENT_OFF = "off"
+# Reply ``variant`` of a request served outside any experiment: no arm, by the request's own ask.
+OUTSIDE = "none"
 
 _T = TypeVar("_T")
 
@@ -32,6 +36,9 @@ class Request:
     inputs: dict[str, np.ndarray]
     raw_inputs: bytes = b""  # the msgpack as received, kept for the experiment journal
     resend: bool = False  # the bot re-sent this id after an Interrupted error (field "resend" = "1")
+    # False (field "experiment" = "off"): the control answers it, it is assigned to no arm, journaled
+    # nowhere, shadowed by nothing; debugging traffic never becomes an exposure without an outcome.
+    experiment: bool = True
 
     @property
     def n_rows(self) -> int:
@@ -42,7 +49,7 @@ class Request:
 
 def encode_request(
     request_id: str, inputs: dict[str, np.ndarray], *, deadline_ms: int, route: str = "",
-    reply_to: str | None = None, resend: bool = False,
+    reply_to: str | None = None, resend: bool = False, experiment: bool = True,
 ) -> Fields:
     """Stream entry fields for XADD. Every input must already have its batch axis.
 
@@ -50,6 +57,9 @@ def encode_request(
     may share one, and their replies are told apart by their ``id``. ``resend`` marks
     a request re-sent with the id of one that may have been queued before (field
     ``resend`` = ``1``), so the worker answers it from its per-id marker if it ran.
+    ``experiment=False`` sends field ``experiment`` = ``off``: the request is served by
+    the control (Production) version outside any experiment, never assigned to an arm
+    nor journaled as an exposure; its reply's ``variant`` is ``none``.
     """
     body = {name: codec.encode_tensor(array) for name, array in inputs.items()}
     fields: Fields = {
@@ -63,6 +73,8 @@ def encode_request(
         fields["reply_to"] = check_request_id(reply_to)
     if resend:
         fields["resend"] = "1"
+    if not experiment:
+        fields["experiment"] = EXPERIMENT_OFF
     return fields
 
 
@@ -102,10 +114,20 @@ def decode_request(entry_id: str, fields: dict[bytes, bytes], *, max_bytes: int)
         deadline_ms = _deadline_ms(_text(fields, b"deadline_ms"))
         inputs = decode_inputs(fields.get(b"inputs", b""), max_bytes)
         route = _text(fields, b"route") or ""
+        experiment = _experiment(_text(fields, b"experiment"))
     except (InvalidInput, ValueError) as e:
         raise InvalidInput(str(e), request_id=request_id) from e
     return Request(entry_id, request_id, reply_to, deadline_ms, route, inputs, fields.get(b"inputs", b""),
-                   resend=fields.get(b"resend") == b"1")
+                   resend=fields.get(b"resend") == b"1", experiment=experiment)
+
+
+def _experiment(text: str | None) -> bool:
+    """Absent: the request takes part in the model's experiment; ``off``: it stays outside."""
+    if text is None:
+        return True
+    if text != EXPERIMENT_OFF:
+        raise InvalidInput(f"'experiment' must be {EXPERIMENT_OFF!r} or absent, got {text[:32]!r}")
+    return False
 
 
 def _deadline_ms(text: str | None) -> int:
@@ -145,7 +167,8 @@ def encode_ok(
     labels: list[str] | None, timings: dict[str, float], worker: str, variant: str | None = None,
 ) -> bytes:
     """A success reply for ``request``; ``label``/``confidence`` when the version has labels,
-    ``variant`` (control / treatment) while an experiment is running."""
+    ``variant`` (control / treatment) while an experiment is running, ``none`` (:data:`OUTSIDE`)
+    for a request sent outside any experiment."""
     reply: dict[str, Any] = {
         "v": PROTOCOL_VERSION, "id": request.request_id, "ok": True, "model": model,
         "version": version, "worker": worker, "timings": timings,
@@ -185,7 +208,14 @@ class Prediction:
     queue_ms: float = 0.0
     infer_ms: float = 0.0
     worker: str = ""
-    variant: str = ""  # "control" / "treatment" while an experiment runs
+    # "control" / "treatment": the arm that answered; "none": served outside any experiment, as the
+    # request asked; "": untagged (no experiment active, or a worker that predates the field).
+    variant: str = ""
+
+    @property
+    def in_experiment(self) -> bool:
+        """True when an experiment's arm answered (and journaled) this request."""
+        return self.variant in ("control", "treatment")
 
     @property
     def label(self) -> str:

@@ -4,6 +4,10 @@ The control is the worker's served version (Production); the treatment is
 loaded beside it. An experiment is *active* in a worker only while it is
 running, the treatment is loaded, and the control is the version the
 experiment names; otherwise every request is served by the control, untagged.
+
+A request sent outside any experiment (entry field ``experiment`` = ``off``) is
+always served by the control and is no exposure: no arm, no journal, replay or
+count entry, no shadow score; its reply's variant is ``none``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ class ExperimentLog:
     replay: list[dict[str, str | bytes]] = field(default_factory=list)
 
     def served(self, arm: str, request: Request, version: int, labels: list[str], latency_ms: float) -> None:
-        """One request answered by ``arm``."""
+        """One request answered by ``arm`` (nothing for one sent outside the experiment)."""
+        if not request.experiment:
+            return
         self.counts[f"{arm}:requests"] += 1
         entry = self._entry(arm, request, version, latency_ms)
         entry["label"] = ",".join(labels)
@@ -56,10 +62,12 @@ class ExperimentLog:
 
     def failed(self, arm: str, requests: list[Request], version: int, code: str,
                latencies_ms: list[float]) -> None:
-        """``requests`` of ``arm`` failed in the model with ``code`` (each after its latency)."""
-        self.counts[f"{arm}:requests"] += len(requests)
-        self.counts[f"{arm}:errors:{code}"] += len(requests)
-        for r, latency_ms in zip(requests, latencies_ms, strict=True):
+        """``requests`` of ``arm`` failed in the model with ``code`` (each after its latency); those
+        sent outside the experiment are left out."""
+        exposed = [(r, ms) for r, ms in zip(requests, latencies_ms, strict=True) if r.experiment]
+        self.counts[f"{arm}:requests"] += len(exposed)
+        self.counts[f"{arm}:errors:{code}"] += len(exposed)
+        for r, latency_ms in exposed:
             entry = self._entry(arm, r, version, latency_ms)
             entry["error"] = code
             self.journal.append(entry)
@@ -164,19 +172,25 @@ class ExperimentArms:
 
     def serve(self, log_: ExperimentLog, control: LoadedModel, batch: list[Request], run: RunBatch,
               call: CallModel) -> None:
-        """Route ``batch``: all to the control, split between the arms, or shadowed by the treatment."""
+        """Route ``batch``: all to the control, split between the arms, or shadowed by the treatment.
+
+        Requests sent outside the experiment ride with the control's call (one model call, not two);
+        ``run`` tags their replies ``none`` and ``log_`` leaves them out.
+        """
         experiment = self.active(control)
         if experiment is None or self.treatment is None:
             run(control, batch, None)
             return
         log_.experiment_id = experiment.id
-        if experiment.mode == "shadow":  # both score everything; the control answers
+        if experiment.mode == "shadow":  # both score every exposure; the control answers
             run(control, batch, CONTROL)
-            self._shadow(log_, self.treatment, batch, call)
+            exposed = [r for r in batch if r.experiment]
+            if exposed:
+                self._shadow(log_, self.treatment, exposed, call)
             return
         groups: dict[str, list[Request]] = {CONTROL: [], TREATMENT: []}
         for r in batch:
-            groups[experiment.arm(r.route, r.request_id)].append(r)
+            groups[experiment.arm(r.route, r.request_id) if r.experiment else CONTROL].append(r)
         for arm, loaded in ((CONTROL, control), (TREATMENT, self.treatment)):
             if groups[arm]:
                 run(loaded, groups[arm], arm)

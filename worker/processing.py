@@ -162,12 +162,13 @@ class BatchProcessor:
         self.fastest_call_ms.add(infer_ms)
         out.calls.append((str(loaded.version.version), sum(r.n_rows for r in batch), infer_ms / 1000))
         mv = loaded.version
-        out.codes.extend([(str(mv.version), arm or "", "OK")] * len(batch))
         for r, part in zip(batch, split_rows(outputs, batch), strict=True):
             timings = {"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms}
+            variant = reply_variant(r, arm)
             payload = messages.encode_ok(r, model=self.model, version=mv.version, outputs=part,
                                          labels=mv.labels, timings=timings, worker=self.worker_id,
-                                         variant=arm)
+                                         variant=variant)
+            out.codes.append((str(mv.version), variant or "", "OK"))
             out.reply(r.reply_to, payload)
             out.markers.append((r.request_id, payload))
             if arm:
@@ -181,7 +182,7 @@ class BatchProcessor:
         err = e if isinstance(e, InternalError) else InternalError(f"model failed: {e}")
         for r in batch:
             out.reply(r.reply_to, self._error(r.request_id, err, {}))
-        out.codes.extend([(str(loaded.version.version), arm or "", err.code)] * len(batch))
+            out.codes.append((str(loaded.version.version), reply_variant(r, arm) or "", err.code))
         if arm:
             latencies_ms = [started_ms - id_ms(r.entry_id) + infer_ms for r in batch]
             out.experiment.failed(arm, batch, loaded.version.version, err.code, latencies_ms)
@@ -200,6 +201,12 @@ class BatchProcessor:
             err = InternalError(f"dead-lettered: {reason}", request_id=address[0])
             out.reply(address[1], self._error(address[0], err, {}))
             out.codes.append(("", "", err.code))
+
+
+def reply_variant(request: messages.Request, arm: str | None) -> str | None:
+    """What a reply's ``variant`` says: the arm that ran the request (None: no experiment active),
+    or ``none`` for a request sent outside any experiment, whatever ran it."""
+    return arm if request.experiment else messages.OUTSIDE
 
 
 def row_chunks(requests: list[messages.Request], max_rows: int) -> Iterator[list[messages.Request]]:
