@@ -4,14 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-peers validate-stats lint compose-check deploy-check clean
+.PHONY: install demo test bench bench-peers validate-stats lint docs compose-check deploy-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# constraints.txt pins every package to the version CI tested (torch==2.13.0, the CPU build on
 	# these machines, as the `train` extra does): a fresh clone gets the same redis-py.
-	$(BIN)/pip install -c constraints.txt -e '.[lab,peers,dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[lab,peers,dev,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +35,11 @@ validate-stats: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or anchor, a page left out of
+# the nav or an API page mkdocstrings cannot render fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 compose-check:
 	docker-compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"
