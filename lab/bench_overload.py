@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import queue
 import threading
 import time
 from collections import Counter
@@ -92,7 +93,12 @@ class OverloadConfig:
     live_timeout_s: float = 0.1
     backfill_timeout_s: float = 1.0
     backfill_chunk: int = 16  # backfill requests per predict_many call
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0  # per phase, for the streams to empty; also the fleet's stop
+    # Bounds on the scenario's own waits, reached only when something is wrong (a test passes
+    # smaller ones, so that their sum stays within its timeout):
+    start_timeout_s: float = 60.0  # the fleet to serve; a phase's senders to connect, all together
+    report_slack_s: float = 60.0  # a phase's senders report this long after its last deadline
+    capacity_timeout_s: float = 10.0  # each call of the capacity run
     # > 0: the senders run at this nice level, below the workers and Redis: as bots on other
     # machines would be (a diagnostic: on one small box the senders' CPU delays the fleet too).
     sender_nice: int = 0
@@ -153,8 +159,12 @@ class Outcome(NamedTuple):
     infer_s: float = float("nan")  # its batch's model call alone
 
 
-def offer(o: Offer) -> tuple[list[Outcome], float]:
-    """Run the sender processes; every issued request's outcome, and when they started (wall clock)."""
+def offer(o: Offer, start_timeout_s: float = 60.0,
+          report_slack_s: float = 60.0) -> tuple[list[Outcome], float]:
+    """Run the sender processes; every issued request's outcome, and when they started (wall clock).
+
+    They have ``start_timeout_s`` together to connect, and must all report within ``report_slack_s``
+    of the last deadline of the last call they make: else a ConfigError says which step failed."""
     ctx = mp.get_context("spawn")
     ready, gate, out, start_at = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Value("d", 0.0)
     senders = [ctx.Process(target=_sender_main, args=(o, flow, i, ready, gate, start_at, out))
@@ -162,22 +172,39 @@ def offer(o: Offer) -> tuple[list[Outcome], float]:
     for p in senders:
         p.start()
     try:
+        deadline = time.monotonic() + start_timeout_s
         for _ in senders:
-            if not ready.acquire(timeout=60):
-                raise ConfigError("a sender process did not connect within 60 s")
+            if not ready.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise ConfigError(f"the sender processes did not all connect within {start_timeout_s:g} s")
         start_at.value = time.time() + START_DELAY_S
         gate.set()
-        wait_s = o.seconds + max(f.timeout_s for f in o.flows) + 60
-        outcomes: list[Outcome] = []
-        for _ in senders:
-            outcomes += out.get(timeout=wait_s)
+        wait_s = START_DELAY_S + o.seconds + max(f.timeout_s for f in o.flows) + report_slack_s
+        outcomes = _collect(out, len(senders), wait_s)
     finally:
-        for p in senders:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _reap(senders, 5.0)
     return outcomes, start_at.value
+
+
+def _collect(out: Any, senders: int, wait_s: float) -> list[Outcome]:
+    """The outcomes of every sender, all due within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    outcomes: list[Outcome] = []
+    for _ in range(senders):
+        try:
+            outcomes += out.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise ConfigError(f"a sender process did not report its outcomes within {wait_s:g} s") from None
+    return outcomes
+
+
+def _reap(processes: Sequence[Any], timeout_s: float) -> None:
+    """Join ``processes`` within ``timeout_s`` in all; kill what is still running then."""
+    deadline = time.monotonic() + timeout_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _sender_main(o: Offer, flow: Flow, index: int, ready: Any, gate: Any, start_at: Any, out: Any) -> None:
@@ -356,7 +383,7 @@ def measure_capacity(url: str, model: str, cfg: OverloadConfig) -> dict[str, Any
     try:
         before = read_counters(client)
         spec = LoadSpec(url, model, requests=cfg.capacity_requests, concurrency=cfg.capacity_concurrency,
-                        timeout_s=10.0, routes=("",))
+                        timeout_s=cfg.capacity_timeout_s, routes=("",))
         result = run_load(spec, cfg.capacity_bots)
         used = read_counters(client) - before
     finally:
@@ -382,7 +409,8 @@ def run_phase(url: str, model: str, flows: tuple[Flow, ...], seconds: float, cfg
               capacity_rps: float) -> dict[str, Any]:
     """Offer ``flows`` for ``seconds``, then wait until the streams are drained; the phase's numbers."""
     with LoadSampler(url, model) as sampler:
-        outcomes, t0 = offer(Offer(url, model, flows, seconds, cfg.senders, cfg.sender_nice))
+        outcomes, t0 = offer(Offer(url, model, flows, seconds, cfg.senders, cfg.sender_nice),
+                             cfg.start_timeout_s, cfg.report_slack_s)
     started = time.monotonic()
     left = wait_drained(url, model, cfg.drain_timeout_s)
     classes = {flow.cls: summarize(outcomes, flow.cls, capacity_rps) for flow in flows}
@@ -402,7 +430,8 @@ def run_overload(settings: Settings, model: str, processes: int, fleet_args: Seq
     ``settings.redis_url``, one shard); the ``overload`` section of the bench's document.
     With ``fleet_cores`` the fleet runs on those cores only (the caller keeps the rest off them)."""
     url = settings.redis_url
-    with Fleet(settings, model, processes, *fleet_args) as fleet:
+    fleet = Fleet(settings, model, processes, *fleet_args).start(cfg.start_timeout_s)
+    try:
         if fleet_cores and fleet.process is not None:
             pin(fleet.process.pid, fleet_cores)
         progress(f"overload: capacity, {cfg.capacity_bots} clients x {cfg.capacity_concurrency} "
@@ -415,6 +444,8 @@ def run_overload(settings: Settings, model: str, processes: int, fleet_args: Seq
             rates = ", ".join(f"{f.cls} {f.rate_rps:.0f}/s on {f.lane}" for f in flows)
             progress(f"overload: {name}, {rates}, {cfg.senders} senders each, {seconds:.0f} s …")
             runs[name] = run_phase(url, model, flows, seconds, cfg, capacity["rps"])
+    finally:
+        fleet.stop(cfg.drain_timeout_s)
     return {"config": asdict(cfg), "processes": processes, "capacity": capacity, **runs,
             "ratios": ratios(runs, capacity["rps"]), "targets": TARGETS}
 

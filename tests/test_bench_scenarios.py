@@ -25,9 +25,13 @@ from registry import Registry
 # A detour of 40 matrix products makes each row cost about 2 ms: the worker, not the clients, is
 # the bottleneck, so twice its capacity is an offer the senders can make on a small box.
 SLOW_WIDTH = 1536
+# The bounds on its waits, each many times what it takes on a busy 2-core box (the whole run takes
+# about 15 s on 2 cores): the fleet's start 30 s; the capacity run's 10 calls per thread, 3 s
+# each; per phase, the senders' start 20 s, their reports 15 s after the phase's last deadline, 5 s to
+# exit and 10 s to drain the streams; the fleet's stop 10 s. About 230 s in all: the test has 300.
 TINY = OverloadConfig(capacity_bots=1, capacity_concurrency=16, capacity_requests=150, unloaded_s=1.0,
                       loaded_s=2.5, senders=1, live_timeout_s=1.0, backfill_timeout_s=0.5, backfill_chunk=4,
-                      drain_timeout_s=10)
+                      drain_timeout_s=10, start_timeout_s=30, report_slack_s=15, capacity_timeout_s=3)
 
 
 @pytest.fixture
@@ -56,9 +60,7 @@ def test_a_failure_counts_as_avoidable_only_beyond_what_the_capacity_forces():
     assert summarize(outcomes, "live", capacity_rps=100.0)["failures_could_have_met_deadline"] == 7
 
 
-# Its own waits exceed the default 30 s on a busy box: the fleet's start and each phase's senders
-# may take up to 60 s to come up, and each of the three phases drains for up to 10 s.
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)  # TINY's waits, summed above
 def test_overload_counts_add_up_and_lanes_shed_backfill_before_live(settings, slow_production, capsys):
     doc = run_overload(settings, MODEL, 1, ("--max-batch", "8"), TINY, progress=lambda _: None)
     assert doc["capacity"]["rps"] > 0 and not doc["capacity"]["errors"]
@@ -78,6 +80,9 @@ def test_overload_counts_add_up_and_lanes_shed_backfill_before_live(settings, sl
     assert "live p99 loaded / unloaded" in capsys.readouterr().out
 
 
+# lab/bench_cluster's own bounds: the fleet's start 60 s (and its stop 30 s if it fails), the reshard
+# 30 s, the fleet's stop 30 s; about 10 s in all on 2 cores.
+@pytest.mark.timeout(180)
 def test_cluster_scenario_one_shard_on_one_node_three_shards_on_every_node(redis_cluster, tmp_path, capsys):
     # The session's cluster is shared: nothing is flushed, the model gets a name of its own.
     node = redis.Redis(port=redis_cluster.nodes[0].port)
@@ -106,7 +111,9 @@ def test_cluster_scenario_one_shard_on_one_node_three_shards_on_every_node(redis
     assert "busiest node" in capsys.readouterr().out
 
 
-@pytest.mark.timeout(180)
+# About 60 s (TCP) and 35 s (Unix sockets) on 2 cores, mostly starting servers and client processes;
+# lab/bench_peers's own bounds (60 s for each start, each client process's report) add up to more.
+@pytest.mark.timeout(300)
 def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsys):
     pytest.importorskip("fastapi", reason="the peers extra")  # `make install` brings it
     cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
@@ -115,7 +122,7 @@ def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsy
     _check_peers(doc, capsys)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_peers_scenario_over_unix_sockets(tmp_path, capsys):
     pytest.importorskip("fastapi", reason="the peers extra")
     cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
@@ -142,7 +149,9 @@ def _check_peers(doc, capsys):
     assert "streamserve trivial saturated rps vs celery" in capsys.readouterr().out
 
 
-@pytest.mark.timeout(180)
+# lab/bench_bulk's own bounds: two fixed 3 s sleeps, each phase's report 121 s, the fleet's start
+# 60 s and stop 30 s, Redis's start 10 s and stop 5 s: about 350 s in all; the run takes about 17 s.
+@pytest.mark.timeout(420)
 def test_bulk_scenario_sends_multi_sample_entries_and_compares_with_the_ceiling(tmp_path, model_path, capsys):
     cfg = BulkConfig(samples=8, max_batch=32, bots=1, in_flight=2, seconds=1.0)
     doc = run_bulk(Settings(), model_path, tmp_path, 1, cfg, None, lambda _: None, input_spec=models.SPEC,
@@ -167,7 +176,9 @@ def test_deadline_scenario_measures_how_late_each_client_returns_without_a_worke
     assert "deadline precision: worst p99 late" in capsys.readouterr().out
 
 
-@pytest.mark.timeout(150)
+# lab/bench_fleetdown's own bounds: the fleet's start 60 s and stop 30 s, twice (the drain counts from
+# the second start: 60 s for both), the senders' joins 30 s each: 244 s in all; about 11 s on 2 cores.
+@pytest.mark.timeout(300)
 def test_fleet_down_scenario_keeps_the_stream_within_max_timeout_and_drains_when_workers_return(
         settings, production, capsys):
     cfg = FleetDownConfig(rate_rps=200.0, seconds=4.0, max_timeout_s=1.0, senders=2, batch=10,
