@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
+from experiments.assignment import CONTROL, TREATMENT
 from experiments.report import number as _num
 from experiments.report import plot_decisions, print_decisions
 from experiments.store import MODES, PRIMARY_METRICS, UNITS, Experiment, ExperimentStore, Margins
@@ -28,7 +29,7 @@ from protocol.settings import Settings
 from registry import Registry
 
 if TYPE_CHECKING:
-
+    from experiments import runner
     from experiments.data import Observations
 
 _DEFAULT = Experiment("", "", 0, 1)  # the design defaults, shown by --help
@@ -148,14 +149,78 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{args.model}: no experiment")
             return 1
         data = runner.snapshot(client, e)
-    print(f"experiment {e.id} [{e.status}] {e.mode}, v{e.control_version} vs v{e.treatment_version}")
-    for arm, d in (("control", data.control), ("treatment", data.treatment)):
-        print(f"  {arm:<10} exposures {d.exposures:>7}  errors {d.errors:>5}  outcomes {d.outcomes:>6}  "
-              f"hit rate {d.hit_rate:.4f}  latency samples {len(d.latencies_ms)}")
-    if data.outcomes_malformed or data.outcomes_duplicate or data.records_malformed:
-        print(f"  left out: {data.outcomes_malformed} malformed outcomes, {data.outcomes_duplicate} repeated "
-              f"outcomes (the first per request counts), {data.records_malformed} malformed records")
+    print("\n".join(status_lines(e, data)))
     return 0
+
+
+# (header, width) of the arms table; a value is right-aligned under its header
+_ARM_COLUMNS = (("exposures", 9), ("errors", 6), ("outcomes due", 12), ("on time", 7), ("missing", 7),
+                ("received", 8), ("hit rate", 8), ("latency samples", 15))
+
+
+def status_lines(e: Experiment, data: runner.Snapshot) -> list[str]:
+    """What ``experiment status`` prints: the design, each arm's numbers, the arrival check, what was
+    left out."""
+    as_of = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data.now_s)) if math.isfinite(data.now_s) \
+        else "?"
+    lines = [f"experiment {e.id} [{e.status}] {_arms_text(e)}; label horizon {e.label_horizon_s:g} s; "
+             f"as of {as_of} (Redis clock)",
+             _row("arm", "version", [name for name, _ in _ARM_COLUMNS])]
+    for arm, version, d in ((CONTROL, e.control_version, data.control),
+                            (TREATMENT, e.treatment_version, data.treatment)):
+        values = (d.exposures, d.errors, d.due, d.on_time, _share(d.missing_share), d.received,
+                  "-" if math.isnan(d.hit_rate) else f"{d.hit_rate:.4f}", len(d.latencies_ms))
+        lines.append(_row(arm, f"v{version}", values))
+    lines.append(("  " + arrival_text(data.arrival)) if data.arrival else "  arrival check: -")
+    left_out = _left_out(data)
+    if left_out:
+        lines.append(f"  left out: {left_out}")
+    return lines
+
+
+def _row(arm: str, version: str, values: Sequence[object]) -> str:
+    cells = (f"{v:>{width}}" for v, (_, width) in zip(values, _ARM_COLUMNS, strict=True))
+    return f"  {arm:<10} {version:>7}  " + "  ".join(cells)
+
+
+def _arms_text(e: Experiment) -> str:
+    if e.mode == "shadow":
+        return f"shadow: control v{e.control_version} answers every request, " \
+               f"treatment v{e.treatment_version} scores each beside it"
+    return f"split by {e.unit}: control v{e.control_version} {1 - e.treatment_share:.0%}, " \
+           f"treatment v{e.treatment_version} {e.treatment_share:.0%}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2%}"
+
+
+def arrival_text(check: runner.ArrivalCheck) -> str:
+    """The arrival check in one line: OK or HALT now, and the treatment's on-time shares that would HALT."""
+    if not check.applies:
+        return "arrival check: not applied in shadow mode (both arms are judged on the same outcomes)"
+    rates = f"control {_share(check.control_rate)}, treatment {_share(check.treatment_rate)} on time"
+    if check.halts:
+        return f"arrival check: will HALT at the next analysis: {rates}; their always-valid intervals are " \
+               f"{check.gap_pp:.2f} pp apart (HALT above {check.tolerance_pp:g} pp)"
+    bounds = [f"below {_share(check.halt_below)}" if check.halt_below is not None else "",
+              f"above {_share(check.halt_above)}" if check.halt_above is not None else ""]
+    if not any(bounds):
+        return f"arrival check: OK ({rates}); too few outcomes due for it to HALT yet"
+    return f"arrival check: OK ({rates}); will HALT at the next analysis if the treatment's share stays " \
+           f"{' or '.join(b for b in bounds if b)} (the arms' always-valid intervals more than " \
+           f"{check.tolerance_pp:g} pp apart)"
+
+
+def _left_out(data: runner.Snapshot) -> str:
+    read = data.read
+    parts = [(data.outcomes_malformed, "malformed outcomes"),
+             (data.outcomes_duplicate, "repeated outcomes (the first per request counts)"),
+             (read.outcomes_unmatched, "outcomes of requests not in the journal (unknown ids, or trimmed "
+                                       "from the capped journal)"),
+             (read.journal_duplicate, "requests journaled twice (the first counts)"),
+             (data.records_malformed, "malformed records")]
+    return ", ".join(f"{n} {what}" for n, what in parts if n)
 
 
 def _analyze(args: argparse.Namespace, settings: Settings) -> int:
@@ -169,18 +234,29 @@ def _analyze(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# What a test line says instead of a number when its metric has no data (never "+nan [-inf, +inf]").
+_NOT_MEASURED = {"pnl": "no P&L reported", "hit_rate": "no outcome judged right or wrong yet",
+                 "latency_p95": "no latency minute yet"}
+
+
 def _test_line(t: dict) -> str:
-    """``role metric estimate [interval] units  threshold …  (test)``; a boundary test shows its z."""
+    """``role metric estimate [interval] units  threshold …  (test)``; a boundary test shows its z, a
+    metric without data says so."""
+    metric = t.get("metric") or "-"
     value, low, high = (_num(t.get(k)) for k in ("estimate", "ci_low", "ci_high"))
-    if math.isnan(value):
+    if math.isnan(value) and t.get("role") == "boundary":
         value = _num(t.get("statistic"))
-    interval = f" [{low:+.4g}, {high:+.4g}]" if not (math.isnan(low) and math.isnan(high)) else ""
-    p_value = _num(t.get("p_value"))
-    p_text = f"  p {p_value:.3g}" if math.isfinite(p_value) else ""
-    return (f"{t.get('role') or '-':<9} {t.get('metric') or '-':<11} {value:+.4g}{interval} "
-            f"{t.get('units', '')}{p_text}  threshold {_num(t.get('threshold')):+.4g}  ({t.get('test', '')})")
-
-
+    if math.isfinite(value):
+        finite = [b for b in (low, high) if math.isfinite(b)]
+        interval = f" [{low:+.4g}, {high:+.4g}]" if finite else ""
+        p_value = _num(t.get("p_value"))
+        p_text = f"  p {p_value:.3g}" if math.isfinite(p_value) else ""
+        measured = f"{value:+.4g}{interval} {t.get('units', '')}{p_text}"
+    else:
+        measured = _NOT_MEASURED.get(metric, "not measured yet")
+    threshold = _num(t.get("threshold")) + 0.0  # a margin of 0 reads +0, not -0
+    return f"{t.get('role') or '-':<9} {metric:<11} {measured}  threshold {threshold:+.4g}  " \
+           f"({t.get('test', '')})"
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,6 +11,7 @@ does not parse is skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -22,12 +23,13 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import redis
 
-from experiments import analysis
+from experiments import analysis, stats
 from experiments.analysis import Decision
 from experiments.assignment import CONTROL, TREATMENT
-from experiments.data import Observations
+from experiments.data import ARMS, Observations
 from experiments.outcomes import Outcome, parse
 from experiments.store import Experiment, ExperimentStore
+from experiments.summary import Summary, summarize
 from protocol import keys, sharding
 from protocol.errors import InvalidInput
 from protocol.values import text
@@ -239,32 +241,96 @@ def observations(client: redis.Redis, e: Experiment) -> tuple[Observations, Read
 
 @dataclass
 class ArmData:
-    """One arm as ``experiment status`` shows it.
+    """One arm as ``experiment status`` shows it, as of its snapshot's ``now_s`` (Redis clock).
 
-    ``exposures`` and ``errors`` come from the workers' counters (complete, whatever
-    the capped journal kept); outcomes and latencies from the journal's rows.
+    ``exposures`` and ``errors`` come from the workers' counters (complete, whatever the
+    capped journal kept); the rest from the journal's rows up to ``now_s`` and the outcomes
+    joined to them. ``due`` and ``on_time`` are what the analysis counts: a request's outcome
+    is due once it is older than the label horizon, and it counts if it arrived within it.
     """
 
     exposures: int = 0
     errors: int = 0
-    outcomes: int = 0  # outcomes that say right or wrong (matured or not)
+    due: int = 0  # answered requests older than the label horizon: their outcome is due
+    on_time: int = 0  # of those, outcomes that arrived within the horizon
+    received: int = 0  # outcomes received for the arm's journaled requests: due or not yet, on time or late
+    outcomes: int = 0  # received outcomes that say right or wrong
     correct: int = 0
     latencies_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
 
     @property
     def hit_rate(self) -> float:
-        """Share of judged outcomes that were right."""
-        return self.correct / self.outcomes if self.outcomes else float("nan")
+        """Share of judged outcomes that were right (NaN: none judged)."""
+        return self.correct / self.outcomes if self.outcomes else math.nan
+
+    @property
+    def missing_share(self) -> float:
+        """Share of due outcomes that did not arrive within the horizon, late ones included, as the
+        analysis counts them (NaN: none due)."""
+        return (self.due - self.on_time) / self.due if self.due else math.nan
+
+
+@dataclass(frozen=True)
+class ArrivalCheck:
+    """The analysis's outcome-arrival HALT check (:func:`experiments.analysis.decide`) on a snapshot.
+
+    Each arm's on-time share of due outcomes gets an always-valid interval; an analysis
+    HALTs when the intervals are more than ``tolerance_pp`` apart (``gap_pp``; negative:
+    they overlap). ``halt_below`` / ``halt_above``: the treatment's on-time share under /
+    over which an analysis at these counts would HALT, control's share as it is (None: no
+    share would). Split mode only: in shadow mode both arms are judged on the same outcomes.
+    """
+
+    applies: bool
+    control_rate: float
+    treatment_rate: float
+    gap_pp: float = math.nan
+    tolerance_pp: float = analysis.ARRIVAL_TOLERANCE * 100
+    halts: bool = False
+    halt_below: float | None = None
+    halt_above: float | None = None
+
+
+def _arrival_interval(arrived: int, due: int) -> tuple[float, float]:
+    """One arm's always-valid interval, as :func:`experiments.analysis.decide` computes it."""
+    return stats.bernoulli_confidence_sequence(arrived, due, analysis.ARRIVAL_ALPHA / 2)
+
+
+def arrival_check(e: Experiment, s: Summary) -> ArrivalCheck:
+    """What the arrival check makes of ``s`` now, and the treatment's shares that would HALT."""
+    arrived, due = ([int(v) for v in a.sum(axis=0)] for a in (s.arrived, s.matured))
+    control_rate, treatment_rate = (a / n if n else math.nan for a, n in zip(arrived, due, strict=True))
+    if e.mode != "split":
+        return ArrivalCheck(False, control_rate, treatment_rate)
+    control, n_t = _arrival_interval(arrived[0], due[0]), due[1]
+    tolerance = analysis.ARRIVAL_TOLERANCE
+
+    def too_low(a: int) -> bool:  # fewer treatment arrivals only widen this side's gap
+        return control[0] - _arrival_interval(a, n_t)[1] > tolerance
+
+    def too_high(a: int) -> bool:
+        return _arrival_interval(a, n_t)[0] - control[1] > tolerance
+
+    treatment = _arrival_interval(arrived[1], n_t)
+    gap = max(control[0] - treatment[1], treatment[0] - control[1])
+    # Both sides are monotone in the treatment's arrivals: the HALT region is a prefix and a suffix.
+    first_ok = bisect.bisect_left(range(n_t + 1), True, key=lambda a: not too_low(a))
+    first_high = bisect.bisect_left(range(n_t + 1), True, key=too_high)
+    return ArrivalCheck(True, control_rate, treatment_rate, gap * 100, tolerance * 100, gap > tolerance,
+                        halt_below=first_ok / n_t if first_ok else None,
+                        halt_above=(first_high - 1) / n_t if first_high <= n_t else None)
 
 
 @dataclass
 class Snapshot:
-    """Both arms now, and what was left out."""
+    """Both arms as of ``now_s`` (Redis clock), the arrival check, and what was left out."""
 
     control: ArmData
     treatment: ArmData
     read: ReadStats
     counters_malformed: int = 0
+    now_s: float = math.nan
+    arrival: ArrivalCheck | None = None
 
     @property
     def outcomes_malformed(self) -> int:
@@ -296,22 +362,40 @@ def _counts(raws: list[dict]) -> tuple[dict[str, int], int]:
     return counts, bad
 
 
-def _arm_data(obs: Observations, arm: int, name: str, counts: dict[str, int]) -> ArmData:
-    mine = obs.arm == arm
-    judged = mine & ~np.isnan(obs.correct)
+def _arm_data(obs: Observations, s: Summary, arm: int, counts: dict[str, int]) -> ArmData:
+    name = ARMS[arm]
+    mine = (obs.arm == arm) & (obs.t_s <= s.now_s)
+    received = mine & (obs.outcome_t_s <= s.now_s)  # NaN (no outcome) compares False
+    judged = received & ~np.isnan(obs.correct)
     latencies = obs.latency_ms[mine]
-    return ArmData(exposures=counts.get(f"{name}:requests", 0),
+    # A counter below the arm's journaled requests was damaged (a value that is not a number, which
+    # refuses the workers' HINCRBY): those requests were exposures all the same.
+    exposures = max(counts.get(f"{name}:requests", 0), int(mine.sum()))
+    return ArmData(exposures=exposures,
                    errors=sum(n for k, n in counts.items() if k.startswith(f"{name}:errors:")),
-                   outcomes=int(judged.sum()), correct=int(obs.correct[judged].sum()),
+                   due=int(s.matured[:, arm].sum()), on_time=int(s.arrived[:, arm].sum()),
+                   received=int(received.sum()), outcomes=int(judged.sum()),
+                   correct=int(obs.correct[judged].sum()),
                    latencies_ms=latencies[~np.isnan(latencies)])
 
 
 def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
-    """Exposures and errors (counters), outcomes and latencies (journal) per arm, and what was left out."""
+    """Per arm: exposures and errors (counters), due, on-time and received outcomes and latencies
+    (journal), as of the Redis clock when it starts; the arrival check; what was left out.
+
+    Read in this order: the clock, the outcomes, the journal, the counters. A worker writes a
+    request's journal entry and its counter in one MULTI/EXEC, and a bot reports an outcome after
+    the reply, so every outcome joined here belongs to a request the counters had counted by the
+    time they are read: outcomes never exceed exposures, however much traffic arrives meanwhile.
+    (Counters read first left out the requests answered, and reported, during the read.)
+    """
+    now_s = redis_now_s(client)
+    obs, read = observations(client, e)
     counts, bad = _counts([client.hgetall(keys.experiment_counts(e.model, e.id, k))
                            for k in shards(client, e.model)])
-    obs, read = observations(client, e)
-    return Snapshot(_arm_data(obs, 0, CONTROL, counts), _arm_data(obs, 1, TREATMENT, counts), read, bad)
+    s = summarize(e, obs, now_s)
+    return Snapshot(_arm_data(obs, s, 0, counts), _arm_data(obs, s, 1, counts), read, bad, now_s,
+                    arrival_check(e, s))
 
 
 # ---- analysis and audit trail ----------------------------------------------------------

@@ -194,11 +194,13 @@ def test_snapshot_counts_each_request_once_and_survives_garbage(r, settings, mak
     data = runner.snapshot(r, e)
     assert (data.control.outcomes, data.control.correct, data.control.hit_rate) == (1, 1, 1.0)
     assert (data.treatment.outcomes, data.treatment.correct) == (1, 0)
-    assert (data.treatment.exposures, data.treatment.errors, data.control.exposures) == (5, 2, 0)
+    # The control's counter is malformed (left out and counted): its 5 journaled requests are its exposures.
+    assert (data.treatment.exposures, data.treatment.errors, data.control.exposures) == (5, 2, 5)
     assert (data.outcomes_duplicate, data.outcomes_malformed) == (49, 5)
     assert data.records_malformed == 2  # the counter, the journal entry of no arm
     assert data.control.latencies_ms.tolist() == [0.5, 2.5, 4.5, 6.5, 8.5]
 
     assert main(["--redis-url", settings.redis_url, "experiment", "status", MODEL]) == 0
     out = capsys.readouterr().out
-    assert "5 malformed outcomes, 49 repeated outcomes" in out and "latency samples 5" in out
+    assert "5 malformed outcomes, 49 repeated outcomes" in out and "latency samples" in out
+    assert "1 outcomes of requests not in the journal" in out and "nan" not in out
