@@ -41,7 +41,14 @@ With --json, one JSON document on stdout (keys are stable; new ones may be added
          {"worker_id": "...", "version": 3, "target_version": 3, "failed_version": null,
           "variant": "primary", "backend": "onnxruntime", "fallback": "", "state": "serving",
           "pid": 123, "host": "...", "heartbeat_age_ms": 250, "error": "",
-          "batches": 10, "requests": 42}]}}}
+          "batches": 10, "requests": 42}],
+       "experiment": {              null: none running or paused (also when its hash cannot be
+         "id": "3f2a9c1b0d4e",      read: workers then serve Production only, and say why)
+         "status": "running",       running or paused
+         "mode": "split",           split: each unit sees one arm; shadow: both score every request
+         "unit": "route",           and the control answers (each arm's share is then 1.0)
+         "control": {"version": 3, "share": 0.9},
+         "treatment": {"version": 4, "share": 0.1}}}}}
 
 Exit status (with or without --json): 0 when every model shown is ok (or none is registered),
 1 otherwise.
@@ -78,6 +85,24 @@ class WorkerStatus(TypedDict):
     requests: int
 
 
+class ArmStatus(TypedDict):
+    """One arm of an experiment: its version and the share of requests it scores."""
+
+    version: int
+    share: float
+
+
+class ExperimentStatus(TypedDict):
+    """A model's running or paused experiment."""
+
+    id: str
+    status: str
+    mode: str
+    unit: str
+    control: ArmStatus
+    treatment: ArmStatus
+
+
 class ModelStatus(TypedDict):
     """A model as ``status`` reports it."""
 
@@ -86,6 +111,7 @@ class ModelStatus(TypedDict):
     dead_letters: int
     streams: list[StreamStatus]
     workers: list[WorkerStatus]
+    experiment: ExperimentStatus | None
 
 
 class FleetStatus(TypedDict):
@@ -110,8 +136,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("version", type=int)
     p.set_defaults(func=_replay)
-    p = subparsers.add_parser("status", help="workers, versions, stream length, pending, lag, dead letters",
-                              epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("status", epilog=STATUS_HELP,
+                              help="workers, versions, stream length, pending, lag, dead letters, experiment",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="*", help="default: every registered model")
     p.add_argument("--json", action="store_true", help="one JSON document for scripts (below)")
     p.set_defaults(func=_status)
@@ -198,7 +225,7 @@ def fleet_status(client: redis.Redis, registry: Registry, models: list[str], ttl
 
 
 def model_status(client: redis.Redis, registry: Registry, model: str, ttl_s: float) -> ModelStatus:
-    """One model: Production, its streams, dead letters and live workers."""
+    """One model: Production, its streams, dead letters, live workers and running experiment."""
     try:
         production: int | None = registry.production(model).version
     except RegistryError:
@@ -207,7 +234,34 @@ def model_status(client: redis.Redis, registry: Registry, model: str, ttl_s: flo
     dead = sum(client.xlen(keys.dead_letter_stream(model, k)) for k in _shards(client, model))
     return {"ok": health.ok, "production_version": production, "dead_letters": dead,
             "streams": [_stream_status(client, model, *stream) for stream in _streams(client, model)],
-            "workers": [_worker_status(w, now_ms) for w in health.workers]}
+            "workers": [_worker_status(w, now_ms) for w in health.workers],
+            "experiment": _experiment_status(client, registry, model)}
+
+
+def _experiment_status(client: redis.Redis, registry: Registry, model: str) -> ExperimentStatus | None:
+    """The model's experiment while it runs or is paused; None once stopped, or if none."""
+    try:
+        e = ExperimentStore(client, registry).get(model)
+    except RegistryError:  # a malformed hash: the workers serve Production and their heartbeats say why
+        return None
+    if e is None or e.status == "stopped":
+        return None
+    both = e.mode == "shadow"  # both arms score every request; the control's answer is the reply
+    return {"id": e.id, "status": e.status, "mode": e.mode, "unit": e.unit,
+            "control": {"version": e.control_version, "share": 1.0 if both else 1 - e.treatment_share},
+            "treatment": {"version": e.treatment_version, "share": 1.0 if both else e.treatment_share}}
+
+
+def experiment_line(e: ExperimentStatus) -> str:
+    """The experiment as ``status`` prints it under its model."""
+    control, treatment = e["control"], e["treatment"]
+    if e["mode"] == "shadow":
+        arms = f"control v{control['version']} answers every request, treatment v{treatment['version']} " \
+               "scores each beside it"
+    else:
+        arms = f"control v{control['version']} {control['share']:.0%}, " \
+               f"treatment v{treatment['version']} {treatment['share']:.0%}"
+    return f"  experiment {e['id']} [{e['status']}] {e['mode']} by {e['unit']}: {arms}"
 
 
 def _stream_status(client: redis.Redis, model: str, shard: int, lane: str, key: str) -> StreamStatus:
@@ -241,6 +295,8 @@ def _print_model(model: str, status: ModelStatus) -> None:
         for s in streams:
             print(f"  shard {s['shard']} {s['lane']:<8} length {s['length']}, pending {s['pending']}, "
                   f"lag {s['lag']}")
+    if status["experiment"] is not None:
+        print(experiment_line(status["experiment"]))
     for w in status["workers"]:
         error = f" error: {w['error']}" if w["error"] else ""
         error += f" fallback because {w['fallback']}" if w["fallback"] else ""

@@ -6,10 +6,12 @@ import json
 import os
 import socket
 
+import models
 import numpy as np
 import pytest
 from conftest import MODEL, ThreadedWorker, wait_for_workers
 
+from experiments.store import ExperimentStore
 from protocol import keys
 from streamserve.cli import main
 from worker.worker import Worker
@@ -39,8 +41,9 @@ def test_a_served_model_in_json(settings, client, production, status):
     assert code == 0 and doc["schema_version"] == 1 and doc["ok"] is True
     assert set(doc["models"]) == {MODEL}
     model = doc["models"][MODEL]
-    assert set(model) == {"ok", "production_version", "dead_letters", "streams", "workers"}
+    assert set(model) == {"ok", "production_version", "dead_letters", "streams", "workers", "experiment"}
     assert model["ok"] is True and model["production_version"] == production.version
+    assert model["experiment"] is None, "no experiment: null"
     assert model["dead_letters"] == 0
     stream, backfill = model["streams"]
     backfill_key = keys.request_stream(MODEL, 0, "backfill")
@@ -96,4 +99,38 @@ def test_help_documents_the_document_and_the_exit_status(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "--json" in out and '"schema_version": 1' in out and '"heartbeat_age_ms"' in out
+    assert '"experiment": {' in out and '"treatment": {"version": 4, "share": 0.1}' in out
     assert "Exit status" in out
+
+
+def test_a_running_experiment_is_named_with_its_arms_and_nothing_once_stopped(r, registry, production,
+                                                                               tmp_path, status):
+    registry.register(MODEL, models.linear_softmax(tmp_path / "v2.onnx", seed=2), input_spec=models.SPEC,
+                      output_names=["probs"], labels=models.LABELS)
+    store = ExperimentStore(r, registry)
+    e = store.create(MODEL, 1, 2, treatment_share=0.1)
+    assert json.loads(status("--json")[1])["models"][MODEL]["experiment"] == {
+        "id": e.id, "status": "running", "mode": "split", "unit": "route",
+        "control": {"version": 1, "share": 0.9}, "treatment": {"version": 2, "share": 0.1}}
+    line = f"  experiment {e.id} [running] split by route: control v1 90%, treatment v2 10%"
+    assert line in status()[1].splitlines()
+
+    store.set_status(MODEL, "paused")
+    assert json.loads(status("--json")[1])["models"][MODEL]["experiment"]["status"] == "paused"
+    assert f"experiment {e.id} [paused]" in status()[1]
+
+    store.set_status(MODEL, "stopped")
+    assert json.loads(status("--json")[1])["models"][MODEL]["experiment"] is None
+    assert "experiment" not in status()[1]
+
+    shadow = store.create(MODEL, 1, 2, mode="shadow")
+    doc = json.loads(status("--json")[1])["models"][MODEL]["experiment"]
+    shares = (doc["control"]["share"], doc["treatment"]["share"])
+    assert (doc["id"], doc["mode"], shares) == (shadow.id, "shadow", (1.0, 1.0))
+    assert "control v1 answers every request, treatment v2 scores each beside it" in status()[1]
+
+
+def test_an_unreadable_experiment_hash_is_no_experiment_not_a_crash(r, production, status):
+    r.hset(keys.experiment_hash(MODEL), mapping={"id": "x", "mode": "canary"})
+    code, out = status("--json")
+    assert code == 1 and json.loads(out)["models"][MODEL]["experiment"] is None
