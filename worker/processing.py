@@ -146,6 +146,7 @@ class BatchProcessor:
         outputs = loaded.backend.run(stacked)
         if any(o.shape[:1] != (rows,) for o in outputs.values()):
             raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+        _check_labels(loaded.version.labels, outputs)
         return outputs
 
     def _run(self, out: Outbox, loaded: LoadedModel, batch: list[messages.Request], started_ms: float,
@@ -237,3 +238,16 @@ class RecentMinimum:
     def value(self) -> float:
         """The minimum of the recent values."""
         return min(self._values, default=0.0)
+
+
+def _check_labels(labels: list[str] | None, outputs: dict[str, np.ndarray]) -> None:
+    """A label is picked by argmax over the first output's last axis: a version whose labels do not
+    match that axis fails its batches with ``INTERNAL`` (the registry entry is wrong, not the request),
+    instead of failing every reply built from them and so the worker's loop."""
+    if not labels:
+        return
+    first = next(iter(outputs.values()), None)
+    columns = first.shape[-1] if first is not None and first.ndim >= 2 else None
+    if columns != len(labels):
+        raise InternalError(f"the version has {len(labels)} labels but its first output has "
+                            f"{'no class axis' if columns is None else f'{columns} columns'}")
