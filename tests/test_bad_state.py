@@ -69,37 +69,38 @@ def test_non_finite_inputs_are_refused_unless_the_spec_allows_them():
 
 
 def test_nan_request_gets_invalid_input(settings, production):
-    with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url, timeout_s=30) as client:
+    with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url, timeout_s=5) as client:
         assert client.predict(MODEL, X).model_version == production.version
         with pytest.raises(InvalidInput, match="NaN"):
             client.predict(MODEL, np.full((60, 110), np.nan, dtype=np.float32))
 
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, two calls of 5 s, three of 5 s
 def test_corrupt_registry_hash_keeps_the_loaded_version_serving(r, settings, production):
     with ThreadedWorker(Worker(settings, MODEL)) as worker, \
-            Client.from_url(settings.redis_url, timeout_s=30) as client:
+            Client.from_url(settings.redis_url, timeout_s=5) as client:
         assert client.predict(MODEL, X).model_version == production.version
         r.hset(keys.version_hash(MODEL, production.version), "input_spec", "{bad")
         worker.reload_requested.set()
-        wait_until(lambda: "malformed" in worker.problem(), message="registry problem not reported")
+        wait_until(lambda: "malformed" in worker.problem(), 5, message="registry problem not reported")
         assert client.predict(MODEL, X).model_version == production.version
         beat = keys.worker_hash(MODEL, worker.worker_id)
-        wait_until(lambda: b"malformed" in (r.hget(beat, "error") or b""), message="not in the heartbeat")
+        wait_until(lambda: b"malformed" in (r.hget(beat, "error") or b""), 5, message="not in the heartbeat")
         r.hset(keys.version_hash(MODEL, production.version), mapping=production.to_hash())
         worker.reload_requested.set()
-        wait_until(lambda: worker.problem() == "", message="problem not cleared once the hash is fixed")
+        wait_until(lambda: worker.problem() == "", 5, message="problem not cleared once the hash is fixed")
 
 
 def test_worker_starting_on_a_corrupt_hash_waits_and_then_serves(r, settings, production):
     good = production.to_hash()
     r.hset(keys.version_hash(MODEL, production.version), "input_spec", "{bad")
     with ThreadedWorker(Worker(settings, MODEL)) as worker, \
-            Client.from_url(settings.redis_url, timeout_s=30) as client:
+            Client.from_url(settings.redis_url, timeout_s=5) as client:
         with pytest.raises(ModelNotFound, match="malformed"):
             client.predict(MODEL, X)
         r.hset(keys.version_hash(MODEL, production.version), mapping=good)
         worker.reload_requested.set()
-        wait_until(lambda: worker.slot.loaded is not None, message="never loaded once fixed")
+        wait_until(lambda: worker.slot.loaded is not None, 5, message="never loaded once fixed")
         assert client.predict(MODEL, X).model_version == production.version
 
 
@@ -108,11 +109,11 @@ def test_corrupt_experiment_hash_turns_the_experiment_off(r, settings, registry,
     registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
     ExperimentStore(r, registry).create(MODEL, 1, 2, treatment_share=0.5, unit="request_id")
     with ThreadedWorker(Worker(settings, MODEL)) as worker, \
-            Client.from_url(settings.redis_url, timeout_s=30) as client:
-        wait_until(lambda: worker.arms.treatment is not None, message="treatment never loaded")
+            Client.from_url(settings.redis_url, timeout_s=5) as client:
+        wait_until(lambda: worker.arms.treatment is not None, 5, message="treatment never loaded")
         r.hset(keys.experiment_hash(MODEL), "treatment_share", "lots")
         worker.reload_requested.set()
-        wait_until(lambda: "experiment" in worker.problem(), message="experiment problem not reported")
+        wait_until(lambda: "experiment" in worker.problem(), 5, message="experiment problem not reported")
         variants = {client.predict(MODEL, X, request_id=f"e{i}").variant for i in range(20)}
         assert variants == {""}, "a corrupt experiment must send everything to Production"
         assert worker.slot.loaded is not None and worker.slot.loaded.version.version == 1
@@ -137,7 +138,7 @@ def _answer_under(r, worker, fault, clear) -> dict:
         # With overlap_io the write's answer is read later: settle() is where a failed one is retried.
         thread = threading.Thread(target=lambda: (worker.process(entries), worker.settle()), daemon=True)
         thread.start()
-        wait_until(lambda: "redis_write" in worker.problems, message="write failure not reported")
+        wait_until(lambda: "redis_write" in worker.problems, 5, message="write failure not reported")
         assert thread.is_alive(), "the worker gave up on the batch"
     finally:
         clear()
@@ -195,7 +196,7 @@ def test_start_up_waits_out_an_oom_server(r, settings, production):
     r.config_set("maxmemory", 1)
     worker = Worker(settings, MODEL)
     try:
-        with ThreadedWorker(worker):
+        with ThreadedWorker(worker, wait_s=0):  # it cannot heartbeat until Redis takes writes
             wait_until(lambda: "OutOfMemory" in worker.problems.get("redis", ""),
                        message="start-up failure not reported")
             r.config_set("maxmemory", before)
@@ -217,19 +218,19 @@ def test_a_redis_error_in_a_step_is_reported_not_raised(settings, production, mo
 
     monkeypatch.setattr(worker.consumer, "take_over", boom)
     with ThreadedWorker(worker):
-        wait_until(lambda: "NOGROUP" in worker.problems.get("redis", ""), message="not reported")
+        wait_until(lambda: "NOGROUP" in worker.problems.get("redis", ""), 5, message="not reported")
         monkeypatch.undo()
-        wait_until(lambda: "redis" not in worker.problems, message="not cleared after recovery")
+        wait_until(lambda: "redis" not in worker.problems, 5, message="not cleared after recovery")
 
 
 def test_malformed_control_messages_are_reported_and_the_listener_lives_on(r, settings, production):
     settings = settings.with_overrides(reconcile_interval_s=600)  # only a control message re-reads
     with ThreadedWorker(Worker(settings, MODEL)) as worker:
         wait_until(lambda: worker.listener is not None and r.pubsub_numsub(keys.control_channel())[0][1] > 0,
-                   message="listener never subscribed")
+                   5, message="listener never subscribed")
         r.publish(keys.control_channel(), '{"command": "reload", "model": 123}')
-        wait_until(lambda: "control messages rejected: 1 malformed" in worker.problem(),
+        wait_until(lambda: "control messages rejected: 1 malformed" in worker.problem(), 5,
                    message="rejection not reported")
         worker.slot.target_version = None  # forget, so that only a real reload brings it back
         r.publish(keys.control_channel(), control.reload(MODEL).encode())
-        wait_until(lambda: worker.slot.target_version == production.version, message="listener died")
+        wait_until(lambda: worker.slot.target_version == production.version, 5, message="listener died")

@@ -34,7 +34,7 @@ STREAM = keys.request_stream(MODEL)
 
 def entries(r: redis.Redis, n: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """The first ``n`` request entries, once the client has sent them."""
-    return wait_until(lambda: (rows := r.xrange(STREAM)) and len(rows) >= n and rows[:n],
+    return wait_until(lambda: (rows := r.xrange(STREAM)) and len(rows) >= n and rows[:n], 5,
                       message=f"{n} requests were not sent")
 
 
@@ -83,7 +83,7 @@ def test_timeout_longer_than_the_socket_timeout_is_honoured(r, redis_server, cal
                   client_kwargs={"socket_timeout": 0.2})
     entry = entries(r, 1)[0]
     # Blocked for ≥ 1 s by the server's clock: five times the socket timeout.
-    wait_until(lambda: blocked_for_s(r) >= 1, message="the client stopped waiting")
+    wait_until(lambda: blocked_for_s(r) >= 1, 5, message="the client stopped waiting")
     answer(r, entry)
     assert_answered(future.result(timeout=15), entry)
     assert r.xlen(STREAM) == 1, "the request was sent once"
@@ -188,7 +188,7 @@ def proxy(redis_server) -> Iterator[DroppingProxy]:
 def test_a_reply_lost_in_flight_is_read_again(r, proxy, call):
     future = call(proxy.url, "predict", MODEL, X)
     entry = entries(r, 1)[0]
-    wait_until(lambda: blocked_client(r))
+    wait_until(lambda: blocked_client(r), 5)
     proxy.marker = request_of(entry).request_id.encode()
     answer(r, entry)
     assert_answered(future.result(timeout=15), entry)
@@ -199,7 +199,7 @@ def test_a_reply_lost_in_flight_is_read_again(r, proxy, call):
 def test_predict_many_survives_a_reply_lost_in_flight(r, proxy, call):
     future = call(proxy.url, "predict_many", MODEL, [X, X * 2, X * 3])
     sent = entries(r, 3)
-    wait_until(lambda: blocked_client(r))
+    wait_until(lambda: blocked_client(r), 5)
     proxy.marker = request_of(sent[1]).request_id.encode()
     answer(r, sent[0], as_id="someone-else")  # a stray in the shared list is dropped too
     for entry in sent:
@@ -209,14 +209,15 @@ def test_predict_many_survives_a_reply_lost_in_flight(r, proxy, call):
     assert proxy.dropped == 1 and r.xlen(STREAM) == 3
 
 
+@pytest.mark.timeout(60)  # waits: 5 + 5 + 5 s, the call 15 s
 @pytest.mark.parametrize("method, n", [("predict", 1), ("predict_many", 4)])
 def test_a_killed_connection_is_reopened_without_resending(r, redis_server, call, method, n):
     args = (X,) if method == "predict" else ([X] * n,)
     future = call(redis_server.url, method, MODEL, *args)
     sent = entries(r, n)
-    victim = wait_until(lambda: blocked_client(r))
+    victim = wait_until(lambda: blocked_client(r), 5)
     r.client_kill_filter(_id=victim["id"])
-    wait_until(lambda: (c := blocked_client(r)) and c["id"] != victim["id"],
+    wait_until(lambda: (c := blocked_client(r)) and c["id"] != victim["id"], 5,
                message="the client did not wait again on a new connection")
     for entry in sent:
         answer(r, entry)
@@ -228,18 +229,19 @@ def test_a_killed_connection_is_reopened_without_resending(r, redis_server, call
 
 def test_redis_gone_past_the_deadline_raises_unavailable(r, proxy, call):
     future = call(proxy.url, "predict", MODEL, X, timeout_s=1.0)
-    wait_until(lambda: blocked_client(r))
+    wait_until(lambda: blocked_client(r), 5)
     proxy.close()
     with pytest.raises(Unavailable, match="lost the connection"):
         future.result(timeout=15)
 
 
+@pytest.mark.timeout(60)  # waits: 5 + 5 s, the call 25 s
 def test_a_server_that_stops_answering_ends_the_call_at_its_deadline(r, proxy, call):
     """The wait's answer never comes and the connection stays open: the read's timeout (the
     call's deadline, no margin) ends it, as DEADLINE_EXCEEDED, instead of hanging."""
     future = call(proxy.url, "predict", MODEL, X, timeout_s=1.0)
     entry = entries(r, 1)[0]
-    wait_until(lambda: blocked_client(r))
+    wait_until(lambda: blocked_client(r), 5)
     proxy.mute = True
     answer(r, entry)  # answered in Redis, never delivered
     # (close() then reconnects through the mute proxy: redis-py's 5 s handshake timeout, twice)
@@ -255,9 +257,9 @@ def test_redis_out_of_memory_raises_overloaded_at_once(r, redis_server, call):
     r.config_set("maxmemory", 1)
     try:
         started = time.monotonic()
-        future = call(redis_server.url, "predict", MODEL, X, timeout_s=20.0)
+        future = call(redis_server.url, "predict", MODEL, X, timeout_s=10.0)
         with pytest.raises(Overloaded, match="out of memory"):
-            future.result(timeout=25)
+            future.result(timeout=15)
         assert time.monotonic() - started < 5, "not after the timeout"
     finally:
         r.config_set("maxmemory", before)
@@ -274,15 +276,16 @@ def free_port() -> int:
 def test_connection_refused_raises_unavailable_at_once(call, method):
     args = (X,) if method == "predict" else ([X, X],)
     started = time.monotonic()
-    future = call(f"redis://127.0.0.1:{free_port()}/0", method, MODEL, *args, timeout_s=20.0)
+    future = call(f"redis://127.0.0.1:{free_port()}/0", method, MODEL, *args, timeout_s=10.0)
     with pytest.raises(Unavailable, match="cannot be reached"):
-        future.result(timeout=25)
+        future.result(timeout=15)
     assert time.monotonic() - started < 5, "not after the timeout"
 
 
 # ---- reply keys are deleted, not left to expire --------------------------------------------
 
 
+@pytest.mark.timeout(60)  # waits: 5 s, a call 15 s, 5 + 5 s, a call 15 s
 def test_reply_keys_are_deleted_by_the_next_call_and_at_close(r, redis_server):
     def key_of(entry: tuple[bytes, dict[bytes, bytes]]) -> str:
         return keys.reply_key(MODEL, request_of(entry).reply_to)
@@ -302,11 +305,12 @@ def test_reply_keys_are_deleted_by_the_next_call_and_at_close(r, redis_server):
     assert not r.keys(keys.reply_key_pattern(MODEL)), "close() deletes the rest"
 
 
+@pytest.mark.timeout(60)  # waits: 5 s, a call 15 s, then a call 15 s or 5 + 5 s and a call 15 s
 @pytest.mark.parametrize("gone", ["proxy closed", "connection killed"])
 def test_a_threads_kept_connection_gone_between_calls_is_replaced_before_sending(r, proxy, gone):
     """A thread keeps its connection between calls; one the server closed meanwhile (a restart, an
     idle timeout) is replaced before the next request is sent, never found dead after it."""
-    with Client.from_url(proxy.url, timeout_s=20.0, fail_fast=False) as client, \
+    with Client.from_url(proxy.url, timeout_s=10.0, fail_fast=False) as client, \
             ThreadPoolExecutor(1) as thread:
         first = thread.submit(client.predict, MODEL, X)
         answer(r, entries(r, 1)[0])
@@ -315,14 +319,14 @@ def test_a_threads_kept_connection_gone_between_calls_is_replaced_before_sending
         if gone == "proxy closed":
             proxy.close()
             with pytest.raises(Unavailable, match="cannot be reached"):
-                thread.submit(client.predict, MODEL, X).result(timeout=25)
+                thread.submit(client.predict, MODEL, X).result(timeout=15)
             assert time.monotonic() - started < 5, "not after the timeout"
             return
         for c in r.client_list():
             if c["cmd"] in ("blmove", "lrange", "xadd", "unlink"):  # the client's, idle after its call
                 r.client_kill_filter(_id=c["id"])
         # The proxy passes the close on from its own thread: until then the client cannot see it.
-        wait_until(lambda: all(sock.fileno() == -1 for sock in proxy.sockets))
+        wait_until(lambda: all(sock.fileno() == -1 for sock in proxy.sockets), 5)
         second = thread.submit(client.predict, MODEL, X)
         entry = entries(r, 2)[1]
         answer(r, entry)

@@ -40,7 +40,8 @@ def refused(client: redis.Redis, error: type[Exception]) -> bool:
     return False
 
 
-@pytest.mark.timeout(60)
+# Waits: the server's start 10 s and stop 5 s, the load's start 10 s and end 20 s, 5 s, the call 20 s.
+@pytest.mark.timeout(90)
 def test_a_request_refused_while_redis_loads_is_sent_again_when_it_has_loaded(own_server, call):
     r = redis.Redis.from_url(own_server.url)
     r.execute_command("DEBUG", "POPULATE", 1_500_000, "filler", 64)  # about a second to load
@@ -52,16 +53,17 @@ def test_a_request_refused_while_redis_loads_is_sent_again_when_it_has_loaded(ow
     loader = threading.Thread(target=reload, daemon=True)
     loader.start()
     probe = redis.Redis.from_url(own_server.url)
-    wait_until(lambda: refused(probe, redis.exceptions.BusyLoadingError), 20, interval_s=0.002)
-    future = call(own_server.url, "predict", MODEL, X, timeout_s=20.0)
-    loader.join(30)
+    wait_until(lambda: refused(probe, redis.exceptions.BusyLoadingError), 10, interval_s=0.002)
+    future = call(own_server.url, "predict", MODEL, X, timeout_s=15.0)
+    loader.join(20)
     entry = entries(r, 1)[0]
     answer(r, entry)
-    assert_answered(future.result(timeout=25), entry)
+    assert_answered(future.result(timeout=20), entry)
     stats = xadd_calls(r)
     assert r.xlen(f"ss:{{{MODEL}}}:requests") == 1 and stats["calls"] == 1, "queued exactly once"
 
 
+# Waits: the server's start 10 s and stop 5 s, 5 s, 0.3 s, 5 + 5 s, the call 15 s.
 @pytest.mark.timeout(60)
 def test_a_request_refused_while_a_script_runs_is_sent_again_after_it(own_server, call):
     r = redis.Redis.from_url(own_server.url)
@@ -73,13 +75,15 @@ def test_a_request_refused_while_a_script_runs_is_sent_again_after_it(own_server
 
     threading.Thread(target=script, daemon=True).start()
     probe = redis.Redis.from_url(own_server.url)
-    wait_until(lambda: refused(probe, redis.ResponseError), 10)
-    future = call(own_server.url, "predict", MODEL, X, timeout_s=20.0)
-    time.sleep(0.3)  # the server stays busy while the call's first tries meet BUSY
-    wait_until(lambda: _killed(probe), 10)
+    wait_until(lambda: refused(probe, redis.ResponseError), 5)
+    future = call(own_server.url, "predict", MODEL, X, timeout_s=10.0)
+    # The server stays busy while the call's first tries meet BUSY (a sleep: a busy server answers
+    # nothing but SCRIPT KILL, so there is no state to poll).
+    time.sleep(0.3)
+    wait_until(lambda: _killed(probe), 5)
     entry = entries(r, 1)[0]
     answer(r, entry)
-    assert_answered(future.result(timeout=25), entry)
+    assert_answered(future.result(timeout=15), entry)
     stats = xadd_calls(r)
     assert stats["rejected"] >= 1, "the call did meet BUSY"
     assert r.xlen(f"ss:{{{MODEL}}}:requests") == 1 and stats["calls"] == 1, "queued exactly once"

@@ -60,7 +60,7 @@ def cproduction(cregistry, tmp_path):
 
 @pytest.fixture
 def cclient(redis_cluster):
-    with Client.from_url(redis_cluster.url, timeout_s=20.0) as c:
+    with Client.from_url(redis_cluster.url, timeout_s=5.0) as c:
         yield c
 
 
@@ -82,6 +82,7 @@ def test_a_worker_serves_predictions_on_a_cluster(csettings, cproduction, cclien
     assert {m.model_version for m in many} == {cproduction.version}
 
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, calls of 5 s, then 5 + 10 + 5 s
 def test_reload_and_promote_wait_reach_the_fleet_on_a_cluster(rc, csettings, cregistry, cproduction,
                                                               cclient, tmp_path):
     path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
@@ -89,12 +90,12 @@ def test_reload_and_promote_wait_reach_the_fleet_on_a_cluster(rc, csettings, cre
                             labels=models.LABELS)
     with ThreadedWorker(Worker(csettings.with_overrides(reconcile_interval_s=3600), MODEL)) as worker:
         assert cclient.predict(MODEL, X).model_version == 1
-        wait_until(lambda: worker.listener is not None and worker.listener.thread.is_alive())
+        wait_until(lambda: worker.listener is not None and worker.listener.thread.is_alive(), 5)
         cregistry.promote(MODEL, v2.version)
         # Only the control message can make it switch: the periodic re-read is an hour away.
         wait_until(lambda: publish_reload(rc, MODEL, v2.version) and worker.slot.loaded
-                   and worker.slot.loaded.version.version == v2.version, 20, interval_s=0.2)
-        report = wait_for_fleet(rc, MODEL, v2.version, timeout_s=10, ttl_s=csettings.heartbeat_ttl_s)
+                   and worker.slot.loaded.version.version == v2.version, 10, interval_s=0.2)
+        report = wait_for_fleet(rc, MODEL, v2.version, timeout_s=5, ttl_s=csettings.heartbeat_ttl_s)
         assert report.ok, report.lines()
         assert cclient.predict(MODEL, X).model_version == v2.version
 
@@ -152,13 +153,15 @@ def test_pinned_workers_read_only_their_shards(rc, csettings, cproduction):
     assert sorted(worker.consumers) == [1, 2]
 
 
-def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, csettings, cproduction,
-                                                          cclient):
+# Waits: the worker's 10 s, growing 20 s, 10 s, shrinking 2 + 20 s, the stale calls 5 s, the bot's
+# last call 10 s (its join 15 s): about 85 s.
+@pytest.mark.timeout(120)
+def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, csettings, cproduction):
     results: list = []
     stop = threading.Event()
 
     def bot() -> None:
-        with Client.from_url(redis_cluster.url, timeout_s=20.0) as c:
+        with Client.from_url(redis_cluster.url, timeout_s=10.0) as c:
             i = 0
             while not stop.is_set():
                 results.append(c.predict(MODEL, X, route=f"R{i % 7}"))
@@ -172,7 +175,7 @@ def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, cse
         assert sorted(worker.consumers) == [0, 1, 2]
         wait_until(lambda: any(rc.hlen(keys.batch_histogram(MODEL, k)) for k in (1, 2)), 10)
         # A bot with a stale layout still sends to shard 2 after the shrink: it must be answered.
-        stale = Client.from_url(redis_cluster.url, timeout_s=20.0)
+        stale = Client.from_url(redis_cluster.url, timeout_s=5.0)
         stale._router.set_layout(MODEL, {"route": "3", "serve": "3", "highest": "3"})
         stale._router.layout_stale = lambda model: False  # type: ignore[method-assign]  # never re-reads
         shrunk = reshard(rc, MODEL, 1, timeout_s=20, ttl_s=csettings.heartbeat_ttl_s)
@@ -180,7 +183,7 @@ def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, cse
         late = [stale.predict(MODEL, X, route=r) for r in ("a", "b", "c", "d", "e", "f")]
         stale.close()
         stop.set()
-        thread.join(30)
+        thread.join(15)  # past its call's own timeout
     assert sharding.read_layout(rc, MODEL) == sharding.ShardLayout(1, 1, 3)
     assert all(p.model_version == 1 for p in results + late) and len(results) > 10
     for k in range(3):
@@ -190,7 +193,7 @@ def test_growing_and_shrinking_a_live_model_loses_nothing(rc, redis_cluster, cse
 def test_heartbeats_say_which_shards_a_worker_reads(rc, csettings, cproduction):
     sharding.write_layout(rc, MODEL, sharding.ShardLayout(2, 2, 2))
     with ThreadedWorker(Worker(csettings, MODEL)):
-        beats = wait_until(lambda: [w for w in presence.read_live(rc, MODEL, 5.0) if w.shards == "0,1"])
+        beats = wait_until(lambda: [w for w in presence.read_live(rc, MODEL, 5.0) if w.shards == "0,1"], 5)
     assert beats[0].shard_list == [0, 1]
 
 
@@ -198,7 +201,7 @@ def test_the_asyncio_client_predicts_on_a_sharded_cluster(rc, redis_cluster, cse
     sharding.write_layout(rc, MODEL, sharding.ShardLayout(3, 3, 3))
 
     async def scenario():
-        async with AsyncClient.from_url(redis_cluster.url, timeout_s=20.0) as client:
+        async with AsyncClient.from_url(redis_cluster.url, timeout_s=5.0) as client:
             one = [await client.predict(MODEL, X, route=f"A{i}") for i in range(6)]
             many = await client.predict_many(MODEL, [X] * 4, route="B")
             return one, many

@@ -257,7 +257,8 @@ def serving_pids(client) -> set[int]:
     return {int(w.worker_id.split("-")[-2]) for w in client.health(MODEL).workers if w.version is not None}
 
 
-@pytest.mark.timeout(90)
+# Waits: the children's start 30 s, then 10 + 10 s, a child's restart 20 s, 10 s, the stop 20 s: 100 s.
+@pytest.mark.timeout(150)
 def test_supervisor_serves_one_endpoint_and_health_follows_its_children(settings, client, production,
                                                                         tmp_path):
     port, tmp = free_port(), tmp_path / "tmp"
@@ -269,14 +270,14 @@ def test_supervisor_serves_one_endpoint_and_health_follows_its_children(settings
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         pids = wait_for_workers(client, 2)
-        wait_until(lambda: get(port, "/healthz")[0] == 200, 20, message="healthy with 2 children")
+        wait_until(lambda: get(port, "/healthz")[0] == 200, 10, message="healthy with 2 children")
         assert get(port, "/metrics")[0] == 200 and len(metric_dirs(tmp)) == 1
         victim = next(iter(pids))
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: get(port, "/healthz")[0] == 503, 10, message="unhealthy while a child is down")
         wait_until(lambda: get(port, "/healthz")[0] == 200, 20, message="healthy once it is restarted")
         # SIGTERM only once the replacement serves: one still starting up has no handler and dies of it.
-        wait_until(lambda: len(serving_pids(client) - {victim}) == 2, 20, message="replacement serving")
+        wait_until(lambda: len(serving_pids(client) - {victim}) == 2, 10, message="replacement serving")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -310,8 +311,10 @@ def test_a_lone_worker_serves_its_metrics(client, start_worker, production):
     assert len(samples(body)["streamserve_worker_info"]) == 1
 
 
+# Waits: the children's start 30 s, then 10 s, a call 10 s, 10 + 10 s, a child's restart 30 s, the
+# stop 20 s: 120 s.
 @needs_wiring
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_supervised_children_are_aggregated_on_one_port(client, start_worker, production):
     port = free_port()
     proc = start_worker("--processes", "2", "--metrics-port", str(port))
@@ -322,10 +325,10 @@ def test_supervised_children_are_aggregated_on_one_port(client, start_worker, pr
         return {labels["worker_id"] for labels, _ in rows}
 
     first = wait_until(lambda: ids if len(ids := worker_ids()) == 2 else None, 30, message="two children")
-    wait_until(lambda: get(port, "/readyz")[0] == 200, 30, message="ready once a child is")
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 10, message="ready once a child is")
     client.predict_many(MODEL, [X] * 8)
     wait_until(lambda: value(get(port, "/metrics")[1], "streamserve_requests_total", code="OK") >= 8, 10)
-    pids = wait_for_workers(client, 2)
+    pids = wait_for_workers(client, 2, 10)
     victim_pid = next(iter(pids))
     os.kill(victim_pid, signal.SIGKILL)
     after = wait_until(lambda: ids if len(ids := worker_ids()) == 2 and ids != first else None, 30,

@@ -24,7 +24,7 @@ def pending_of(r, consumer: str, lane: str = "live") -> list[bytes]:
     return [row["message_id"] for row in rows]
 
 
-def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 20.0,
+def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float = 10.0,
                      lane: str = "live") -> bool:
     """SIGSTOP ``proc`` at a moment its consumer holds unacked entries (retrying until it does)."""
     def frozen_holding_entries() -> bool:
@@ -43,7 +43,9 @@ def freeze_mid_batch(r, proc: subprocess.Popen, consumer: str, timeout_s: float 
 # Full batches of 8: the worker reads the next entries before each model call and reads each reply
 # transaction's answer after the next call (overlap_io, the default), so the victim dies holding
 # entries it read ahead, writes not yet confirmed (and, on the backfill lane, entries held beyond
-# its batch).
+# its batch). Waits: the workers' start 30 s, the freeze 10 s, the kill 10 s, the load 30 s (its join
+# 40 s): 90 s.
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("lane", ["live", "backfill"])
 def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_worker, slow_production, lane):
     procs = [start_worker("--max-batch", "8") for _ in range(2)]
@@ -51,20 +53,21 @@ def test_sigkill_mid_batch_every_request_is_still_answered(r, client, start_work
     ids = wait_for_workers(client, 2)
     victim = procs[0]
     load = threading.Thread(target=lambda: results.extend(client.predict_many(
-        MODEL, [X * (i % 7 + 1) for i in range(160)], return_exceptions=True, lane=lane)))
+        MODEL, [X * (i % 7 + 1) for i in range(160)], return_exceptions=True, lane=lane, timeout_s=30)))
     load.start()
     try:
         assert freeze_mid_batch(r, victim, ids[victim.pid], lane=lane), "caught the victim mid-batch"
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
-        load.join(60)
+        load.join(40)  # past the calls' own timeout: they end first, with DeadlineExceeded
     errors = [e for e in results if isinstance(e, Exception)]
     assert len(results) == 160 and not errors, errors[:3]
     assert all(p.worker != ids[victim.pid] for p in results[-20:])
     assert r.xpending(keys.request_stream(MODEL, 0, lane), keys.consumer_group(MODEL))["pending"] == 0
 
 
+@pytest.mark.timeout(90)  # waits: the worker's start 30 s, a batch in flight 20 s, the drain 15 s
 def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(r, settings, client, start_worker,
                                                              slow_production):
     proc = start_worker("--max-batch", "4")
@@ -88,6 +91,7 @@ def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(r, settings, client
     assert all(r.exists(p.reply_key) for p in pendings)
 
 
+@pytest.mark.timeout(90)  # waits: the children's start 30 s, a call 10 s, the stop 20 s
 def test_processes_flag_runs_a_supervised_fleet_that_stops_cleanly(r, client, start_worker, production):
     proc = start_worker("--processes", "2")
     ids = wait_for_workers(client, 2)
@@ -98,7 +102,8 @@ def test_processes_flag_runs_a_supervised_fleet_that_stops_cleanly(r, client, st
     assert r.zcard(keys.workers_zset(MODEL)) == 0
 
 
-@pytest.mark.timeout(90)
+# Waits: the children's start 30 s, a batch in hand 10 s, the drain 20 s, the load's join 40 s: 100 s.
+@pytest.mark.timeout(150)
 def test_group_sigterm_drains_every_supervised_child_once(r, settings, client, tmp_path, production):
     """systemd's KillMode=control-group (``kill -- -PGID``): each child gets SIGTERM directly and from
     the supervisor; both are one request to drain, never a forcing second signal."""
@@ -115,17 +120,17 @@ def test_group_sigterm_drains_every_supervised_child_once(r, settings, client, t
     try:
         wait_for_workers(client, 2)
         load.start()
-        wait_until(lambda: r.xpending(stream, group)["pending"] > 0, 20, interval_s=0.001,
+        wait_until(lambda: r.xpending(stream, group)["pending"] > 0, 10, interval_s=0.001,
                    message="the children hold no batch")
         os.killpg(proc.pid, signal.SIGTERM)
-        exit_code = proc.wait(30)
+        exit_code = proc.wait(20)
         pending = r.xpending(stream, group)["pending"]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         Worker(settings, MODEL, burst=True).run()  # what the children never read
-        load.join(60)
+        load.join(40)  # past the call's own timeout: it ends first, with DeadlineExceeded
     assert exit_code == 0, log_path.read_text()
     assert pending == 0, "every batch in hand was finished and acked"
     assert "forcing exit" not in log_path.read_text()

@@ -30,6 +30,8 @@ def corrupt(settings, mv) -> None:
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
 
 
+# Waits: the workers' start 30 s, then 10 s, the switch 10 s, 10 s, the bots' last calls 15 s: 75 s.
+@pytest.mark.timeout(120)
 def test_reload_under_load_loses_nothing_and_every_reply_names_its_version(
         r, settings, registry, tmp_path, start_worker, production, model_path):
     v2, v2_path = register_version(registry, tmp_path, seed=2)
@@ -52,17 +54,18 @@ def test_reload_under_load_loses_nothing_and_every_reply_names_its_version(
         for b in bots:
             b.start()
         # Every bot has been answered by the old version before the promote ...
-        wait_until(lambda: all(rounds), 20, message="the bots got no replies")
+        wait_until(lambda: all(rounds), 10, message="the bots got no replies")
         registry.promote(MODEL, v2.version)
-        report = wait_for_fleet(registry.redis, MODEL, v2.version, timeout_s=20)
+        report = wait_for_fleet(registry.redis, MODEL, v2.version, timeout_s=10)
         # ... and, after the fleet switched, has finished the call in flight and a whole one
         # started later, so its last call (below) is sent after the switch too.
         switched = list(rounds)
-        wait_until(lambda: all(n >= k + 2 for n, k in zip(rounds, switched, strict=True)), 20,
+        wait_until(lambda: all(n >= k + 2 for n, k in zip(rounds, switched, strict=True)), 10,
                    message="the bots stalled after the switch")
         stop.set()
+        deadline = time.monotonic() + 15  # each bot ends its call in flight: 10 s at most
         for b in bots:
-            b.join(20)
+            b.join(max(0.0, deadline - time.monotonic()))
     assert report.ok and len(report.switched) == 2, report
     errors = [e for e in results if isinstance(e, Exception)]
     assert not errors, errors[:3]
@@ -188,6 +191,7 @@ def test_promote_wait_counts_a_fallback_variant_as_not_switched_unless_allowed(
     assert ("NOT switched" in summary) is not allow and "1 on a fallback" in summary
 
 
+@pytest.mark.timeout(60)  # as above: a torch export, then waits of 10 + 20 + 10 s and the worker's 10 s
 def test_wait_for_fleet_holds_a_worker_to_the_variant_asked_for(r, settings, registry, v2_on_its_fallback):
     v2 = v2_on_its_fallback
     with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url) as client:
@@ -197,5 +201,5 @@ def test_wait_for_fleet_holds_a_worker_to_the_variant_asked_for(r, settings, reg
         assert not report.ok and not report.switched and len(report.fallback) == 1
         # Asking for the torch variant itself: serving it is no fallback.
         registry.select_variant(MODEL, v2.version, "torch_export")
-        asked = wait_for_fleet(r, MODEL, v2.version, timeout_s=20, variant="torch_export")
+        asked = wait_for_fleet(r, MODEL, v2.version, timeout_s=10, variant="torch_export")
     assert asked.ok and len(asked.switched) == 1 and not asked.fallback, asked.lines()

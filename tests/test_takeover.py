@@ -7,6 +7,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 from conftest import MODEL, wait_for_workers, wait_until
 from test_worker import drain, pending_count, reply, send
 
@@ -110,6 +111,7 @@ def test_a_consumer_seen_within_a_heartbeat_interval_is_kept_though_missing_from
     assert consumers(r) == {"just-started": 0}
 
 
+@pytest.mark.timeout(90)  # waits: the children's start 30 s, their exit 20 s
 def test_killing_the_supervisor_stops_its_workers(r, client, start_worker, production):
     supervisor = start_worker("--processes", "2")
     pids = wait_for_workers(client, 2)
