@@ -304,6 +304,7 @@ def test_compressed_members_are_refused(twin, tmp_path):
         load_program(squeezed.read_bytes())
 
 
+@pytest.mark.timeout(60)  # a torch export, then waits: the worker's 10 s, calls of 1 s, 20 s
 def test_worker_keeps_serving_the_last_good_version_when_the_fallback_is_trapped(
         r, settings, registry, production, twin, tmp_path, no_unpickling):
     marker = tmp_path / "ran"

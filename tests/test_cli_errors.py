@@ -42,11 +42,14 @@ REDIS_COMMANDS = [
 ]
 
 
-def run_cli(url: str, artifact_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(url: str, artifact_dir: Path, *args: str,
+            timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own (about a second here): TimeoutExpired past ``timeout_s``,
+    which a test counts among its waits."""
     cmd = [sys.executable, "-m", "streamserve", "--redis-url", url, "--artifact-dir", str(artifact_dir),
            *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSERVE_")}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
 
 
 def assert_one_line(result: subprocess.CompletedProcess[str], exit_code: int, *words: str,
@@ -117,6 +120,7 @@ def test_a_worker_refused_by_redis_exits_at_start_up_in_one_line(denied_url, set
     assert_one_line(result, EX_NOPERM, "streamserve worker", "ACL", "xinfo")
 
 
+@pytest.mark.timeout(60)  # two commands of 20 s
 def test_missing_files_are_one_line(settings, tmp_path, production):
     absent = tmp_path / "absent.onnx"
     result = run_cli(settings.redis_url, settings.artifact_dir, "registry", "register", MODEL, str(absent),
@@ -136,6 +140,7 @@ def test_a_missing_artifact_in_the_store_is_one_line(settings, registry, tmp_pat
     assert_one_line(result, 2, "ArtifactIntegrityError", f"v{v2.version}", logs_before=True)
 
 
+@pytest.mark.timeout(90)  # three commands of 20 s
 def test_an_unknown_model_or_version_is_one_line(settings, production):
     for args in (["registry", "show", "no_such_model", "1"], ["registry", "promote", MODEL, "9"],
                  ["reload", "no_such_model"]):

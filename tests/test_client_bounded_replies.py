@@ -77,7 +77,7 @@ def test_unknown_reply_keys_are_stepped_over_and_known_ones_still_checked():
 
 
 def test_a_bomb_in_the_reply_list_is_dropped_and_the_real_reply_returned(r, redis_server):
-    with Client.from_url(redis_server.url, timeout_s=20.0, fail_fast=False) as client, \
+    with Client.from_url(redis_server.url, timeout_s=10.0, fail_fast=False) as client, \
             ThreadPoolExecutor(1) as pool:
         future = pool.submit(client.predict, MODEL, np.zeros((60, 110), np.float32))
         entry = entries(r, 1)[0]
@@ -86,6 +86,6 @@ def test_a_bomb_in_the_reply_list_is_dropped_and_the_real_reply_returned(r, redi
             r.lpush(key, bomb)
         started = time.monotonic()
         answer(r, entry)
-        p = future.result(timeout=20)
+        p = future.result(timeout=15)
     assert p.request_id == request_of(entry).request_id
     assert time.monotonic() - started < 3.0, "the bombs cost no noticeable time"

@@ -118,6 +118,7 @@ def _blocked(client: redis.Redis) -> dict | None:
     return next((c for c in client.client_list() if "b" in c["flags"]), None)
 
 
+@pytest.mark.timeout(60)  # waits: 5 + 5 s, then 15 s or 5 + 15 s
 @pytest.mark.parametrize("replicated", [False, True])
 def test_a_wait_whose_slot_changes_master_ends_interrupted_or_goes_on_there(rc, redis_cluster, call,
                                                                            replicated):
@@ -127,9 +128,9 @@ def test_a_wait_whose_slot_changes_master_ends_interrupted_or_goes_on_there(rc, 
                                                        strict=True)}
     away = next(port for port in plain if port != home)
     _move_slot(plain, slot, home)  # a clean slot
-    future = call(redis_cluster.url, "predict", MOVED_MODEL, X, timeout_s=20.0)
-    entry = wait_until(lambda: plain[home].xrange(stream))[0]
-    victim = wait_until(lambda: _blocked(plain[home]))
+    future = call(redis_cluster.url, "predict", MOVED_MODEL, X, timeout_s=10.0)
+    entry = wait_until(lambda: plain[home].xrange(stream), 5)[0]
+    victim = wait_until(lambda: _blocked(plain[home]), 5)
     started = time.monotonic()
     try:
         _move_slot(plain, slot, away)
@@ -138,17 +139,17 @@ def test_a_wait_whose_slot_changes_master_ends_interrupted_or_goes_on_there(rc, 
         plain[home].client_kill_filter(_id=victim["id"])
         if not replicated:
             with pytest.raises(Interrupted) as caught:
-                future.result(timeout=25)
+                future.result(timeout=15)
             request_id = entry[1][b"id"].decode()
             assert caught.value.request_ids == [request_id]
-            assert time.monotonic() - started < 3.0, "at once, not after the 20 s timeout"
+            assert time.monotonic() - started < 3.0, "at once, not after the 10 s timeout"
         else:
-            wait_until(lambda: _blocked(plain[away]), message="the wait did not go on on the new master")
+            wait_until(lambda: _blocked(plain[away]), 5, message="the wait did not go on on the new master")
             request = messages.decode_request(entry[0].decode(), entry[1], max_bytes=1 << 24)
             plain[away].lpush(keys.reply_key(MOVED_MODEL, request.reply_to), messages.encode_ok(
                 request, model=MOVED_MODEL, version=1, outputs={"p": np.ones((1, 2), np.float32)},
                 labels=None, timings={}, worker="new-master"))
-            assert future.result(timeout=25).worker == "new-master"
+            assert future.result(timeout=15).worker == "new-master"
             assert plain[away].xlen(stream) == 1, "not sent again"
     finally:
         _move_slot(plain, slot, home)

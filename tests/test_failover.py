@@ -29,7 +29,7 @@ import models
 import numpy as np
 import pytest
 import redis
-from conftest import ThreadedWorker, started, wait_until
+from conftest import ThreadedWorker, started, stopped, wait_until
 
 from lab.bench_cluster import spread_model_name
 from lab.embedded_redis import EmbeddedCluster
@@ -75,7 +75,7 @@ def replica_cluster(request) -> Iterator[EmbeddedCluster]:
     cluster = started(EmbeddedCluster(3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS,
                                       full_coverage=request.param), "Redis Cluster with replicas")
     yield cluster
-    cluster.stop()
+    stopped(cluster)
 
 
 def routes_per_shard(shards: int, per_shard: int = 2) -> dict[int, list[str]]:
@@ -140,8 +140,9 @@ class Bots:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
+        deadline = time.monotonic() + TIMEOUT_S + 5  # each ends its call in flight: all together
         for t in self.threads:
-            t.join(TIMEOUT_S + 20)
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, bot: int) -> None:
         period_s, next_at = BOTS / RATE_RPS, time.monotonic()
@@ -213,6 +214,8 @@ def summary(calls: list[Call], killed_at: float, failed_over_at: float) -> str:
     return "\n".join(lines)
 
 
+# Waits: the workers' 2 x 10 s, answers on every shard 15 s, 1 s of load, the failover 20 s, 2 s of load,
+# the bots' last calls 15 s, each re-send 10 s (a few): about 85 s.
 @pytest.mark.timeout(120)
 def test_a_master_killed_under_load_stalls_only_its_shard_and_resends_compute_once(replica_cluster, tmp_path):
     cluster = replica_cluster
@@ -226,11 +229,11 @@ def test_a_master_killed_under_load_stalls_only_its_shard_and_resends_compute_on
     workers = [ThreadedWorker(count_computes(Worker(settings, model), computed, lock)) for _ in range(2)]
     with workers[0], workers[1]:
         with Bots(cluster.url, model, routes) as bots:
-            wait_until(bots.succeeded_on_every_shard, 30, interval_s=0.05, message="no answers at first")
+            wait_until(bots.succeeded_on_every_shard, 15, interval_s=0.05, message="no answers at first")
             time.sleep(1.0)  # steady load with requests in flight on every shard when the master dies
             killed_at = time.monotonic()
             cluster.kill_node(dead)
-            cluster.wait_failover(dead, timeout_s=30)
+            cluster.wait_failover(dead, timeout_s=20)
             failed_over_at = time.monotonic()
             time.sleep(2.0)  # load after the failover: the shard must be served again
         calls = list(bots.calls)

@@ -186,7 +186,7 @@ def test_workers_publish_backlog_and_drain_rate(r, settings, slow_production):
     for i in range(400):  # a backlog that lasts over a second: only a busy window measures the rate
         send(r, f"b{i}", "backfill")
     with ThreadedWorker(Worker(s, MODEL)):
-        load = wait_until(lambda: sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))), 10)
+        load = wait_until(lambda: sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))), 5)
         assert set(load.backlog) == set(keys.LANES)
         wait_until(lambda: (sharding.ShardLoad.from_hash(r.hgetall(keys.load_hash(MODEL))) or load)
                    .drain_per_s > 0, 10, message="no drain rate measured")
@@ -203,8 +203,8 @@ def test_live_requests_jump_a_backfill_backlog(r, settings, slow_production):
         send(r, f"b{i}", "backfill")
     backfill = keys.request_stream(MODEL, 0, "backfill")
     with ThreadedWorker(Worker(settings.with_overrides(max_batch=1), MODEL)) as worker, \
-            Client.from_url(settings.redis_url, timeout_s=60.0) as client:
-        wait_until(lambda: worker.batches >= 1, 30)
+            Client.from_url(settings.redis_url, timeout_s=5.0) as client:
+        wait_until(lambda: worker.batches >= 1, 5)
         for _ in range(3):
             assert client.predict(MODEL, X, lane="live").model_version == slow_production.version
             assert r.xlen(backfill) > 15, "the live request was answered before the backfill backlog"

@@ -25,7 +25,7 @@ import numpy as np
 import pydantic
 import pytest
 import redis
-from conftest import MODEL, ThreadedWorker, wait_until
+from conftest import MODEL, SERVER_START_BOUND_S, ThreadedWorker, not_charged_to_the_test, wait_until
 from redis.backoff import NoBackoff
 from redis.exceptions import NoPermissionError
 from redis.retry import Retry
@@ -128,7 +128,8 @@ class AclServer:
 
 @pytest.fixture(scope="module")
 def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
-    server = AclServer(tmp_path_factory.mktemp("acl"))
+    with not_charged_to_the_test(SERVER_START_BOUND_S):  # the module's server, not the test's waits
+        server = AclServer(tmp_path_factory.mktemp("acl"))
     yield server
     stop_server(server.process)
 
@@ -191,7 +192,8 @@ class TlsServer:
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is not installed (.ci/run installs it)")
-    server = TlsServer(tmp_path_factory.mktemp("tls"))
+    with not_charged_to_the_test(SERVER_START_BOUND_S):  # the module's server, not the test's waits
+        server = TlsServer(tmp_path_factory.mktemp("tls"))
     yield server
     stop_server(server.process)
 
@@ -209,7 +211,7 @@ def subscribers(client: redis.Redis) -> int:
 
 def wait_subscribed(client: redis.Redis, more_than: int = 0) -> None:
     """Until a worker's listener has subscribed: a reload published before that is lost."""
-    wait_until(lambda: subscribers(client) > more_than, message="the worker did not subscribe")
+    wait_until(lambda: subscribers(client) > more_than, 5, message="the worker did not subscribe")
 
 
 def register_two_versions(registry: Registry, model: str, tmp_path: Path) -> None:
@@ -226,11 +228,12 @@ def test_doc_has_the_three_roles():
     assert set(documented_acl_rules()) == {"bot", "worker", "ops"}
 
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, calls of 5 s, five of 5 s
 def test_bot_predicts_worker_serves_ops_promotes_with_the_documented_rules(acl, tmp_path):
     ops = Registry(acl.connect("ops"), tmp_path / "artifacts")
     register_two_versions(ops, ACL_MODEL, tmp_path)
     settings = serving_settings(acl.url("worker"), tmp_path)
-    with ThreadedWorker(Worker(settings, ACL_MODEL)), Client.from_url(acl.url("bot"), timeout_s=20) as bot:
+    with ThreadedWorker(Worker(settings, ACL_MODEL)), Client.from_url(acl.url("bot"), timeout_s=5) as bot:
         p = bot.predict(ACL_MODEL, X)
         assert (p.model_version, p.label in models.LABELS) == (1, True)
         assert len(bot.predict_many(ACL_MODEL, [X, X, X])) == 3
@@ -240,10 +243,10 @@ def test_bot_predicts_worker_serves_ops_promotes_with_the_documented_rules(acl, 
         # An experiment: ops write it and nudge the fleet; the worker reads it and writes its journals.
         experiments = ExperimentStore(ops.redis, ops)
         experiments.create(ACL_MODEL, 1, 2, treatment_share=0.5, unit="request_id")
-        wait_until(lambda: bot.predict(ACL_MODEL, X).variant == "treatment", message="no treatment served")
+        wait_until(lambda: bot.predict(ACL_MODEL, X).variant == "treatment", 5, message="no treatment served")
         experiments.set_status(ACL_MODEL, "stopped")
         ops.promote(ACL_MODEL, 2)  # publishes the reload the worker's subscription must receive
-        wait_until(lambda: bot.health(ACL_MODEL).versions == {2}, message="the worker missed the reload")
+        wait_until(lambda: bot.health(ACL_MODEL).versions == {2}, 5, message="the worker missed the reload")
         assert bot.predict(ACL_MODEL, X).model_version == 2
     with acl.connect("admin") as admin:
         denied = [(e["username"], e["object"]) for e in admin.acl_log()]  # redis-py decodes this one
@@ -261,8 +264,8 @@ def test_a_popping_client_from_the_protocol_alone_works_under_the_bot_role(acl, 
     settings = serving_settings(acl.url("worker"), tmp_path)
     with ThreadedWorker(Worker(settings, ACL_MODEL)), acl.connect("bot") as bot:
         bot.xadd(keys.request_stream(ACL_MODEL), fields)
-        popped = bot.blpop([keys.reply_key(ACL_MODEL, "popper1")], timeout=20)
-        assert popped is not None, "no reply within 20 s"
+        popped = bot.blpop([keys.reply_key(ACL_MODEL, "popper1")], timeout=10)
+        assert popped is not None, "no reply within 10 s"
         reply = msgpack.unpackb(popped[1], raw=False)
         assert (reply["id"], reply["ok"], reply["label"][0] in models.LABELS) == ("popper1", True, True)
         assert bot.lpop(keys.reply_key(ACL_MODEL, "popper1")) is None
@@ -353,17 +356,18 @@ def test_ops_is_refused_dangerous_commands_and_foreign_keys(acl, command):
 
 # ---- TLS ----------------------------------------------------------------------------------------
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, calls of 5 s, two of 5 s
 def test_tls_round_trip_with_ca_verification_and_client_certificate(tls_server, tmp_path):
     url = tls_server.url()
     with redis.Redis.from_url(url) as admin:
         admin.flushall()
         register_two_versions(Registry(admin, tmp_path / "artifacts"), MODEL, tmp_path)
     with ThreadedWorker(Worker(serving_settings(url, tmp_path), MODEL)), \
-            Client.from_url(url, timeout_s=20) as bot, redis.Redis.from_url(url) as ops:
+            Client.from_url(url, timeout_s=5) as bot, redis.Redis.from_url(url) as ops:
         assert bot.predict(MODEL, X).model_version == 1
         wait_subscribed(ops)
         Registry(ops, tmp_path / "artifacts").promote(MODEL, 2)  # the listener's own TLS connection
-        wait_until(lambda: bot.health(MODEL).versions == {2}, message="the worker missed the reload")
+        wait_until(lambda: bot.health(MODEL).versions == {2}, 5, message="the worker missed the reload")
         assert bot.predict(MODEL, X).model_version == 2
 
 
@@ -480,7 +484,7 @@ def listen(redis_server, r):
 
     def start(recorder: Recorder, **options: object) -> ControlListener:
         started.append(ControlListener(redis_server.url, MODEL, recorder, **options).start())
-        wait_until(recorder.connected.is_set, message="the listener did not subscribe")
+        wait_until(recorder.connected.is_set, 5, message="the listener did not subscribe")
         return started[-1]
 
     yield start
@@ -545,10 +549,10 @@ def test_worker_with_a_secret_ignores_unsigned_and_forged_reloads_and_obeys_the_
     signing_registry = Registry(r, settings.artifact_dir, control_secret=SECRET)
     others = subscribers(r)  # the session's server: listeners of other tests may still be there
     with ThreadedWorker(Worker(worker_settings, MODEL)), Client.from_url(settings.redis_url) as bot:
-        wait_until(lambda: bot.health(MODEL).versions == {1})
+        wait_until(lambda: bot.health(MODEL).versions == {1}, 5)
         wait_subscribed(r, others)
         publish_reload(r, MODEL, 1)
         publish_reload(r, MODEL, 1, secret=OTHER_SECRET)
         signing_registry.promote(MODEL, 2)  # a signed reload, published after the two above
-        wait_until(lambda: bot.health(MODEL).versions == {2}, message="the signed reload was not obeyed")
+        wait_until(lambda: bot.health(MODEL).versions == {2}, 5, message="the signed reload was not obeyed")
     assert listeners[0].rejected == {"unauthenticated": 2}

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import redis
-from conftest import MODEL, ThreadedWorker, started, wait_until
+from conftest import MODEL, ThreadedWorker, started, stopped, wait_until
 from test_failover import X, routes_per_shard, serve_sharded
 
 from lab.embedded_redis import EmbeddedCluster
@@ -43,7 +43,7 @@ def cluster() -> Iterator[EmbeddedCluster]:
     cluster = started(EmbeddedCluster(3, node_timeout_ms=NODE_TIMEOUT_MS, full_coverage=False),
                       "Redis Cluster")
     yield cluster
-    cluster.stop()
+    stopped(cluster)
 
 
 def timed_calls(client: Client, model: str, routes: list[str], seconds: float) -> list[float]:
@@ -97,6 +97,7 @@ def pending(r: redis.Redis, shard: int) -> int:
     return int(r.xpending(keys.request_stream(MODEL, shard), keys.consumer_group(MODEL))["pending"])
 
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, four of 5 s (a shard's retries are 0.5 s apart at most)
 def test_a_shard_whose_reply_transaction_fails_keeps_its_batch_and_does_not_hold_the_others(
         r, settings, production):
     worker = Worker(settings.with_overrides(overlap_io=False), MODEL, shards=(0, 1, 2))
@@ -114,19 +115,19 @@ def test_a_shard_whose_reply_transaction_fails_keeps_its_batch_and_does_not_hold
     threaded = ThreadedWorker(worker)
     with threaded:
         send(r, "s1", 1)
-        wait_until(lambda: len(attempts) >= 2, message="shard 1's reply transaction was not retried")
+        wait_until(lambda: len(attempts) >= 2, 5, message="shard 1's reply transaction was not retried")
         send(r, "s0", 0)
         send(r, "s2", 2)
-        wait_until(lambda: answered(r, "s0", 0) and answered(r, "s2", 2),
+        wait_until(lambda: answered(r, "s0", 0) and answered(r, "s2", 2), 5,
                    message="shards 0 and 2 were not served while shard 1's write failed")
         assert "shard 1" in worker.problems, worker.problems
         assert not answered(r, "s1", 1) and pending(r, 1) == 1, "acked or answered without its reply"
         worker.stop()
         retries = len(attempts)
-        wait_until(lambda: len(attempts) >= retries + 2, message="a stopping worker gave up the write")
+        wait_until(lambda: len(attempts) >= retries + 2, 5, message="a stopping worker gave up the write")
         assert threaded.thread.is_alive(), "stopped with a reply unwritten"
         failing.clear()
-        wait_until(lambda: not threaded.thread.is_alive(), message="did not stop once the write landed")
+        wait_until(lambda: not threaded.thread.is_alive(), 5, message="did not stop once the write landed")
     assert answered(r, "s1", 1)
     assert [pending(r, k) for k in range(3)] == [0, 0, 0]
     assert worker.computed == 3, "a kept batch was computed again"
