@@ -181,10 +181,11 @@ def test_existing_group_is_reused_and_other_group_errors_are_waited_out(r, setti
     worker = Worker(settings, MODEL)
     with pytest.raises(Exception, match="WRONGTYPE"):
         worker.consumer.ensure_group()
-    with ThreadedWorker(worker):  # the worker reports and retries; it does not crash-loop
-        wait_until(lambda: "WRONGTYPE" in worker.problems.get("redis", ""), message="not reported")
+    # The worker reports and retries; it does not crash-loop (nor heartbeat: nothing to wait for).
+    with ThreadedWorker(worker, wait_s=0):
+        wait_until(lambda: "WRONGTYPE" in worker.problems.get("redis", ""), 5, message="not reported")
         r.delete(keys.request_stream(MODEL))
-        wait_until(lambda: "redis" not in worker.problems and worker.slot.loaded is not None,
+        wait_until(lambda: "redis" not in worker.problems and worker.slot.loaded is not None, 5,
                    message="never started once the key was fixed")
 
 
@@ -226,7 +227,7 @@ def test_invalid_reply_to_is_dead_lettered_not_written_anywhere(r, settings, pro
 
 
 
-def wait_for_reply(r, request_id, timeout_s=10.0):
+def wait_for_reply(r, request_id, timeout_s=5.0):
     wait_until(lambda: r.exists(keys.reply_key(MODEL, request_id)), timeout_s,
                message=f"no reply for {request_id} within {timeout_s} s")
     return reply(r, request_id)
@@ -240,17 +241,19 @@ def test_stream_deleted_under_a_running_worker_is_recreated(r, settings, product
         r.delete(keys.request_stream(MODEL))  # the blocked read fails: UNBLOCKED / NOGROUP
         # Nothing else writes the stream: it exists again once the worker has recreated its group.
         stream = keys.request_stream(MODEL)
-        wait_until(lambda: r.exists(stream) and r.xinfo_groups(stream),
+        wait_until(lambda: r.exists(stream) and r.xinfo_groups(stream), 5,
                    message="the worker did not recreate the stream and its group")
         send(r, "after")
         assert wait_for_reply(r, "after")["ok"]
 
 
 # max_batch 1: every batch is full, so every reply transaction also reads the next entries (prefetch).
+# Waits: the server's start 5 s, twice, and stop 5 s, twice; the worker's 10 s; three of 5 s: 45 s.
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("max_batch", [32, 1])
 def test_worker_survives_a_redis_restart(registry, production, caplog, max_batch):
     caplog.set_level(logging.WARNING, logger="worker.worker")
-    server = EmbeddedRedis().start()
+    server = EmbeddedRedis().start(timeout_s=5)
     settings = Settings(redis_url=server.url, artifact_dir=registry.artifact_dir, block_ms=50,
                         max_batch=max_batch)
     client = redis.Redis.from_url(server.url)
@@ -261,9 +264,9 @@ def test_worker_survives_a_redis_restart(registry, production, caplog, max_batch
             assert wait_for_reply(client, "first")["ok"]
             server.stop()
             # The worker meets connection errors and keeps retrying.
-            wait_until(lambda: any("Redis unavailable" in m for m in caplog.messages),
+            wait_until(lambda: any("Redis unavailable" in m for m in caplog.messages), 5,
                        message="the worker did not notice the outage")
-            server = EmbeddedRedis(port=server.port).start()
+            server = EmbeddedRedis(port=server.port).start(timeout_s=5)
             copy_registry(registry.redis, client)
             send(client, "after-restart")
             assert wait_for_reply(client, "after-restart")["ok"]
@@ -277,13 +280,14 @@ def test_worker_and_bot_talk_over_a_unix_socket(registry, production, tmp_path):
     from producer import Client
 
     sock = tmp_path / "redis.sock"
-    server = EmbeddedRedis(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700")).start()
+    server = EmbeddedRedis(extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
+    server.start(timeout_s=5)
     url = f"unix://{sock}?db=0"
     client = redis.Redis.from_url(url)
     copy_registry(registry.redis, client)
     try:
         settings = Settings(redis_url=url, artifact_dir=registry.artifact_dir)
-        with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(url, timeout_s=10) as bot:
+        with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(url, timeout_s=5) as bot:
             assert bot.predict(MODEL, X).model_version == production.version
     finally:
         client.close()
@@ -295,6 +299,7 @@ def copy_registry(source, target):
         target.hset(key, mapping=source.hgetall(key))
 
 
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, three calls of 5 s, 5 s
 def test_low_latency_mode_polls_and_still_answers_and_sleeps_when_idle(r, settings, production):
     """Worker and client poll their sockets for a while after each call; answers are unchanged."""
     from producer import Client
@@ -305,7 +310,7 @@ def test_low_latency_mode_polls_and_still_answers_and_sleeps_when_idle(r, settin
     with ThreadedWorker(worker), Client.from_url(settings.redis_url, timeout_s=5.0, spin_ms=20.0) as client:
         first = client.predict(MODEL, X)
         # Set once the worker has the transaction's answer, which may be after the bot has its reply.
-        wait_until(lambda: worker.consumer.spin_until > 0, message="no polling window after the batch")
+        wait_until(lambda: worker.consumer.spin_until > 0, 5, message="no polling window after the batch")
         # Within the window the worker is polling; the next request is answered all the same.
         assert client.predict(MODEL, X).model_version == first.model_version == 1
         assert spun, "no read polled"

@@ -93,12 +93,12 @@ def test_a_model_call_longer_than_the_heartbeat_ttl_is_neither_taken_over_nor_co
     try:
         with ThreadedWorker(Worker(s, MODEL)) as busy:
             send(r, "slow")
-            wait_until(started.is_set, message="the call did not start")
+            wait_until(started.is_set, 5, message="the call did not start")
             # The other worker's checks, over and over until the call ends; any take-over ends the loop.
-            taken = wait_until(lambda: other.take_over() + other.reclaim() or finished.is_set(), 30,
-                               interval_s=0.05)
+            taken = wait_until(lambda: other.take_over() + other.reclaim() or finished.is_set(),
+                               call_s + 7, interval_s=0.05)
             assert taken is True, f"{taken} entries taken from a live worker in a long call"
-            wait_until(lambda: r.llen(keys.reply_key(MODEL, "slow")), message="no reply")
+            wait_until(lambda: r.llen(keys.reply_key(MODEL, "slow")), 5, message="no reply")
         assert len(made) == 1, "computed once"
         assert r.llen(keys.reply_key(MODEL, "slow")) == 1
         assert busy.batches == 1

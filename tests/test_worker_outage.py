@@ -67,7 +67,7 @@ def beating(r, worker_id: str, interval_s: float) -> Iterator[threading.Event]:
         thread.join()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(60)  # waits: the worker's 10 s, three of 10 s (the pause is 3 s, the grace 2.2 s)
 def test_an_outage_longer_than_the_ttl_does_not_make_a_live_worker_look_dead(r, settings, production):
     """Redis paused longer than the TTL: nobody could beat. After it, a worker waits an interval and a
     TTL before taking over: the live worker beats again meanwhile and keeps its entries; a worker that
@@ -90,11 +90,11 @@ def test_an_outage_longer_than_the_ttl_does_not_make_a_live_worker_look_dead(r, 
                 grace_end_ms = presence.now_in_ms() + (s.heartbeat_interval_s + s.heartbeat_ttl_s) * 1000
                 # A heartbeat after the grace, and so the take-over check that follows it, has run.
                 wait_until(lambda: (r.zscore(zset, member) or 0) > grace_end_ms + 2 * s.heartbeat_interval_s
-                           * 1000, 15, message="the taker stopped beating")
+                           * 1000, 10, message="the taker stopped beating")
                 assert consumers(r).get("live-worker") == 2, "a live worker's entries were taken over"
                 assert r.llen(keys.reply_key(MODEL, "a0")) == 0
             # Now it is dead for real: taken over once its heartbeat is older than the TTL.
-            wait_until(lambda: r.llen(keys.reply_key(MODEL, "a1")), 15,
+            wait_until(lambda: r.llen(keys.reply_key(MODEL, "a1")), 10,
                        message="a dead worker kept its entries")
     assert [reply(r, f"a{i}")["ok"] for i in range(2)] == [True, True]
 
