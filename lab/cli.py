@@ -161,11 +161,19 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="embedded Redis, train + register, 2 workers, bot load, summary")
+    p = subparsers.add_parser("demo", help="embedded Redis, train + register v1 and v2, worker processes, "
+                              "bot load with a promotion, an experiment; a few minutes on two busy cores")
+    p.add_argument("--full", action="store_true", help="the full-size run: train as `streamserve train` "
+                   "does (6000 samples, 4 epochs) and 4 bots x 1500 predictions per load phase")
     p.add_argument("--processes", type=int, default=2, help="worker processes")
-    p.add_argument("--bots", type=int, default=4, help="bot (producer) processes")
-    p.add_argument("--requests", type=int, default=1500, help="predictions per bot")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--bots", type=int, help="bot (producer) processes (default 2, --full 4)")
+    p.add_argument("--requests", type=int,
+                   help="predictions per bot and load phase (default 1500, as --full)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 2, --full 4)")
+    p.add_argument("--n-train", type=int, help="training samples (default 1024, --full 6000)")
+    p.add_argument("--n-test", type=int, help="held-out samples (default 1000, --full 2000)")
+    p.add_argument("--threads", type=int, help="torch threads while training, at most the cores available "
+                   "(default 1: on busy cores a second one mostly waits; --full 2)")
     p.add_argument("--report-dir", default="var/demo", help="where the experiment plot is written")
     p.set_defaults(func=_demo)
 

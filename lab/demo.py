@@ -1,25 +1,38 @@
-"""``streamserve demo``: the whole story on one machine, with an embedded Redis."""
+"""``streamserve demo``: the whole story on one machine, with an embedded Redis.
+
+Sized to finish in a few minutes on two busy cores (``--full``: the full-size training and load).
+Every phase prints its duration and the demo ends with the total; progress bars are drawn only
+on a terminal, so ``make demo > log`` gets one plain line per phase instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import redis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from experiments import runner
-from experiments.cli import main_report
-from experiments.store import Experiment, ExperimentStore
 from lab.embedded_redis import EmbeddedRedis
 from lab.fleet import Fleet
-from lab.loadgen import LoadSpec, run_load
-from modeltools.train import train_and_register
+from lab.loadgen import LoadResult, LoadSpec, run_load
 from producer import Client
 from protocol import keys
 from protocol.settings import Settings
@@ -27,85 +40,149 @@ from registry import Registry
 from registry.rollout import wait_for_fleet
 
 LABEL_HORIZON_S = 1.0  # the bots report each outcome at once; a short horizon keeps the demo short
+LOOKS_DURING_LOAD = (1 / 3, 2 / 3)  # analyses while the experiment's load runs; one more after it
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much the demo trains and sends."""
+
+    n_train: int
+    n_test: int
+    epochs: int
+    threads: int  # torch's threads while training
+    bots: int  # bot processes
+    requests: int  # predictions per bot, in each of the two load phases
+
+
+# One torch thread: on two cores that other work keeps busy, a second thread mostly waits at
+# every parallel region's barrier for the core it did not get (measured: 1024 samples, 2 epochs,
+# one thread 3.6 s each time, two threads 2.4 s to 13.5 s), and eight took ten times as long.
+QUICK = Size(n_train=1024, n_test=1000, epochs=2, threads=1, bots=2, requests=1500)
+FULL = Size(n_train=6000, n_test=2000, epochs=4, threads=2, bots=4, requests=1500)
+
+
+def size_of(args: argparse.Namespace) -> Size:
+    """``--full`` or the quick size, with any size flag given on the command line on top."""
+    base = FULL if args.full else QUICK
+    given = {name: getattr(args, name) for name in Size.__dataclass_fields__ if getattr(args, name, None)}
+    return replace(base, **given)
+
+
+class Timeline:
+    """Numbered phases, each closed by a line with its duration; bars and spinners only on a terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.started_s = time.perf_counter()
+        self.durations_s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str, title: str) -> Iterator[None]:
+        """Announce phase ``title``; when it ends, print how long ``name`` took."""
+        number = len(self.durations_s) + 1
+        self.console.rule(f"[bold]{number}. {title}")
+        started_s = time.perf_counter()
+        yield
+        self.durations_s[name] = time.perf_counter() - started_s
+        self.console.print(f"[dim]phase {number} ({name}) done in {self.durations_s[name]:.1f} s")
+
+    def bar(self) -> Progress:
+        """A progress bar that draws only on a terminal."""
+        return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=self.console, disable=not self.console.is_terminal)
+
+    def spinner(self, what: str) -> contextlib.AbstractContextManager[Any]:
+        """A spinner with elapsed time while something without steps runs (nothing when piped)."""
+        if not self.console.is_terminal:
+            return contextlib.nullcontext()
+        bar = Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), console=self.console,
+                       transient=True)
+        bar.add_task(what, total=None)
+        return bar
+
+    def finish(self) -> float:
+        """Print the total and each phase's share of it; return the total in seconds."""
+        total_s = time.perf_counter() - self.started_s
+        phases = ", ".join(f"{name} {s:.1f} s" for name, s in self.durations_s.items())
+        self.console.rule()
+        self.console.print(f"[bold]demo total: {total_s:.1f} s[/bold] ({phases})")
+        return total_s
 
 
 def main(args: argparse.Namespace, settings: Settings) -> int:
     """The whole story (``streamserve demo``)."""
     console = Console()
-    with EmbeddedRedis() as server, tempfile.TemporaryDirectory() as tmp:
-        console.rule(f"[bold]1. Redis-compatible server {server.binary.name} on {server.url}")
-        s = settings.with_overrides(redis_url=server.url, artifact_dir=Path(tmp) / "artifacts")
-        console.rule("[bold]2. Train HybridCNNLSTM: v1 to Production, a retrained v2 to Staging")
-        _train(s, args.epochs, seed=0, stage="Production")
-        _train(s, args.epochs, seed=1, stage="Staging")
-        console.rule(f"[bold]3. Start {args.processes} worker processes")
-        fleet = Fleet(s, settings.model, args.processes).start(log_path=str(Path(tmp) / "workers.log"))
-        with Client.from_url(s.redis_url) as client:
-            health = client.health(settings.model)
-        for w in health.workers:
-            console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
-        console.rule(f"[bold]4. {args.bots} bots (1% malformed on purpose); v2 promoted mid-load")
-        promotion = threading.Event()
-        promoter = threading.Thread(target=_promote_when, args=(s, promotion, console))
-        promoter.start()
-        result = _load(s, args, console, promotion)
-        promoter.join()
-        with redis.Redis.from_url(server.url) as client:
-            histogram = client.hgetall(keys.batch_histogram(settings.model))
-        _summary(console, result, {int(k): int(v) for k, v in histogram.items()})
-        console.rule("[bold]5. A 90/10 experiment: champion v2 vs challenger v1, bots report outcomes")
-        exp_result = _experiment(s, args, console)
-        console.rule("[bold]6. Stop the workers (SIGTERM: finish the batch, ack, exit)")
-        code = fleet.stop()
-        console.print(f"worker fleet exited with {code}")
+    size = size_of(args)
+    timeline = Timeline(console)
+    with contextlib.ExitStack() as stack:
+        with timeline.phase("redis", "Start an embedded Redis-compatible server"):
+            server = stack.enter_context(EmbeddedRedis())
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            console.print(f"{server.binary.name} on {server.url}")
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts")
+        _train(timeline, s, size, seed=0, stage="Production")
+        _train(timeline, s, size, seed=1, stage="Staging")
+        n = args.processes
+        with timeline.phase("workers", f"Start {n} worker processes (1 ONNX Runtime thread each)"):
+            with timeline.spinner(f"starting {n} workers: load v1, check its golden outputs"):
+                fleet = Fleet(s, s.model, n, "--intra-op-threads", "1")
+                fleet.start(log_path=str(tmp / "workers.log"))
+            stack.callback(fleet.stop)  # whatever fails later, no worker outlives the demo
+            _show_workers(console, s)
+        result = _promotion_under_load(timeline, s, size)
+        exp_result = _experiment(timeline, s, size, Path(args.report_dir))
+        with timeline.phase("shutdown", "Stop the workers (SIGTERM: finish the batch, ack, exit)"):
+            code = fleet.stop()
+            console.print(f"worker fleet exited with {code}")
+    timeline.finish()
     failures = set(result.errors) | set(exp_result.errors)
     return 0 if code == 0 and not failures - {"INVALID_INPUT"} else 1
 
 
-def _experiment(settings: Settings, args: argparse.Namespace, console):
-    """Run an experiment under bot load with outcomes, analyze it, write the report and plot."""
-    with redis.Redis.from_url(settings.redis_url) as client:
-        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
-        e = ExperimentStore(client, registry).create(settings.model, 2, 1, treatment_share=0.10,
-                                                     unit="request_id", label_horizon_s=LABEL_HORIZON_S)
-        console.print(f"experiment {e.id}: v{e.control_version} (control, 90%) vs "
-                      f"v{e.treatment_version} (treatment, 10%), split by request id; an outcome is due "
-                      f"{e.label_horizon_s:g} s after its request")
-        time.sleep(1.0)  # workers pick the experiment up from the control channel and load v1 beside v2
-        spec = LoadSpec(settings.redis_url, settings.model, requests=args.requests, concurrency=4,
-                        batch_every=5, batch_size=8, report_outcomes=True)
-        result = run_load(spec, args.bots)
-        console.print(f"answered by arm: {dict(result.variants)}; errors: {dict(result.errors) or 'none'}")
-        _wait_until_matured(client, e)
-        decision = runner.run_analysis(client, registry, settings.model)
-        control_n, treatment_n = decision.exposures
-        planned = decision.planned
-        console.print(f"analysis: {control_n} control and {treatment_n} treatment exposures; for a "
-                      f"{e.min_effect_pp:g} pp effect the design plans {planned.get('control', '?')} control "
-                      f"and {planned.get('treatment', '?')} treatment outcomes, so a demo-sized run is "
-                      "expected to CONTINUE (`experiment watch` keeps analysing)")
-        console.print(f"decision: [bold]{decision.decision}[/bold] — {decision.reason}")
-    report_png = Path(args.report_dir) / "experiment-report.png"
-    report_png.parent.mkdir(parents=True, exist_ok=True)
-    main_report(settings, settings.model, report_png)
+def _train(timeline: Timeline, settings: Settings, size: Size, *, seed: int, stage: str) -> None:
+    """Train one version and register it in ``stage`` (v1: Production, v2: Staging)."""
+    version = seed + 1
+    title = (f"Train HybridCNNLSTM v{version} → {stage} ({size.n_train} samples, {size.epochs} epochs, "
+             f"{size.threads} thread{'s' if size.threads > 1 else ''})")
+    with timeline.phase(f"train v{version}", title):
+        with timeline.spinner("importing torch"):
+            from modeltools.cli import TrainingBars
+            from modeltools.train import train_and_register
+        with TrainingBars(timeline.console, f"v{version}") as bars:
+            train_and_register(settings, settings.model, epochs=size.epochs, n_train=size.n_train,
+                               n_test=size.n_test, seed=seed, stage=stage, threads=size.threads,
+                               progress=bars.step, status=bars.status)
+
+
+def _show_workers(console: Console, settings: Settings) -> None:
+    with Client.from_url(settings.redis_url) as client:
+        health = client.health(settings.model)
+    for w in health.workers:
+        console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
+
+
+def _promotion_under_load(timeline: Timeline, settings: Settings, size: Size) -> LoadResult:
+    """Bots send (1 % malformed on purpose); v2 is promoted at 40 % and the fleet switches."""
+    title = f"{size.bots} bots x {size.requests} predictions (1% malformed on purpose); v2 promoted mid-load"
+    with timeline.phase("load + promotion", title):
+        promotion = threading.Event()
+        promoter = threading.Thread(target=_promote_when, args=(settings, promotion, timeline.console))
+        promoter.start()
+        try:
+            spec = LoadSpec(settings.redis_url, settings.model, requests=size.requests, concurrency=4,
+                            batch_every=5, batch_size=8, bad_every=100)
+            result = _load(timeline, spec, size.bots, "predictions", {0.4: promotion.set})
+        finally:
+            promotion.set()  # never leave the promoter waiting
+            promoter.join()
+        with redis.Redis.from_url(settings.redis_url) as client:
+            histogram = client.hgetall(keys.batch_histogram(settings.model))
+        _summary(timeline.console, result, {int(k): int(v) for k, v in histogram.items()})
     return result
 
 
-def _wait_until_matured(client: redis.Redis, e: Experiment) -> None:
-    """Poll until every journaled request's outcome is due, so the analysis counts them all."""
-    due_s = runner.outcomes_due_s(client, e)
-    while runner.redis_now_s(client) < due_s:
-        time.sleep(0.05)
-
-
-def _train(settings: Settings, epochs: int, *, seed: int, stage: str) -> None:
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"training HybridCNNLSTM (seed {seed})", total=epochs)
-        train_and_register(settings, settings.model, epochs=epochs, seed=seed, stage=stage,
-                           progress=lambda done, total: bar.update(task, completed=done))
-
-
-def _promote_when(settings: Settings, go: threading.Event, console) -> None:
+def _promote_when(settings: Settings, go: threading.Event, console: Console) -> None:
     """Promote v2 once the load is under way and show the fleet switching."""
     go.wait()
     with redis.Redis.from_url(settings.redis_url) as client:
@@ -117,25 +194,120 @@ def _promote_when(settings: Settings, go: threading.Event, console) -> None:
                   f"({len(report.switched)} workers; failed: {report.failed or 'none'})")
 
 
-def _load(settings: Settings, args: argparse.Namespace, console, promotion: threading.Event):
-    spec = LoadSpec(settings.redis_url, settings.model, requests=args.requests, concurrency=4,
-                    batch_every=5, batch_size=8, bad_every=100)
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bar:
-        total = spec.requests * args.bots
+def _load(timeline: Timeline, spec: LoadSpec, bots: int, what: str, at: dict[float, Any]) -> LoadResult:
+    """Run the bots with a bar; call ``at[f]()`` once when the share ``f`` of the predictions is answered."""
+    total = spec.requests * bots
+    pending = sorted(at.items())
+    done = [0]
 
-        def advance(n: int) -> None:
-            bar.advance(task, n)
-            if bar.tasks[0].completed >= total * 0.4:
-                promotion.set()
+    def advance(n: int) -> None:
+        bar.advance(task, n)
+        done[0] += n
+        while pending and done[0] >= total * pending[0][0]:
+            pending.pop(0)[1]()
 
-        task = bar.add_task("predictions", total=total)
-        result = run_load(spec, args.bots, on_progress=advance)
-    promotion.set()  # never leave the promoter waiting
+    with timeline.bar() as bar:
+        task = bar.add_task(what, total=total)
+        return run_load(spec, bots, on_progress=advance)
+
+
+def _experiment(timeline: Timeline, settings: Settings, size: Size, report_dir: Path) -> LoadResult:
+    """An experiment under bot load with outcomes, analysed during and after it, its report and plot."""
+    title = "A 90/10 experiment: champion v2 vs challenger v1, bots report outcomes"
+    with timeline.phase("experiment", title):
+        with timeline.spinner("importing the analysis (scipy)"):
+            from experiments import runner  # noqa: F401  (imported here, under a spinner: it takes a while)
+            from experiments.store import ExperimentStore
+        with redis.Redis.from_url(settings.redis_url) as client:
+            registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
+            e = ExperimentStore(client, registry).create(settings.model, 2, 1, treatment_share=0.10,
+                                                         unit="request_id", label_horizon_s=LABEL_HORIZON_S)
+        timeline.console.print(
+            f"experiment {e.id}: v{e.control_version} (control, 90%) vs v{e.treatment_version} (treatment, "
+            f"10%), split by request id; an outcome is due {e.label_horizon_s:g} s after its request; "
+            f"analysed at {', '.join(f'{f:.0%}' for f in LOOKS_DURING_LOAD)} of the load and after it")
+        time.sleep(1.0)  # workers pick the experiment up from the control channel and load v1 beside v2
+        result = _experiment_load(timeline, settings, size)
+        _final_analysis(timeline, settings)
+        report_png = report_dir / "experiment-report.png"
+        report_png.parent.mkdir(parents=True, exist_ok=True)
+        with timeline.spinner("plotting the report"):
+            from experiments.cli import main_report
+
+            main_report(settings, settings.model, report_png)
     return result
 
 
-def _summary(console, result, histogram: dict[int, int]) -> None:
+def _experiment_load(timeline: Timeline, settings: Settings, size: Size) -> LoadResult:
+    spec = LoadSpec(settings.redis_url, settings.model, requests=size.requests, concurrency=4,
+                    batch_every=5, batch_size=8, report_outcomes=True)
+    analyst = Analyst(settings, timeline.console)
+    analyst.start()
+    try:
+        result = _load(timeline, spec, size.bots, "predictions with outcomes",
+                       {f: analyst.request for f in LOOKS_DURING_LOAD})
+    finally:
+        analyst.finish()
+    errors = dict(result.errors) or "none"
+    timeline.console.print(f"answered by arm: {dict(result.variants)}; errors: {errors}")
+    return result
+
+
+class Analyst(threading.Thread):
+    """Analyses the experiment when asked, beside the load, so the bots' progress never waits on it."""
+
+    def __init__(self, settings: Settings, console: Console) -> None:
+        super().__init__(name="demo-analyst", daemon=True)
+        self.settings, self.console = settings, console
+        self.asked: queue.Queue[bool] = queue.Queue()
+
+    def request(self) -> None:
+        """Ask for one more analysis (returns at once)."""
+        self.asked.put(True)
+
+    def finish(self) -> None:
+        """Wait for the analyses asked for so far."""
+        self.asked.put(False)
+        self.join()
+
+    def run(self) -> None:
+        while self.asked.get():
+            _analyse(self.settings, self.console, "during the load")
+
+
+def _final_analysis(timeline: Timeline, settings: Settings) -> None:
+    """Once every request's outcome is due, analyse them all."""
+    from experiments import runner
+    from experiments.store import ExperimentStore
+
+    with timeline.spinner("waiting for the last outcomes to mature"), \
+            redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
+        e = ExperimentStore(client, registry).get(settings.model)
+        due_s = runner.outcomes_due_s(client, e) if e is not None else 0.0
+        while runner.redis_now_s(client) < due_s:
+            time.sleep(0.05)
+    _analyse(settings, timeline.console, "after the load", explain=True)
+
+
+def _analyse(settings: Settings, console: Console, when: str, *, explain: bool = False) -> None:
+    """Run one analysis (a decision record in the experiment's audit trail) and print it."""
+    from experiments import runner
+
+    with redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
+        decision = runner.run_analysis(client, registry, settings.model)
+    control_n, treatment_n = decision.exposures
+    console.print(f"analysis {when}: {control_n} control and {treatment_n} treatment exposures; "
+                  f"decision [bold]{decision.decision}[/bold] — {decision.reason}")
+    if explain:
+        planned = decision.planned
+        console.print(f"the design plans {planned.get('control', '?')} control and "
+                      f"{planned.get('treatment', '?')} treatment outcomes, so a demo-sized run is expected "
+                      "to CONTINUE (`experiment watch` keeps analysing)")
+
+
+def _summary(console: Console, result: LoadResult, histogram: dict[int, int]) -> None:
     table = Table(title="demo summary")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -6,12 +6,18 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modeltools.optimizer import EvalData
 from protocol import connection
 from protocol.settings import Settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from modeltools.reference import Step
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="registry name (default: the `model` setting)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--n-test", type=int, default=2000, help="held-out samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: the cores this process may use)")
     p.add_argument("--stage", default="Production", choices=["None", "Staging", "Production"])
     p.set_defaults(func=_train)
     p = subparsers.add_parser("optimize", help="ONNX / optimized / INT8 variants of a version, "
@@ -40,17 +48,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from rich.progress import Progress
+    from rich.console import Console
 
     from modeltools.train import train_and_register
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("training HybridCNNLSTM", total=args.epochs)
+    with TrainingBars(Console(), "training HybridCNNLSTM") as bars:
         mv = train_and_register(settings, args.model or settings.model, epochs=args.epochs,
-                                n_train=args.n_train, seed=args.seed, stage=args.stage,
-                                progress=lambda done, total: bar.update(task, completed=done))
+                                n_train=args.n_train, n_test=args.n_test, seed=args.seed, stage=args.stage,
+                                threads=args.threads, progress=bars.step, status=bars.status)
     print(f"registered {mv!r}")
     return 0
+
+
+class TrainingBars:
+    """Rich bars for one training run: epochs, and batches within the epoch so that a slow machine
+    still shows movement; then a spinner per export and registration step.
+
+    Drawn only on a terminal: piped to a file, the caller's own lines say what happened.
+    """
+
+    def __init__(self, console: Console, label: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+                                 disable=not console.is_terminal)
+        self.label = label
+        self.epochs = self.progress.add_task(f"{label}: epochs", total=None)
+        self.batches = self.progress.add_task("batches", total=None)
+        self.after = self.progress.add_task("", total=None, visible=False)
+
+    def step(self, s: Step) -> None:
+        """After each batch (``train``'s ``progress``)."""
+        self.progress.update(self.epochs, total=s.epochs, completed=s.epoch - 1 + (s.batch == s.batches))
+        self.progress.update(self.batches, description=f"epoch {s.epoch}: batches", total=s.batches,
+                             completed=s.batch)
+
+    def status(self, what: str) -> None:
+        """A step after training (``train_and_register``'s ``status``)."""
+        self.progress.update(self.epochs, visible=False)
+        self.progress.update(self.batches, visible=False)
+        self.progress.update(self.after, description=f"{self.label}: {what}", visible=True)
+
+    def __enter__(self) -> TrainingBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
 
 
 def reference_data(mv) -> EvalData:
