@@ -22,6 +22,7 @@ def test_synthetic_data_has_a_learnable_signal_and_is_seeded():
     assert (predicted == y).mean() > 0.5
 
 
+@pytest.mark.timeout(60)  # about 9 s on 2 busy cores
 def test_onnx_export_matches_torch_at_several_batch_sizes(tmp_path):
     torch.manual_seed(0)
     model = reference.HybridCNNLSTM().eval()
