@@ -133,7 +133,8 @@ def test_a_batch_is_assembled_where_the_backend_stages_it(model_path, twin):
     requests = [messages.decode_request(f"1-{i}", entry(f"r{i}", x), max_bytes=1 << 24)
                 for i, x in enumerate((X[:1], X[1:3], X[:1]))]
     loaded = SimpleNamespace(backend=Staging(), spec=InputSpec({"features": {"dtype": "float32",
-                                                                              "shape": [60, 110]}}))
+                                                                              "shape": [60, 110]}}),
+                             version=SimpleNamespace(labels=None))  # the call checks the labels too
     out = BatchProcessor._call(loaded, requests)
     assert np.shares_memory(seen[0], staged), "the batch was assembled in the staged buffer"
     np.testing.assert_array_equal(staged, np.concatenate([X[:1], X[1:3], X[:1]]))
