@@ -41,6 +41,7 @@ def test_predict_many_pipelines_and_keeps_order(client, settings, production, mo
                                    rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.timeout(60)  # worker start 10 s and two calls of up to 10 s
 def test_predict_many_returns_errors_in_place(client, settings, production):
     windows = [X, X[:, :10], X]
     with ThreadedWorker(Worker(settings, MODEL)):

@@ -2,6 +2,7 @@
 
 import models
 import numpy as np
+import pytest
 from conftest import MODEL, ThreadedWorker, wait_until
 
 from experiments import runner
@@ -12,6 +13,7 @@ from streamserve.cli import main
 from worker.worker import Worker
 
 
+@pytest.mark.timeout(90)  # worker start 10 s, calls 10 s each, maturing 12 s, fleet switch 10 s
 def test_analysis_promotes_the_better_arm_and_the_fleet_switches(r, settings, registry, tmp_path,
                                                                  production, capsys):
     v2 = registry.register(MODEL, models.linear_softmax(tmp_path / "v2.onnx", seed=2),

@@ -65,7 +65,7 @@ def test_outside_requests_are_answered_by_the_control_and_journaled_nowhere(
         send(r, i)
     batch = [X] * 40
     future = call(settings.redis_url, "predict_many", MODEL, batch, experiment=False)
-    wait_until(lambda: r.xlen(keys.request_stream(MODEL)) == len(inside) + len(batch), 15)
+    wait_until(lambda: r.xlen(keys.request_stream(MODEL)) == len(inside) + len(batch), 5)
     Worker(settings, MODEL, burst=True).run()
     outside = future.result(timeout=15)
 
@@ -85,7 +85,7 @@ def test_outside_requests_are_answered_by_the_control_and_journaled_nowhere(
 
 def test_a_single_outside_predict_with_no_experiment_says_none(r, settings, production, call):
     future = call(settings.redis_url, "predict", MODEL, X, experiment=False)
-    wait_until(lambda: r.xlen(keys.request_stream(MODEL)) == 1, 15)
+    wait_until(lambda: r.xlen(keys.request_stream(MODEL)) == 1, 5)
     Worker(settings, MODEL, burst=True).run()
     p = future.result(timeout=15)
     assert (p.model_version, p.variant, p.in_experiment) == (production.version, "none", False)

@@ -34,7 +34,7 @@ def status(settings, capsys):
 
 def test_a_served_model_in_json(settings, client, production, status):
     with ThreadedWorker(Worker(settings, MODEL)) as worker:
-        wait_for_workers(client, 1)
+        wait_for_workers(client, 1, 5)
         client.predict(MODEL, X)
         code, out = status("--json")
     doc = json.loads(out)
@@ -88,7 +88,7 @@ def test_human_output_is_kept_and_has_the_same_exit_status(settings, client, pro
     assert code == 1 and out.startswith(f"{MODEL}: Production v{production.version}; stream length 0, "
                                         "pending 0, lag 0, dead letters 0")
     with ThreadedWorker(Worker(settings, MODEL)) as worker:
-        wait_for_workers(client, 1)
+        wait_for_workers(client, 1, 5)
         code, out = status()
     assert code == 0 and worker.worker_id in out and f"pid {os.getpid()}" in out
 

@@ -24,6 +24,9 @@ from protocol.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 RETRY_DELAY_S = 1.0
+# How often the listener looks at its stop event while no message comes: a stopping worker waits at
+# most this for its listener thread (an idle wake-up costs microseconds).
+STOP_POLL_S = 0.2
 REJECTION_REASONS = ("malformed", "unauthenticated", "error")
 
 
@@ -70,7 +73,7 @@ class ControlListener:
             pubsub.subscribe(keys.control_channel())
             self.on_command(None)  # (re)connected: whatever we missed, reconcile now
             while not self.stopping.is_set():
-                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=STOP_POLL_S)
                 if message is not None:
                     self._dispatch(message["data"])
 
