@@ -172,8 +172,41 @@ def _drain(progress: mp.Queue[int], on_progress: Callable[[int], object] | None)
             on_progress(n)
 
 
+def _check_alive(bots: list, what: str) -> None:
+    dead = [b for b in bots if b.exitcode not in (None, 0)]
+    if dead:
+        raise RuntimeError(f"bot process {dead[0].pid} exited with code {dead[0].exitcode} before it {what}")
+
+
+# A bot puts its report on the queue, then exits: the report may show up a moment after the exit.
+REPORT_AFTER_EXIT_S = 5.0
+
+
+def _collect(bots: list, results, progress, on_progress) -> list[dict[str, Any]]:
+    """Every bot's report, draining progress meanwhile; a bot that exits without one raises."""
+    reports: list[dict[str, Any]] = []
+    all_exited_at: float | None = None
+    while len(reports) < len(bots):
+        _drain(progress, on_progress)
+        try:
+            reports.append(results.get(timeout=0.05))
+            continue
+        except Exception:  # queue.Empty: keep draining progress
+            pass
+        _check_alive(bots, "reported")
+        if all(b.exitcode is not None for b in bots):
+            all_exited_at = all_exited_at or time.monotonic()
+            if time.monotonic() - all_exited_at > REPORT_AFTER_EXIT_S:
+                raise RuntimeError(f"{len(bots) - len(reports)} bot processes exited without a report")
+    _drain(progress, on_progress)  # the last counts may arrive after the last report
+    return reports
+
+
 def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
-    """Run ``processes`` bots of ``spec`` each and wait for all; ``on_progress(n)`` per reply."""
+    """Run ``processes`` bots of ``spec`` each and wait for all; ``on_progress(n)`` per reply.
+
+    A bot process that dies before it is ready or before it reports raises ``RuntimeError``
+    instead of leaving the caller waiting forever."""
     ctx = mp.get_context("spawn")
     progress, results = ctx.Queue(), ctx.Queue()
     ready, gate = ctx.Semaphore(0), ctx.Event()
@@ -182,17 +215,11 @@ def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
     for bot in bots:
         bot.start()
     for _ in bots:
-        ready.acquire()
+        while not ready.acquire(timeout=0.5):
+            _check_alive(bots, "started")
     gate.set()
     total = LoadResult()
-    reports: list[dict[str, Any]] = []
-    while len(reports) < processes:
-        _drain(progress, on_progress)
-        try:
-            reports.append(results.get(timeout=0.05))
-        except Exception:  # queue.Empty: keep draining progress
-            continue
-    _drain(progress, on_progress)  # the last counts may arrive after the last report
+    reports = _collect(bots, results, progress, on_progress)
     total.elapsed_s = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
     for bot in bots:
         bot.join()
