@@ -106,7 +106,7 @@ class Timeline:
         total_s = time.perf_counter() - self.started_s
         phases = ", ".join(f"{name} {s:.1f} s" for name, s in self.durations_s.items())
         self.console.rule()
-        self.console.print(f"[bold]demo total: {total_s:.1f} s[/bold] ({phases})")
+        self.console.print(f"[bold]demo total: {total_s:.1f} s[/bold] ({phases})", soft_wrap=True)
         return total_s
 
 

@@ -81,15 +81,16 @@ class TrainingBars:
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
                                  disable=not console.is_terminal)
         self.label = label
-        self.epochs = self.progress.add_task(f"{label}: epochs", total=None)
-        self.batches = self.progress.add_task("batches", total=None)
+        self.epochs = self.progress.add_task(f"{label}: generating the data", total=None)
+        self.batches = self.progress.add_task("batches", total=None, visible=False)
         self.after = self.progress.add_task("", total=None, visible=False)
 
     def step(self, s: Step) -> None:
         """After each batch (``train``'s ``progress``)."""
-        self.progress.update(self.epochs, total=s.epochs, completed=s.epoch - 1 + (s.batch == s.batches))
+        self.progress.update(self.epochs, description=f"{self.label}: epochs", total=s.epochs,
+                             completed=s.epoch - 1 + (s.batch == s.batches))
         self.progress.update(self.batches, description=f"epoch {s.epoch}: batches", total=s.batches,
-                             completed=s.batch)
+                             completed=s.batch, visible=True)
 
     def status(self, what: str) -> None:
         """A step after training (``train_and_register``'s ``status``)."""
