@@ -71,7 +71,12 @@ def _effect(record: dict) -> str:
     if t is None:
         return "-"
     value, low, high = (number(t.get(k)) for k in ("estimate", "ci_low", "ci_high"))
-    return f"{t.get('metric', '')} {value:+.3g} [{low:+.3g}, {high:+.3g}] {t.get('units', '')}"
+    metric, units = t.get("metric", ""), t.get("units", "")
+    if not math.isfinite(value):
+        return f"{metric}: no outcomes yet"
+    if not (math.isfinite(low) and math.isfinite(high)):  # too few clusters for an interval yet
+        return f"{metric} {value:+.3g} (no interval yet) {units}"
+    return f"{metric} {value:+.3g} [{low:+.3g}, {high:+.3g}] {units}"
 
 
 # ---- the figure ---------------------------------------------------------------------------

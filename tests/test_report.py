@@ -228,3 +228,17 @@ def test_plot_decisions_writes_the_png_and_returns_its_figure(tmp_path):
     fig = report.plot_decisions(trail("one analysis").records, png, start_s=START_S, treatment_share=SHARE)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert isinstance(fig, Figure) and len(fig.axes) == 8  # the decision strip and seven metric panels
+
+
+def test_the_printed_audit_trail_says_nan_or_inf_nowhere(capsys):
+    """The demo's first analyses come before any outcome matured or any interval is finite."""
+    early = {"metric": "hit_rate", "role": "primary", "estimate": float("nan"), "ci_low": float("-inf"),
+             "ci_high": float("inf"), "units": "pp"}
+    wide = {**early, "estimate": 8.96}
+    records = json.loads(json.dumps([
+        {"look": 0, "decision": "CONTINUE", "reason": "", "now_s": START_S + 60 * k, "info_fraction": 0.0,
+         "units": [10, 1], "tests": [t]} for k, t in ((1, early), (2, wide))]))
+    report.print_decisions(records, START_S)
+    out = capsys.readouterr().out
+    assert "hit_rate: no outcomes yet" in out and "hit_rate +8.96 (no interval yet)" in out
+    assert not NAN_OR_INF.search(out), out
