@@ -117,6 +117,7 @@ class Panel:
     mirrored: bool = False  # the reference holds at ± (a tolerance)
     per_look: bool = False  # the reference is tested once a look (a boundary), not at every analysis
     empty: str = "no data: not measured in these analyses"  # said in the panel when ``value`` is all NaN
+    infinite_reference: bool = False  # tested, but the threshold was infinite (too few clusters)
 
 
 def decision_panels(records: Sequence[dict], *, start_s: float, treatment_share: float) -> list[Panel]:
@@ -177,7 +178,8 @@ def _z_panel(minutes: np.ndarray, rows: Sequence[dict], boundary: Sequence[dict]
                  "z (standard errors, cluster-robust)", minutes, _column(rows, "statistic"), "z",
                  nothing, nothing, _column(boundary, "threshold"),
                  "O'Brien-Fleming boundary (tested once a look)", per_look=True,
-                 empty=f"no data: no z without a {metric} effect")
+                 empty=f"no data: no z without a {metric} effect",
+                 infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in boundary))
 
 
 def _srm_panel(minutes: np.ndarray, rows: Sequence[dict], treatment_share: float) -> Panel:
@@ -294,7 +296,10 @@ def _reference(ax: Axes, p: Panel) -> None:
     """
     finite = np.isfinite(p.reference) & np.isfinite(p.minutes)
     if not finite.any():
-        if p.per_look and np.isfinite(p.value).any():
+        if p.infinite_reference:  # tested, but with fewer than 2 clusters (df < 1): nothing to draw
+            _say(ax, "boundary infinite at the looks so far: too few clusters (time blocks or units) "
+                     "for a t boundary", 0.85)
+        elif p.per_look and np.isfinite(p.value).any():
             _say(ax, "no planned look reached yet: the boundary is tested from the first look", 0.85)
         return
     levels = np.unique(p.reference[finite])

@@ -242,3 +242,16 @@ def test_the_printed_audit_trail_says_nan_or_inf_nowhere(capsys):
     out = capsys.readouterr().out
     assert "hit_rate: no outcomes yet" in out and "hit_rate +8.96 (no interval yet)" in out
     assert not NAN_OR_INF.search(out), out
+
+
+def test_an_infinite_boundary_is_named_not_called_unreached():
+    """With fewer than two clusters (a demo-length run split by request) the look is tested against an
+    infinite t boundary: the z panel says so instead of claiming no look was reached."""
+    primary = {"metric": "hit_rate", "role": "primary", "estimate": 8.0, "ci_low": -200.0, "ci_high": 210.0,
+               "statistic": 3.4, "units": "pp"}
+    bound = {"metric": "hit_rate", "role": "boundary", "statistic": 3.4, "threshold": float("inf")}
+    records = json.loads(json.dumps([{"look": 1, "decision": "CONTINUE", "reason": "",
+                                      "now_s": START_S + 5 * k, "tests": [primary, bound]} for k in (1, 2)]))
+    z_panel = figure_of(records).axes[2]
+    assert [t.get_text() for t in z_panel.texts] == ["boundary infinite at the looks so far: too few clusters (time blocks "
+                                     "or units) for a t boundary"]
