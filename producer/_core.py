@@ -110,6 +110,8 @@ class Pending:
     fields: Fields
     deadline_s: float
     stream: str = ""
+    rows: int = 1  # samples the request carries: every output of its reply must have as many
+    single: bool = True  # one bare sample (the client added the batch axis): its reply is unbatched
 
 
 def new_token() -> str:
@@ -124,7 +126,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     """Entry fields for one request; a bare array without a batch axis gets one (N = 1).
 
     ``sample_ndim`` is the rank of one sample; ``None`` means "treat the array as a
-    single sample" (the usual bot call with a (60, 110) window). A caller-supplied
+    single sample" (the usual bot call with a (60, 110) window). Where the axis was added here,
+    the reply's outputs come back without it (``Pending.single``). A caller-supplied
     ``request_id`` is checked and gets a random reply token of its own, so its reply
     key is never one an earlier call (or another bot) used. ``resend`` marks a request
     sent again under the id of one that may have been queued (see ``Interrupted``).
@@ -139,7 +142,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     inputs = features if isinstance(features, dict) else {DEFAULT_INPUT: features}
     arrays = {name: np.asarray(a) for name, a in inputs.items()}
     first = next(iter(arrays.values()))
-    if sample_ndim is None or first.ndim == sample_ndim:
+    single = sample_ndim is None or first.ndim == sample_ndim
+    if single:
         arrays = {name: a[np.newaxis] for name, a in arrays.items()}
     if request_id is None:
         request_id = new_token()
@@ -150,7 +154,8 @@ def prepare(target: Target, features: Features, *, route: str, timeout_s: float,
     fields = messages.encode_request(request_id, arrays, deadline_ms=int(deadline_s * 1000),
                                      route=route, reply_to=reply_to, resend=resend, experiment=experiment)
     reply_key = keys.reply_key(target.model, reply_to or request_id, target.shard)
-    return Pending(request_id, reply_key, fields, deadline_s, target.stream)
+    rows = int(first.shape[0]) if not single and first.ndim else 1
+    return Pending(request_id, reply_key, fields, deadline_s, target.stream, rows, single)
 
 
 def check_call(timeout_s: float, max_timeout_s: float, request_id: str | None = None,
@@ -193,6 +198,18 @@ def parse(payload: bytes) -> messages.Prediction | ReplyError:
         return e
 
 
+def shaped(result: messages.Prediction | ReplyError, pending: Pending) -> messages.Prediction | ReplyError:
+    """A reply as the call that sent ``pending`` sees it (:func:`protocol.messages.shaped`): a
+    single-sample call's outputs without the batch axis; a reply whose rows do not match the
+    request's is malformed (the ``InvalidInput`` returned)."""
+    if isinstance(result, ReplyError):
+        return result
+    try:
+        return messages.shaped(result, pending.rows, single=pending.single)
+    except ReplyError as e:
+        return e
+
+
 def unwrap(result: messages.Prediction | ReplyError) -> messages.Prediction:
     """Return a prediction, raise an error."""
     if isinstance(result, ReplyError):
@@ -231,7 +248,7 @@ class Gatherer:
         self.pendings = pendings
         self.timeout_s = timeout_s
         self.reply_key = pendings[0].reply_key if pendings else ""
-        self.wanted = {p.request_id for p in pendings}
+        self.wanted = {p.request_id: p for p in pendings}
         self.results: dict[str, messages.Prediction | ReplyError] = {}
         self.deadline_s = max((p.deadline_s for p in pendings), default=0.0)
 
@@ -250,8 +267,10 @@ class Gatherer:
             if not isinstance(payload, bytes):
                 continue  # not a reply at all (the list holds what anyone with access pushed)
             result = parse(payload)
-            if result.request_id in self.wanted:
-                self.results.setdefault(result.request_id, result)
+            request_id = result.request_id or ""
+            pending = self.wanted.get(request_id)
+            if pending is not None and request_id not in self.results:
+                self.results[request_id] = shaped(result, pending)
 
     def done(self) -> bool:
         """All replies in, or out of time."""

@@ -50,8 +50,8 @@ class AsyncClient:
                       timeout_s: float | None = None, sample_ndim: int | None = None,
                       request_id: str | None = None, lane: str = "live", resend: bool = False,
                       experiment: bool = True) -> Prediction:
-        """One request; the XADD and the wait in one round trip. Same arguments and errors as
-        :meth:`producer.Client.predict`."""
+        """One request; the XADD and the wait in one round trip. Same arguments, reply shapes
+        and errors as :meth:`producer.Client.predict`."""
         timeout_s = _core.check_call(timeout_s or self.timeout_s, self.max_timeout_s, request_id, resend)
         deadline_s = time.time() + timeout_s  # the caller's clock starts now, before the state read
         target = await self._target(model, route, lane, timeout_s)

@@ -69,6 +69,9 @@ class Client:
                 experiment: bool = True) -> Prediction:
         """One request (one sample, or N if ``sample_ndim`` says the array has a batch axis).
 
+        One sample (a bare array or dict of arrays, the batch axis added here): the reply's
+        ``outputs`` have their per-sample shapes and ``p.value`` / ``p.label`` read them. N rows:
+        the outputs keep their axis of N, and ``p.values`` / ``p.labels`` hold one entry per row.
         The XADD and the wait go in one round trip. Raises the ``ReplyError`` subclass
         matching the reply's code, ``DeadlineExceeded`` when no reply came within
         ``timeout_s``, ``Overloaded`` at once when Redis is out of memory or when the
@@ -100,7 +103,8 @@ class Client:
                      resend: bool = False, experiment: bool = True) -> list[Prediction | ReplyError]:
         """Many single-sample requests: every XADD in one pipelined round trip, replies gathered.
 
-        The requests share one reply list, so collecting N replies costs a few round
+        One ``Prediction`` per sample, each as a single-sample :meth:`predict` returns it (outputs
+        without the batch axis). The requests share one reply list, so collecting N replies costs a few round
         trips, not N; they all go to one shard (``route``'s, or the next round-robin
         one). With ``return_exceptions`` a failed request's error takes its place in the
         list; otherwise the first error is raised. ``Overloaded`` and ``Unavailable``

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -197,7 +197,16 @@ def encode_error(
 
 @dataclass(frozen=True)
 class Prediction:
-    """A successful reply, as the bot sees it."""
+    """A successful reply, as the bot sees it.
+
+    ``outputs`` maps each output's name to its array, in the version's output order. For a call
+    that sent one sample as a bare array (the client added its batch axis; ``single``), each
+    output has its **per-sample** shape, the batch axis removed: a classifier's ``probs`` is
+    ``(3,)``, a scalar regression output ``()``. For a call that sent N rows (``sample_ndim``),
+    every output keeps its leading axis of N. ``labels`` / ``confidences`` (one per row, from the
+    first output) are there only when the version has labels. :attr:`value` / :meth:`value_of`
+    read one sample's output; :attr:`values` / :meth:`values_of` every row's.
+    """
 
     request_id: str
     model: str
@@ -211,6 +220,9 @@ class Prediction:
     # "control" / "treatment": the arm that answered; "none": served outside any experiment, as the
     # request asked; "": untagged (no experiment active, or a worker that predates the field).
     variant: str = ""
+    # True: the call sent one bare sample and ``outputs`` have their per-sample shapes; False: the
+    # call sent rows with a batch axis (``sample_ndim``), which ``outputs`` keep.
+    single: bool = False
 
     @property
     def in_experiment(self) -> bool:
@@ -227,15 +239,81 @@ class Prediction:
         """The confidence (max probability) of a single-sample request."""
         return self._single(self.confidences, "confidence")
 
+    @property
+    def output_names(self) -> list[str]:
+        """The outputs' names, in the version's order; the first is the one labels come from."""
+        return list(self.outputs)
+
+    @property
+    def n_rows(self) -> int:
+        """Samples the reply answers: 1 for a single-sample call, else the outputs' leading axis."""
+        if self.single:
+            return 1
+        first = next(iter(self.outputs.values()), None)
+        return len(self.labels) if first is None or first.ndim == 0 else int(first.shape[0])
+
+    @property
+    def value(self) -> float | np.ndarray:
+        """One sample's value of the first output (see :meth:`value_of`)."""
+        return self.value_of(self._first_output())
+
+    @property
+    def values(self) -> np.ndarray:
+        """Every row's values of the first output (see :meth:`values_of`)."""
+        return self.values_of(self._first_output())
+
+    def value_of(self, name: str) -> float | np.ndarray:
+        """Output ``name`` of a one-row reply: a Python float when its per-sample shape is ``()`` or
+        ``[1]``, else an array of the per-sample shape (1-D for a vector). ``ValueError`` for N != 1."""
+        rows = self.values_of(name)
+        if len(rows) != 1:
+            raise ValueError(f"value needs exactly one sample; have {len(rows)} (use values)")
+        one = rows[0]
+        return float(one) if one.ndim == 0 else one
+
+    def values_of(self, name: str) -> np.ndarray:
+        """Output ``name`` row by row, with the batch axis (N = 1 for a single-sample call): shape
+        ``(N,)`` when the per-sample shape is ``()`` or ``[1]``, else ``(N, *per-sample shape)``."""
+        if name not in self.outputs:
+            raise KeyError(f"no output {name!r}; the reply has {self.output_names}")
+        rows = self.outputs[name][np.newaxis] if self.single else self.outputs[name]
+        return rows.reshape(len(rows)) if rows.shape[1:] in ((), (1,)) else rows
+
+    def _first_output(self) -> str:
+        if not self.outputs:
+            raise ValueError("the reply has no outputs")
+        return next(iter(self.outputs))
+
     def _single(self, values: list[_T], name: str) -> _T:
         if len(values) != 1:
             raise ValueError(f"{name} needs exactly one sample with labels; have {len(values)}")
         return values[0]
 
     def __repr__(self) -> str:
-        shown = self.labels[0] if len(self.labels) == 1 else f"{len(self.labels)} labels"
+        if self.labels:
+            shown = self.labels[0] if len(self.labels) == 1 else f"{len(self.labels)} labels"
+        else:
+            shown = ", ".join(f"{n}{list(a.shape)}" for n, a in self.outputs.items())
         return (f"Prediction({self.model}@v{self.model_version} {shown}"
                 f" queue={self.queue_ms:.2f}ms infer={self.infer_ms:.2f}ms)")
+
+
+def shaped(prediction: Prediction, rows: int, *, single: bool) -> Prediction:
+    """``prediction`` as the call that sent ``rows`` rows sees it: every output (and the labels, if
+    any) must have those rows, or the reply is malformed (``InvalidInput``: a reply comes from Redis
+    and is untrusted); ``single`` (the client added the batch axis) removes that axis."""
+    for name, array in prediction.outputs.items():
+        if array.shape[:1] != (rows,):
+            raise InvalidInput(f"malformed reply: output {name!r} has shape {list(array.shape)}, not the "
+                               f"{rows} row(s) the request sent", request_id=prediction.request_id)
+    if any(len(v) not in (0, rows) for v in (prediction.labels, prediction.confidences)):
+        raise InvalidInput(f"malformed reply: {len(prediction.labels)} labels and "
+                           f"{len(prediction.confidences)} confidences for {rows} row(s)",
+                           request_id=prediction.request_id)
+    if not single:
+        return prediction
+    # a[0, ...]: a 0-d array for a scalar output, never a numpy scalar (outputs hold arrays).
+    return replace(prediction, outputs={n: a[0, ...] for n, a in prediction.outputs.items()}, single=True)
 
 
 def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:

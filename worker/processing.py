@@ -17,8 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import redis
 
-from protocol import messages
-from protocol.errors import DeadlineExceeded, InternalError, ModelNotFound, Overloaded, ReplyError
+from protocol import codec, messages
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    ReplyError,
+)
 from protocol.settings import Settings
 from worker.arms import ExperimentArms, labels_of, split_rows
 from worker.consumer import Entry, Outbox, id_ms
@@ -144,8 +151,7 @@ class BatchProcessor:
             into = loaded.backend.stage(name, (rows, *shape), dtype)  # pinned host memory on CUDA
             stacked[name] = np.concatenate(parts) if into is None else np.concatenate(parts, out=into)
         outputs = loaded.backend.run(stacked)
-        if any(o.shape[:1] != (rows,) for o in outputs.values()):
-            raise InternalError(f"model returned outputs without the batch axis of {rows} rows")
+        _check_outputs(outputs, rows)
         _check_labels(loaded.version.labels, outputs)
         return outputs
 
@@ -240,14 +246,34 @@ class RecentMinimum:
         return min(self._values, default=0.0)
 
 
+def _check_outputs(outputs: dict[str, np.ndarray], rows: int) -> None:
+    """Every output must have the batch axis (split per request) and a wire dtype (§3): a model that
+    breaks either fails its batch with ``INTERNAL`` rather than the reply encoding, and so the loop."""
+    if not outputs:
+        raise InternalError("model returned no outputs")
+    for name, value in outputs.items():
+        if not isinstance(value, np.ndarray):  # ONNX sequences and maps (e.g. a ZipMap) come as lists
+            raise InternalError(f"model output {name!r} is a {type(value).__name__}, not a tensor")
+        if value.shape[:1] != (rows,):
+            raise InternalError(f"model output {name!r} has shape {list(value.shape)}, without the batch "
+                                f"axis of {rows} rows")
+        try:
+            codec.dtype_name(value.dtype)
+        except InvalidInput as e:
+            raise InternalError(f"model output {name!r}: {e}") from e
+
+
 def _check_labels(labels: list[str] | None, outputs: dict[str, np.ndarray]) -> None:
-    """A label is picked by argmax over the first output's last axis: a version whose labels do not
-    match that axis fails its batches with ``INTERNAL`` (the registry entry is wrong, not the request),
-    instead of failing every reply built from them and so the worker's loop."""
+    """A label is picked by argmax over the first output's row: a version with labels needs a first
+    output of per-sample shape ``[len(labels)]``, or its batches fail with ``INTERNAL`` (the registry
+    entry is wrong, not the request), instead of failing every reply built from them and so the
+    worker's loop. Versions without labels may have outputs of any per-sample shape."""
     if not labels:
         return
     first = next(iter(outputs.values()), None)
-    columns = first.shape[-1] if first is not None and first.ndim >= 2 else None
-    if columns != len(labels):
-        raise InternalError(f"the version has {len(labels)} labels but its first output has "
-                            f"{'no class axis' if columns is None else f'{columns} columns'}")
+    per_sample = list(first.shape[1:]) if first is not None else []
+    if per_sample == [len(labels)]:
+        return
+    has = (f"{per_sample[0]} columns" if len(per_sample) == 1 else "no class axis" if not per_sample
+           else f"per-sample shape {per_sample}, not [{len(labels)}]")
+    raise InternalError(f"the version has {len(labels)} labels but its first output has {has}")
