@@ -189,7 +189,7 @@ def reply_json(p: Prediction) -> dict[str, Any]:
     reply: dict[str, Any] = {"model": p.model, "version": p.model_version, "variant": p.variant}
     if p.labels:
         reply.update(label=p.labels, confidence=p.confidences)
-    reply["outputs"] = {name: _plain(p.value_of(name) if p.n_rows == 1 else p.values_of(name))
+    reply["outputs"] = {name: _plain(p.value_of(name) if p.single else p.values_of(name))
                         for name in p.output_names}
     reply.update(queue_ms=round(p.queue_ms, 3), infer_ms=round(p.infer_ms, 3), worker=p.worker)
     return reply
@@ -200,7 +200,7 @@ def summary(p: Prediction) -> str:
     if p.labels:
         pairs = zip(p.labels, p.confidences, strict=False)
         return ", ".join(f"{label} (confidence {c:.3f})" for label, c in pairs)
-    return "; ".join(f"{name} {_short(p.value_of(name) if p.n_rows == 1 else p.values_of(name))}"
+    return "; ".join(f"{name} {_short(p.value_of(name) if p.single else p.values_of(name))}"
                      for name in p.output_names)
 
 
