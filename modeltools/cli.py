@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("optimize", help="ONNX / optimized / INT8 variants of a version, "
                               "parity-gated, benchmarked, registered")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label; the version needs a torch_export (.pt2) artifact")
     p.add_argument("--data", type=Path, help="npz with x_test, y_test, x_calib (default: the reference "
                    "model's synthetic data, regenerated from the version's seed)")
     p.add_argument("--min-agreement", type=float, default=0.99)
@@ -121,7 +121,7 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from modeltools.optimizer import Gate, optimize
+    from modeltools.optimizer import Gate, optimize, require_program
     from registry import Registry
 
     console = Console()
@@ -129,7 +129,8 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     with connection.connect(settings.redis_url) as client, tempfile.TemporaryDirectory() as tmp:
         registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
-        mv = registry.get(args.name, args.version)
+        mv = registry.resolve(args.name, args.version)
+        require_program(mv, data_given=args.data is not None)  # before any data is made: one line
         data = EvalData(**dict(np.load(args.data, allow_pickle=False))) if args.data else reference_data(mv)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("optimizing", total=None)
@@ -138,7 +139,7 @@ def _optimize(args: argparse.Namespace, settings: Settings) -> int:
         if args.variant:
             variant = report.recommended if args.variant == "recommended" else args.variant
             variant = "torch_export" if variant == "pytorch" else variant
-            registry.select_variant(args.name, args.version, variant, reason=f"optimize --variant {variant}")
+            registry.select_variant(args.name, mv.version, variant, reason=f"optimize --variant {variant}")
     args.out.write_text(json.dumps(report.to_json(), indent=2))
     print_table(console, report, sizes)
     console.print(f"recommended (lowest B={min(sizes)} p50 among accepted): {report.recommended}")

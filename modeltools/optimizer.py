@@ -21,11 +21,40 @@ from typing import Any
 
 import numpy as np
 
+from modeltools.synthetic import N_FEATURES, TIMESTEPS
+from protocol.errors import ConfigError
 from registry import ModelVersion, Registry
 
 log = logging.getLogger(__name__)
+REFERENCE_SPEC = {"features": {"dtype": "<f4", "shape": [TIMESTEPS, N_FEATURES]}}  # its default data's
 VARIANTS = ("pytorch", "onnx_fp32", "onnx_optimized", "onnx_int8_dynamic", "onnx_int8_static")
 BATCH_SIZES = (1, 8, 32)
+
+
+class NotOptimizable(ConfigError, ValueError):
+    """The version lacks what the optimizer starts from: a PyTorch program (and data to judge by).
+
+    A ``ValueError`` too, as this refusal was before it had a class of its own.
+    """
+
+
+def require_program(mv: ModelVersion, *, data_given: bool = True) -> None:
+    """``NotOptimizable`` (one line, saying what is needed) unless ``mv`` can be optimized.
+
+    The variants are built from the version's ``torch_export`` artifact; without ``data_given``
+    only the reference model's synthetic data can judge them, so the version must take its inputs.
+    """
+    needs = ("a PyTorch export program (.pt2) registered as its torch_export artifact "
+             "(`registry register ... --alternate torch_export=model.pt2`) and a data file "
+             "(--data FILE.npz with x_test, y_test and x_calib)")
+    if "torch_export" not in mv.alternates:
+        raise NotOptimizable(f"{mv.name} {mv.title} has no torch_export artifact to optimize from: "
+                             f"optimize needs {needs}")
+    shapes = {n: (s.get("dtype"), s.get("shape")) for n, s in mv.input_spec.items()}
+    if not data_given and shapes != {n: (s["dtype"], s["shape"]) for n, s in REFERENCE_SPEC.items()}:
+        raise NotOptimizable(f"{mv.name} {mv.title} is not the reference model, whose synthetic data is the "
+                             "default: optimize needs a data file (--data FILE.npz with x_test, y_test and "
+                             "x_calib)")
 
 
 @dataclass(frozen=True)
@@ -245,8 +274,7 @@ def optimize(registry: Registry, mv: ModelVersion, data: EvalData, workdir: Path
 
     ``extra`` adds ready-made ONNX variants to judge alongside (e.g. a hand-edited graph).
     """
-    if "torch_export" not in mv.alternates:
-        raise ValueError(f"{mv!r} has no torch_export artifact to optimize from")
+    require_program(mv)
     input_name, output_name = next(iter(mv.input_spec)), mv.output_names[0]
     # A private copy of the verified bytes: later reads cannot see a file swapped after the check.
     workdir.mkdir(parents=True, exist_ok=True)

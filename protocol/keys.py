@@ -198,3 +198,12 @@ def version_hash(model: str, version: int) -> str:
 def control_channel() -> str:
     """Pub/sub channel for fleet commands (reload); a nudge, the registry is the truth."""
     return f"{PREFIX}:control"
+
+
+def labels_hash(model: str) -> str:
+    """Hash: version label (e.g. ``1.1.0``, at most 64 chars) → version, one field per labelled version.
+
+    An index for finding a version by its label and keeping labels unique; the version hash's
+    ``label`` field is the truth. Bounded by the model's versions; a deleted version's label goes.
+    """
+    return f"{PREFIX}:registry:{{{check_model_name(model)}}}:labels"

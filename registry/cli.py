@@ -1,7 +1,10 @@
 """``streamserve registry …`` subcommands.
 
-``register --alternate`` compares the outputs of the formats, which needs the
-serving backends: the top-level CLI passes a ``parity_checker`` in.
+``register`` checks an ONNX model against its input spec (or infers the spec) with
+ONNX Runtime before anything is stored (:mod:`registry.contract`). ``register
+--alternate`` compares the outputs of the formats, which needs the serving
+backends: the top-level CLI passes a ``parity_checker`` in. Every command that
+takes a version takes its number, an alias or its label.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from protocol import connection, sharding
 from protocol.errors import RegistryError
 from protocol.settings import Settings
+from registry.contract import register_onnx
 from registry.resharding import reshard
 from registry.rollout import wait_for_fleet
 from registry.store import FORMATS, PRIMARY, STAGES, ModelVersion, Registry
@@ -42,9 +46,11 @@ def _add_reading(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="models, or the versions of one model")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_list)
-    p = sub.add_parser("show", help="one version (number, alias or 'production') as JSON")
+    p = sub.add_parser("show", help="one version (number, alias, label or 'production'): its inputs, "
+                       "outputs, labels, variants, metrics")
     p.add_argument("name")
     p.add_argument("version")
+    p.add_argument("--json", action="store_true", help="the whole registry record as JSON")
     p.set_defaults(func=_show)
     p = sub.add_parser("compare", help="two versions side by side, metric deltas = V2 − V1")
     p.add_argument("name")
@@ -58,13 +64,18 @@ def _add_reading(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_register(sub: argparse._SubParsersAction, parity_checker: ParityChecker | None) -> None:
-    p = sub.add_parser("register", help="copy an artifact into the store as a new version")
+    p = sub.add_parser("register", help="check a model against its spec and copy it into the store as a "
+                       "new version")
     p.add_argument("name")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--input-spec", required=True, type=json.loads,
-                   help='JSON, e.g. {"features": {"dtype": "<f4", "shape": [60, 110]}}')
-    p.add_argument("--outputs", default="probs", help="comma-separated output names")
+    p.add_argument("--input-spec", type=json.loads,
+                   help='JSON, e.g. {"features": {"dtype": "<f4", "shape": [60, 110]}}; for ONNX, default: '
+                   "inferred from the graph (its leading axis is the batch axis)")
+    p.add_argument("--outputs", help="comma-separated output names (ONNX: checked against the graph's; "
+                   "default: the graph's)")
     p.add_argument("--labels", default="", help="comma-separated class labels of the first output")
+    p.add_argument("--label", help="a version label unique within the model, e.g. 1.1.0; commands then "
+                   "take it wherever they take a version number")
     p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--description", default="")
@@ -77,7 +88,7 @@ def _add_register(sub: argparse._SubParsersAction, parity_checker: ParityChecker
 def _add_promote(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("promote", help="move a version to a stage (Production archives the previous)")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label")
     p.add_argument("--stage", default="Production", choices=STAGES)
     p.add_argument("--reason", default="")
     p.add_argument("--allow-archived", action="store_true", help="allow Archived → Production (rollback)")
@@ -96,26 +107,26 @@ def _add_changes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("alias", help="point an alias at a version (or --remove it)")
     p.add_argument("name")
     p.add_argument("alias")
-    p.add_argument("version", type=int, nargs="?")
+    p.add_argument("version", nargs="?", help="number, alias or label")
     p.add_argument("--remove", action="store_true")
     p.add_argument("--reason", default="")
     p.set_defaults(func=_alias)
     p = sub.add_parser("variant", help="serve one of a version's artifacts (primary, onnx_int8_dynamic, …)")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label")
     p.add_argument("variant")
     p.add_argument("--reason", default="")
     p.set_defaults(func=_variant)
     p = sub.add_parser("metrics", help="add or update metrics/tags/description of a version")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label")
     p.add_argument("--metric", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--description")
     p.set_defaults(func=_metrics)
     p = sub.add_parser("delete", help="delete a version (not Production, not aliased)")
     p.add_argument("name")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label")
     p.add_argument("--reason", default="")
     p.set_defaults(func=_delete)
     p = sub.add_parser("gc", help="remove artifacts no version references")
@@ -156,22 +167,46 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         # Headline metrics only; per-variant numbers (``variant.measure``) are in `show`.
         metrics = " ".join(f"{k}={v:.4g}" for k, v in mv.metrics.items() if "." not in k)
         variants = ",".join(mv.load_order)
-        print(f"v{mv.version:<4} {mv.stage:<10} {held:<20} {mv.sha256[:12]} [{variants}] {metrics}")
+        print(f"{mv.title:<14} {mv.stage:<10} {held:<20} {mv.sha256[:12]} [{variants}] {metrics}")
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
         mv = reg.resolve(args.name, args.version)
-    print(json.dumps(mv.__dict__, indent=2, default=str))
+        aliases = [a for a, v in reg.aliases(args.name).items() if v == mv.version]
+    if args.json:
+        print(json.dumps(mv.__dict__, indent=2, default=str))
+    else:
+        print("\n".join(show_lines(mv, aliases)))
     return 0
+
+
+def show_lines(mv: ModelVersion, aliases: list[str]) -> list[str]:
+    """What ``registry show`` prints: the version, its inputs and outputs, variants and metrics."""
+    lines = [f"{mv.name} {mv.title}: {mv.stage}, {mv.format}, {mv.size_bytes} bytes, sha256 {mv.sha256[:16]}",
+             f"  aliases: {', '.join(aliases) or '-'}; variants: {', '.join(mv.load_order)} "
+             f"(serving {mv.serving_variant or PRIMARY}); golden outputs: {'yes' if mv.golden else 'no'}"]
+    if mv.description:
+        lines.append(f"  description: {mv.description}")
+    lines.append("  inputs (per-sample shape; the batch axis comes first):")
+    lines += [f"    {name:<20} {s.get('dtype')!s:<5} {s.get('shape')}" for name, s in mv.input_spec.items()]
+    lines.append("  outputs:")
+    for i, name in enumerate(mv.output_names):
+        s = mv.output_spec.get(name)
+        spec = f"{s['dtype']:<5} {s['shape']!s:<12} {s['kind']}" if s else "(not recorded)"
+        labels = f" labels {','.join(mv.labels)}" if i == 0 and mv.labels else ""
+        lines.append(f"    {name:<20} {spec}{labels}")
+    lines += [f"  metric {k} = {v:.6g}" for k, v in sorted(mv.metrics.items())]
+    lines += [f"  tag {k} = {v}" for k, v in sorted(mv.tags.items())]
+    return lines
 
 
 def _compare(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
         a, b = reg.resolve(args.name, args.v1), reg.resolve(args.name, args.v2)
         result = reg.compare(args.name, a.version, b.version)
-    print(f"{'':<16} {'v' + str(a.version):>14} {'v' + str(b.version):>14} {'delta':>12}")
+    print(f"{'':<16} {a.title:>14} {b.title:>14} {'delta':>12}")
     for name, m in result["metrics"].items():
         delta = "" if m["delta"] is None else f"{m['delta']:+.4g}"
         print(f"{name:<16} {_fmt(m['a']):>14} {_fmt(m['b']):>14} {delta:>12}")
@@ -193,26 +228,40 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
             at_s = float(args.at) if args.at.replace(".", "").isdigit() else dt.datetime.fromisoformat(
                 args.at).timestamp()
             version = reg.production_at(args.name, at_s)
-            print(f"v{version}" if version else "no version was in Production")
+            print(reg.title(args.name, version) if version else "no version was in Production")
             return 0
         changes = reg.history(args.name)
+        titles = {v: reg.title(args.name, v) for v in {c.version for c in changes}}
     for c in changes:
         when = dt.datetime.fromtimestamp(c.at_ms / 1000).isoformat(timespec="milliseconds")
-        print(f"{when} {c.kind:<6} v{c.version:<4} {c.source} → {c.target}  by {c.who}  {c.reason}")
+        print(f"{when} {c.kind:<6} {titles[c.version]:<14} {c.source} → {c.target}  by {c.who}  {c.reason}")
     return 0
 
 
 def _register(args: argparse.Namespace, settings: Settings) -> int:
+    outputs = None if args.outputs is None else [o for o in args.outputs.split(",") if o]
+    labels = [label for label in args.labels.split(",") if label]
+    details = {"metrics": _pairs(args.metric, float), "tags": _pairs(args.tag),
+               "description": args.description,
+               "alternates": {f: Path(p) for f, p in _pairs(args.alternate).items()}}
     with _registry(settings) as reg:
-        mv = reg.register(
-            args.name, args.artifact, input_spec=args.input_spec,
-            output_names=[o for o in args.outputs.split(",") if o],
-            labels=[label for label in args.labels.split(",") if label], fmt=args.format,
-            metrics=_pairs(args.metric, float), tags=_pairs(args.tag), description=args.description,
-            alternates={f: Path(p) for f, p in _pairs(args.alternate).items()})
+        if args.format == "onnx":
+            mv = register_onnx(reg, args.name, args.artifact, input_spec=args.input_spec, labels=labels,
+                               label=args.label, output_names=outputs, **details)
+        elif args.input_spec is None:
+            raise RegistryError(f"a {args.format} artifact needs --input-spec (only an ONNX graph's is "
+                                "inferred)")
+        else:
+            mv = reg.register(args.name, args.artifact, input_spec=args.input_spec,
+                              output_names=outputs or ["probs"], labels=labels, fmt=args.format,
+                              label=args.label, **details)
         if mv.alternates and args.parity_checker:
             mv = reg.update(args.name, mv.version, metrics=args.parity_checker(reg, mv))
     print(f"registered {mv!r}")
+    how = "inferred from the graph" if args.input_spec is None else "checked against the graph"
+    print(f"  input spec ({how if args.format == 'onnx' else 'as given'}): {json.dumps(mv.input_spec)}")
+    if mv.output_spec:
+        print(f"  output spec: {json.dumps(mv.output_spec)}")
     for name, value in mv.metrics.items():
         print(f"  {name} = {value:.6g}")
     return 0
@@ -221,22 +270,23 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
         previous = _production_version(reg, args.name)
-        mv = reg.promote(args.name, args.version, args.stage, reason=args.reason,
+        version = reg.resolve(args.name, args.version).version
+        mv = reg.promote(args.name, version, args.stage, reason=args.reason,
                          allow_archived=args.allow_archived)
         print(f"promoted {mv!r}")
         if not (args.wait and args.stage == "Production"):
             return 0
-        report = wait_for_fleet(reg.redis, args.name, args.version, timeout_s=args.timeout_s,
+        report = wait_for_fleet(reg.redis, args.name, version, timeout_s=args.timeout_s,
                                 ttl_s=settings.heartbeat_ttl_s, variant=mv.serving_variant or PRIMARY,
-                                allow_fallback=args.allow_fallback)
+                                allow_fallback=args.allow_fallback, label=mv.label)
         print("\n".join(report.lines()))
         if report.ok:
             return 0
-        if args.rollback_on_failure and previous is not None and previous != args.version:
+        if args.rollback_on_failure and previous is not None and previous != version:
             not_served = sorted({*report.failed, *report.fallback})
             reg.promote(args.name, previous, "Production", allow_archived=True,
-                        reason=f"automatic rollback: v{args.version} failed on {not_served}")
-            print(f"rolled back to v{previous}")
+                        reason=f"automatic rollback: {mv.title} failed on {not_served}")
+            print(f"rolled back to {reg.title(args.name, previous)}")
     return 1
 
 
@@ -252,22 +302,25 @@ def _alias(args: argparse.Namespace, settings: Settings) -> int:
         if args.remove:
             reg.remove_alias(args.name, args.alias, reason=args.reason)
         elif args.version is None:
-            print(f"{args.alias} → v{reg.resolve(args.name, args.alias).version}")
+            print(f"{args.alias} → {reg.resolve(args.name, args.alias).title}")
         else:
-            reg.set_alias(args.name, args.alias, args.version, reason=args.reason)
+            reg.set_alias(args.name, args.alias, reg.resolve(args.name, args.version).version,
+                          reason=args.reason)
     return 0
 
 
 def _variant(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        mv = reg.select_variant(args.name, args.version, args.variant, reason=args.reason)
+        version = reg.resolve(args.name, args.version).version
+        mv = reg.select_variant(args.name, version, args.variant, reason=args.reason)
     print(f"{mv!r} now serves variant {mv.serving_variant or 'primary'}")
     return 0
 
 
 def _metrics(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        mv = reg.update(args.name, args.version, metrics=_pairs(args.metric, float),
+        version = reg.resolve(args.name, args.version).version
+        mv = reg.update(args.name, version, metrics=_pairs(args.metric, float),
                         tags=_pairs(args.tag), description=args.description)
     print(json.dumps({"metrics": mv.metrics, "tags": mv.tags, "description": mv.description}, indent=2))
     return 0
@@ -275,8 +328,9 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
 
 def _delete(args: argparse.Namespace, settings: Settings) -> int:
     with _registry(settings) as reg:
-        reg.delete(args.name, args.version, reason=args.reason)
-    print(f"deleted {args.name} v{args.version}; run `streamserve registry gc` to free its artifact")
+        mv = reg.resolve(args.name, args.version)
+        reg.delete(args.name, mv.version, reason=args.reason)
+    print(f"deleted {args.name} {mv.title}; run `streamserve registry gc` to free its artifact")
     return 0
 
 

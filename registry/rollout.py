@@ -32,6 +32,12 @@ class FleetReport:
     # worker → which variant it serves instead of the one asked for, and why
     fallback: dict[str, str] = field(default_factory=dict)
     fallback_allowed: bool = False
+    label: str = ""  # the version's label, shown beside its number
+
+    @property
+    def title(self) -> str:
+        """``v3 (1.1.0)``, or ``v3`` without a label."""
+        return f"v{self.version} ({self.label})" if self.label else f"v{self.version}"
 
     @property
     def ok(self) -> bool:
@@ -42,15 +48,15 @@ class FleetReport:
 
     def lines(self) -> list[str]:
         """One line per worker, then the summary."""
-        out = [f"  {w:<40} serving v{self.version}" for w in self.switched]
-        mark = f"serving v{self.version} through a fallback" if self.fallback_allowed else "FALLBACK"
+        out = [f"  {w:<40} serving {self.title}" for w in self.switched]
+        mark = f"serving {self.title} through a fallback" if self.fallback_allowed else "FALLBACK"
         out += [f"  {w:<40} {mark}: {why}" for w, why in self.fallback.items()]
         out += [f"  {w:<40} FAILED: {error}" for w, error in self.failed.items()]
         out += [f"  {w:<40} not switched after {self.elapsed_s:.1f} s" for w in self.pending]
         state = "switched" if self.ok else "NOT switched"
         counts = (f"{len(self.switched)} switched, {len(self.fallback)} on a fallback, "
                   f"{len(self.failed)} failed, {len(self.pending)} pending")
-        return [*out, f"{self.model}: fleet {state} to v{self.version} in {self.elapsed_s:.2f} s ({counts})"]
+        return [*out, f"{self.model}: fleet {state} to {self.title} in {self.elapsed_s:.2f} s ({counts})"]
 
 
 def publish_reload(client, model: str, version: int | None = None, *,
@@ -65,12 +71,13 @@ def publish_reload(client, model: str, version: int | None = None, *,
 
 def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s: float = 0.05,
                    ttl_s: float = DEFAULT_TTL_S, variant: str | None = None,
-                   allow_fallback: bool = False) -> FleetReport:
+                   allow_fallback: bool = False, label: str = "") -> FleetReport:
     """Poll heartbeats until every live worker serves ``version`` or reports it failed.
 
     ``variant``: the artifact asked for (the version's ``serving_variant``, or ``"primary"``); a
     worker serving another one is on a fallback. Without it, a worker is on a fallback when its
     heartbeat gives a fallback reason. ``allow_fallback`` counts such a worker as switched.
+    ``label``: the version's, for the report's lines.
     """
     started = time.monotonic()
     while True:
@@ -84,7 +91,8 @@ def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s
         pending = [w.worker_id for w in workers if w.version != version and w.worker_id not in failed]
         elapsed_s = time.monotonic() - started
         if not pending or elapsed_s >= timeout_s:
-            return FleetReport(model, version, switched, failed, pending, elapsed_s, fallback, allow_fallback)
+            return FleetReport(model, version, switched, failed, pending, elapsed_s, fallback, allow_fallback,
+                               label)
         time.sleep(poll_s)
 
 

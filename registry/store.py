@@ -11,19 +11,21 @@ from __future__ import annotations
 import getpass
 import io
 import json
+import re
 import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
 import redis
-from pydantic import TypeAdapter
+from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic validates typing's own only from Python 3.12
 
-from protocol import control, keys
+from protocol import codec, control, keys
 from protocol.errors import RegistryError
 from protocol.values import text, text_dict
 from registry import artifacts
@@ -43,7 +45,28 @@ TRANSITIONS = {
     "Production": {"Staging", "Archived"},
     "Archived": {"Staging"},
 }
-_JSON_FIELDS = ("input_spec", "output_names", "labels", "metrics", "tags", "alternates")
+_JSON_FIELDS = ("input_spec", "output_names", "labels", "metrics", "tags", "alternates", "output_spec")
+# A version label ("1.1.0", "2026-03-rc1"): what a model name may be, plus "+" (semver build metadata).
+LABEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.+\-]{0,63}"
+_LABEL = re.compile(LABEL_PATTERN)
+MAX_OUTPUTS = 64
+
+
+def _wire_dtype(value: str) -> str:
+    if value not in codec.DTYPES:
+        raise ValueError(f"dtype {value[:32]!r} is not a wire dtype")
+    return value
+
+
+class OutputField(TypedDict):
+    """One output of a version: wire dtype, per-sample shape, and whether it holds class probabilities."""
+
+    dtype: Annotated[str, AfterValidator(_wire_dtype)]
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=codec.MAX_NDIM - 1)]
+    kind: Literal["probabilities", "value"]
+
+
+OutputSpec = Annotated[dict[str, OutputField], Field(max_length=MAX_OUTPUTS)]
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,10 @@ class ModelVersion:
     # variant name → {artifact, sha256, size_bytes, format, …}: torch fallback, optimized builds
     alternates: dict[str, dict[str, Any]] = field(default_factory=dict)
     serving_variant: str = ""  # "" = the primary artifact
+    # A human label, unique among the model's versions ("" = none); resolves like a version number.
+    label: Annotated[str, StringConstraints(pattern=f"^(|{LABEL_PATTERN})$")] = ""
+    # output name → {dtype, shape (per sample), kind}; {} for versions registered without a check
+    output_spec: OutputSpec = field(default_factory=dict)
 
     @property
     def load_order(self) -> list[str]:
@@ -106,8 +133,20 @@ class ModelVersion:
             raise RegistryError(f"registry hash of {where} is malformed: {_first_line(e)}") from e
         return mv
 
+    @property
+    def title(self) -> str:
+        """``v3 (1.1.0)``, or ``v3`` without a label: how commands name the version."""
+        return version_title(self.version, self.label)
+
     def __repr__(self) -> str:
-        return f"ModelVersion({self.name} v{self.version} {self.stage} {self.format} {self.sha256[:10]})"
+        return f"ModelVersion({self.name} {self.title} {self.stage} {self.format} {self.sha256[:10]})"
+
+
+def version_title(version: int | None, label: str = "") -> str:
+    """``v3 (1.1.0)``, ``v3`` without a label, ``none`` without a version."""
+    if version is None:
+        return "none"
+    return f"v{version} ({label})" if label else f"v{version}"
 
 
 @dataclass(frozen=True)
@@ -155,33 +194,74 @@ class Registry:
         metrics: dict[str, float] | None = None, description: str = "",
         tags: dict[str, str] | None = None, golden: dict[str, np.ndarray] | None = None,
         golden_atol: float = 1e-4, alternates: dict[str, Path] | None = None,
+        label: str | None = None, output_spec: dict[str, dict[str, Any]] | None = None,
     ) -> ModelVersion:
         """Copy the artifact (and golden inputs/outputs) into the store; new version in ``None``.
 
         ``golden`` maps ``input:<name>`` and ``output:<name>`` to arrays; a worker
         refuses to serve the version unless it reproduces the outputs within ``golden_atol``.
+        ``label`` (e.g. ``1.1.0``) must be unused among the model's versions. Nothing here runs
+        the model: ``registry.contract.register_onnx`` checks an ONNX model and its spec first.
         """
         keys.check_model_name(name)
         for f in (fmt, *(alternates or {})):
             if f not in FORMATS:
                 raise RegistryError(f"unsupported format {f!r}; supported: {FORMATS}")
+        self.check_label(name, label)
+        outputs = _checked_output_spec(output_spec or {})
         relative, sha256, size = artifacts.store(Path(source), self.artifact_dir)
         stored = {f: self._artifact_record(Path(p), f) for f, p in (alternates or {}).items()}
         golden_rel, golden_sha = self._store_golden(golden) if golden else ("", "")
-        version = int(self.redis.hincrby(keys.model_hash(name), "latest_version", 1))
         mv = ModelVersion(
-            name, version, "None", fmt, relative, sha256, size, input_spec, list(output_names),
+            name, 0, "None", fmt, relative, sha256, size, input_spec, list(output_names),
             list(labels or []), dict(metrics or {}), dict(tags or {}), description, time.time(),
-            golden_rel, golden_sha, golden_atol, stored,
+            golden_rel, golden_sha, golden_atol, stored, label=label or "", output_spec=outputs,
         )
         # The index is another cluster slot, so it is not in the model's transaction: added first,
         # a crash in between lists a model with no version (harmless), never hides one.
         self.redis.sadd(keys.models_set(), name)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.version_hash(name, version), mapping=mv.to_hash())
-        pipe.hsetnx(keys.model_hash(name), "created_at", str(mv.created_at))
-        pipe.execute()
-        return mv
+        return self._insert(mv)
+
+    def _insert(self, template: ModelVersion) -> ModelVersion:
+        """Number the version and write it, with its label claimed, in one transaction.
+
+        Under WATCH of the model hash and the label index: two registrations never get one
+        number, and of two claiming one label, the second is refused.
+        """
+        name, label = template.name, template.label
+        model_key, labels_key = keys.model_hash(name), keys.labels_hash(name)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(model_key, labels_key)
+                    if label and pipe.hexists(labels_key, label):
+                        raise RegistryError(f"model {name!r} already has a version labelled {label!r}")
+                    mv = replace(template, version=_latest(name, pipe.hget(model_key, "latest_version")) + 1)
+                    pipe.multi()
+                    pipe.hset(model_key, "latest_version", str(mv.version))
+                    pipe.hset(keys.version_hash(name, mv.version), mapping=mv.to_hash())
+                    pipe.hsetnx(model_key, "created_at", str(mv.created_at))
+                    if label:
+                        pipe.hset(labels_key, label, str(mv.version))
+                    pipe.execute()
+                    return mv
+                except redis.WatchError:
+                    continue
+
+    def check_label(self, name: str, label: str | None) -> None:
+        """``RegistryError`` unless ``label`` is None, or a well-formed label no version of ``name`` has."""
+        if label is None:
+            return
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise RegistryError(f"invalid label {str(label)[:70]!r}: use [A-Za-z0-9_.+-], at most 64 chars, "
+                                "starting with a letter or digit")
+        if label.isdigit() or label == "production":
+            raise RegistryError(f"label {label!r} would read as a version number or 'production'")
+        if label in self.aliases(name):
+            raise RegistryError(f"model {name!r} has an alias {label!r}; a label must differ from its "
+                                "aliases")
+        if self.redis.hexists(keys.labels_hash(name), label):
+            raise RegistryError(f"model {name!r} already has a version labelled {label!r}")
 
     def _artifact_record(self, path: Path, fmt: str, **extra: Any) -> dict[str, Any]:
         relative, sha256, size = artifacts.store(path, self.artifact_dir)
@@ -286,7 +366,8 @@ class Registry:
                        "delta": (b.metrics[k] - a.metrics[k]) if k in a.metrics and k in b.metrics else None}
                    for k in sorted(set(a.metrics) | set(b.metrics))}
         facts = {f: {"a": getattr(a, f), "b": getattr(b, f)}
-                 for f in ("stage", "format", "size_bytes", "input_spec", "output_names", "labels", "sha256")}
+                 for f in ("label", "stage", "format", "size_bytes", "input_spec", "output_names",
+                           "output_spec", "labels", "sha256")}
         return {"name": name, "a": v1, "b": v2, "metrics": metrics, "facts": facts}
 
     # ---- stages and aliases --------------------------------------------------------------
@@ -353,6 +434,9 @@ class Registry:
         """Point ``alias`` (e.g. ``champion``) at a version; a version may hold several."""
         keys.check_model_name(alias)
         self.get(name, version)
+        if self.redis.hexists(keys.labels_hash(name), alias):
+            raise RegistryError(f"model {name!r} has a version labelled {alias!r}; an alias must differ "
+                                "from its labels")
         previous = self.redis.hget(keys.aliases_hash(name), alias)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.aliases_hash(name), alias, str(version))
@@ -375,15 +459,29 @@ class Registry:
         return {text(k): int(v) for k, v in self.redis.hgetall(keys.aliases_hash(name)).items()}
 
     def resolve(self, name: str, ref: str | int) -> ModelVersion:
-        """A version by number, alias, or the word ``production``."""
+        """A version by number, alias, label (e.g. ``1.1.0``), or the word ``production``."""
         if isinstance(ref, int) or str(ref).isdigit():
             return self.get(name, int(ref))
         if ref == "production":
             return self.production(name)
         version = self.aliases(name).get(str(ref))
+        if version is not None:
+            return self.get(name, version)
+        labelled = _number(self.redis.hget(keys.labels_hash(name), str(ref)))
+        if labelled is not None:
+            mv = self.get(name, labelled)
+            if mv.label == ref:  # the version hash is the truth; the index only finds it
+                return mv
+        raise RegistryError(f"model {name!r} has no alias or label {str(ref)[:70]!r}")
+
+    def title(self, name: str, version: int | None) -> str:
+        """``v3 (1.1.0)``: the version with its label, ``v3`` if it has none or cannot be read."""
         if version is None:
-            raise RegistryError(f"model {name!r} has no alias {ref!r}")
-        return self.get(name, version)
+            return version_title(None)
+        try:
+            return self.get(name, version).title
+        except RegistryError:  # deleted, or a malformed hash: the number alone still says which
+            return version_title(version)
 
     # ---- history -------------------------------------------------------------------------
 
@@ -420,6 +518,8 @@ class Registry:
             raise RegistryError(f"{name} v{version} holds aliases {held}; move or remove them first")
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(keys.version_hash(name, version))
+        if mv.label:  # its label is free again
+            pipe.hdel(keys.labels_hash(name), mv.label)
         self._queue_history(pipe, name, "delete", version, mv.stage, "deleted", reason)
         pipe.execute()
 
@@ -474,6 +574,29 @@ class Registry:
                                        what=_what(mv, "golden"))
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return {k: arrays[k] for k in arrays.files}
+
+
+def _number(value: bytes | str | None) -> int | None:
+    """A version number read from Redis (untrusted), or None if it is not one."""
+    raw = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return int(raw) if raw is not None and re.fullmatch(r"[0-9]{1,18}", raw) else None
+
+
+def _latest(name: str, value: bytes | str | None) -> int:
+    number = _number(value or b"0")
+    if number is None:  # untrusted: a malformed counter must not number a version
+        raise RegistryError(f"model {name!r}: latest_version {str(value)[:32]} is not a number")
+    return number
+
+
+def _checked_output_spec(spec: dict[str, dict[str, Any]]) -> dict[str, OutputField]:
+    try:
+        return _OUTPUT_SPEC_ADAPTER.validate_python(spec)
+    except ValidationError as e:
+        raise RegistryError(f"output_spec is malformed: {_first_line(e)}") from e
+
+
+_OUTPUT_SPEC_ADAPTER: TypeAdapter[dict[str, OutputField]] = TypeAdapter(OutputSpec)
 
 
 def _what(mv: ModelVersion, variant: str) -> str:
