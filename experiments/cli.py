@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="experiment_command", required=True)
     p = sub.add_parser("create", help="start an experiment (one per model)", formatter_class=_DEFAULTS_HELP)
     p.add_argument("model")
-    p.add_argument("--control", type=int, required=True, help="champion version")
-    p.add_argument("--treatment", type=int, required=True, help="challenger version")
+    p.add_argument("--control", required=True, help="champion version: number, alias or label")
+    p.add_argument("--treatment", required=True, help="challenger version: number, alias or label")
     p.add_argument("--salt", help="assignment salt (default: random)")
     _add_design(p)
     p.set_defaults(func=_create)
@@ -132,8 +132,9 @@ def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, Experime
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    with _store(settings) as (_, _, store):
-        e = store.create(args.model, args.control, args.treatment, salt=args.salt, **_design(args))
+    with _store(settings) as (_, registry, store):
+        control, treatment = (registry.resolve(args.model, v).version for v in (args.control, args.treatment))
+        e = store.create(args.model, control, treatment, salt=args.salt, **_design(args))
     print(f"experiment {e.id}: {e.model} v{e.control_version} (control) vs v{e.treatment_version} "
           f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}, primary {e.primary}, "
           f"label horizon {e.label_horizon_s:g} s")
@@ -356,14 +357,16 @@ def main_report(settings: Settings, model: str, png: Path) -> int:
     """Print every analysis of the model's experiment and plot each metric over time."""
     from experiments import runner  # scipy: the `experiments` extra
 
-    with _store(settings) as (client, _, store):
+    with _store(settings) as (client, registry, store):
         e = store.get(model)
         records = runner.decisions(client, e) if e else []
+        # The versions with their labels: "v3 (1.1.0) vs v4 (1.2.0)".
+        arms = [registry.title(model, v) for v in (e.control_version, e.treatment_version)] if e else []
     if e is None or not records:
         print(f"{model}: no analyses yet")
         return 1
-    print(f"experiment {e.id}: {e.model} v{e.control_version} vs v{e.treatment_version}, "
-          f"primary {e.primary}, {len(records)} analyses")
+    print(f"experiment {e.id}: {e.model} {arms[0]} vs {arms[1]}, primary {e.primary}, "
+          f"{len(records)} analyses")
     print_decisions(records, e.created_at)
     plot_decisions(records, png, start_s=e.created_at, treatment_share=e.treatment_share)
     print(f"wrote {png}")

@@ -14,7 +14,7 @@ from protocol import connection, keys, messages, presence, sharding
 from protocol.errors import InvalidInput, RegistryError
 from protocol.settings import Settings
 from protocol.values import text
-from registry import PRIMARY, ModelVersion, Registry
+from registry import PRIMARY, ModelVersion, Registry, version_title
 from registry.rollout import publish_reload, wait_for_fleet
 from worker.loader import load_version, version_parity
 
@@ -48,7 +48,9 @@ With --json, one JSON document on stdout (keys are stable; new ones may be added
          "mode": "split",           split: each unit sees one arm; shadow: both score every request
          "unit": "route",           and the control answers (each arm's share is then 1.0)
          "control": {"version": 3, "share": 0.9},
-         "treatment": {"version": 4, "share": 0.1}}}}}
+         "treatment": {"version": 4, "share": 0.1}}}},
+   "labels": {                      per model, the label of every version named above ("": none)
+     "<model>": {"3": "1.1.0", "4": ""}}}
 
 Exit status (with or without --json): 0 when every model shown is ok (or none is registered),
 1 otherwise.
@@ -120,6 +122,7 @@ class FleetStatus(TypedDict):
     schema_version: int
     ok: bool
     models: dict[str, ModelStatus]
+    labels: dict[str, dict[str, str]]  # model → version (a JSON key: text) → its label
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -134,7 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reload)
     p = subparsers.add_parser("replay", help="run a version on the inputs the current experiment journaled")
     p.add_argument("model")
-    p.add_argument("version", type=int)
+    p.add_argument("version", help="number, alias or label")
     p.set_defaults(func=_replay)
     p = subparsers.add_parser("status", epilog=STATUS_HELP,
                               help="workers, versions, stream length, pending, lag, dead letters, experiment",
@@ -154,12 +157,12 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
         production = Registry(client, settings.artifact_dir).production(args.model)
         target = production.version
         receivers = publish_reload(client, args.model, target, secret=settings.control_secret)
-        print(f"reload {args.model} v{target}: {receivers} subscriber(s)")
+        print(f"reload {args.model} {production.title}: {receivers} subscriber(s)")
         if not args.wait:
             return 0
         report = wait_for_fleet(client, args.model, target, timeout_s=args.timeout_s,
                                 ttl_s=settings.heartbeat_ttl_s, variant=production.serving_variant or PRIMARY,
-                                allow_fallback=args.allow_fallback)
+                                allow_fallback=args.allow_fallback, label=production.label)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
@@ -184,9 +187,11 @@ def replay(client: redis.Redis, registry: Registry, model: str, version: int,
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     with connection.connect(settings.redis_url) as client:
-        result = replay(client, Registry(client, settings.artifact_dir), args.model, args.version, settings)
+        registry = Registry(client, settings.artifact_dir)
+        mv = registry.resolve(args.model, args.version)
+        result = replay(client, registry, args.model, mv.version, settings)
     for arm, numbers in result.items():
-        print(f"v{args.version} vs what {arm} answered: {numbers['label_agreement']:.2%} "
+        print(f"{mv.title} vs what {arm} answered: {numbers['label_agreement']:.2%} "
               f"of {numbers['requests']} journaled requests")
     return 0
 
@@ -199,7 +204,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(status, indent=2))
     else:
         for model, model_status_ in status["models"].items():
-            _print_model(model, model_status_)
+            _print_model(model, model_status_, status["labels"][model])
     return 0 if status["ok"] else 1
 
 
@@ -221,7 +226,24 @@ def fleet_status(client: redis.Redis, registry: Registry, models: list[str], ttl
     """What ``status`` shows, as the document ``status --json`` prints."""
     per_model = {model: model_status(client, registry, model, ttl_s) for model in models}
     return {"schema_version": STATUS_SCHEMA_VERSION, "ok": all(m["ok"] for m in per_model.values()),
-            "models": per_model}
+            "models": per_model,
+            "labels": {model: version_labels(registry, model, m) for model, m in per_model.items()}}
+
+
+def version_labels(registry: Registry, model: str, status: ModelStatus) -> dict[str, str]:
+    """The label of every version ``status`` names ("" for none, or a version gone or unreadable)."""
+    named = {status["production_version"]}
+    for w in status["workers"]:
+        named |= {w["version"], w["target_version"], w["failed_version"]}
+    if status["experiment"] is not None:
+        named |= {status["experiment"]["control"]["version"], status["experiment"]["treatment"]["version"]}
+    labels = {}
+    for version in sorted(v for v in named if v is not None):
+        try:
+            labels[str(version)] = registry.get(model, version).label
+        except RegistryError:
+            labels[str(version)] = ""
+    return labels
 
 
 def model_status(client: redis.Redis, registry: Registry, model: str, ttl_s: float) -> ModelStatus:
@@ -252,15 +274,14 @@ def _experiment_status(client: redis.Redis, registry: Registry, model: str) -> E
             "treatment": {"version": e.treatment_version, "share": 1.0 if both else e.treatment_share}}
 
 
-def experiment_line(e: ExperimentStatus) -> str:
-    """The experiment as ``status`` prints it under its model."""
+def experiment_line(e: ExperimentStatus, labels: dict[str, str] | None = None) -> str:
+    """The experiment as ``status`` prints it under its model (each version with its label)."""
     control, treatment = e["control"], e["treatment"]
+    c, t = (_title(arm["version"], labels or {}) for arm in (control, treatment))
     if e["mode"] == "shadow":
-        arms = f"control v{control['version']} answers every request, treatment v{treatment['version']} " \
-               "scores each beside it"
+        arms = f"control {c} answers every request, treatment {t} scores each beside it"
     else:
-        arms = f"control v{control['version']} {control['share']:.0%}, " \
-               f"treatment v{treatment['version']} {treatment['share']:.0%}"
+        arms = f"control {c} {control['share']:.0%}, treatment {t} {treatment['share']:.0%}"
     return f"  experiment {e['id']} [{e['status']}] {e['mode']} by {e['unit']}: {arms}"
 
 
@@ -282,8 +303,13 @@ def _worker_status(w: Heartbeat, now_ms: int) -> WorkerStatus:
             "requests": w.requests}
 
 
-def _print_model(model: str, status: ModelStatus) -> None:
-    production = "none" if status["production_version"] is None else f"v{status['production_version']}"
+def _title(version: int | None, labels: dict[str, str]) -> str:
+    """``v3 (1.1.0)`` from a ``version_labels`` map; ``none`` for no version."""
+    return version_title(version, labels.get(str(version), ""))
+
+
+def _print_model(model: str, status: ModelStatus, labels: dict[str, str]) -> None:
+    production = _title(status["production_version"], labels)
     streams = status["streams"]
     # One shard with an empty backfill lane (the usual case): the one-line summary of the live stream.
     if len(streams) == len(keys.LANES) and not any(s["length"] for s in streams if s["lane"] != "live"):
@@ -296,10 +322,10 @@ def _print_model(model: str, status: ModelStatus) -> None:
             print(f"  shard {s['shard']} {s['lane']:<8} length {s['length']}, pending {s['pending']}, "
                   f"lag {s['lag']}")
     if status["experiment"] is not None:
-        print(experiment_line(status["experiment"]))
+        print(experiment_line(status["experiment"], labels))
     for w in status["workers"]:
         error = f" error: {w['error']}" if w["error"] else ""
         error += f" fallback because {w['fallback']}" if w["fallback"] else ""
-        print(f"  {w['worker_id']:<40} v{w['version']} {w['variant']:<18} {w['backend']:<12} "
+        print(f"  {w['worker_id']:<40} {_title(w['version'], labels)} {w['variant']:<18} {w['backend']:<12} "
               f"{w['state']:<9} pid {w['pid']} on {w['host']}, "
               f"heartbeat {w['heartbeat_age_ms']} ms ago{error}")

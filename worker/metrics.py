@@ -14,7 +14,8 @@ How each gauge merges across children (prometheus-client's ``multiprocess_mode``
   stream and registry that every child reads: ``livemostrecent``, the freshest
   reading wins (a rollback shows at once, where ``max`` would hide it).
 - the version served is each child's own: ``liveall`` keeps one series per
-  child (a ``pid`` label is added), so an alert sees a single stale child.
+  child (a ``pid`` label is added), so an alert sees a single stale child. So
+  does ``streamserve_model_info``, the version served with its registry label.
 - worker info, readiness and the last loop tick carry ``worker_id`` already:
   ``livemax`` (one series per worker, gone when it dies). The supervisor reads
   the last two back to answer its own /readyz and /healthz.
@@ -166,6 +167,11 @@ class WorkerMetrics:
                              ["model"], multiprocess_mode="liveall", registry=reg).labels(model)
         Gauge("streamserve_worker_info", "A live worker process (always 1)", ["model", "worker_id"],
               multiprocess_mode="livemax", registry=reg).labels(model, worker).set(1)
+        self._model_info = Gauge(
+            "streamserve_model_info", "The version this worker serves, with its registry label (\"\": none); "
+            "1 while served, 0 for a version served before", ["model", "version", "label"],
+            multiprocess_mode="liveall", registry=reg)
+        self._info_key: tuple[str, str] | None = None
         self._ready_gauge = Gauge(READY_METRIC, "1 while a model is loaded and Redis answers",
                                   ["model", "worker_id"], multiprocess_mode="livemax",
                                   registry=reg).labels(model, worker)
@@ -207,10 +213,24 @@ class WorkerMetrics:
         """A load of ``version`` finished, or failed."""
         self._loads.get(version, "ok" if ok else "failed").inc()
 
-    def serving(self, version: int | None, production: int | None) -> None:
-        """The version served and the registry's Production version; None (NaN) when unknown."""
+    def serving(self, version: int | None, production: int | None, label: str = "") -> None:
+        """The version served (and its ``label``) and the registry's Production version; None (NaN)
+        when unknown."""
         self._served.set(math.nan if version is None else version)
         self._production.set(math.nan if production is None else production)
+        key = None if version is None else (str(version), label)
+        if key != self._info_key:
+            self._served_info(key)
+
+    def _served_info(self, key: tuple[str, str] | None) -> None:
+        if self._info_key is not None:
+            # Under a supervisor a removed series stays in the child's file: 0 says "no longer served".
+            self._model_info.labels(self.model, *self._info_key).set(0)
+            if not multiprocess_mode():
+                self._model_info.remove(self.model, *self._info_key)
+        if key is not None:
+            self._model_info.labels(self.model, *key).set(1)
+        self._info_key = key
 
     def tick(self) -> None:
         """The loop is alive: call it every iteration, backoff waits included (Redis down is not dead)."""
