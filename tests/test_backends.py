@@ -41,7 +41,7 @@ def test_broken_onnx_falls_back_to_torch_and_says_so(r, settings, registry, tmp_
     with ThreadedWorker(Worker(settings, MODEL)), Client.from_url(settings.redis_url) as client:
         p = client.predict(MODEL, X[0])
         worker = client.health(MODEL).workers[0]
-    np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, X[:1]),
+    np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, X[:1])[0],
                                rtol=1e-4, atol=1e-6)
     assert worker.backend == "torch_export" and worker.variant == "torch_export"
     assert "primary: ONNX Runtime cannot load" in worker.fallback

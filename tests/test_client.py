@@ -25,7 +25,7 @@ def test_predict_single_sample(client, settings, production, model_path):
         p = client.predict(MODEL, X, route="BTCUSDT")
     expected = models.reference_outputs(model_path, X[np.newaxis])
     assert p.model == MODEL and p.model_version == production.version
-    np.testing.assert_allclose(p.outputs["probs"], expected, rtol=1e-5)
+    np.testing.assert_allclose(p.outputs["probs"], expected[0], rtol=1e-5)  # one sample: no batch axis
     assert p.label == models.LABELS[int(expected.argmax())]
     assert p.confidence == pytest.approx(float(expected.max()), rel=1e-5)
     assert p.infer_ms > 0 and p.queue_ms >= 0
@@ -37,7 +37,7 @@ def test_predict_many_pipelines_and_keeps_order(client, settings, production, mo
         results = client.predict_many(MODEL, windows)
     assert len(results) == 20
     for w, p in zip(windows, results, strict=True):
-        np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, w[None]),
+        np.testing.assert_allclose(p.outputs["probs"], models.reference_outputs(model_path, w[None])[0],
                                    rtol=1e-4, atol=1e-6)
 
 

@@ -35,8 +35,8 @@ def corrupt(settings, mv) -> None:
 def test_reload_under_load_loses_nothing_and_every_reply_names_its_version(
         r, settings, registry, tmp_path, start_worker, production, model_path):
     v2, v2_path = register_version(registry, tmp_path, seed=2)
-    expected = {production.version: models.reference_outputs(model_path, X[None]),
-                v2.version: models.reference_outputs(v2_path, X[None])}
+    expected = {production.version: models.reference_outputs(model_path, X[None])[0],  # one sample each
+                v2.version: models.reference_outputs(v2_path, X[None])[0]}
     procs = [start_worker() for _ in range(2)]
     results: list = []
     stop = threading.Event()
