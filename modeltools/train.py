@@ -12,6 +12,7 @@ from modeltools import reference
 from protocol import connection
 from protocol.settings import Settings
 from registry import ModelVersion, Registry
+from registry.contract import check_onnx
 from worker.loader import make_golden, version_parity
 
 GOLDEN_ROWS = 8  # inputs whose outputs every load must reproduce
@@ -42,9 +43,12 @@ def train_and_register(settings: Settings, model: str, *, epochs: int = 4, n_tra
         torch_path = reference.export_torch(program, Path(tmp) / "model.pt2")
         status("registering")
         held_out, _ = reference.synthetic_dataset(PARITY_ROWS, seed=seed + 2)
+        # The same contract check as `registry register`; the golden rows are real samples instead.
+        contract = check_onnx(onnx_path, reference.input_spec(), list(reference.LABELS))
         mv = registry.register(
-            model, onnx_path, input_spec=reference.input_spec(), output_names=[reference.OUTPUT_NAME],
-            labels=list(reference.LABELS), description="HybridCNNLSTM on synthetic series",
+            model, onnx_path, input_spec=contract.input_spec, output_names=contract.output_names,
+            output_spec=contract.output_spec, labels=list(reference.LABELS),
+            description="HybridCNNLSTM on synthetic series",
             metrics={"accuracy": result.accuracy, "train_seconds": result.train_seconds,
                      "n_train": result.n_train, "n_test": result.n_test, "seed": seed},
             golden=make_golden(onnx_path, {reference.INPUT_NAME: held_out[:GOLDEN_ROWS]}),

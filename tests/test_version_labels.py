@@ -151,3 +151,11 @@ def test_the_model_info_metric_carries_the_served_versions_label():
     text = generate_latest(metrics.registry).decode()
     assert f'streamserve_model_info{{label="",model="{MODEL}",version="4"}} 1.0' in text
     assert 'version="3"' not in text.split("streamserve_model_info", 1)[1].split("# HELP", 1)[0]
+
+
+def test_a_serving_worker_exports_its_versions_label(settings, registry, labelled):
+    registry.promote(MODEL, labelled[1].version)
+    worker = Worker(settings, MODEL, burst=True)
+    worker.run()  # loads the Production version, drains nothing, heartbeats on the way
+    text = generate_latest(worker.metrics.registry).decode()
+    assert f'streamserve_model_info{{label="1.1.0",model="{MODEL}",version="{labelled[1].version}"}}' in text

@@ -687,7 +687,9 @@ class Worker:
     def heartbeat(self) -> None:
         """Publish what this worker serves (``protocol.presence``); prune members past the TTL."""
         beat = self.presence()
-        self.metrics.serving(beat.version, self.slot.target_version)
+        loaded = self.slot.loaded
+        self.metrics.serving(beat.version, self.slot.target_version,
+                             label=loaded.version.label if loaded else "")
         self.metrics.ready(beat.version is not None and "redis" not in self.problems)
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
         key, members = keys.worker_hash(self.model, self.worker_id), keys.workers_zset(self.model)
