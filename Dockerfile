@@ -13,6 +13,7 @@ COPY worker ./worker
 COPY modeltools ./modeltools
 COPY lab ./lab
 COPY streamserve ./streamserve
+COPY integrations ./integrations
 RUN useradd --create-home --uid 10001 streamserve && mkdir -p /artifacts && chown streamserve /artifacts
 
 FROM base AS worker

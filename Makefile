@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --upgrade pip
 	# constraints.txt pins every package to the version CI tested (torch==2.13.0, the CPU build on
 	# these machines, as the `train` extra does): a fresh clone gets the same redis-py.
-	$(BIN)/pip install -c constraints.txt -e '.[lab,peers,dev,docs]'
+	$(BIN)/pip install -c constraints.txt -e '.[lab,peers,dev,docs,mlflow]'
 	touch $(STAMP)
 
 install: $(STAMP)

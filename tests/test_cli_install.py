@@ -12,7 +12,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTALLED_EXTRAS = ("lab", "peers", "dev", "docs")  # what `make install` asks for
+INSTALLED_EXTRAS = ("lab", "peers", "dev", "docs", "mlflow")  # what `make install` asks for
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$")
 
 
@@ -73,5 +73,5 @@ def test_the_tests_run_on_the_pinned_versions():
 
 def test_make_install_uses_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
-    assert "pip install -c constraints.txt -e '.[lab,peers,dev,docs]'" in makefile
+    assert "pip install -c constraints.txt -e '.[lab,peers,dev,docs,mlflow]'" in makefile
     assert re.search(r"^\$\(STAMP\):.*constraints\.txt", makefile, re.M), "a new pin reinstalls"
