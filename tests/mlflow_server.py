@@ -7,7 +7,6 @@ Its start (about 30 s on a busy machine) is not charged to the test that sets it
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -87,10 +86,12 @@ class MlflowServer:
 
 def require_mlflow() -> None:
     """Skip without the ``mlflow`` extra; under CI (``CI=true``) fail instead."""
-    if importlib.util.find_spec("mlflow") is None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as e:
         if os.environ.get("CI") == "true":
-            pytest.fail("mlflow is not installed: pip install -e '.[mlflow]'")
-        pytest.skip("mlflow is not installed (the mlflow extra)")
+            pytest.fail(f"mlflow cannot be imported ({e}): pip install -e '.[mlflow]'")
+        pytest.skip(f"mlflow cannot be imported ({e}): the mlflow extra")
 
 
 @pytest.fixture(scope="module", name="mlflow_server")
