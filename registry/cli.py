@@ -27,7 +27,8 @@ from registry.store import FORMATS, PRIMARY, STAGES, ModelVersion, Registry
 ParityChecker = Callable[[Registry, ModelVersion], dict[str, float]]
 
 
-def register(subparsers: argparse._SubParsersAction, *, parity_checker: ParityChecker | None = None) -> None:
+def register(subparsers: argparse._SubParsersAction, *, parity_checker: ParityChecker | None = None,
+             more_commands: Callable[[argparse._SubParsersAction], None] | None = None) -> None:
     """Add the ``registry`` command group; the parity hook comes from the serving side."""
     parser = subparsers.add_parser("registry", help="versions, stages, aliases, history, artifacts")
     sub = parser.add_subparsers(dest="registry_command", required=True)
@@ -35,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction, *, parity_checker: ParityCh
     _add_register(sub, parity_checker)
     _add_promote(sub)
     _add_changes(sub)
+    if more_commands is not None:  # import/export/sync with other registries (integrations.cli.register)
+        more_commands(sub)
     p = sub.add_parser("shards", help="show a model's stream shard layout, or change it live (S)")
     p.add_argument("name")
     p.add_argument("shards", type=int, nargs="?", help="the new number of shards; omitted: show the layout")

