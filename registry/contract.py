@@ -18,6 +18,7 @@ registry imports without it.
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,11 +238,40 @@ def register_onnx(registry: Registry, name: str, path: Path, *, input_spec: dict
     arguments go to :meth:`Registry.register` (metrics, tags, description, alternates…).
     """
     registry.check_label(name, label)  # a taken label is refused before the model is run
-    contract = check_onnx(Path(path), input_spec, labels)
-    if output_names is not None and list(output_names) != contract.output_names:
-        raise ContractError(f"outputs: {list(output_names)} given, the graph's outputs are "
-                            f"{contract.output_names}")
-    return registry.register(name, Path(path), input_spec=contract.input_spec,
-                             output_names=contract.output_names, labels=list(labels or []), label=label,
-                             output_spec=contract.output_spec, golden=contract.golden, fmt="onnx",
-                             **register_kwargs)
+    with tempfile.TemporaryDirectory() as workdir:
+        path = self_contained(Path(path), Path(workdir))
+        contract = check_onnx(path, input_spec, labels)
+        if output_names is not None and list(output_names) != contract.output_names:
+            raise ContractError(f"outputs: {list(output_names)} given, the graph's outputs are "
+                                f"{contract.output_names}")
+        return registry.register(name, path, input_spec=contract.input_spec,
+                                 output_names=contract.output_names, labels=list(labels or []), label=label,
+                                 output_spec=contract.output_spec, golden=contract.golden, fmt="onnx",
+                                 **register_kwargs)
+
+
+def self_contained(path: Path, workdir: Path) -> Path:
+    """``path``, or a copy in ``workdir`` with its external data files inlined.
+
+    torch's exporter writes large weights to ``model.onnx.data`` beside the graph; ONNX Runtime
+    finds it next to the file here, but the store keeps one file per artifact, so a worker
+    elsewhere could not load it. onnx (the ``train`` extra) is needed only for such a file.
+    """
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError:
+        return path  # without onnx nothing can be inlined; check_onnx still runs the file as it is
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable ONNX file: check_onnx gives the one-line reason
+        return path
+    if not any(uses_external_data(t) for t in graph.graph.initializer):  # where exporters put weights
+        return path
+    out = workdir / path.name
+    try:
+        onnx.save(onnx.load(str(path)), str(out))  # onnx refuses data paths outside the model's folder
+    except (ValueError, OSError) as e:
+        raise ContractError(f"{path.name}: its external weights cannot be inlined into one ONNX file: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+    return out

@@ -210,3 +210,21 @@ def test_optimize_on_an_onnx_only_version_is_one_line_with_exit_status_2(setting
                                    "torch_export artifact to optimize from: optimize needs a PyTorch export "
                                    "program (.pt2)")
     assert "a data file (--data FILE.npz" in captured.err
+
+
+def test_a_model_with_external_weights_is_stored_as_one_file_a_worker_elsewhere_loads(
+        r, settings, registry, tmp_path, model_path):
+    """torch's exporter writes large weights to model.onnx.data beside the graph; the store keeps one
+    file per artifact, so before, a worker whose working directory did not hold the data failed."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    split = folder / "model.onnx"
+    onnx.save(onnx.load(str(model_path)), str(split), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    assert (folder / "model.onnx.data").exists()
+    mv = register_onnx(registry, MODEL, split, labels=models.LABELS)
+    (folder / "model.onnx.data").unlink()  # the export folder is gone: only the registry's copy remains
+    registry.promote(MODEL, mv.version)
+    worker = Worker(settings, MODEL, burst=True)
+    worker.run()
+    assert worker.slot.loaded is not None and worker.slot.loaded.version.version == mv.version
