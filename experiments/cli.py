@@ -98,6 +98,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                                             "error, outcome_time]")
     _add_design(p)
     p.add_argument("--every-s", type=float, default=60.0, help="seconds of data between analyses")
+    p.add_argument("--continue-after-decision", action="store_true",
+                   help="replay every analysis until the last outcome is due, not only up to the first "
+                        "decision other than CONTINUE")
     p.add_argument("--json", action="store_true", help="one JSON record per analysis instead of the table")
     p.add_argument("--png", type=Path, help="also plot the analyses into this file")
     p.set_defaults(func=_simulate)
@@ -272,13 +275,14 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     """Guardrails are always valid, so analyzing this often costs no error rate."""
     from experiments import runner  # scipy: the `experiments` extra
 
+    readers: dict[str, runner.Reader] = {}  # each analysis reads only what was written since the last
     with _store(settings) as (client, registry, store):
         while True:
             e = store.get(args.model)
             if e is None or e.status != "running":
                 print(f"{args.model}: no running experiment")
                 return 0
-            d = runner.run_analysis(client, registry, args.model, apply=args.apply)
+            d = runner.run_analysis(client, registry, args.model, apply=args.apply, readers=readers)
             print(f"{time.strftime('%H:%M:%S')} look {d.look}: {d.decision} — {d.reason}", flush=True)
             if d.decision != "CONTINUE":
                 return 0
@@ -313,7 +317,9 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         obs = simulate.read_table(args.table)
         e = simulate.experiment_for(obs, **_design(args))
-        records = [d.to_dict() for d in simulate.simulate(e, obs, args.every_s)]
+        decisions = simulate.simulate(e, obs, args.every_s,
+                                      continue_after_decision=args.continue_after_decision)
+        records = [d.to_dict() for d in decisions]
     except (OSError, ValueError) as err:
         print(f"streamserve experiment simulate: {err}", file=sys.stderr)
         return 2

@@ -66,10 +66,18 @@ class _Columns:
     def __init__(self) -> None:
         self.values = [array("d") for _ in _COLUMNS]
 
+    def __len__(self) -> int:
+        return len(self.values[0])
+
     def append(self, *row: float) -> None:
         """One row, in ``_COLUMNS`` order."""
         for column, value in zip(self.values, row, strict=True):
             column.append(value)
+
+    def set_outcome(self, row: int, outcome: tuple[float, float, float]) -> None:
+        """Join an outcome that arrived after its row was read: (arrival s, correct, pnl)."""
+        for column, value in zip(self.values[-3:], outcome, strict=True):
+            column[row] = value
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The columns by name."""
@@ -77,22 +85,58 @@ class _Columns:
                 for name, column in zip(_COLUMNS, self.values, strict=True)}
 
 
-class _Journal:
-    """The journal's rows with their outcomes joined, read entry by entry.
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A journaled request whose outcome has not arrived: where its rows are and what it predicted."""
 
-    One row per request (the control's in shadow mode) in ``rows``; in shadow mode
-    the treatment's rows in ``shadow_rows``.
+    shard: int
+    row: int
+    error: bool
+    label: bytes
+    shadow_row: int = -1  # -1: no shadow row
+    shadow_error: bool = False
+    shadow_label: bytes = b""
+
+
+class _Journal:
+    """The journal's rows with their outcomes joined, read entry by entry, shard by shard.
+
+    Per shard, one row per request (the control's in shadow mode) in ``rows`` and in
+    shadow mode the treatment's rows in ``shadow_rows``; rows stay in each shard's
+    entry order, so reading in several steps gives the same columns as one read.
     """
 
-    def __init__(self, e: Experiment, outcomes: dict[bytes, _Found]) -> None:
+    def __init__(self, e: Experiment) -> None:
         self.by_route, self.shadow_mode = e.unit == "route", e.mode == "shadow"
-        self.outcomes = outcomes
-        self.rows, self.shadow_rows = _Columns(), _Columns()
+        self.rows: dict[int, _Columns] = {}
+        self.shadow_rows: dict[int, _Columns] = {}
         self.seen: set[bytes] = set()
+        self.waiting: dict[bytes, _Waiting] = {}  # journaled requests without an outcome yet
+        self.unmatched: dict[bytes, _Found] = {}  # first outcomes of requests not (yet) journaled
+        self.outcome_ids: set[bytes] = set()  # every request with a valid outcome: later ones are repeats
         self.unit_codes: dict[bytes, int] = {}
         self.malformed = self.duplicate = self.matched = 0
 
-    def add(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def outcome(self, request_id: bytes, found: _Found) -> bool:
+        """A valid outcome; False when the request already had one (only the first counts)."""
+        if request_id in self.outcome_ids:
+            return False
+        self.outcome_ids.add(request_id)
+        waiting = self.waiting.pop(request_id, None)
+        if waiting is None:
+            self.unmatched[request_id] = found
+        else:
+            self.matched += 1
+            self._join(waiting, found)
+        return True
+
+    def _join(self, w: _Waiting, found: _Found) -> None:
+        self.rows[w.shard].set_outcome(w.row, _outcome_columns(None if w.error else found, w.label))
+        if w.shadow_row >= 0:
+            shadow = _outcome_columns(None if w.shadow_error else found, w.shadow_label, shadow=True)
+            self.shadow_rows[w.shard].set_outcome(w.shadow_row, shadow)
+
+    def add(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """One stream entry; a malformed or repeated one is counted and left out."""
         request_id, arm = fields.get(b"id", b""), _ARM_CODES.get(fields.get(b"arm", b""))
         latency_ms = _latency_ms(fields.get(b"latency_ms"))
@@ -102,27 +146,48 @@ class _Journal:
             self.duplicate += 1
         else:
             self.seen.add(request_id)
-            self._append(int(entry_id.split(b"-", 1)[0]) / 1000, request_id, arm, latency_ms, fields)
+            t_s = int(entry_id.split(b"-", 1)[0]) / 1000
+            self._append(shard, t_s, request_id, arm, latency_ms, fields)
 
-    def _append(self, t_s: float, request_id: bytes, arm: int, latency_ms: float,
+    def _append(self, shard: int, t_s: float, request_id: bytes, arm: int, latency_ms: float,
                 fields: dict[bytes, bytes]) -> None:
         route = fields.get(b"route", b"")
         unit_name = route if self.by_route and route else request_id
         unit = self.unit_codes.setdefault(unit_name, len(self.unit_codes))
-        found = self.outcomes.get(request_id)
-        self.matched += found is not None
-        error = bool(fields.get(b"error"))
-        self.rows.append(t_s, unit, arm, error, math.nan if error else latency_ms,
-                         *_outcome_columns(None if error else found, fields.get(b"label", b"")))
+        rows = self.rows.setdefault(shard, _Columns())
+        error, label = bool(fields.get(b"error")), fields.get(b"label", b"")
+        waiting = _Waiting(shard, len(rows), error, label)
+        rows.append(t_s, unit, arm, error, math.nan if error else latency_ms, math.nan, math.nan, math.nan)
         if self.shadow_mode and (b"shadow_label" in fields or b"shadow_error" in fields):
-            shadow_error = bool(fields.get(b"shadow_error"))
-            self.shadow_rows.append(t_s, unit, 1, shadow_error, math.nan,
-                                    *_outcome_columns(None if shadow_error else found,
-                                                      fields.get(b"shadow_label", b""), shadow=True))
+            shadow = self.shadow_rows.setdefault(shard, _Columns())
+            waiting = replace(waiting, shadow_row=len(shadow), shadow_error=bool(fields.get(b"shadow_error")),
+                              shadow_label=fields.get(b"shadow_label", b""))
+            shadow.append(t_s, unit, 1, waiting.shadow_error, math.nan, math.nan, math.nan, math.nan)
+        found = self.unmatched.pop(request_id, None)
+        if found is None:
+            self.waiting[request_id] = waiting
+        else:
+            self.matched += 1
+            self._join(waiting, found)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Every row: each shard's rows in shard order, then each shard's shadow rows; units numbered
+        by name, so the columns do not depend on how many reads made them."""
+        parts = [c.arrays() for _, c in sorted(self.rows.items())] + \
+                [c.arrays() for _, c in sorted(self.shadow_rows.items())]
+        columns = {name: np.concatenate([p[name] for p in parts]) if parts else np.empty(0)
+                   for name in _COLUMNS}
+        if self.by_route and self.unit_codes:  # routes are clusters: number them as a full read would
+            rank = np.empty(len(self.unit_codes), dtype=np.int64)
+            rank[np.argsort(np.array(list(self.unit_codes), dtype=object), kind="stable")] = \
+                np.arange(len(self.unit_codes))
+            columns["unit"] = rank[columns["unit"].astype(np.int64)]
+        return columns
 
     def unit_names(self) -> tuple[str, ...]:
         """Unit names by code (routes, or request ids where the request is the unit)."""
-        return tuple(u.decode(errors="replace") for u in self.unit_codes)
+        names = sorted(self.unit_codes) if self.by_route else self.unit_codes
+        return tuple(u.decode(errors="replace") for u in names)
 
 
 def _outcome_columns(found: _Found | None, predicted: bytes, *,
@@ -170,31 +235,66 @@ def shards(client: redis.Redis, model: str) -> range:
         return range(keys.MAX_SHARDS)
 
 
-def _read_journal(client: redis.Redis, e: Experiment, outcomes: dict[bytes, _Found]) -> _Journal:
-    journal = _Journal(e, outcomes)
-    for shard in shards(client, e.model):
-        for page in _pages(client, keys.experiment_journal(e.model, e.id, shard)):
-            for entry_id, fields in page:
-                journal.add(entry_id, fields)
-    return journal
+class Reader:
+    """One experiment's journal and outcomes, read where the last read stopped.
+
+    Keeps, between analyses in the process that analyses (``experiment watch``), each
+    stream's last entry id read and every row read so far as C arrays (64 bytes a
+    row), with the outcomes joined as they arrive; an analysis reads only the entries
+    written since. A fresh reader reads everything: ``analyze`` and ``status`` do.
+    Columns equal a full read's, so decisions do too (see :func:`observations`),
+    except that rows the capped journal has trimmed since are kept.
+    """
+
+    def __init__(self, e: Experiment) -> None:
+        self.experiment = e
+        self.read = ReadStats()
+        self.journal = _Journal(e)
+        self.outcome_cursor = f"{int(e.created_at * 1000)}-0"
+        self.journal_cursors: dict[int, str] = {}
+        self.decisions: list[dict] = []  # the audit trail read so far (see :func:`decisions`)
+        self.decisions_cursor = "-"
+
+    def update(self, client: redis.Redis) -> None:
+        """Read what was written since the last update: the outcomes first, then the journal.
+
+        Outcomes first, so a request counted as answered cannot miss an outcome written before it
+        was read (a bot reports after the reply).
+        """
+        _read_outcomes(client, self.experiment, self)
+        e, journal = self.experiment, self.journal
+        for shard in shards(client, e.model):
+            key = keys.experiment_journal(e.model, e.id, shard)
+            for page in _pages(client, key, self.journal_cursors.get(shard, "-")):
+                for entry_id, fields in page:
+                    journal.add(shard, entry_id, fields)
+                self.journal_cursors[shard] = "(" + text(page[-1][0])
+        r = self.read
+        r.journal_malformed, r.journal_duplicate = journal.malformed, journal.duplicate
+        r.journal_entries, r.outcomes_unmatched = len(journal.seen), len(journal.unmatched)
+
+    def observations(self) -> Observations:
+        """Every row read so far, with the outcomes read so far."""
+        columns = self.journal.columns()
+        obs = Observations.build(**{**columns, "unit": columns["unit"].astype(np.int64),
+                                    "arm": columns["arm"].astype(np.int64), "error": columns["error"] != 0},
+                                 start_s=self.experiment.created_at)
+        return replace(obs, unit_names=self.journal.unit_names())
 
 
-def _read_outcomes(client: redis.Redis, e: Experiment, read: ReadStats) -> dict[bytes, _Found]:
-    """Request id → its first valid outcome and when it arrived, from the experiment's start."""
-    first: dict[bytes, _Found] = {}
-    for page in _pages(client, keys.outcomes_stream(e.model), f"{int(e.created_at * 1000)}-0"):
+def _read_outcomes(client: redis.Redis, e: Experiment, read: Reader) -> None:
+    """Each request's first valid outcome and when it arrived, from where ``read`` stopped."""
+    for page in _pages(client, keys.outcomes_stream(e.model), read.outcome_cursor):
         for entry_id, fields in page:
             try:
                 outcome = parse(_text_fields(fields))
             except InvalidInput:
-                read.outcomes_malformed += 1
+                read.read.outcomes_malformed += 1
                 continue
-            request_id = outcome.request_id.encode()
-            if request_id in first:
-                read.outcomes_duplicate += 1
-            else:
-                first[request_id] = (int(entry_id.split(b"-", 1)[0]) / 1000, outcome)
-    return first
+            found = (int(entry_id.split(b"-", 1)[0]) / 1000, outcome)
+            if not read.journal.outcome(outcome.request_id.encode(), found):
+                read.read.outcomes_duplicate += 1
+        read.outcome_cursor = "(" + text(page[-1][0])
 
 
 def _text_fields(fields: dict[bytes, bytes]) -> dict[str, str]:
@@ -215,26 +315,19 @@ def _judged(predicted: bytes, outcome: Outcome, *, by_label_only: bool = False) 
     return float(outcome.correct)
 
 
-def observations(client: redis.Redis, e: Experiment) -> tuple[Observations, ReadStats]:
+def observations(client: redis.Redis, e: Experiment, reader: Reader | None = None
+                 ) -> tuple[Observations, ReadStats]:
     """The experiment's exposures with their outcomes, and what reading them left out.
 
     The unit is the route when the experiment assigns by route and the request has
     one, else the request id (as :meth:`Experiment.arm` assigns). A failed request's
     row has its error and neither latency nor outcome: the latency guardrail is about
-    answers, and there was no prediction to judge.
+    answers, and there was no prediction to judge. ``reader`` (of ``e``) goes on from
+    its last read; without one, everything is read.
     """
-    read = ReadStats()
-    # Outcomes first, so each journal entry is joined as it is read and no entry is kept as objects.
-    outcomes = _read_outcomes(client, e, read)
-    journal = _read_journal(client, e, outcomes)
-    read.journal_malformed, read.journal_duplicate = journal.malformed, journal.duplicate
-    read.journal_entries, read.outcomes_unmatched = len(journal.seen), len(outcomes) - journal.matched
-    first, shadow = journal.rows.arrays(), journal.shadow_rows.arrays()
-    columns = {name: np.concatenate([first[name], shadow[name]]) for name in _COLUMNS}
-    obs = Observations.build(**{**columns, "unit": columns["unit"].astype(np.int64),
-                                "arm": columns["arm"].astype(np.int64), "error": columns["error"] != 0},
-                             start_s=e.created_at)
-    return replace(obs, unit_names=journal.unit_names()), read
+    reader = reader if reader is not None else Reader(e)
+    reader.update(client)
+    return reader.observations(), replace(reader.read)
 
 
 # ---- experiment status ----------------------------------------------------------------
@@ -379,7 +472,7 @@ def _arm_data(obs: Observations, s: Summary, arm: int, counts: dict[str, int]) -
                    latencies_ms=latencies[~np.isnan(latencies)])
 
 
-def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
+def snapshot(client: redis.Redis, e: Experiment, reader: Reader | None = None) -> Snapshot:
     """Per arm: exposures and errors (counters), due, on-time and received outcomes and latencies
     (journal), as of the Redis clock when it starts; the arrival check; what was left out.
 
@@ -390,7 +483,7 @@ def snapshot(client: redis.Redis, e: Experiment) -> Snapshot:
     (Counters read first left out the requests answered, and reported, during the read.)
     """
     now_s = redis_now_s(client)
-    obs, read = observations(client, e)
+    obs, read = observations(client, e, reader)
     counts, bad = _counts([client.hgetall(keys.experiment_counts(e.model, e.id, k))
                            for k in shards(client, e.model)])
     s = summarize(e, obs, now_s)
@@ -416,8 +509,13 @@ def outcomes_due_s(client: redis.Redis, e: Experiment) -> float:
     return last_ms / 1000 + e.label_horizon_s
 
 
-def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: bool = False) -> Decision:
-    """Analyze the model's experiment now, append the decision to its audit trail, maybe apply it."""
+def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: bool = False,
+                 readers: dict[str, Reader] | None = None) -> Decision:
+    """Analyze the model's experiment now, append the decision to its audit trail, maybe apply it.
+
+    ``readers`` (by experiment id, kept by the caller between analyses) make each analysis read
+    only what was written since the last one; without it, everything is read.
+    """
     store = ExperimentStore(client, registry)
     e = store.get(model)
     if e is None:
@@ -425,8 +523,9 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     # The clock first: everything written after it is left for the next analysis, so a request
     # counted as matured cannot miss an outcome that arrived before now.
     now_s = redis_now_s(client)
-    obs, _ = observations(client, e)
-    decision = analysis.evaluate(e, obs, now_s, decisions(client, e))
+    reader = None if readers is None else readers.setdefault(e.id, Reader(e))
+    obs, _ = observations(client, e, reader)
+    decision = analysis.evaluate(e, obs, now_s, decisions(client, e, reader))
     record = decision.to_dict() | {"applied": apply}
     client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)},
                 maxlen=DECISIONS_MAXLEN, approximate=False)
@@ -442,15 +541,17 @@ def _apply(store: ExperimentStore, registry: Registry, e: Experiment, decision: 
         store.set_status(e.model, "stopped", reason=f"{decision.decision}: {decision.reason}")
 
 
-def decisions(client: redis.Redis, e: Experiment) -> list[dict]:
-    """The audit trail, oldest first (a record that does not parse is left out)."""
-    records = []
-    for page in _pages(client, keys.experiment_decisions(e.model, e.id)):
+def decisions(client: redis.Redis, e: Experiment, reader: Reader | None = None) -> list[dict]:
+    """The audit trail, oldest first (a record that does not parse is left out); ``reader`` reads
+    only the records appended since its last read and keeps them all."""
+    reader = reader if reader is not None else Reader(e)
+    for page in _pages(client, keys.experiment_decisions(e.model, e.id), reader.decisions_cursor):
         for _, fields in page:
             try:
                 record = json.loads(_text_fields(fields).get("record", ""))
             except ValueError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("look"), int):
-                records.append(record)
-    return records
+                reader.decisions.append(record)
+        reader.decisions_cursor = "(" + text(page[-1][0])
+    return list(reader.decisions)
