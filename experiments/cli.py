@@ -98,9 +98,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                                             "error, outcome_time]")
     _add_design(p)
     p.add_argument("--every-s", type=float, default=60.0, help="seconds of data between analyses")
-    p.add_argument("--continue-after-decision", action="store_true",
-                   help="replay every analysis until the last outcome is due, not only up to the first "
-                        "decision other than CONTINUE")
     p.add_argument("--json", action="store_true", help="one JSON record per analysis instead of the table")
     p.add_argument("--png", type=Path, help="also plot the analyses into this file")
     p.set_defaults(func=_simulate)
@@ -317,9 +314,7 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         obs = simulate.read_table(args.table)
         e = simulate.experiment_for(obs, **_design(args))
-        decisions = simulate.simulate(e, obs, args.every_s,
-                                      continue_after_decision=args.continue_after_decision)
-        records = [d.to_dict() for d in decisions]
+        records = [d.to_dict() for d in simulate.simulate(e, obs, args.every_s)]
     except (OSError, ValueError) as err:
         print(f"streamserve experiment simulate: {err}", file=sys.stderr)
         return 2
