@@ -251,3 +251,8 @@ class ThreadedWorker:
     def __exit__(self, *exc) -> None:
         self.worker.stop()
         self.thread.join(5)
+
+
+# One MLflow tracking server for the whole session (tests/test_mlflow.py and the quickstart's MLflow
+# part): it takes about 10 s to start. Imported last: tests/mlflow_server.py uses the helpers above.
+from mlflow_server import mlflow_server_fixture  # noqa: E402, F401

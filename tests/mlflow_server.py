@@ -94,9 +94,10 @@ def require_mlflow() -> None:
         pytest.skip(f"mlflow cannot be imported ({e}): the mlflow extra")
 
 
-@pytest.fixture(scope="module", name="mlflow_server")
+@pytest.fixture(scope="session", name="mlflow_server")
 def mlflow_server_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One MLflow tracking server for the module, stopped by its process group at the end."""
+    """One MLflow tracking server for the session (its tests and the quickstart's), stopped by its process
+    group at the end; tests use model names of their own."""
     require_mlflow()
     server = started(MlflowServer(tmp_path_factory.mktemp("mlflow")), "MLflow tracking server")
     yield server

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from conftest import ThreadedWorker
-from mlflow_server import MlflowServer, mlflow_server_fixture  # noqa: F401  (the module's server)
+from mlflow_server import MlflowServer
 
 from integrations import cli as integrations_cli
 from integrations.mlflow_registry import MlflowRegistryError, import_version

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST_ENV
-from mlflow_server import MlflowServer, mlflow_server_fixture  # noqa: F401  (the module's server)
+from mlflow_server import MlflowServer
 
 from lab.embedded_redis import EmbeddedRedis
 from protocol import keys
