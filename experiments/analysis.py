@@ -23,6 +23,16 @@ clusters by randomisation unit, time-aligned latency windows):
 4. **KEEP** the champion at the last planned look; otherwise **CONTINUE**.
 
 No decision but HALT is taken before each arm has ``min_units_per_arm`` units.
+
+Decisions are monotone: once an analysis has decided (anything but CONTINUE) the
+decision stands at every later analysis. Only shown harm changes it: a PROMOTE
+or KEEP becomes ROLLBACK when a guardrail or the primary is then shown harmful;
+a ROLLBACK or HALT is never reversed. The information fraction is the running
+maximum over the analyses, so a look once reached stays reached (the estimated
+variance moves both ways; the group-sequential design's information time may not).
+Each record's ``basis`` holds the numbers the decision rests on: the tests that
+decided it (estimate, interval, threshold) with the look and information fraction
+at which it was decided.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ ERROR_ALPHA = 0.025  # per arm: the error-rate intervals cover 97.5 % at every l
 ESTIMATED_VARIANCE_ALLOWANCE = 1.05  # 5 % more information than a known-variance design
 TIGHT_FRACTION = 1 / 3  # always-valid intervals are tightest at a third of the planned sample
 UNITS = {"hit_rate": "pp", "pnl": "P&L per trade"}
+DECIDED = ("PROMOTE", "ROLLBACK", "HALT", "KEEP")  # every decision but CONTINUE stands once taken
+NEVER_REVERSED = ("ROLLBACK", "HALT")  # a PROMOTE or KEEP still yields to shown harm; these yield to nothing
+MAX_REASON_CHARS = 300  # an earlier record's reason is repeated, bounded: the audit trail is read back
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,17 @@ class Decision:
     planned: dict = field(default_factory=dict)  # planned outcomes per arm (hit-rate primary)
     boundary_tested: bool = False  # this analysis spent its look's boundary test
     primary_crossed: bool = False  # the primary effect has crossed the boundary (now or earlier)
+    basis: dict = field(default_factory=dict)  # what it rests on: look, info_fraction, now_s, tests
 
     def to_dict(self) -> dict:
         """JSON-ready."""
         return asdict(self)
+
+    def memo(self) -> dict:
+        """What later analyses read of this one: an entry of :func:`decide`'s ``history``."""
+        return {"look": self.look, "decision": self.decision, "reason": self.reason, "now_s": self.now_s,
+                "info_fraction": self.info_fraction, "boundary_tested": self.boundary_tested,
+                "primary_crossed": self.primary_crossed, "basis": self.basis}
 
 
 @dataclass
@@ -83,6 +103,7 @@ class _Look:
     look: int
     tight_n: float
     tests: list[TestResult] = field(default_factory=list)
+    harmful: list[TestResult] = field(default_factory=list)  # the tests that show harm
 
 
 def evaluate(e: Experiment, obs: Observations, now_s: float, history: Sequence[dict] = ()) -> Decision:
@@ -91,51 +112,117 @@ def evaluate(e: Experiment, obs: Observations, now_s: float, history: Sequence[d
 
 
 def decide(e: Experiment, s: Summary, history: Sequence[dict] = ()) -> Decision:
-    """The decision on one summary; ``history`` says which looks' boundaries were tested already."""
-    state = _look(e, s)
+    """The decision on one summary, given the earlier analyses' records (oldest first).
+
+    ``history`` says which looks' boundaries were tested already, whether the primary
+    crossed, the information reached so far and which decision, if any, stands.
+    """
+    state = _look(e, s, history)
     halt = _halt(e, s, state.tests)
-    if halt:
-        return _decision("HALT", halt, e, s, state)
-    if min(s.units) < e.min_units_per_arm:
-        why = f"{s.units[0]} control and {s.units[1]} treatment units so far; each arm needs " \
-              f"{e.min_units_per_arm} before a decision"
-        return _decision("CONTINUE", why, e, s, state)
+    prior = _prior(history)
+    if prior is None:
+        if halt:
+            return _decision("HALT", halt, e, s, state, basis=state.tests[-1:])
+        if min(s.units) < e.min_units_per_arm:
+            why = f"{s.units[0]} control and {s.units[1]} treatment units so far; each arm needs " \
+                  f"{e.min_units_per_arm} before a decision"
+            return _decision("CONTINUE", why, e, s, state)
     harm = _guardrails(e, s, state)
+    if prior is not None and (prior.get("decision") in NEVER_REVERSED or not harm):
+        return _standing(prior, e, s, state)
     if harm:
-        return _decision("ROLLBACK", harm, e, s, state)
-    crossed_at = next((r["look"] for r in history if r.get("primary_crossed")), None)
-    if crossed_at is not None:  # efficacy is shown; promotion waits only for the always-valid guardrails
-        return _promote_when_inside(e, s, state, f"the boundary was crossed at look {crossed_at}")
+        after = f" (after {prior.get('decision')} at look {prior.get('look')})" if prior else ""
+        return _decision("ROLLBACK", harm + after, e, s, state, basis=state.harmful)
+    return _efficacy(e, s, state, history)
+
+
+def _efficacy(e: Experiment, s: Summary, state: _Look, history: Sequence[dict]) -> Decision:
+    """No harm, nothing decided yet: PROMOTE once the boundary is crossed, KEEP at the end, else CONTINUE."""
+    crossing = _crossing(history)
+    if crossing is not None:  # efficacy is shown; promotion waits only for the always-valid guardrails
+        why = f"the boundary was crossed at look {crossing[0]}"
+        return _promote_when_inside(e, s, state, why, crossing[1])
     tested = any(r.get("look") == state.look and r.get("boundary_tested") for r in history)
     if state.look >= 1 and not tested:
-        if _crossed(e, state):
-            why = f"look {state.look}: the boundary was crossed"
-            return _promote_when_inside(e, s, state, why, tested=True)
+        crossed = _crossed(e, state)
+        boundary = asdict(state.tests[-1])
+        if crossed:
+            return _promote_when_inside(e, s, state, f"look {state.look}: the boundary was crossed", boundary,
+                                        tested=True)
         if state.look < e.planned_looks:
             return _decision("CONTINUE", f"look {state.look}: {e.primary} below the boundary", e, s, state,
-                             tested=True)
+                             tested=True, basis=[boundary])
+        why = "planned information reached without crossing the boundary: keep the champion"
+        return _decision("KEEP", why, e, s, state, tested=True, basis=[boundary])
     if state.look >= e.planned_looks:
         why = "planned information reached without crossing the boundary: keep the champion"
-        return _decision("KEEP", why, e, s, state, tested=not tested)
+        return _decision("KEEP", why, e, s, state)
     return _decision("CONTINUE", f"{state.info_fraction:.0%} of the planned information", e, s, state)
 
 
-def _promote_when_inside(e: Experiment, s: Summary, state: _Look, why: str, *,
+def _prior(history: Sequence[dict]) -> dict | None:
+    """The decision that stands: the first ROLLBACK or HALT, else the first PROMOTE or KEEP, else none."""
+    decided = [r for r in history if r.get("decision") in DECIDED]
+    never_reversed = [r for r in decided if r.get("decision") in NEVER_REVERSED]
+    first = never_reversed or decided
+    return first[0] if first else None
+
+
+def _crossing(history: Sequence[dict]) -> tuple[object, dict | None] | None:
+    """(look, boundary test) of the analysis where the primary first crossed, or None."""
+    record = next((r for r in history if r.get("primary_crossed")), None)
+    if record is None:
+        return None
+    tests = record.get("basis", {}).get("tests", []) if isinstance(record.get("basis"), dict) else []
+    boundary = next((t for t in tests if isinstance(t, dict) and t.get("role") == "boundary"), None) \
+        if isinstance(tests, list) else None
+    return record.get("look"), boundary
+
+
+def _standing(prior: dict, e: Experiment, s: Summary, state: _Look) -> Decision:
+    """The earlier decision again, with today's tests and the numbers it was taken on."""
+    decision = str(prior.get("decision"))
+    basis = prior.get("basis") if isinstance(prior.get("basis"), dict) else {}
+    reason = str(prior.get("reason", ""))[:MAX_REASON_CHARS]
+    info = _fraction(prior.get("info_fraction"))
+    why = f"{decision} stands since look {prior.get('look')} ({info:.0%} of the planned information): " \
+          f"{reason}"
+    return _decision(decision, why, e, s, state, crossed=bool(prior.get("primary_crossed")),
+                     standing=basis or {"look": prior.get("look"), "info_fraction": info,
+                                        "now_s": prior.get("now_s"), "tests": []})
+
+
+def _promote_when_inside(e: Experiment, s: Summary, state: _Look, why: str, boundary: dict | None, *,
                          tested: bool = False) -> Decision:
-    outside = [t.metric for t in state.tests if t.role == "guardrail" and not _inside(asdict(t))]
+    guardrails = [t for t in state.tests if t.role == "guardrail"]
+    outside = [t for t in guardrails if not _inside(asdict(t))]
+    crossing: list[TestResult | dict] = [boundary] if boundary else []
     if outside:
-        return _decision("CONTINUE", f"{why}; not yet shown inside the margin: {', '.join(outside)}", e, s,
-                         state, tested=tested, crossed=True)
+        names = ", ".join(t.metric for t in outside)
+        return _decision("CONTINUE", f"{why}; not yet shown inside the margin: {names}", e, s,
+                         state, tested=tested, crossed=True, basis=[*crossing, *outside])
     return _decision("PROMOTE", f"{why}; every guardrail shown inside its margin", e, s, state, tested=tested,
-                     crossed=True)
+                     crossed=True, basis=[*crossing, *guardrails])
 
 
 def _decision(decision: str, reason: str, e: Experiment, s: Summary, state: _Look, *,
-              tested: bool = False, crossed: bool = False) -> Decision:
+              tested: bool = False, crossed: bool = False, basis: Sequence[TestResult | dict] = (),
+              standing: dict | None = None) -> Decision:
     planned = planned_sample_size(e, state.primary.mean_control) if e.primary == "hit_rate" else None
+    if standing is None:
+        tests = [t if isinstance(t, dict) else asdict(t) for t in basis]
+        standing = {"look": state.look, "info_fraction": state.info_fraction, "now_s": s.now_s,
+                    "tests": tests}
     return Decision(decision, reason, state.look, [asdict(t) for t in state.tests], time.time(), s.now_s,
                     state.info_fraction, s.exposures.tolist(), s.units.tolist(),
-                    asdict(planned) if planned else {}, tested, crossed)
+                    asdict(planned) if planned else {}, tested, crossed, standing)
+
+
+def _fraction(value: object) -> float:
+    """An earlier record's information fraction: a finite number >= 0, else 0 (records are read back)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return max(float(value), 0.0)
 
 
 def _primary(e: Experiment, s: Summary) -> Difference:
@@ -151,14 +238,17 @@ def _pnl(s: Summary) -> Difference:
     return stats.cluster_difference(s.pnl_sum, s.pnl_n, floor=floor)
 
 
-def _look(e: Experiment, s: Summary) -> _Look:
+def _look(e: Experiment, s: Summary, history: Sequence[dict]) -> _Look:
     effect = e.min_effect_pnl if e.primary == "pnl" else e.min_effect_pp / 100
     primary = _primary(e, s)
     # The design's information assumes a known variance; the cluster-robust one is estimated
     # from the clusters seen so far, which costs a little power (measured by validate-stats).
     planned = stats.max_information(effect, alpha=e.alpha, power=e.power, looks=e.planned_looks) \
         * ESTIMATED_VARIANCE_ALLOWANCE
-    fraction = primary.information / planned
+    # The running maximum: the estimated variance moves both ways, but a look once reached stays
+    # reached, or a boundary could be tested twice and a KEEP taken back.
+    earlier = max((_fraction(r.get("info_fraction")) for r in history), default=0.0)
+    fraction = max(primary.information / planned, earlier)
     look = min(e.planned_looks, math.floor(fraction * e.planned_looks + 1e-9))
     # Fixed per experiment (not from the data), so the always-valid intervals stay valid:
     # tightest at a third of the treatment sample a hit-rate design at p = 0.5 would plan.
@@ -224,6 +314,7 @@ def _guardrails(e: Experiment, s: Summary, state: _Look) -> str:
     scale = 100 if e.primary == "hit_rate" else 1
     reasons = [f"{e.primary} shown worse than control (always-valid upper bound "
                f"{high * scale:+.3g} {UNITS[e.primary]})"] if high < 0 else []
+    state.harmful += state.tests[-1:] if high < 0 else []
     reasons += [r for r in (_other_metric(e, s, state), _errors(e, s, state), _latency(e, s, state)) if r]
     return "; ".join(reasons)
 
@@ -236,6 +327,7 @@ def _other_metric(e: Experiment, s: Summary, state: _Look) -> str:
     bounds = _interval(d, GUARDRAIL_ALPHA, state.tight_n)
     state.tests.append(_metric_test(name, "guardrail", d, bounds, -margin))
     if bounds[1] < -margin:
+        state.harmful.append(state.tests[-1])
         return f"{name} worse than control by more than {_margin_text(name, margin)} (always-valid)"
     return ""
 
@@ -253,6 +345,7 @@ def _errors(e: Experiment, s: Summary, state: _Look) -> str:
                                   (rates[1] - rates[0]) * 100, (t[0] - c[1]) * 100, (t[1] - c[0]) * 100,
                                   "error_rate", "guardrail", "pp", margin))
     if (t[0] - c[1]) * 100 > margin:
+        state.harmful.append(state.tests[-1])
         return f"error rate above control's by more than {margin:g} pp (always-valid)"
     return ""
 
@@ -265,6 +358,7 @@ def _latency(e: Experiment, s: Summary, state: _Look) -> str:
                                   float(s.latency_n), math.nan, rate * 100, low * 100, high * 100,
                                   "latency_p95", "guardrail", "% of treatment requests", share * 100))
     if low > share:
+        state.harmful.append(state.tests[-1])
         return f"treatment latency above control's p95 + {e.margins.latency_p95_ms:g} ms in " \
                f"{rate:.1%} of requests (> {share:.0%}, always-valid)"
     return ""

@@ -29,7 +29,7 @@ from protocol.settings import Settings
 from registry import Registry
 
 if TYPE_CHECKING:
-    from experiments import runner
+    from experiments import feasibility, runner
     from experiments.data import Observations
 
 _DEFAULT = Experiment("", "", 0, 1)  # the design defaults, shown by --help
@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--treatment", required=True, help="challenger version: number, alias or label")
     p.add_argument("--salt", help="assignment salt (default: random)")
     _add_design(p)
+    p.add_argument("--max-days", type=float, default=1.0,
+                   help="horizon in trading days of 390 min: refuse a design that cannot reach its planned "
+                        "information within it at the model's recent traffic")
+    p.add_argument("--force", action="store_true", help="start it even when it cannot reach the plan in time")
     p.set_defaults(func=_create)
     _add_simulate(sub)
     p = sub.add_parser("list", help="every model's current or last experiment")
@@ -98,6 +102,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                                             "error, outcome_time]")
     _add_design(p)
     p.add_argument("--every-s", type=float, default=60.0, help="seconds of data between analyses")
+    p.add_argument("--continue-after-decision", action="store_true",
+                   help="replay every analysis until the last outcome is due, not only up to the first "
+                        "decision other than CONTINUE")
     p.add_argument("--json", action="store_true", help="one JSON record per analysis instead of the table")
     p.add_argument("--png", type=Path, help="also plot the analyses into this file")
     p.set_defaults(func=_simulate)
@@ -132,13 +139,44 @@ def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, Experime
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
-    with _store(settings) as (_, registry, store):
+    if not (math.isfinite(args.max_days) and args.max_days > 0):
+        print(f"streamserve experiment create: --max-days must be a positive number, not {args.max_days}",
+              file=sys.stderr)
+        return 2
+    with _store(settings) as (client, registry, store):
         control, treatment = (registry.resolve(args.model, v).version for v in (args.control, args.treatment))
+        check = _feasibility(client, store, args.model, _design(args), args.max_days)
+        if check is not None and not check.feasible and not args.force:
+            print(f"streamserve experiment create: refused: the design cannot reach its planned information "
+                  f"within {args.max_days:g} trading day(s); change the unit, split or effect, raise "
+                  f"--max-days, or --force to start it anyway", file=sys.stderr)
+            return 2
         e = store.create(args.model, control, treatment, salt=args.salt, **_design(args))
     print(f"experiment {e.id}: {e.model} v{e.control_version} (control) vs v{e.treatment_version} "
           f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}, primary {e.primary}, "
           f"label horizon {e.label_horizon_s:g} s")
     return 0
+
+
+def _feasibility(client: redis.Redis, store: ExperimentStore, model: str, design: dict[str, Any],
+                 max_days: float) -> feasibility.Feasibility | None:
+    """Print how long the design needs at the model's recent traffic; None when it cannot be told."""
+    from experiments import feasibility  # scipy: the `experiments` extra
+
+    # The same validation and messages as `create` itself, before anything is estimated from the design.
+    e = Experiment.from_hash(Experiment("estimate", model, 1, 2, **design).to_hash())
+    previous = store.get(model)
+    if previous is not None and previous.status != "stopped":
+        return None  # create refuses: one experiment at a time
+    traffic = feasibility.recent_traffic(client, model, previous)
+    if traffic is None:
+        print("feasibility: no recent traffic to estimate from (the model served nothing lately)")
+        return None
+    hit_rate, pnl_variance = feasibility.recent_hit_rate(client, model) or (math.nan, math.nan)
+    check = feasibility.for_design(e, traffic, horizon_s=max_days * feasibility.TRADING_DAY_S,
+                                   hit_rate=hit_rate, pnl_variance=pnl_variance)
+    print(check.line() if check else "feasibility: no P&L outcomes yet to estimate a P&L design from")
+    return check
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
@@ -314,7 +352,9 @@ def _simulate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         obs = simulate.read_table(args.table)
         e = simulate.experiment_for(obs, **_design(args))
-        records = [d.to_dict() for d in simulate.simulate(e, obs, args.every_s)]
+        decisions = simulate.simulate(e, obs, args.every_s,
+                                      continue_after_decision=args.continue_after_decision)
+        records = [d.to_dict() for d in decisions]
     except (OSError, ValueError) as err:
         print(f"streamserve experiment simulate: {err}", file=sys.stderr)
         return 2
@@ -336,7 +376,15 @@ def _describe(e: Experiment, obs: Observations, every_s: float) -> str:
             f"{(obs.t_s[-1] - obs.start_s) / 60:,.1f} min; {e.mode} {1 - e.treatment_share:.0%}/"
             f"{e.treatment_share:.0%} by {e.unit}, primary {e.primary} (powered for {effect}), "
             f"{e.planned_looks} looks, label horizon {e.label_horizon_s:g} s; "
-            f"an analysis every {every_s:g} s")
+            f"an analysis every {every_s:g} s\n{_table_feasibility(e, obs)}")
+
+
+def _table_feasibility(e: Experiment, obs: Observations) -> str:
+    """How long the design needs at the table's traffic, in one line."""
+    from experiments import feasibility  # scipy: the `experiments` extra
+
+    check = feasibility.for_table(e, obs)
+    return check.line() if check else "feasibility: no P&L in the table to estimate a P&L design from"
 
 
 def _finite(value: Any) -> Any:

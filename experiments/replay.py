@@ -31,9 +31,7 @@ def replay(e: Experiment, obs: Observations, *, every_s: float = 60.0, until_s: 
     while now <= end + 1e-9:
         decision = decide(e, accumulator.advance(now), history)
         decisions.append(decision)
-        history.append({"look": decision.look, "decision": decision.decision,
-                        "boundary_tested": decision.boundary_tested,
-                        "primary_crossed": decision.primary_crossed})
+        history.append(decision.memo())
         if stop and decision.decision in FINAL:
             break
         now += every_s

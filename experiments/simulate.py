@@ -73,11 +73,13 @@ def read_table(path: str | Path) -> Observations:
     return _observations(raw)
 
 
-def simulate(e: Experiment, obs: Observations, every_s: float = 60.0) -> list[Decision]:
-    """Every analysis of ``obs``, one each ``every_s`` until the last outcome is due, without stopping.
+def simulate(e: Experiment, obs: Observations, every_s: float = 60.0, *,
+             continue_after_decision: bool = False) -> list[Decision]:
+    """The analyses of ``obs``, one each ``every_s``, up to the first decision other than CONTINUE.
 
-    The replay goes on after the first decision other than CONTINUE, so a quant sees
-    whether the rule would have held to it.
+    That is where ``experiment watch --apply`` acts. With ``continue_after_decision``
+    the replay goes on until the last outcome is due, so a quant sees the decision
+    stand (or turn into ROLLBACK on shown harm) at every later analysis.
     """
     if not (math.isfinite(every_s) and every_s > 0):
         raise ValueError(f"every_s must be a positive number of seconds, not {every_s}")
@@ -85,7 +87,7 @@ def simulate(e: Experiment, obs: Observations, every_s: float = 60.0) -> list[De
     if span_s / every_s > MAX_ANALYSES:
         raise ValueError(f"{span_s / every_s:,.0f} analyses of {span_s:,.0f} s every {every_s:g} s "
                          f"(at most {MAX_ANALYSES:,}): analyse less often")
-    return replay(e, obs, every_s=every_s, stop=False)
+    return replay(e, obs, every_s=every_s, stop=not continue_after_decision)
 
 
 def experiment_for(obs: Observations, **design: Any) -> Experiment:

@@ -143,16 +143,21 @@ def test_parquet_rows_are_named_by_number(tmp_path):
 
 # ---- the simulation ---------------------------------------------------------------------------
 
-def test_simulate_replays_every_analysis_past_the_first_decision(obs):
+def test_simulate_stops_at_the_first_decision_unless_asked_to_go_on(obs):
     e = experiment_for(obs, **DESIGN)
-    decisions = simulate(e, obs, 60)
+    stopped = simulate(e, obs, 60)
+    assert [d.decision for d in stopped[:-1]] == ["CONTINUE"] * (len(stopped) - 1)
+    assert stopped[-1].decision == "PROMOTE"
+    decisions = simulate(e, obs, 60, continue_after_decision=True)
     expected = replay(e, obs, every_s=60, stop=False)
     def seen(ds: list) -> list[tuple]:
         return [(d.decision, d.reason, d.now_s, d.look) for d in ds]
 
     assert seen(decisions) == seen(expected)
     first = next(i for i, d in enumerate(decisions) if d.decision != "CONTINUE")
-    assert decisions[first].decision == "PROMOTE" and first < len(decisions) - 10
+    assert decisions[first].decision == "PROMOTE" and first == len(stopped) - 1
+    assert first < len(decisions) - 10
+    assert {d.decision for d in decisions[first:]} == {"PROMOTE"}  # the decision stands
     assert len(decisions) == math.floor((obs.t_s[-1] - obs.start_s + e.label_horizon_s) / 60)
 
 
@@ -212,7 +217,8 @@ def test_simulate_options_reach_the_experiment(table, monkeypatch, capsys):
     from experiments import simulate as simulate_module
 
     seen = []
-    monkeypatch.setattr(simulate_module, "simulate", lambda e, obs, every_s: seen.append((e, every_s)) or [])
+    monkeypatch.setattr(simulate_module, "simulate",
+                        lambda e, obs, every_s, **_: seen.append((e, every_s)) or [])
     assert main(["experiment", "simulate", str(table), "--share", "0.3", "--unit", "request_id",
                  "--mode", "shadow", "--primary", "pnl", "--min-effect-pnl", "0.4", "--min-effect-pp", "3",
                  "--horizon-s", "120", "--looks", "12", "--min-units", "9", "--margin-latency-ms", "4",
