@@ -10,9 +10,12 @@ What counts at time ``now``:
   it counts, and an arm whose bad outcomes arrive slowly shows up as a lower
   arrival rate (checked between arms) instead of a better hit rate.
 - **Clusters** for the cluster-robust tests: the unit when the experiment assigns by
-  route (a symbol's outcomes are correlated); time blocks of ``BLOCK_HORIZONS`` label
-  horizons when it assigns by request, because overlapping label windows make
-  nearby requests dependent, whatever their arm.
+  route (a symbol's outcomes are correlated); blocks of ``BLOCK_REQUESTS`` requests in
+  arrival order when a split experiment assigns by request (the arm of each request
+  is drawn independently of every outcome, so blocks need not span the overlapping
+  label windows, and their number grows with the traffic); time blocks of
+  ``BLOCK_HORIZONS`` label horizons in shadow mode, where nothing is randomised and
+  the paired differences of nearby requests may be dependent.
 - **P&L** winsorised at the 0.5 % and 99.5 % quantiles of the first
   ``PNL_CALIBRATION`` matured outcomes (both arms), then fixed for the experiment:
   one fat-tailed trade cannot decide it, and the statistic does not change under
@@ -38,7 +41,8 @@ from experiments.store import Experiment
 WINDOW_S = 60.0  # latency windows
 MIN_WINDOW_CONTROL = 20  # control latencies a window needs for its p95
 LATENCY_QUANTILE = 0.95
-BLOCK_HORIZONS = 1  # request-randomised experiments: a cluster is a block of one label horizon
+BLOCK_REQUESTS = 100  # split by request: a cluster is a block of this many exposures in arrival order
+BLOCK_HORIZONS = 1  # shadow by request: a cluster is a block of one label horizon
 MIN_BLOCK_S = 1.0
 PNL_CALIBRATION = 1000  # matured P&L outcomes that fix the winsorising bounds
 PNL_CLIP = 0.005
@@ -174,6 +178,13 @@ class Accumulator:
 def _clusters(e: Experiment, obs: Observations) -> np.ndarray:
     if e.unit == "route":
         return obs.unit
+    if e.mode == "split":
+        # Each request's arm is drawn on its own, so the arm is independent of every outcome, however
+        # correlated the outcomes of nearby requests are: the per-block scores of the difference are
+        # uncorrelated for any blocking. Blocks of a fixed number of requests keep the number of
+        # clusters (and the t correction's degrees of freedom) growing with the information, where
+        # time blocks left a busy desk two or three clusters when the planned information was reached.
+        return np.arange(len(obs), dtype=np.int64) // BLOCK_REQUESTS
     block_s = max(BLOCK_HORIZONS * e.label_horizon_s, MIN_BLOCK_S)
     return np.maximum((obs.t_s - obs.start_s) // block_s, 0).astype(np.int64)
 
