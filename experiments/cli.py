@@ -164,7 +164,8 @@ def _feasibility(client: redis.Redis, store: ExperimentStore, model: str, design
     from experiments import feasibility  # scipy: the `experiments` extra
 
     # The same validation and messages as `create` itself, before anything is estimated from the design.
-    e = Experiment.from_hash(Experiment("estimate", model, 1, 2, **design).to_hash())
+    fields = Experiment("estimate", model, 1, 2, **design).to_hash()
+    e = Experiment.from_hash({str(k): str(v) for k, v in fields.items()})
     previous = store.get(model)
     if previous is not None and previous.status != "stopped":
         return None  # create refuses: one experiment at a time

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from protocol.values import StreamRows
 
 MAX_ENTRIES = 10_000  # newest entries read per stream: bounded work at creation
+_SLICE_ROWS = 1 << 20  # a table is summed a slice at a time
 TRADING_DAY_S = 390 * 60.0
 UNIT_SD_PP = 5.0  # assumed spread of units' hit rates (sd, pp) when the data cannot say
 ESTIMATED_VARIANCE_ALLOWANCE = 1.05  # as experiments.analysis plans: 5 % more than a known variance
@@ -231,21 +232,28 @@ def for_design(e: Experiment, traffic: Traffic, *, horizon_s: float, hit_rate: f
 
 def for_table(e: Experiment, obs: Observations, *, horizon_s: float = TRADING_DAY_S) -> Feasibility | None:
     """The estimate from a table: its traffic, hit rate, P&L variance, outcome share and (by route)
-    the spread of its units' hit rates."""
-    judged = ~np.isnan(obs.correct)
-    said = judged if e.primary == "hit_rate" else ~np.isnan(obs.pnl)
-    hit_rate = float(obs.correct[judged].mean()) if judged.any() else math.nan
-    pnl = obs.pnl[~np.isnan(obs.pnl)]
-    return for_design(e, traffic_from_table(obs), horizon_s=horizon_s, hit_rate=hit_rate,
-                      pnl_variance=float(pnl.var(ddof=1)) if len(pnl) > 1 else math.nan,
-                      unit_sd_pp=_unit_sd_pp(obs, judged) if e.unit == "route" else 0.0,
-                      outcome_share=float(said.mean()) if len(obs) else 1.0)
+    the spread of its units' hit rates. One pass in slices: no copy of a whole column."""
+    units = int(obs.unit.max()) + 1 if len(obs) else 1
+    n, hits, said = np.zeros(units), np.zeros(units), 0
+    pnl_n, pnl_sum, pnl_sq = 0, 0.0, 0.0
+    for lo in range(0, len(obs), _SLICE_ROWS):
+        part = slice(lo, lo + _SLICE_ROWS)
+        correct, pnl, unit = obs.correct[part], obs.pnl[part], obs.unit[part]
+        judged, priced = ~np.isnan(correct), ~np.isnan(pnl)
+        n += np.bincount(unit, weights=judged, minlength=units)
+        hits += np.bincount(unit, weights=np.where(judged, correct, 0.0), minlength=units)
+        said += int((judged if e.primary == "hit_rate" else priced).sum())
+        pnl_n, pnl_sum = pnl_n + int(priced.sum()), pnl_sum + float(pnl[priced].sum())
+        pnl_sq += float(np.square(pnl[priced]).sum())
+    variance = (pnl_sq - pnl_sum ** 2 / pnl_n) / (pnl_n - 1) if pnl_n > 1 else math.nan
+    return for_design(e, traffic_from_table(obs), horizon_s=horizon_s,
+                      hit_rate=hits.sum() / n.sum() if n.sum() else math.nan, pnl_variance=variance,
+                      unit_sd_pp=_unit_sd_pp(n, hits) if e.unit == "route" else 0.0,
+                      outcome_share=said / len(obs) if len(obs) else 1.0)
 
 
-def _unit_sd_pp(obs: Observations, judged: np.ndarray) -> float:
+def _unit_sd_pp(n: np.ndarray, hits: np.ndarray) -> float:
     """Between-unit sd of hit rates (pp) by moments: the spread of unit means less its binomial part."""
-    n = np.bincount(obs.unit[judged], minlength=1).astype(float)
-    hits = np.bincount(obs.unit[judged], weights=obs.correct[judged], minlength=1)
     seen = n >= 2
     if seen.sum() < 2:
         return UNIT_SD_PP
