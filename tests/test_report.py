@@ -253,5 +253,5 @@ def test_an_infinite_boundary_is_named_not_called_unreached():
     records = json.loads(json.dumps([{"look": 1, "decision": "CONTINUE", "reason": "",
                                       "now_s": START_S + 5 * k, "tests": [primary, bound]} for k in (1, 2)]))
     z_panel = figure_of(records).axes[2]
-    assert [t.get_text() for t in z_panel.texts] == ["boundary infinite at the looks so far: too few clusters (time blocks "
-                                     "or units) for a t boundary"]
+    assert [t.get_text() for t in z_panel.texts] == [
+        "boundary infinite at the looks so far: too few clusters (time blocks or units) for a t boundary"]
