@@ -72,7 +72,8 @@ class Observations:
         for name, values in (("unit", codes), ("arm", arms), *columns.items()):
             if len(values) != n:
                 raise ValueError(f"{name}: {len(values)} values for {n} exposures")
-        bad = ~np.isnan(columns["correct"]) & ~np.isin(columns["correct"], (0.0, 1.0))
+        correct = columns["correct"]
+        bad = (correct != 0) & (correct != 1) & ~np.isnan(correct)  # bools only: no copy of the column
         if bad.any():
             raise ValueError("correct: must be 0, 1 or empty")
         start = float(t.min()) if start_s is None and n else float(start_s or 0.0)
@@ -254,7 +255,16 @@ def read_table(path: str | Path, *, batch_rows: int = BATCH_ROWS) -> Observation
     table = _Table(names, rows_hint, path.name, parquet)
     for batch in batches:
         table.extend(batch)
+    del batches
+    _release_arrow_memory()
     return table.observations()
+
+
+def _release_arrow_memory() -> None:
+    """Hand the batches' buffers back to the system: Arrow's allocator keeps freed memory for reuse."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _parquet_batches(path: Path, batch_rows: int) -> tuple[Iterator[Any], int, list[str]]:
@@ -378,8 +388,7 @@ def _arrivals(t_s: np.ndarray, arrived_s: np.ndarray | None, outcomes: tuple[np.
     arrived = np.full(len(t_s), np.nan) if arrived_s is None else arrived_s
     for values in outcomes:
         if values is not None:
-            missing = np.isnan(arrived) & ~np.isnan(values)
-            arrived[missing] = t_s[missing]
+            np.copyto(arrived, t_s, where=np.isnan(arrived) & ~np.isnan(values))
     early = np.flatnonzero(arrived < t_s)  # NaN compares False
     if len(early):
         i = int(early[0])
