@@ -288,8 +288,9 @@ def _csv_batches(path: Path) -> tuple[Iterator[Any], int, list[str]]:
     if len(set(header)) != len(header):
         raise ValueError(f"{path.name}: a column name appears twice in the header")
     names = [c for c in header if c in TABLE_COLUMNS]
-    types: dict[str, Any] = {name: pa.float64() for name in ("correct", "pnl", "latency_ms") if name in names}
-    types |= {name: pa.string() for name in ("unit", "arm", "error") if name in names}
+    # Text, converted a batch at a time: a cell that is not a number is named by its line.
+    text_columns = ("unit", "arm", "error", "correct", "pnl", "latency_ms")
+    types: dict[str, Any] = {name: pa.string() for name in text_columns if name in names}
     reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                           convert_options=csv.ConvertOptions(include_columns=names, column_types=types,
                                                              strings_can_be_null=True))
@@ -335,6 +336,8 @@ class _Table:
         stamps = pa.types.is_timestamp(column.type)
         if name in ("time", "outcome_time"):
             self._agree("timestamps" if stamps else "numbers", name, where)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            return _checked(_text_numbers(column, name, where), name, where)
         try:
             if stamps:  # seconds since the epoch; a time without a zone is UTC
                 micros = column.cast(pa.timestamp("us", tz=column.type.tz)).cast(pa.int64())
@@ -364,6 +367,28 @@ class _Table:
                                  latency_ms=c.get("latency_ms"), outcome_t_s=outcome_t_s,
                                  correct=c.get("correct"), pnl=c.get("pnl"))
         return replace(obs, unit_names=names)
+
+
+def _text_numbers(column: Any, name: str, where: Callable[[int], str]) -> np.ndarray:
+    """Text cells as numbers (empty: NaN; ``correct`` also true/false), vectorised; the first cell that is
+    not one is named by its row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(column))
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    if name == "correct":
+        text = pc.replace_substring_regex(pc.replace_substring_regex(text, "^true$", "1"), "^false$", "0")
+    try:
+        return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:
+        for i, cell in enumerate(text.to_pylist()):
+            try:
+                float(cell) if cell is not None else None
+            except ValueError:
+                why = "must be 0, 1 or empty" if name == "correct" else "is not a number"
+                raise ValueError(f"{where(i)}, column {name!r}: {column[i].as_py()!r} {why}") from None
+        raise
 
 
 def _checked(values: np.ndarray, name: str, where: Callable[[int], str]) -> np.ndarray:

@@ -52,7 +52,8 @@ def test_timestamps_and_unsorted_rows_read_as_a_whole_read_does(tmp_path):
     pq.write_table(pa.table(table), path)
     same(data.read_table(path, batch_rows=2), simulate.read_table(path))
     csv = tmp_path / "t.csv"
-    csv.write_text("time,unit,arm,correct\n2026-01-05T14:30:00,A,control,1\n2026-01-05T14:29:00,B,treatment,\n")
+    csv.write_text("time,unit,arm,correct\n2026-01-05T14:30:00,A,control,true\n2026-01-05T14:29:00,B,treatment,\n"
+                   "2026-01-05T14:31:00,B,treatment, 0 \n")
     same(data.read_table(csv), simulate.read_table(csv))
 
 
@@ -84,10 +85,12 @@ def test_a_streamed_table_costs_its_columns_not_python_objects(tmp_path):
     ("1,S1,sideways", "t.csv, line 2, column 'arm': 'sideways' must be control/treatment or 0/1"),
     ("1,,control", "t.csv, line 2, column 'unit': is empty"),
     (",S1,control", "t.csv, line 2, column 'time'"),
+    ("1,S1,control,abc", "t.csv, line 2, column 'pnl': 'abc' is not a number"),
+    ("1,S1,control,1\n2,S1,control,-1e999", "t.csv, line 3, column 'pnl'"),
 ])
 def test_a_bad_cell_is_named_by_line_and_column(tmp_path, cells, message):
     path = tmp_path / "t.csv"
-    path.write_text(f"time,unit,arm\n{cells}\n")
+    path.write_text(f"time,unit,arm{',pnl' if cells.count(',') > 2 else ''}\n{cells}\n")
     with pytest.raises(ValueError, match=message):
         data.read_table(path)
 
