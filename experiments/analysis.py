@@ -19,7 +19,8 @@ clusters by randomisation unit, time-aligned latency windows):
    *information*, 1 / variance of the primary effect, so clustered data needs
    more requests; the boundary is t-corrected for the number of clusters and
    tested once per look) and every guardrail's always-valid interval is inside its
-   margin. Efficacy shown, the guardrails may be waited for: they are always valid.
+   margin (P&L without ``--margin-pnl``: ``PNL_MARGIN_SD`` of its sd). Efficacy
+   shown, the guardrails may be waited for: they are always valid.
 4. **KEEP** the champion at the last planned look; otherwise **CONTINUE**.
 
 No decision but HALT is taken before each arm has ``min_units_per_arm`` units.
@@ -61,6 +62,7 @@ TIGHT_FRACTION = 1 / 3  # always-valid intervals are tightest at a third of the 
 UNITS = {"hit_rate": "pp", "pnl": "P&L per trade"}
 DECIDED = ("PROMOTE", "ROLLBACK", "HALT", "KEEP")  # every decision but CONTINUE stands once taken
 NEVER_REVERSED = ("ROLLBACK", "HALT")  # a PROMOTE or KEEP still yields to shown harm; these yield to nothing
+PNL_MARGIN_SD = 0.05  # without --margin-pnl, P&L may be at most this many of its sd below control's
 MAX_REASON_CHARS = 300  # an earlier record's reason is repeated, bounded: the audit trail is read back
 
 
@@ -322,14 +324,32 @@ def _guardrails(e: Experiment, s: Summary, state: _Look) -> str:
 def _other_metric(e: Experiment, s: Summary, state: _Look) -> str:
     if e.primary == "pnl":
         name, margin, d = "hit_rate", e.margins.accuracy_pp / 100, _hit_rate(s)
+        harm = margin
     else:
-        name, margin, d = "pnl", e.margins.pnl_per_trade or 0.0, _pnl(s)
+        name, margin, d = "pnl", pnl_margin(e, s), _pnl(s)
+        # Without a margin of the user's, PROMOTE needs P&L shown within the default margin, but any
+        # loss shown is harm: a desk rolls back a model shown to lose money, however little.
+        harm = margin if e.margins.pnl_per_trade is not None else 0.0
     bounds = _interval(d, GUARDRAIL_ALPHA, state.tight_n)
     state.tests.append(_metric_test(name, "guardrail", d, bounds, -margin))
-    if bounds[1] < -margin:
+    if bounds[1] < -harm:
         state.harmful.append(state.tests[-1])
-        return f"{name} worse than control by more than {_margin_text(name, margin)} (always-valid)"
+        if harm == 0:
+            return f"{name} shown worse than control (always-valid)"
+        return f"{name} worse than control by more than {_margin_text(name, harm)} (always-valid)"
     return ""
+
+
+def pnl_margin(e: Experiment, s: Summary) -> float:
+    """The P&L guardrail's margin: ``--margin-pnl``, else ``PNL_MARGIN_SD`` of the P&L's sd.
+
+    The sd is the winsorised calibration sample's (fixed once ``PNL_CALIBRATION``
+    outcomes have matured), so the margin does not move under the analysis's feet;
+    before that, and for a P&L without spread, it is 0: P&L must not be shown worse.
+    """
+    if e.margins.pnl_per_trade is not None:
+        return e.margins.pnl_per_trade
+    return PNL_MARGIN_SD * s.pnl_sd if math.isfinite(s.pnl_sd) else 0.0
 
 
 def _margin_text(name: str, margin: float) -> str:

@@ -68,6 +68,7 @@ class Summary:
     latency_n: int
     latency_above: int
     latency_windows: int
+    pnl_sd: float = math.nan  # sd of the winsorised calibration outcomes (both arms): the P&L scale
 
 
 class Accumulator:
@@ -148,6 +149,7 @@ class Accumulator:
             first = obs.pnl[ready[:PNL_CALIBRATION]]
             low, high = np.quantile(first, [PNL_CLIP, 1 - PNL_CLIP])
             s.pnl_bounds = (float(low), float(high))
+            s.pnl_sd = float(np.std(np.clip(first, low, high), ddof=1))
         lo, hi = self._pnl_done, matured
         if hi <= lo:
             return
