@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ class Accumulator:
         self.key = self.cluster * 2 + obs.arm
         shape = (clusters, 2)
         names = ("matured", "arrived", "hit_sum", "hit_n", "pnl_sum", "pnl_sq", "pnl_n")
-        zeros = {name: np.zeros(shape) for name in names}
+        zeros: dict[str, Any] = {name: np.zeros(shape) for name in names}
         units = int(obs.unit.max()) + 1 if len(obs) else 1
         self.seen = np.zeros(units, dtype=bool)
         self.summary = Summary(-math.inf, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2, np.int64),
