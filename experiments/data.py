@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ TABLE_REQUIRED = ("time", "unit", "arm")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BATCH_ROWS = 1 << 18
 _PARQUET_BUFFER_BYTES = 1 << 20
+_RELEASE_EVERY = 8  # batches between handing Arrow's freed buffers back to the system
 MAX_NAMED_UNITS = 100_000  # beyond this many units (request ids) they are numbered, not named
 _CSV_BLOCK_BYTES = 8 << 20
 _FALSE_TEXT = ("", "0", "0.0", "false", "no")
@@ -245,6 +247,8 @@ def read_table(path: str | Path, *, batch_rows: int = BATCH_ROWS) -> Observation
     numbers or ISO-8601 times, as pyarrow reads them). ``ValueError`` names the row and column of
     the first value that does not fit. A table already in time order is never copied whole.
     """
+    from pyarrow import ArrowInvalid
+
     path = Path(path)
     parquet = path.suffix.lower() in PARQUET_SUFFIXES
     batches, rows_hint, names = _parquet_batches(path, batch_rows) if parquet else _csv_batches(path)
@@ -253,11 +257,30 @@ def read_table(path: str | Path, *, batch_rows: int = BATCH_ROWS) -> Observation
         raise ValueError(f"{path.name}: no column {', '.join(map(repr, missing))} (it has "
                          f"{', '.join(names) or 'none of ours'}; needed: {', '.join(TABLE_REQUIRED)})")
     table = _Table(names, rows_hint, path.name, parquet)
-    for batch in batches:
-        table.extend(batch)
+    try:
+        for i, batch in enumerate(batches):
+            table.extend(batch)
+            if i % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+                _release_arrow_memory()
+    except ArrowInvalid as err:  # what pyarrow's reader could not parse: named by its line here
+        raise (_csv_shape_error(path) if not parquet else None) or ValueError(f"{path.name}: {err}") from None
     del batches
     _release_arrow_memory()
     return table.observations()
+
+
+def _csv_shape_error(path: Path) -> ValueError | None:
+    """The first line whose number of fields is not the header's (read again, line by line)."""
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                return ValueError(f"{path.name}, line {reader.line_num}: {len(row)} fields, "
+                                  f"the header has {len(header)}")
+    return None
 
 
 def _release_arrow_memory() -> None:
@@ -289,11 +312,14 @@ def _csv_batches(path: Path) -> tuple[Iterator[Any], int, list[str]]:
         raise ValueError(f"{path.name}: a column name appears twice in the header")
     names = [c for c in header if c in TABLE_COLUMNS]
     # Text, converted a batch at a time: a cell that is not a number is named by its line.
-    text_columns = ("unit", "arm", "error", "correct", "pnl", "latency_ms")
+    text_columns = TABLE_COLUMNS  # every column as text: numbers, times and codes are read here
     types: dict[str, Any] = {name: pa.string() for name in text_columns if name in names}
-    reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                          convert_options=csv.ConvertOptions(include_columns=names, column_types=types,
-                                                             strings_can_be_null=True))
+    try:  # opening reads the first block
+        reader = csv.open_csv(path, read_options=csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                              convert_options=csv.ConvertOptions(include_columns=names, column_types=types,
+                                                                 strings_can_be_null=True))
+    except pa.ArrowInvalid as err:
+        raise _csv_shape_error(path) or ValueError(f"{path.name}: {err}") from None
     rows_hint = path.stat().st_size // 40  # grown by doubling when the rows are shorter
     return iter(reader), rows_hint, names
 
@@ -333,25 +359,76 @@ class _Table:
     def _numbers(self, column: Any, name: str, where: Callable[[int], str]) -> np.ndarray:
         import pyarrow as pa
 
-        stamps = pa.types.is_timestamp(column.type)
-        if name in ("time", "outcome_time"):
-            self._agree("timestamps" if stamps else "numbers", name, where)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            return _checked(_text_numbers(column, name, where), name, where)
-        try:
-            if stamps:  # seconds since the epoch; a time without a zone is UTC
-                micros = column.cast(pa.timestamp("us", tz=column.type.tz)).cast(pa.int64())
-                values = micros.to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
-            else:
-                values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise ValueError(f"{where(0)}: column {name!r} is not numbers") from None
-        return _checked(values, name, where)
+        def cell(i: int) -> object:  # the cell as the table has it, for messages
+            value = column[i].as_py()
+            return "" if value is None else value
 
-    def _agree(self, kind: str, name: str, where: Callable[[int], str]) -> None:
+        text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        if name in ("time", "outcome_time"):
+            values = self._text_times(column, name, where) if text else self._typed_times(column, name, where)
+        elif text:
+            values = _text_numbers(column, name, where)
+        else:
+            values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        return _checked(values, name, where, cell)
+
+    def _typed_times(self, column: Any, name: str, where: Callable[[int], str]) -> np.ndarray:
+        import pyarrow as pa
+
+        if not pa.types.is_timestamp(column.type):
+            self._agree_column("numbers", column, name, where)
+            return column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        self._agree_column("timestamps", column, name, where)
+        # seconds since the epoch; a time without a zone is UTC
+        micros = column.cast(pa.timestamp("us", tz=column.type.tz)).cast(pa.int64())
+        return micros.to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
+
+    def _text_times(self, column: Any, name: str, where: Callable[[int], str]) -> np.ndarray:
+        """Numbers, or ISO-8601 times (no zone: UTC): vectorised when a batch is all one kind."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        text = pc.utf8_trim_whitespace(column)
+        text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+        try:
+            values = pc.cast(text, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return self._cells(text.to_pylist(), name, where)
+        self._agree_column("numbers", values, name, where)
+        return values.to_numpy(zero_copy_only=False)
+
+    def _cells(self, cells: list[str | None], name: str, where: Callable[[int], str]) -> np.ndarray:
+        """Time cells one by one (a batch of timestamps, or mixed): as ``experiment simulate`` reads them."""
+        out = np.full(len(cells), np.nan)
+        for i, cell in enumerate(cells):
+            if cell is None:
+                continue  # an empty time: _checked names it when the column needs one
+            try:
+                seconds, kind = float(cell), "numbers"
+            except ValueError:
+                try:
+                    stamp = datetime.fromisoformat(cell)
+                except ValueError:
+                    raise ValueError(f"{where(i)}, column {name!r}: {cell!r} is neither seconds nor an "
+                                     f"ISO-8601 time") from None
+                stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+                seconds, kind = stamp.timestamp(), "timestamps"
+            self._agree(kind, name, where(i), cell)
+            out[i] = seconds
+        return out
+
+    def _agree_column(self, kind: str, values: Any, name: str, where: Callable[[int], str]) -> None:
+        if values.null_count == len(values):
+            return  # an empty column says nothing about the clock
+        import pyarrow.compute as pc
+
+        first = int(pc.index(pc.is_valid(values), True).as_py())
+        self._agree(kind, name, where(first), values[first].as_py())
+
+    def _agree(self, kind: str, name: str, place: str, cell: object) -> None:
         if self.clock and kind != self.clock:
-            raise ValueError(f"{where(0)}, column {name!r}: is on another clock: the times before it are "
-                             f"{self.clock}")
+            raise ValueError(f"{place}, column {name!r}: {cell!r} is on another clock: the times before it "
+                             f"are {self.clock}")
         self.clock = kind
 
     def observations(self) -> Observations:
@@ -391,20 +468,23 @@ def _text_numbers(column: Any, name: str, where: Callable[[int], str]) -> np.nda
         raise
 
 
-def _checked(values: np.ndarray, name: str, where: Callable[[int], str]) -> np.ndarray:
+def _checked(values: np.ndarray, name: str, where: Callable[[int], str],
+             cell: Callable[[int], object]) -> np.ndarray:
+    """``values`` if each fits its column, else ``ValueError`` naming the first cell that does not."""
     required = name == "time"
     bad = np.flatnonzero(~np.isfinite(values) if required else np.isinf(values))
     if not len(bad) and name == "latency_ms":
         bad = np.flatnonzero(values < 0)
     if not len(bad) and name == "correct":
         bad = np.flatnonzero(~np.isnan(values) & (values != 0) & (values != 1))
-    if len(bad):
-        i = int(bad[0])
-        why = {"time": "is empty or not a finite time; every exposure needs a time",
-               "latency_ms": "is not a finite number >= 0", "correct": "must be 0, 1 or empty"}
-        raise ValueError(f"{where(i)}, column {name!r}: {values[i]!r} "
-                         f"{why.get(name, 'is not a finite number')}")
-    return values
+    if not len(bad):
+        return values
+    i = int(bad[0])
+    why = {"latency_ms": "is not a finite number >= 0", "correct": "must be 0, 1 or empty",
+           "outcome_time": "is not a finite time"}.get(name, "is not a finite number")
+    if required:
+        why = "is empty; every exposure needs a time" if np.isnan(values[i]) else "is not a finite time"
+    raise ValueError(f"{where(i)}, column {name!r}: {cell(i)!r} {why}")
 
 
 def _arrivals(t_s: np.ndarray, arrived_s: np.ndarray | None, outcomes: tuple[np.ndarray | None, ...],
@@ -450,8 +530,8 @@ def _error_flags(column: Any) -> np.ndarray:
     import pyarrow.compute as pc
 
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        text = pc.utf8_lower(pc.utf8_trim_whitespace(column))
-        ok = pc.is_in(text, value_set=pa.array(list(_FALSE_TEXT))).fill_null(True)
+        text = pc.utf8_lower(pc.utf8_trim_whitespace(column)).fill_null("")
+        ok = pc.is_in(text, value_set=pa.array(list(_FALSE_TEXT)))
         return ~ok.to_numpy(zero_copy_only=False)
     values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
     return np.nan_to_num(values) != 0

@@ -95,6 +95,31 @@ def test_a_bad_cell_is_named_by_line_and_column(tmp_path, cells, message):
         data.read_table(path)
 
 
+@pytest.mark.parametrize("text", [
+    "time,unit,arm,correct,outcome_time\n2024-05-01T12:00:00Z,BTC,control,1,2024-05-01T12:00:45Z\n"
+    "2024-05-01T14:00:30+02:00,ETH,treatment,0,\n2024-05-01 12:01:00,BTC,control,,\n",
+    "time,unit,arm,error,pnl\n1,a,control,DEADLINE_EXCEEDED,\n2,a,control,0,1.5\n3,a,control,,\n4,a,control,1,\n",
+])
+def test_zones_and_error_codes_read_as_a_whole_read_does(tmp_path, text):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    same(data.read_table(path, batch_rows=2), simulate.read_table(path))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("time,unit,arm\n1,a,control\n2,a\n", "t.csv, line 3: 2 fields, the header has 3"),
+    ("time,unit,arm\n1,a,control\n,a,control\n", "t.csv, line 3, column 'time': '' is empty"),
+    ("time,unit,arm,outcome_time\n1,a,control,2024-05-01T12:00:00Z\n",
+     "column 'outcome_time'.*another clock"),
+    ("time,unit,arm\nyesterday,a,control\n", "line 2, column 'time': 'yesterday' is neither seconds"),
+])
+def test_malformed_csv_is_named_as_a_whole_read_names_it(tmp_path, text, message):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        data.read_table(path)
+
+
 def test_missing_columns_and_no_rows_are_refused(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("time,arm\n1,control\n")
