@@ -50,3 +50,10 @@ def test_power_does_not_fall_as_traffic_grows():
 def test_no_effect_is_not_promoted_at_a_busy_desk():
     busy = decisions(430.0, 10, 0.0, 40)
     assert busy.count("PROMOTE") <= 1 and busy.count("KEEP") >= 38, busy
+
+
+def test_the_traffic_measurement_runs_a_day():
+    from experiments.traffic_power import run_one
+
+    decision, minute = run_one((430.0, "A/A", 1))
+    assert decision in ("KEEP", "PROMOTE") and 2 <= minute <= 15
