@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from experiments import calibration_cache
+
 CALIBRATION_PATHS = 200_000
 MIN_SANDWICH_CLUSTERS = 30  # below this many effective clusters the cluster-robust variance has a floor
 
@@ -148,6 +150,7 @@ def _look_paths(looks: int, seed: int, n_paths: int = CALIBRATION_PATHS) -> np.n
 
 
 @functools.lru_cache(maxsize=64)
+@calibration_cache.disk_cached  # 200,000 simulated paths: seconds per process otherwise
 def _obf_bounds(looks: int, alpha: float, seed: int) -> tuple[float, ...]:
     if looks == 1:
         return (float(special.ndtri(1 - alpha)),)
@@ -166,6 +169,7 @@ def obrien_fleming_bounds(looks: int, alpha: float, seed: int = 0) -> np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
+@calibration_cache.disk_cached
 def sequential_drift(looks: int, alpha: float, power: float, seed: int = 0) -> float:
     """The final-look mean of Z at which the boundary is crossed with probability ``power``.
 
