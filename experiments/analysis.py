@@ -13,7 +13,8 @@ clusters by randomisation unit, time-aligned latency windows):
    worse than control at all (``HARM_ALPHA``), the other of hit rate / P&L worse
    by more than its margin, the error rate above control's by more than its
    margin, or the treatment's latency above control's p95 + margin in the same
-   minutes more often than 5 %.
+   minutes more often than 5 % (the margin: the larger of an absolute floor and a
+   share of that minute's control p95).
 3. **PROMOTE** once the primary effect's cluster-robust z has crossed the
    O'Brien–Fleming boundary at a planned look (looks are reached by
    *information*, 1 / variance of the primary effect, so clustered data needs
@@ -374,14 +375,23 @@ def _latency(e: Experiment, s: Summary, state: _Look) -> str:
     share = 1 - LATENCY_QUANTILE
     low, high = stats.bernoulli_confidence_sequence(s.latency_above, s.latency_n, 2 * GUARDRAIL_ALPHA)
     rate = s.latency_above / s.latency_n if s.latency_n else math.nan
-    state.tests.append(TestResult(f"latency above control p95 + margin, {s.latency_windows} aligned minutes",
-                                  float(s.latency_n), math.nan, rate * 100, low * 100, high * 100,
+    margin = _latency_margin_text(e, s)
+    name = f"latency above control p95 + {margin}, {s.latency_windows} aligned minutes"
+    state.tests.append(TestResult(name, float(s.latency_n), math.nan, rate * 100, low * 100, high * 100,
                                   "latency_p95", "guardrail", "% of treatment requests", share * 100))
     if low > share:
         state.harmful.append(state.tests[-1])
-        return f"treatment latency above control's p95 + {e.margins.latency_p95_ms:g} ms in " \
+        return f"treatment latency above control's p95 + {margin} in " \
                f"{rate:.1%} of requests (> {share:.0%}, always-valid)"
     return ""
+
+
+def _latency_margin_text(e: Experiment, s: Summary) -> str:
+    """The latency margin rule and, once a minute has been compared, the mean margin it gave in ms."""
+    rule = e.margins.latency_text()
+    if not s.latency_windows:
+        return rule
+    return f"{rule} = {s.latency_margin_ms_sum / s.latency_windows:.3g} ms on average"
 
 
 # ---- PROMOTE --------------------------------------------------------------------------

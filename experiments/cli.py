@@ -77,7 +77,11 @@ def _add_design(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-units", type=int, default=d.min_units_per_arm,
                    help="units each arm needs before any decision but HALT")
     g.add_argument("--margin-latency-ms", type=float, default=m.latency_p95_ms,
-                   help="treatment p95 at most this above control's, in the same minutes")
+                   help="absolute floor of the latency margin: treatment p95 may be this many ms above "
+                        "control's, in the same minutes, whatever the relative margin")
+    g.add_argument("--margin-latency-relative", type=float, default=m.latency_p95_relative,
+                   help="relative latency margin: treatment p95 may be this fraction above control's p95 "
+                        "of the same minutes (0.2 = 20 %%); the larger of the two margins applies")
     g.add_argument("--margin-error-pp", type=float, default=m.error_rate_pp,
                    help="treatment error rate at most this many points above control's")
     g.add_argument("--margin-accuracy-pp", type=float, default=m.accuracy_pp,
@@ -88,7 +92,8 @@ def _add_design(p: argparse.ArgumentParser) -> None:
 
 def _design(args: argparse.Namespace) -> dict[str, Any]:
     """``Experiment`` fields from the design options."""
-    margins = Margins(args.margin_latency_ms, args.margin_error_pp, args.margin_accuracy_pp, args.margin_pnl)
+    margins = Margins(args.margin_latency_ms, args.margin_error_pp, args.margin_accuracy_pp, args.margin_pnl,
+                      latency_p95_relative=args.margin_latency_relative)
     return {"treatment_share": args.share, "mode": args.mode, "unit": args.unit, "primary": args.primary,
             "min_effect_pp": args.min_effect_pp, "min_effect_pnl": args.min_effect_pnl,
             "label_horizon_s": args.horizon_s, "planned_looks": args.looks,
@@ -154,7 +159,7 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
         e = store.create(args.model, control, treatment, salt=args.salt, **_design(args))
     print(f"experiment {e.id}: {e.model} v{e.control_version} (control) vs v{e.treatment_version} "
           f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}, primary {e.primary}, "
-          f"label horizon {e.label_horizon_s:g} s")
+          f"label horizon {e.label_horizon_s:g} s; latency margin {e.margins.latency_text()}")
     return 0
 
 
@@ -204,7 +209,7 @@ def status_lines(e: Experiment, data: runner.Snapshot) -> list[str]:
     as_of = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data.now_s)) if math.isfinite(data.now_s) \
         else "?"
     lines = [f"experiment {e.id} [{e.status}] {_arms_text(e)}; label horizon {e.label_horizon_s:g} s; "
-             f"as of {as_of} (Redis clock)",
+             f"latency margin {e.margins.latency_text()}; as of {as_of} (Redis clock)",
              _row("arm", "version", [name for name, _ in _ARM_COLUMNS])]
     for arm, version, d in ((CONTROL, e.control_version, data.control),
                             (TREATMENT, e.treatment_version, data.treatment)):

@@ -29,6 +29,7 @@ MODES = ("split", "shadow")
 UNITS = ("route", "request_id")
 PRIMARY_METRICS = ("hit_rate", "pnl")
 STATUSES = ("running", "paused", "stopped")
+MAX_LATENCY_RELATIVE = 10.0  # a relative latency margin above this is a percentage typed as a fraction
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,26 @@ class Margins:
     ``pnl_per_trade`` is in the outcomes' P&L units; ``None`` means no margin: P&L
     only must not be *shown* worse (set one to require non-inferiority by an interval).
     The margin of the primary metric is not used: it must be shown better.
+
+    The latency margin of a minute is the larger of ``latency_p95_ms`` and
+    ``latency_p95_relative`` of control's p95 in that minute: a desk states a latency
+    budget relative to what it has (+20 %), and the absolute floor keeps scheduling
+    jitter of sub-millisecond models from reading as a regression.
     """
 
-    latency_p95_ms: float = 2.0  # treatment p95 at most this above control's, in the same minutes
+    latency_p95_ms: float = 0.5  # absolute floor of the latency margin, ms
     error_rate_pp: float = 0.5  # treatment error rate at most this many points above control's
     accuracy_pp: float = 5.0  # treatment hit rate at most this many points below control's
     pnl_per_trade: float | None = None
+    latency_p95_relative: float = 0.2  # treatment p95 at most this fraction above control's, same minutes
+
+    def latency_margin_ms(self, control_p95_ms: float) -> float:
+        """How far above control's p95 (of the same minute) the treatment's p95 may be."""
+        return max(self.latency_p95_ms, self.latency_p95_relative * control_p95_ms)
+
+    def latency_text(self) -> str:
+        """The latency margin in words, for status and analyze lines."""
+        return f"max({self.latency_p95_ms:g} ms, {self.latency_p95_relative:.0%} of control's p95)"
 
 
 @dataclass(frozen=True)
@@ -190,7 +205,11 @@ def _design_problems(e: Experiment) -> list[str]:
     if e.min_units_per_arm < 1:
         problems.append("min_units_per_arm must be >= 1")
     m = e.margins
-    values = (m.latency_p95_ms, m.error_rate_pp, m.accuracy_pp, m.pnl_per_trade or 0.0)
+    values = (m.latency_p95_ms, m.latency_p95_relative, m.error_rate_pp, m.accuracy_pp,
+              m.pnl_per_trade or 0.0)
     if not all(math.isfinite(v) and v >= 0 for v in values):
         problems.append("margins must be finite and >= 0")
+    if m.latency_p95_relative > MAX_LATENCY_RELATIVE:
+        problems.append(f"latency_p95_relative must be at most {MAX_LATENCY_RELATIVE:g} "
+                        "(a fraction of control's p95: 0.2 is 20 %)")
     return problems

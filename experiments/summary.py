@@ -22,7 +22,9 @@ What counts at time ``now``:
   the analysis's feet.
 - **Latency** in time-aligned windows: each complete window's control p95 plus the
   margin is a threshold, and the treatment's requests in that same window are
-  counted above or below it. A load change moves both arms alike.
+  counted above or below it. The margin is the larger of the absolute floor and the
+  relative share of that window's control p95 (:meth:`Margins.latency_margin_ms`),
+  so it scales with the latency the desk has. A load change moves both arms alike.
 
 The accumulator only adds what is new since the previous call, so replaying a
 day's analyses costs one pass over the table.
@@ -70,6 +72,7 @@ class Summary:
     latency_above: int
     latency_windows: int
     pnl_sd: float = math.nan  # sd of the winsorised calibration outcomes (both arms): the P&L scale
+    latency_margin_ms_sum: float = 0.0  # the windows' latency margins added up (their mean is reported)
 
 
 class Accumulator:
@@ -78,7 +81,7 @@ class Accumulator:
     def __init__(self, e: Experiment, obs: Observations) -> None:
         self.obs = obs
         self.horizon_s = e.label_horizon_s
-        self.latency_margin_ms = e.margins.latency_p95_ms
+        self.margins = e.margins
         self.cluster = _clusters(e, obs)
         # NaN (no outcome) compares False; a failed request's outcome is not the model's to score.
         self.on_time = ((obs.outcome_t_s - obs.t_s) <= self.horizon_s) & ~obs.error
@@ -171,7 +174,10 @@ class Accumulator:
             control, treatment = latency[known & (arm == 0)], latency[known & (arm == 1)]
             if len(control) < MIN_WINDOW_CONTROL or not len(treatment):
                 continue
-            threshold = np.quantile(control, LATENCY_QUANTILE) + self.latency_margin_ms
+            control_p95 = float(np.quantile(control, LATENCY_QUANTILE))
+            margin = self.margins.latency_margin_ms(control_p95)
+            threshold = control_p95 + margin
+            s.latency_margin_ms_sum += margin
             s.latency_n += len(treatment)
             s.latency_above += int((treatment > threshold).sum())
             s.latency_windows += 1

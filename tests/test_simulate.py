@@ -254,7 +254,7 @@ def test_create_takes_the_design_options(r, settings, registry, production, tmp_
     e = ExperimentStore(r, registry).get(MODEL)
     assert (e.primary, e.min_effect_pnl, e.label_horizon_s, e.min_units_per_arm, e.planned_looks) == \
         ("pnl", 0.25, 300.0, 12, 20)
-    assert e.margins == Margins(latency_p95_ms=2.0, error_rate_pp=0.3, accuracy_pp=4.0, pnl_per_trade=0.05)
+    assert e.margins == Margins(error_rate_pp=0.3, accuracy_pp=4.0, pnl_per_trade=0.05)  # default latency
     assert "primary pnl" in capsys.readouterr().out
 
 
