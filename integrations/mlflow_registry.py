@@ -376,7 +376,7 @@ def self_contained(path: Path, files: dict[str, Path], workdir: Path, where: str
     out = workdir / "inlined.onnx"
     try:
         onnx.save(onnx.load(str(path)), str(out))
-    except (ValueError, OSError) as e:
+    except Exception as e:  # onnx's ValidationError too: a missing data file, a path outside the folder
         raise MlflowRegistryError(f"{where}: its weights cannot be inlined into one ONNX file: "
                                   f"{' '.join(str(e).split())[:200]}") from None
     return out

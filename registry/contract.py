@@ -17,6 +17,7 @@ registry imports without it.
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -186,14 +187,25 @@ def _match_input(name: str, given: Any, dtype: str, dims: list[Dim]) -> dict[str
     return {**given, "dtype": wire, "shape": list(shape)}
 
 
+# The sample batch may not be larger than a request could be (the default ``max_message_bytes``): a
+# spec or graph naming a per-sample shape of gigabytes is refused before anything is allocated.
+MAX_SAMPLE_BYTES = 16 * 1024 * 1024
+
+
 def sample_inputs(spec: dict[str, dict[str, Any]], rows: int = SAMPLE_ROWS) -> dict[str, np.ndarray]:
     """Seeded inputs of ``rows`` rows: normal floats, 0/1 integers (valid indices), random bools."""
+    sizes = {name: rows * math.prod(s["shape"]) * np.dtype(s["dtype"]).itemsize for name, s in spec.items()}
+    if sum(sizes.values()) > MAX_SAMPLE_BYTES:
+        biggest = max(sizes, key=sizes.__getitem__)
+        raise ContractError(f"input {biggest!r}: per-sample shape {spec[biggest]['shape']} makes a "
+                            f"{rows}-row sample of {sum(sizes.values()):,} bytes, over the "
+                            f"{MAX_SAMPLE_BYTES:,} a request may carry")
     rng = np.random.default_rng(SAMPLE_SEED)
     arrays = {}
     for name, s in spec.items():
         dtype, shape = np.dtype(s["dtype"]), (rows, *s["shape"])
         if dtype.kind == "f":
-            arrays[name] = rng.standard_normal(shape).astype(dtype)
+            arrays[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
         elif dtype.kind == "b":
             arrays[name] = rng.integers(0, 2, shape).astype(bool)
         else:
@@ -271,7 +283,7 @@ def self_contained(path: Path, workdir: Path) -> Path:
     out = workdir / path.name
     try:
         onnx.save(onnx.load(str(path)), str(out))  # onnx refuses data paths outside the model's folder
-    except (ValueError, OSError) as e:
+    except Exception as e:  # onnx's ValidationError too: a missing data file, a path outside the folder
         raise ContractError(f"{path.name}: its external weights cannot be inlined into one ONNX file: "
                             f"{' '.join(str(e).split())[:200]}") from None
     return out

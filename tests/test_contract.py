@@ -228,3 +228,30 @@ def test_a_model_with_external_weights_is_stored_as_one_file_a_worker_elsewhere_
     worker = Worker(settings, MODEL, burst=True)
     worker.run()
     assert worker.slot.loaded is not None and worker.slot.loaded.version.version == mv.version
+
+
+def test_a_sample_larger_than_a_request_is_refused_before_it_is_allocated(r, settings, registry, tmp_path):
+    """A graph (or spec) naming a per-sample shape of gigabytes: one line, not a MemoryError."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 100_000, 100_000])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 100_000, 100_000])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "huge", [x], [y])
+    path = tmp_path / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ContractError, match=r"input 'x': per-sample shape \[100000, 100000\] makes a 2-row "
+                                            r"sample of 80,000,000,000 bytes"):
+        register_onnx(registry, MODEL, path)
+    assert nothing_registered(r, settings)
+
+
+def test_external_weights_that_are_missing_are_one_line_with_exit_status_2(r, settings, tmp_path, model_path,
+                                                                           capsys):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    onnx.save(onnx.load(str(model_path)), str(folder / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    (folder / "model.onnx.data").unlink()  # only the graph was copied: the usual mistake
+    code = main([*base(settings), "registry", "register", MODEL, str(folder / "model.onnx"),
+                 "--labels", ",".join(models.LABELS)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot be inlined" in err, err
+    assert nothing_registered(r, settings)
