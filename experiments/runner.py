@@ -239,11 +239,12 @@ class Reader:
     """One experiment's journal and outcomes, read where the last read stopped.
 
     Keeps, between analyses in the process that analyses (``experiment watch``), each
-    stream's last entry id read and every row read so far as C arrays (64 bytes a
-    row), with the outcomes joined as they arrive; an analysis reads only the entries
-    written since. A fresh reader reads everything: ``analyze`` and ``status`` do.
-    Columns equal a full read's, so decisions do too (see :func:`observations`),
-    except that rows the capped journal has trimmed since are kept.
+    stream's last entry id read and every row read so far (about 350 bytes a request
+    with its ids), with the outcomes joined as they arrive; an analysis reads only the
+    entries written since. A fresh reader reads everything: ``analyze`` and ``status``
+    do. Columns equal a full read's, so decisions do too (see :func:`observations`),
+    until the capped journal trims rows the reader keeps; past what a full read could
+    hold, ``run_analysis`` starts a fresh reader (:data:`READER_MAX_ENTRIES_PER_STREAM`).
     """
 
     def __init__(self, e: Experiment) -> None:
@@ -272,6 +273,10 @@ class Reader:
         r = self.read
         r.journal_malformed, r.journal_duplicate = journal.malformed, journal.duplicate
         r.journal_entries, r.outcomes_unmatched = len(journal.seen), len(journal.unmatched)
+
+    def held_entries(self) -> int:
+        """Journal rows and not-yet-joined outcomes held between analyses."""
+        return len(self.journal.seen) + len(self.journal.unmatched)
 
     def observations(self) -> Observations:
         """Every row read so far, with the outcomes read so far."""
@@ -523,7 +528,7 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     # The clock first: everything written after it is left for the next analysis, so a request
     # counted as matured cannot miss an outcome that arrived before now.
     now_s = redis_now_s(client)
-    reader = None if readers is None else readers.setdefault(e.id, Reader(e))
+    reader = None if readers is None else _reader_for(readers, e)
     obs, _ = observations(client, e, reader)
     decision = analysis.evaluate(e, obs, now_s, decisions(client, e, reader))
     record = decision.to_dict() | {"applied": apply}
@@ -532,6 +537,23 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     if apply and e.status == "running":
         _apply(store, registry, e, decision)
     return decision
+
+
+# A reader keeps every row and unmatched outcome it read, while the streams it reads are capped (the
+# journal per shard, the outcomes per model, at a million entries each: JOURNAL_MAXLEN in
+# worker/arms.py, OUTCOMES_MAXLEN in producer). Past what a full read could hold it starts over with
+# one full read, so `watch` never holds more than `analyze` would, however long it runs.
+READER_MAX_ENTRIES_PER_STREAM = 1_000_000
+
+
+def _reader_for(readers: dict[str, Reader], e: Experiment) -> Reader:
+    """The kept reader of ``e``, or a fresh one (dropping any other experiment's) when none fits."""
+    reader = readers.get(e.id)
+    streams = 1 + len(reader.journal_cursors) if reader is not None else 1
+    if reader is None or reader.held_entries() > READER_MAX_ENTRIES_PER_STREAM * streams:
+        readers.clear()
+        reader = readers[e.id] = Reader(e)
+    return reader
 
 
 def _apply(store: ExperimentStore, registry: Registry, e: Experiment, decision: Decision) -> None:
@@ -553,5 +575,6 @@ def decisions(client: redis.Redis, e: Experiment, reader: Reader | None = None) 
                 continue
             if isinstance(record, dict) and isinstance(record.get("look"), int):
                 reader.decisions.append(record)
+        del reader.decisions[:-DECISIONS_MAXLEN]  # as many as the capped audit stream holds
         reader.decisions_cursor = "(" + text(page[-1][0])
     return list(reader.decisions)

@@ -160,3 +160,21 @@ def test_watch_keeps_its_reader_between_analyses(r, settings, registry, make_exp
     assert cli._watch(args, settings) == 0
     assert len(seen) == 2 and seen[0] is seen[1] is not None
     assert e.id
+
+
+def test_a_reader_holding_more_than_a_full_read_could_starts_over(r, registry, make_experiment, monkeypatch):
+    """The streams are capped, a kept reader is not: past what a full read could hold, `watch` reads
+    everything once more instead of holding every request of a long experiment."""
+    e = make_experiment()
+    rng = np.random.default_rng(4)
+    start_ms = int(e.created_at * 1000) + 1000
+    write_batch(r, e, rng, 0, start_ms)
+    readers: dict[str, runner.Reader] = {}
+    runner.run_analysis(r, registry, MODEL, readers=readers)
+    kept = readers[e.id]
+    runner.run_analysis(r, registry, MODEL, readers=readers)
+    assert readers[e.id] is kept, "within the bound the reader is kept"
+    monkeypatch.setattr(runner, "READER_MAX_ENTRIES_PER_STREAM", 100)
+    write_batch(r, e, rng, 1, start_ms)
+    runner.run_analysis(r, registry, MODEL, readers=readers)
+    assert readers[e.id] is not kept and list(readers) == [e.id]
