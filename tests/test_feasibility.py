@@ -59,8 +59,12 @@ def two_versions(registry, production, tmp_path):
                       output_names=["probs"], labels=models.LABELS)
 
 
-def recent_requests(r, symbols: int, rate_per_s: float = 6.0, span_s: float = 600.0) -> None:
-    """Requests bots sent over the last ``span_s`` (entries of the request stream, with their routes)."""
+def recent_requests(r, registry, symbols: int, rate_per_s: float = 6.0, span_s: float = 600.0) -> Experiment:
+    """Requests a previous, stopped experiment journaled over the last ``span_s``, with their routes
+    (what create reads: the request streams are empty on a fleet that keeps up)."""
+    store = ExperimentStore(r, registry)
+    previous = store.create(MODEL, 1, 2, treatment_share=0.1)
+    store.set_status(MODEL, "stopped", reason="the traffic for the next one")
     now_ms = int(r.time()[0]) * 1000
     rng = np.random.default_rng(1)
     n = int(rate_per_s * span_s)
@@ -69,20 +73,21 @@ def recent_requests(r, symbols: int, rate_per_s: float = 6.0, span_s: float = 60
     pipe = r.pipeline(transaction=False)
     for i, route in enumerate(routes):
         at_ms = now_ms - int(span_s * 1000) + int(i * 1000 / rate_per_s)
-        pipe.xadd(keys.request_stream(MODEL), {"id": f"q{i}", "route": f"SYM{route}", "inputs": b""},
+        pipe.xadd(keys.experiment_journal(MODEL, previous.id), {"id": f"q{i}", "route": f"SYM{route}"},
                   id=f"{at_ms}-*")
     pipe.execute()
+    return previous
 
 
 def test_create_refuses_thirty_symbols_at_90_10_in_a_day_unless_forced(r, settings, registry, two_versions,
                                                                        capsys):
-    recent_requests(r, 30)
+    previous = recent_requests(r, registry, 30)
     base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir),
             "experiment", "create", MODEL, "--control", "1", "--treatment", "2", "--share", "0.1"]
     assert main(base) == 2
     out = capsys.readouterr()
     assert "can never be reached" in out.out and "refused" in out.err and "--force" in out.err
-    assert ExperimentStore(r, registry).get(MODEL) is None, "nothing was created"
+    assert ExperimentStore(r, registry).get(MODEL).id == previous.id, "nothing was created"
 
     assert main([*base, "--force"]) == 0
     assert "can never be reached" in capsys.readouterr().out
@@ -90,12 +95,13 @@ def test_create_refuses_thirty_symbols_at_90_10_in_a_day_unless_forced(r, settin
 
 
 def test_create_by_request_at_the_same_traffic_is_told_it_fits(r, settings, registry, two_versions, capsys):
-    recent_requests(r, 30)
+    recent_requests(r, registry, 30)
     assert main(["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir),
                  "experiment", "create", MODEL, "--control", "1", "--treatment", "2", "--share", "0.1",
                  "--unit", "request_id", "--max-days", "2"]) == 0
     out = capsys.readouterr().out
-    assert "within the horizon of 2 trading days" in out and "6 requests/s (the request streams)" in out
+    assert "within the horizon of 2 trading days" in out
+    assert "6 requests/s (the last experiment's journal)" in out
 
 
 def test_create_without_recent_traffic_says_so_and_creates(r, settings, registry, two_versions, capsys):
