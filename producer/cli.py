@@ -164,7 +164,10 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         raise ConfigError(f"{path} holds one array (.npy): give it with --npy, or save the inputs by "
                           "name with numpy.savez")
     with loaded:
-        return {name: loaded[name] for name in loaded.files}
+        try:  # members are read here: one of pickled objects is refused now (never loaded)
+            return {name: loaded[name] for name in loaded.files}
+        except ValueError as e:
+            raise ConfigError(f"cannot read {path} as .npz: {e}") from e
 
 
 def _load(path: str) -> Any:

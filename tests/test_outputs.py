@@ -349,6 +349,8 @@ def test_predict_command_without_production_or_spec_says_so_in_one_line(settings
     assert "--npz" in one_line("--npy", str(tmp_path / "x.npy"))
     np.savez(tmp_path / "wrong.npz", x=VEC[0], n=VEC[0, :2])  # floats for the int64 input
     assert "input 'n'" in one_line("--npz", str(tmp_path / "wrong.npz"))
+    np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object), n=COUNTS[0])  # pickled member
+    assert "cannot read" in one_line("--npz", str(tmp_path / "objects.npz"))
     for bad in ("not json", json.dumps({"x": {"dtype": "object", "shape": [4]}}), json.dumps([1])):
         r.hset(keys.version_hash(MODEL, mv.version), "input_spec", bad)
         assert "input_spec is unreadable" in one_line()
