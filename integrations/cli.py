@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import redis
+
 from protocol import connection
-from protocol.errors import RegistryError
+from protocol.errors import RegistryError, StreamserveError
 from protocol.settings import Settings
 from registry.store import Registry
 
@@ -156,12 +158,15 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
     with session(settings, args.uri) as (reg, client):
         from integrations.mlflow_sync import sync_once
 
+        passing: tuple[type[Exception], ...] = (*_mlflow_errors(), StreamserveError, redis.RedisError)
         while True:
             try:
                 report = sync_once(reg, client, args.name, tracking_uri=args.uri,
                                    mlflow_name=args.mlflow_name, fleet_timeout_s=args.timeout_s,
                                    ttl_s=settings.heartbeat_ttl_s)
-            except _mlflow_errors() as e:
+            # A long-running pass outlives any one failure: MLflow or Redis away, a version that
+            # cannot be mirrored; each pass starts from the state on both sides, so the next may work.
+            except passing as e:
                 if args.once:
                     raise
                 print(f"{_now()} pass failed, next in {args.interval_s:g} s: {_one_line(e)}", flush=True)

@@ -152,6 +152,8 @@ def sync_once(registry: Registry, client: MlflowClient, name: str, *, tracking_u
 
 
 def _apply(run: _Pass, alias: str, version: str, report: SyncReport) -> None:
+    from mlflow.exceptions import MlflowException
+
     stage = ALIAS_STAGE[alias]
     what = f"MLflow alias {alias} → version {version}"
     try:
@@ -159,7 +161,9 @@ def _apply(run: _Pass, alias: str, version: str, report: SyncReport) -> None:
                             tracking_uri=run.tracking_uri, as_name=run.name).version
         done, fleet = promote_checked(run.registry, mv, stage, reason=f"{what} (moved in MLflow)",
                                       fleet_timeout_s=run.fleet_timeout_s, ttl_s=run.ttl_s)
-    except StreamserveError as e:  # import refusals, contract and integrity errors, refused promotions
+    # Import refusals, contract and integrity errors, refused promotions; and a version MLflow cannot
+    # serve (its artifacts deleted, a bad run): refused and tagged, so the pass goes on to the others.
+    except (StreamserveError, MlflowException, OSError) as e:
         message = f"{what}: not applied: {' '.join(str(e).split())}"[:MAX_TAG_CHARS]
         _tag_version(run, version, {REFUSED_TAG: message})
         report.refused.append(message)

@@ -289,3 +289,22 @@ def test_sync_refuses_an_alias_it_cannot_apply_and_moves_it_back(
     assert client.get_registered_model(name).aliases == {"production": first, "champion": first}
     assert registry.production(name).version == 1 and len(registry.versions(name)) == 1
     assert not sync_once(registry, client, name, tracking_uri=mlflow_server.uri, fleet_timeout_s=5).refused
+
+
+def test_sync_refuses_an_alias_to_a_version_whose_files_are_gone_and_goes_on(
+        mlflow_server: MlflowServer, client, registry, settings, tmp_path, name, capsys):
+    """MLflow cannot serve the version a person pointed an alias at (its artifacts deleted): the pass
+    refuses that move like any other, instead of ending before it mirrors our stages."""
+    registry.promote(name, register_onnx(registry, name, models.linear_softmax(tmp_path / "1.onnx")).version)
+    sync_once(registry, client, name, tracking_uri=mlflow_server.uri, fleet_timeout_s=5)
+    first = registry.production(name).tags["mlflow.version"]
+    version, _ = log_onnx(client, models.linear_softmax(tmp_path / "2.onnx", seed=2), name)
+    location = client.get_model_version_download_uri(name, version)
+    folder = mlflow_server.artifact_root / location.removeprefix("mlflow-artifacts:/")
+    for path in folder.iterdir():  # the MLmodel file and the graph: nothing left to download
+        path.unlink()
+    client.set_registered_model_alias(name, "champion", version)
+
+    assert run_cli(settings, "sync", "mlflow", "--uri", mlflow_server.uri, name, "--once") == 1
+    assert f"refused MLflow alias champion → version {version}: not applied: " in capsys.readouterr().out
+    assert client.get_registered_model(name).aliases == {"production": first, "champion": first}
