@@ -34,7 +34,7 @@ import yaml
 from protocol import codec, keys
 from protocol.errors import InvalidInput, RegistryError
 from registry import artifacts
-from registry.contract import Contract, ContractError, check_onnx
+from registry.contract import Contract, ContractError, check_onnx, self_contained
 from registry.store import ModelVersion, Registry
 
 if TYPE_CHECKING:
@@ -367,21 +367,6 @@ def fetch_onnx(folder: ArtifactFolder, data: str) -> tuple[Path, dict[str, Path]
     return path, files, [i.name for i in model.graph.input if i.name not in weights]
 
 
-def self_contained(path: Path, files: dict[str, Path], workdir: Path, where: str) -> Path:
-    """One ONNX file with its external data inlined (the store holds one file per artifact)."""
-    if len(files) == 1:
-        return path
-    import onnx
-
-    out = workdir / "inlined.onnx"
-    try:
-        onnx.save(onnx.load(str(path)), str(out))
-    except Exception as e:  # onnx's ValidationError too: a missing data file, a path outside the folder
-        raise MlflowRegistryError(f"{where}: its weights cannot be inlined into one ONNX file: "
-                                  f"{' '.join(str(e).split())[:200]}") from None
-    return out
-
-
 # ---- import --------------------------------------------------------------------------------
 
 
@@ -465,7 +450,7 @@ def import_version(registry: Registry, client: MlflowClient, model_uri: str, *, 
             return Imported(_same_files(previous, source, sha256), False, source, folder.fetched)
         chosen = _free_label(registry, name, label or f"mlflow-{source.version}")
         spec = input_spec(inputs, graph_inputs, source.uri)
-        artifact = self_contained(path, files, workdir, source.uri)
+        artifact = self_contained(path, workdir)  # external weights inlined: one stored file
         class_labels = _labels(labels, source)
         contract = check_onnx(artifact, spec, class_labels)
         check_outputs(outputs, contract)

@@ -280,7 +280,7 @@ def self_contained(path: Path, workdir: Path) -> Path:
         return path
     if not any(uses_external_data(t) for t in graph.graph.initializer):  # where exporters put weights
         return path
-    out = workdir / path.name
+    out = workdir / f"inlined-{path.name}"  # never the file being read, wherever it lies
     try:
         onnx.save(onnx.load(str(path)), str(out))  # onnx refuses data paths outside the model's folder
     except Exception as e:  # onnx's ValidationError too: a missing data file, a path outside the folder
