@@ -65,12 +65,19 @@ def day(rate_per_s: float, effect_pp: float, pnl_sd_effect: float, seed: int, mi
 
 def run_one(args: tuple[float, str, int]) -> tuple[str, float]:
     """One day → (first decision other than CONTINUE, or CONTINUE at its end; its minute)."""
+    decision, _, minute = run_detail(args)
+    return decision, minute
+
+
+def run_detail(args: tuple[float, str, int]) -> tuple[str, float, float]:
+    """One day → (first decision other than CONTINUE, or CONTINUE at its end; information fraction
+    and minute at it): what ``make validate-stats`` reads of a trading day."""
     rate, scenario, seed = args
     minutes = int(min(DAY_MINUTES, max(15, PLANNED_REQUESTS / rate / 60 * 2.5)))
     obs = day(rate, *SCENARIOS[scenario], seed, minutes)
     e = experiment_for(obs, treatment_share=0.1, unit="request_id", label_horizon_s=60.0)
     last = simulate(e, obs, 60.0)[-1]
-    return last.decision, last.now_s / 60
+    return last.decision, last.info_fraction, last.now_s / 60
 
 
 def _rate(k: int, n: int) -> str:

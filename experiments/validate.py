@@ -4,6 +4,9 @@ Every scenario simulates ``--sims`` experiments at the production design (90/10
 split, SRM and every guardrail on, one analysis a minute for 200 minutes,
 outcomes delayed, P&L fat-tailed, latency and errors measured) and drives
 :func:`experiments.replay.replay`, the code path of ``experiment analyze``.
+The trading days of :mod:`experiments.traffic_power` (6 to 430 requests/s, open/close
+volume, drift, overlapping labels; replayed through ``experiment simulate``'s code
+path) are scenarios too, ``--traffic-sims`` each.
 Each rate is printed with a 95 % (Wilson) interval; exit 1 if a target is missed.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 from scipy import stats
 
 from experiments import stats as S
+from experiments import traffic_power
 from experiments.data import Observations
 from experiments.replay import replay
 from experiments.store import Experiment
@@ -28,6 +32,9 @@ from experiments.store import Experiment
 MINUTES = 200
 RATE_PER_S = 9.0  # requests a second, both arms: the planned sample is reached in about 160 minutes
 ERROR_RATE = 0.001
+PNL_SD = 2.0 * math.sqrt(3.0)  # P&L is 2 × Student-t with 3 df: variance 3
+TRAFFIC_RATES = (6.0, 30.0, 100.0, 430.0)  # requests a second, both arms
+TRAFFIC_TARGETS = {"+2 pp": "promote>=80%", "A/A": "promote<=1%", "+3 pp, P&L -0.05 sd": "promote<=1%"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,17 @@ class Scenario:
     pnl_treatment: float = 1.0  # mean P&L per trade (control's is 1.0)
     wrong_delay_s: float = 0.0  # extra delay of the treatment's wrong outcomes
     episode_s: float = 0.0  # request-randomised symbols whose labels overlap for this long
+    latency_factor: float = 1.0  # the treatment's latency, a multiple of control's (3 ms median)
+
+
+@dataclass(frozen=True)
+class TrafficScenario:
+    """A trading day of :mod:`experiments.traffic_power` at one traffic level."""
+
+    name: str
+    target: str
+    rate_per_s: float
+    world: str  # a key of traffic_power.SCENARIOS
 
 
 SCENARIOS = (
@@ -54,7 +72,15 @@ SCENARIOS = (
     Scenario("+3 pp hit rate, P&L 1 -> -2 per trade", "promote<=1%", effect_pp=3.0, pnl_treatment=-2.0),
     Scenario("-6 pp hit rate", "rollback>=90%,median_info<=0.334", effect_pp=-6.0),
     Scenario("A/A, treatment's wrong outcomes 30 min late", "promote<=1%", wrong_delay_s=1800.0),
+    Scenario("+3 pp hit rate, P&L 0.05 sd lower", "promote<=1%", effect_pp=3.0,
+             pnl_treatment=1.0 - 0.05 * PNL_SD),
+    Scenario("+2 pp hit rate, treatment latency +30 %", "promote<=1%,rollback>=90%", effect_pp=2.0,
+             latency_factor=1.3),
+    Scenario("+2 pp hit rate, treatment latency +5 %", "promote>=80%", effect_pp=2.0, latency_factor=1.05),
 )
+AnyScenario = Scenario | TrafficScenario
+TRAFFIC_SCENARIOS = tuple(TrafficScenario(f"{world} at {rate:g} req/s, trading day", target, rate, world)
+                          for rate in TRAFFIC_RATES for world, target in TRAFFIC_TARGETS.items())
 
 
 def experiment(scenario: Scenario) -> Experiment:
@@ -78,7 +104,7 @@ def observations(s: Scenario, rng: np.random.Generator) -> Observations:
     correct = _correct(s, rng, t, unit, arm)
     delay = rng.uniform(5, 55, n) + s.wrong_delay_s * ((arm == 1) & (correct == 0))
     pnl = np.where(arm == 1, s.pnl_treatment, 1.0) + 2.0 * rng.standard_t(3, n)
-    latency = rng.lognormal(math.log(3.0), 0.4, n)
+    latency = rng.lognormal(math.log(3.0), 0.4, n) * np.where(arm == 1, s.latency_factor, 1.0)
     return Observations.build(t_s=t, unit=unit, arm=arm, error=rng.random(n) < ERROR_RATE, latency_ms=latency,
                               outcome_t_s=t + delay, correct=correct, pnl=pnl, start_s=0.0)
 
@@ -99,9 +125,11 @@ def _correct(s: Scenario, rng: np.random.Generator, t: np.ndarray, unit: np.ndar
     return np.where(rng.random(n) < 0.7, shared[episode].astype(float), own)
 
 
-def run_one(args: tuple[Scenario, int]) -> tuple[str, float, float]:
+def run_one(args: tuple[AnyScenario, int]) -> tuple[str, float, float]:
     """One simulated experiment → (final decision, information fraction at it, minute of it)."""
     scenario, seed = args
+    if isinstance(scenario, TrafficScenario):
+        return traffic_power.run_detail((scenario.rate_per_s, scenario.world, seed))
     e = experiment(scenario)
     decisions = replay(e, observations(scenario, np.random.default_rng(seed)), until_s=MINUTES * 60)
     last = decisions[-1]
@@ -135,7 +163,7 @@ def _meets(target: str, rates: dict[str, float]) -> bool:
     return ok
 
 
-def evaluate_scenario(s: Scenario, sims: int, seed: int, pool: Callable) -> tuple[bool, str]:
+def evaluate_scenario(s: AnyScenario, sims: int, seed: int, pool: Callable) -> tuple[bool, str]:
     """Run one scenario's simulations and format its line."""
     results = list(pool(run_one, [(s, seed * 1_000_003 + i) for i in range(sims)], chunksize=8))
     counts = Counter(d for d, _, _ in results)
@@ -154,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every scenario; print each rate with its 95 % interval; exit 1 if a target is missed."""
     parser = argparse.ArgumentParser(prog="python -m experiments.validate", description=__doc__)
     parser.add_argument("--sims", type=int, default=2000)
+    parser.add_argument("--traffic-sims", type=int, default=400, help="simulated days per traffic scenario")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU)")
     parser.add_argument("--only", help="run the scenarios whose name contains this text")
@@ -164,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"design: 90/10, 40 looks, one-sided alpha {design.alpha}, power {design.power} for +2 pp on 55 %: "
           f"{planned.treatment} treatment / {planned.control} control outcomes if independent; "
           f"{MINUTES} analyses, {RATE_PER_S:g} requests/s, {args.sims} simulations each")
+    print(f"trading days ({traffic_power.DAY_MINUTES} min, 90/10 by request, {args.traffic_sims} each) at "
+          f"{', '.join(f'{r:g}' for r in TRAFFIC_RATES)} requests/s: experiments.traffic_power's world")
     ok = True
-    scenarios = [s for s in SCENARIOS if not args.only or args.only in s.name]
+    every: tuple[AnyScenario, ...] = (*SCENARIOS, *TRAFFIC_SCENARIOS)
+    scenarios = [(s, args.traffic_sims if isinstance(s, TrafficScenario) else args.sims)
+                 for s in every if not args.only or args.only in s.name]
     with ProcessPoolExecutor(args.workers or None) as executor:
-        for s in scenarios:
-            passed, line = evaluate_scenario(s, args.sims, args.seed, executor.map)
+        for s, sims in scenarios:
+            passed, line = evaluate_scenario(s, sims, args.seed, executor.map)
             ok &= passed
             print(line, flush=True)
     if not args.only or "error" in args.only:

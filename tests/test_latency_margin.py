@@ -11,6 +11,7 @@ import pytest
 from conftest import MODEL
 
 from experiments import cli as experiment_cli
+from experiments import validate
 from experiments.data import Observations
 from experiments.replay import replay
 from experiments.simulate import experiment_for
@@ -129,3 +130,12 @@ def test_create_refuses_a_bad_relative_margin_without_a_traceback(r, settings, r
                  "--margin-latency-relative", "20"]) == 2
     err = capsys.readouterr().err
     assert "latency_p95_relative must be at most 10" in err and "Traceback" not in err
+
+
+def test_validate_stats_replays_the_relative_latency_and_trading_day_scenarios():
+    # A seeded handful of `make validate-stats`' new scenarios through their own entry point.
+    slow = next(s for s in validate.SCENARIOS if s.name.endswith("latency +30 %"))
+    assert [validate.run_one((slow, seed))[0] for seed in range(4)] == ["ROLLBACK"] * 4
+    losing = next(s for s in validate.TRAFFIC_SCENARIOS if s.name.startswith("+3 pp, P&L -0.05 sd at 430"))
+    decision, info_fraction, minute = validate.run_one((losing, 1))
+    assert decision != "PROMOTE" and info_fraction > 0 and 0 < minute <= 390
