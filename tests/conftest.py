@@ -253,6 +253,25 @@ class ThreadedWorker:
         self.thread.join(5)
 
 
+@pytest.fixture
+def make_experiment(r, registry, production, tmp_path):
+    """An experiment of v1 vs v2 that started an hour ago, so journal times can be set by entry id
+    (and the outcomes stream is read from then)."""
+    path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
+    registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
+    from experiments.store import ExperimentStore
+    from protocol import keys
+
+    store = ExperimentStore(r, registry)
+
+    def make(**options):
+        e = store.create(MODEL, 1, 2, **{"treatment_share": 0.5, **options})
+        r.hset(keys.experiment_hash(MODEL), "created_at", repr(e.created_at - 3600))
+        return store.get(MODEL)
+
+    return make
+
+
 # One MLflow tracking server for the whole session (tests/test_mlflow.py and the quickstart's MLflow
 # part): it takes about 10 s to start. Imported last: tests/mlflow_server.py uses the helpers above.
 from mlflow_server import mlflow_server_fixture  # noqa: E402, F401

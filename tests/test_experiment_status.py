@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import models
 import numpy as np
-import pytest
 from conftest import MODEL
 
 from experiments import runner
 from experiments.assignment import CONTROL, TREATMENT
-from experiments.store import ExperimentStore
 from protocol import keys
 from protocol.messages import Request
 from worker.arms import ExperimentLog
-
-
-@pytest.fixture
-def make_experiment(r, registry, production, tmp_path):
-    """An experiment of v1 vs v2 that started an hour ago (so the outcomes stream is read from then)."""
-    path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
-    registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
-    store = ExperimentStore(r, registry)
-
-    def make(**options):
-        e = store.create(MODEL, 1, 2, **{"treatment_share": 0.5, **options})
-        r.hset(keys.experiment_hash(MODEL), "created_at", repr(e.created_at - 3600))
-        return store.get(MODEL)
-
-    return make
 
 
 def serve(r, e, arm: str, request_ids: list[str], shard: int = 0) -> None:

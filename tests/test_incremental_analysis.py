@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import math
 
-import models
 import numpy as np
 import pytest
 from conftest import MODEL
 
 from experiments import analysis, runner
-from experiments.store import ExperimentStore
 from protocol import keys, sharding
 
 
 @pytest.fixture
-def make_experiment(r, registry, production, tmp_path):
-    """An experiment of v1 vs v2 that started an hour ago, on two shards."""
-    path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
-    registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
-    store = ExperimentStore(r, registry)
+def make_experiment(make_experiment, r):
+    """conftest's experiment of v1 vs v2 started an hour ago, here on two shards, 30 s label horizon."""
     sharding.write_layout(r, MODEL, sharding.ShardLayout(2, 2, 2))
-
-    def make(**options):
-        e = store.create(MODEL, 1, 2, **{"treatment_share": 0.5, "label_horizon_s": 30.0, **options})
-        r.hset(keys.experiment_hash(MODEL), "created_at", repr(e.created_at - 3600))
-        return store.get(MODEL)
-
-    return make
+    return lambda **options: make_experiment(**{"label_horizon_s": 30.0, **options})
 
 
 class Counting:

@@ -1,6 +1,5 @@
 """Outcomes are untrusted: first outcome per request wins, malformed entries are skipped and counted."""
 
-import models
 import numpy as np
 import pytest
 from conftest import MODEL
@@ -29,21 +28,6 @@ def test_a_valid_outcome_parses():
 def test_malformed_outcomes_are_refused(fields):
     with pytest.raises(InvalidInput):
         parse(fields)
-
-
-@pytest.fixture
-def make_experiment(r, registry, production, tmp_path):
-    """An experiment of v1 vs v2 that started an hour ago, so journal times can be set by entry id."""
-    path2 = models.linear_softmax(tmp_path / "v2.onnx", seed=2)
-    registry.register(MODEL, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
-    store = ExperimentStore(r, registry)
-
-    def make(**options):
-        e = store.create(MODEL, 1, 2, **{"treatment_share": 0.5, **options})
-        r.hset(keys.experiment_hash(MODEL), "created_at", repr(e.created_at - 3600))
-        return store.get(MODEL)
-
-    return make
 
 
 def start_ms(e):
