@@ -74,6 +74,22 @@ class Summary:
     pnl_sd: float = math.nan  # sd of the winsorised calibration outcomes (both arms): the P&L scale
     latency_margin_ms_sum: float = 0.0  # the windows' latency margins added up (their mean is reported)
 
+    def hit_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hit-rate (sums, counts) per cluster and arm for :func:`experiments.stats.cluster_difference`:
+        CUPED-adjusted when a covariate is known for enough rows, else ``(hit_sum, hit_n)``."""
+        return self.hit_sum, self.hit_n
+
+    def pnl_values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P&L (sums, squares, counts) per cluster and arm, CUPED-adjusted like :meth:`hit_values`,
+        else ``(pnl_sum, pnl_sq, pnl_n)``."""
+        return self.pnl_sum, self.pnl_sq, self.pnl_n
+
+    @property
+    def cuped(self) -> dict[str, dict[str, float | None]]:
+        """Per adjusted metric (``hit_rate``, ``pnl``): ``theta``, ``covariate_share`` and
+        ``variance_reduction``; empty when no metric is adjusted. JSON-ready."""
+        return {}
+
 
 class Accumulator:
     """Running per-cluster totals of one experiment's observations, advanced in time."""
