@@ -46,8 +46,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from experiments import stats
+from experiments import plan, stats
 from experiments.data import Observations
+from experiments.plan import RulePlan
 from experiments.stats import Difference, TestResult
 from experiments.store import Experiment
 from experiments.summary import LATENCY_QUANTILE, Summary, summarize
@@ -58,7 +59,6 @@ ARRIVAL_TOLERANCE = 0.005  # arrival rates may differ by half a point before the
 HARM_ALPHA = 0.004  # one-sided: primary metric shown worse than control
 GUARDRAIL_ALPHA = 0.002  # one-sided, per guardrail, for ROLLBACK and for PROMOTE's margins
 ERROR_ALPHA = 0.025  # per arm: the error-rate intervals cover 97.5 % at every look
-ESTIMATED_VARIANCE_ALLOWANCE = 1.05  # 5 % more information than a known-variance design
 TIGHT_FRACTION = 1 / 3  # always-valid intervals are tightest at a third of the planned sample
 UNITS = {"hit_rate": "pp", "pnl": "P&L per trade"}
 DECIDED = ("PROMOTE", "ROLLBACK", "HALT", "KEEP")  # every decision but CONTINUE stands once taken
@@ -84,6 +84,7 @@ class Decision:
     boundary_tested: bool = False  # this analysis spent its look's boundary test
     primary_crossed: bool = False  # the primary effect has crossed the boundary (now or earlier)
     basis: dict = field(default_factory=dict)  # what it rests on: look, info_fraction, now_s, tests
+    noninferior: bool = False  # the other metric has crossed its non-inferiority boundary (now or earlier)
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -93,7 +94,7 @@ class Decision:
         """What later analyses read of this one: an entry of :func:`decide`'s ``history``."""
         return {"look": self.look, "decision": self.decision, "reason": self.reason, "now_s": self.now_s,
                 "info_fraction": self.info_fraction, "boundary_tested": self.boundary_tested,
-                "primary_crossed": self.primary_crossed, "basis": self.basis}
+                "primary_crossed": self.primary_crossed, "noninferior": self.noninferior, "basis": self.basis}
 
 
 @dataclass
@@ -105,6 +106,8 @@ class _Look:
     info_fraction: float
     look: int
     tight_n: float
+    other: Difference  # the other metric: P&L when the primary is the hit rate, else the hit rate
+    plan: RulePlan
     tests: list[TestResult] = field(default_factory=list)
     harmful: list[TestResult] = field(default_factory=list)  # the tests that show harm
 
@@ -140,27 +143,67 @@ def decide(e: Experiment, s: Summary, history: Sequence[dict] = ()) -> Decision:
 
 
 def _efficacy(e: Experiment, s: Summary, state: _Look, history: Sequence[dict]) -> Decision:
-    """No harm, nothing decided yet: PROMOTE once the boundary is crossed, KEEP at the end, else CONTINUE."""
-    crossing = _crossing(history)
-    if crossing is not None:  # efficacy is shown; promotion waits only for the always-valid guardrails
-        why = f"the boundary was crossed at look {crossing[0]}"
-        return _promote_when_inside(e, s, state, why, crossing[1])
-    tested = any(r.get("look") == state.look and r.get("boundary_tested") for r in history)
-    if state.look >= 1 and not tested:
-        crossed = _crossed(e, state)
-        boundary = asdict(state.tests[-1])
-        if crossed:
-            return _promote_when_inside(e, s, state, f"look {state.look}: the boundary was crossed", boundary,
-                                        tested=True)
-        if state.look < e.planned_looks:
-            return _decision("CONTINUE", f"look {state.look}: {e.primary} below the boundary", e, s, state,
-                             tested=True, basis=[boundary])
-        why = "planned information reached without crossing the boundary: keep the champion"
-        return _decision("KEEP", why, e, s, state, tested=True, basis=[boundary])
+    """No harm, nothing decided yet: each look's boundaries are tested once (the primary's until it
+    crosses, the other metric's non-inferiority until it is shown); PROMOTE once every part of the
+    rule has passed, KEEP at the last planned look, else CONTINUE."""
+    tested = state.look >= 1 and not any(r.get("look") == state.look and r.get("boundary_tested")
+                                         for r in history)
+    crossing = _crossing(history, "primary_crossed", e.primary)
+    shown = _crossing(history, "noninferior", _other_name(e))
+    if tested:
+        if crossing is None:
+            crossing = _crossed(e, state)
+        if shown is None and _noninferiority_needed(e, s, state):
+            shown = _noninferior(e, s, state)
+    return _verdict(e, s, state, crossing, shown, tested=tested)
+
+
+def _verdict(e: Experiment, s: Summary, state: _Look, crossing: tuple[object, dict] | None,
+             shown: tuple[object, dict] | None, *, tested: bool) -> Decision:
+    flags = _Flags(tested, crossing is not None, shown is not None)
+    passed = [c[1] for c in (crossing, shown) if c is not None]
+    this_look = [asdict(t) for t in state.tests if t.role == "boundary"] if tested else []
+    if crossing is not None:
+        outside = _outside(e, s, state, shown)
+        if not outside:
+            why = f"{e.primary}: the boundary was crossed at look {crossing[0]}"
+            why += f"; {_other_name(e)} shown non-inferior at look {shown[0]}" if shown else ""
+            guardrails = [asdict(t) for t in state.tests if t.role == "guardrail"]
+            return _decision("PROMOTE", f"{why}; every guardrail shown inside its margin", e, s, state,
+                             basis=[*passed, *guardrails], flags=flags)
+        pending = f"{e.primary}: the boundary was crossed at look {crossing[0]}; not yet shown inside the " \
+                  f"margin: {', '.join(name for name, _ in outside)}"
+        basis = [*passed, *this_look, *(t for _, t in outside if t)]
+    else:
+        pending = f"look {state.look}: {e.primary} below the boundary" if tested else \
+            f"{state.info_fraction:.0%} of the planned information"
+        basis = this_look
     if state.look >= e.planned_looks:
-        why = "planned information reached without crossing the boundary: keep the champion"
-        return _decision("KEEP", why, e, s, state)
-    return _decision("CONTINUE", f"{state.info_fraction:.0%} of the planned information", e, s, state)
+        why = f"planned information reached without every part of the rule shown ({pending}): keep the " \
+              "champion"
+        return _decision("KEEP", why, e, s, state, basis=_unique(basis), flags=flags)
+    return _decision("CONTINUE", pending, e, s, state, basis=_unique(basis), flags=flags)
+
+
+def _unique(tests: Sequence[dict]) -> list[dict]:
+    """The tests once each (a look's boundary test can be both this look's and the crossing)."""
+    seen: list[dict] = []
+    return [t for t in tests if not (t in seen or seen.append(t))]  # type: ignore[func-returns-value]
+
+
+def _outside(e: Experiment, s: Summary, state: _Look, shown: tuple[object, dict] | None
+             ) -> list[tuple[str, dict | None]]:
+    """The parts of the rule not (yet) shown inside their margins, with their tests."""
+    outside: list[tuple[str, dict | None]] = []
+    for t in state.tests:
+        if t.role != "guardrail":
+            continue
+        if t.metric == _other_name(e) and _noninferiority_needed(e, s, state):
+            if shown is None:
+                outside.append((f"{t.metric} (non-inferiority at a look)", None))
+        elif not _inside(asdict(t)):
+            outside.append((t.metric, asdict(t)))
+    return outside
 
 
 def _prior(history: Sequence[dict]) -> dict | None:
@@ -171,15 +214,16 @@ def _prior(history: Sequence[dict]) -> dict | None:
     return first[0] if first else None
 
 
-def _crossing(history: Sequence[dict]) -> tuple[object, dict | None] | None:
-    """(look, boundary test) of the analysis where the primary first crossed, or None."""
-    record = next((r for r in history if r.get("primary_crossed")), None)
+def _crossing(history: Sequence[dict], flag: str, metric: str) -> tuple[object, dict] | None:
+    """(look, boundary test) of the analysis where ``metric`` first crossed (``flag`` set), or None."""
+    record = next((r for r in history if r.get(flag)), None)
     if record is None:
         return None
-    tests = record.get("basis", {}).get("tests", []) if isinstance(record.get("basis"), dict) else []
-    boundary = next((t for t in tests if isinstance(t, dict) and t.get("role") == "boundary"), None) \
-        if isinstance(tests, list) else None
-    return record.get("look"), boundary
+    basis = record.get("basis")
+    tests = basis.get("tests", []) if isinstance(basis, dict) else []
+    boundary = next((t for t in tests if isinstance(t, dict) and t.get("role") == "boundary"
+                     and t.get("metric") == metric), None) if isinstance(tests, list) else None
+    return record.get("look"), boundary or {"metric": metric, "role": "boundary", "test": "(not recorded)"}
 
 
 def _standing(prior: dict, e: Experiment, s: Summary, state: _Look) -> Decision:
@@ -190,35 +234,38 @@ def _standing(prior: dict, e: Experiment, s: Summary, state: _Look) -> Decision:
     info = _fraction(prior.get("info_fraction"))
     why = f"{decision} stands since look {prior.get('look')} ({info:.0%} of the planned information): " \
           f"{reason}"
-    return _decision(decision, why, e, s, state, crossed=bool(prior.get("primary_crossed")),
+    flags = _Flags(crossed=bool(prior.get("primary_crossed")), noninferior=bool(prior.get("noninferior")))
+    return _decision(decision, why, e, s, state, flags=flags,
                      standing=basis or {"look": prior.get("look"), "info_fraction": info,
                                         "now_s": prior.get("now_s"), "tests": []})
 
 
-def _promote_when_inside(e: Experiment, s: Summary, state: _Look, why: str, boundary: dict | None, *,
-                         tested: bool = False) -> Decision:
-    guardrails = [t for t in state.tests if t.role == "guardrail"]
-    outside = [t for t in guardrails if not _inside(asdict(t))]
-    crossing: list[TestResult | dict] = [boundary] if boundary else []
-    if outside:
-        names = ", ".join(t.metric for t in outside)
-        return _decision("CONTINUE", f"{why}; not yet shown inside the margin: {names}", e, s,
-                         state, tested=tested, crossed=True, basis=[*crossing, *outside])
-    return _decision("PROMOTE", f"{why}; every guardrail shown inside its margin", e, s, state, tested=tested,
-                     crossed=True, basis=[*crossing, *guardrails])
+@dataclass(frozen=True)
+class _Flags:
+    """What an analysis records of the boundaries: tested at this look, primary crossed, other shown."""
+
+    tested: bool = False
+    crossed: bool = False
+    noninferior: bool = False
 
 
 def _decision(decision: str, reason: str, e: Experiment, s: Summary, state: _Look, *,
-              tested: bool = False, crossed: bool = False, basis: Sequence[TestResult | dict] = (),
+              flags: _Flags = _Flags(), basis: Sequence[TestResult | dict] = (),
               standing: dict | None = None) -> Decision:
-    planned = planned_sample_size(e, state.primary.mean_control) if e.primary == "hit_rate" else None
+    planned: dict = {}
+    if e.primary == "hit_rate":
+        alone = planned_sample_size(e, state.primary.mean_control)
+        factor = state.plan.factor
+        planned = {"treatment": math.ceil(alone.treatment * factor),
+                   "control": math.ceil(alone.control * factor)}
+    planned["rule"] = state.plan.to_dict()
     if standing is None:
         tests = [t if isinstance(t, dict) else asdict(t) for t in basis]
         standing = {"look": state.look, "info_fraction": state.info_fraction, "now_s": s.now_s,
                     "tests": tests}
     return Decision(decision, reason, state.look, [asdict(t) for t in state.tests], time.time(), s.now_s,
-                    state.info_fraction, s.exposures.tolist(), s.units.tolist(),
-                    asdict(planned) if planned else {}, tested, crossed, standing)
+                    state.info_fraction, s.exposures.tolist(), s.units.tolist(), planned, flags.tested,
+                    flags.crossed, standing, flags.noninferior)
 
 
 def _fraction(value: object) -> float:
@@ -244,14 +291,16 @@ def _pnl(s: Summary) -> Difference:
 def _look(e: Experiment, s: Summary, history: Sequence[dict]) -> _Look:
     effect = e.min_effect_pnl if e.primary == "pnl" else e.min_effect_pp / 100
     primary = _primary(e, s)
-    # The design's information assumes a known variance; the cluster-robust one is estimated
-    # from the clusters seen so far, which costs a little power (measured by validate-stats).
-    planned = stats.max_information(effect, alpha=e.alpha, power=e.power, looks=e.planned_looks) \
-        * ESTIMATED_VARIANCE_ALLOWANCE
-    # The running maximum: the estimated variance moves both ways, but a look once reached stays
-    # reached, or a boundary could be tested twice and a KEEP taken back.
+    other = _hit_rate(s) if e.primary == "pnl" else _pnl(s)
+    # The whole rule's plan: the primary's own, grown until the other parts of PROMOTE are powered
+    # too (experiments.plan). It includes the allowance for the cluster-robust variance being
+    # estimated from the clusters seen so far, which costs a little power (measured by validate-stats).
+    rule = plan.rule_plan(effect, _ratios(e, s, primary, other), alpha=e.alpha, power=e.power,
+                          looks=e.planned_looks, error_alpha=ERROR_ALPHA, latency_alpha=2 * GUARDRAIL_ALPHA)
+    # The running maximum: the estimated variance (and the plan's ratios) move both ways, but a
+    # look once reached stays reached, or a boundary could be tested twice and a KEEP taken back.
     earlier = max((_fraction(r.get("info_fraction")) for r in history), default=0.0)
-    fraction = max(primary.information / planned, earlier)
+    fraction = max(primary.information / rule.information, earlier)
     look = min(e.planned_looks, math.floor(fraction * e.planned_looks + 1e-9))
     # Fixed per experiment (not from the data), so the always-valid intervals stay valid:
     # tightest at a third of the treatment sample a hit-rate design at p = 0.5 would plan.
@@ -259,7 +308,27 @@ def _look(e: Experiment, s: Summary, history: Sequence[dict]) -> _Look:
     tight = stats.sample_size_two_proportions(0.5 - delta / 2, delta, alpha=e.alpha, power=e.power,
                                               looks=e.planned_looks,
                                               treatment_share=e.treatment_share).treatment * TIGHT_FRACTION
-    return _Look(primary, effect, fraction, look, tight)
+    return _Look(primary, effect, fraction, look, tight, other, rule)
+
+
+MIN_RATE_COUNT = 100  # requests (or latency comparisons) before a rate guardrail is sized by its rate
+
+
+def _ratios(e: Experiment, s: Summary, primary: Difference, other: Difference) -> plan.Ratios:
+    """Where the other parts of the rule stand per unit of the primary's information, as measured."""
+    info = primary.information
+    if not (info > 0 and math.isfinite(info)):
+        return plan.Ratios()
+    margin = _other_margin(e, s)
+    usable = margin > 0 and 0 < other.information < math.inf
+    total = int(s.exposures.sum())
+    return plan.Ratios(
+        other_margin_z=margin * math.sqrt(other.information / info) if usable else 0.0,
+        error_rate=float(s.errors.sum()) / total if total >= MIN_RATE_COUNT else math.nan,
+        error_margin=e.margins.error_rate_pp / 100, exposures_per_info=float(s.exposures[1]) / info,
+        control_per_treatment=float(s.exposures[0]) / max(float(s.exposures[1]), 1.0),
+        latency_share=s.latency_above / s.latency_n if s.latency_n >= MIN_RATE_COUNT else math.nan,
+        latency_limit=1 - LATENCY_QUANTILE, latency_per_info=s.latency_n / info)
 
 
 # ---- HALT -------------------------------------------------------------------------------
@@ -323,14 +392,12 @@ def _guardrails(e: Experiment, s: Summary, state: _Look) -> str:
 
 
 def _other_metric(e: Experiment, s: Summary, state: _Look) -> str:
-    if e.primary == "pnl":
-        name, margin, d = "hit_rate", e.margins.accuracy_pp / 100, _hit_rate(s)
-        harm = margin
-    else:
-        name, margin, d = "pnl", pnl_margin(e, s), _pnl(s)
-        # Without a margin of the user's, PROMOTE needs P&L shown within the default margin, but any
-        # loss shown is harm: a desk rolls back a model shown to lose money, however little.
-        harm = margin if e.margins.pnl_per_trade is not None else 0.0
+    """ROLLBACK on the other metric: any loss shown (the default P&L rule), or more than the user's margin."""
+    name, d = _other_name(e), state.other
+    margin = _other_margin(e, s)
+    # Without a margin of the user's, PROMOTE needs P&L shown within the default margin, but any
+    # loss shown is harm: a desk rolls back a model shown to lose money, however little.
+    harm = 0.0 if e.primary == "hit_rate" and e.margins.pnl_per_trade is None else margin
     bounds = _interval(d, GUARDRAIL_ALPHA, state.tight_n)
     state.tests.append(_metric_test(name, "guardrail", d, bounds, -margin))
     if bounds[1] < -harm:
@@ -339,6 +406,15 @@ def _other_metric(e: Experiment, s: Summary, state: _Look) -> str:
             return f"{name} shown worse than control (always-valid)"
         return f"{name} worse than control by more than {_margin_text(name, harm)} (always-valid)"
     return ""
+
+
+def _other_name(e: Experiment) -> str:
+    return "hit_rate" if e.primary == "pnl" else "pnl"
+
+
+def _other_margin(e: Experiment, s: Summary) -> float:
+    """How far below control the other metric may be for PROMOTE (0: not known yet, or not asked for)."""
+    return e.margins.accuracy_pp / 100 if e.primary == "pnl" else pnl_margin(e, s)
 
 
 def pnl_margin(e: Experiment, s: Summary) -> float:
@@ -396,8 +472,8 @@ def _latency_margin_text(e: Experiment, s: Summary) -> str:
 
 # ---- PROMOTE --------------------------------------------------------------------------
 
-def _crossed(e: Experiment, state: _Look) -> bool:
-    """Test the primary effect against this look's boundary (once per look)."""
+def _crossed(e: Experiment, state: _Look) -> tuple[object, dict] | None:
+    """Test the primary effect against this look's boundary (once per look): (look, test) if crossed."""
     d = state.primary
     z_bound = float(stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[state.look - 1])
     bound = stats.t_boundary(z_bound, d.df)
@@ -405,7 +481,38 @@ def _crossed(e: Experiment, state: _Look) -> bool:
     state.tests.append(TestResult(f"{e.primary} group-sequential, look {state.look}/{e.planned_looks}", z,
                                   float(stats.special.stdtr(max(d.df, 1), -z)), math.nan, math.nan, math.nan,
                                   e.primary, "boundary", "z", bound))
-    return z >= bound
+    return (state.look, asdict(state.tests[-1])) if z >= bound else None
+
+
+def _noninferiority_needed(e: Experiment, s: Summary, state: _Look) -> bool:
+    """Does PROMOTE wait for the other metric's non-inferiority boundary?
+
+    Yes when its margin is not 0 (the P&L default is a share of its sd, known once the
+    calibration sample has matured) and the bots report it at all; a metric nobody reports
+    cannot be tested, and ``--margin-pnl 0`` asks only that no loss be shown.
+    """
+    if e.primary == "hit_rate" and e.margins.pnl_per_trade == 0:
+        return False
+    return state.other.n_treatment > 0 and state.other.n_control > 0
+
+
+def _noninferior(e: Experiment, s: Summary, state: _Look) -> tuple[object, dict] | None:
+    """Test the other metric against this look's non-inferiority boundary: (look, test) if shown.
+
+    The same O'Brien–Fleming boundary as the primary's, at the design's full alpha, for
+    z = (estimate + margin) / se: the other metric is at most ``margin`` worse than control.
+    """
+    margin, d, name = _other_margin(e, s), state.other, _other_name(e)
+    if not (margin > 0 and d.information > 0 and math.isfinite(d.estimate)):
+        return None  # the margin is not known yet (P&L calibration): this look is not tested
+    z_bound = float(stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[state.look - 1])
+    bound = stats.t_boundary(z_bound, d.df)
+    z = (d.estimate + margin) / math.sqrt(d.variance)
+    test = f"{name} non-inferiority within {_margin_text(name, margin)}, group-sequential, look " \
+           f"{state.look}/{e.planned_looks}"
+    state.tests.append(TestResult(test, z, float(stats.special.stdtr(max(d.df, 1), -z)), math.nan, math.nan,
+                                  math.nan, name, "boundary", "z", bound))
+    return (state.look, asdict(state.tests[-1])) if z >= bound else None
 
 
 def _inside(t: dict) -> bool:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from experiments import stats
+from experiments import plan
+from experiments.analysis import ERROR_ALPHA, GUARDRAIL_ALPHA, PNL_MARGIN_SD
 from protocol import keys, sharding
 from protocol.errors import InvalidInput
 from protocol.values import text
@@ -45,7 +46,6 @@ MAX_ENTRIES = 10_000  # newest entries read per stream: bounded work at creation
 _SLICE_ROWS = 1 << 20  # a table is summed a slice at a time
 TRADING_DAY_S = 390 * 60.0
 UNIT_SD_PP = 5.0  # assumed spread of units' hit rates (sd, pp) when the data cannot say
-ESTIMATED_VARIANCE_ALLOWANCE = 1.05  # as experiments.analysis plans: 5 % more than a known variance
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,33 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.3g} min"
 
 
-def planned_information(e: Experiment) -> float:
-    """The primary effect's planned information, as the analysis plans it."""
+def planned_information(e: Experiment, *, hit_rate: float = math.nan, pnl_variance: float = math.nan,
+                         pnl_reported: bool = True) -> float:
+    """The primary's planned information for the whole rule (:mod:`experiments.plan`), sized from the
+    design before any data: the other metric's part by its margin in standard errors per unit of the
+    primary's information, for outcomes that say both (by request; clustering moves both alike)."""
     effect = e.min_effect_pnl if e.primary == "pnl" else e.min_effect_pp / 100
-    return stats.max_information(effect, alpha=e.alpha, power=e.power, looks=e.planned_looks) \
-        * ESTIMATED_VARIANCE_ALLOWANCE
+    ratios = plan.Ratios(other_margin_z=_other_margin_z(e, hit_rate, pnl_variance) if pnl_reported else 0.0)
+    return plan.rule_plan(effect, ratios, alpha=e.alpha, power=e.power, looks=e.planned_looks,
+                          error_alpha=ERROR_ALPHA, latency_alpha=2 * GUARDRAIL_ALPHA).information
+
+
+def _other_margin_z(e: Experiment, hit_rate: float, pnl_variance: float) -> float:
+    """The other metric's margin over the square root of its per-outcome variance, the primary's as 1."""
+    p = min(max(hit_rate, 0.05), 0.95) if math.isfinite(hit_rate) else 0.5
+    if e.primary == "pnl":
+        ratio = pnl_variance / (p * (1 - p)) if math.isfinite(pnl_variance) else math.nan
+        return e.margins.accuracy_pp / 100 * math.sqrt(ratio) if math.isfinite(ratio) else 0.0
+    margin = e.margins.pnl_per_trade
+    if margin is None:  # the default: a share of the P&L's own sd, whatever its scale
+        return PNL_MARGIN_SD * math.sqrt(p * (1 - p))
+    if margin <= 0 or not (math.isfinite(pnl_variance) and pnl_variance > 0):
+        return 0.0
+    return margin * math.sqrt(p * (1 - p) / pnl_variance)
 
 
 def estimate(e: Experiment, traffic: Traffic, *, horizon_s: float, outcome_variance: float,
-             unit_sd: float, outcome_share: float = 1.0) -> Feasibility:
+             unit_sd: float, outcome_share: float = 1.0, planned: float | None = None) -> Feasibility:
     """The time to the planned information at ``traffic`` (see the module's formula).
 
     ``outcome_variance``: σ² per outcome (p (1 − p) for a hit rate); ``unit_sd``: the spread of the
@@ -130,7 +148,7 @@ def estimate(e: Experiment, traffic: Traffic, *, horizon_s: float, outcome_varia
     c = 1 / (s * (1 - s))
     concentration = traffic.concentration if e.unit == "route" else 0.0
     floor = c * unit_sd ** 2 * concentration  # the variance no amount of traffic removes
-    target = 1 / planned_information(e)
+    target = 1 / (planned if planned is not None else planned_information(e))
     rate = traffic.rate_per_s * outcome_share
     ceiling = target / floor if floor > 0 else math.inf
     if rate <= 0:
@@ -218,14 +236,17 @@ def for_design(e: Experiment, traffic: Traffic, *, horizon_s: float, hit_rate: f
     A hit rate's variance is p (1 − p) (p = 0.5 when unknown: the longest); units are assumed to
     spread by ``unit_sd_pp`` in hit rate, and alike in P&L.
     """
+    # Outcomes seen that never say a P&L: the bots do not report it, and it has no part to size.
+    silent = math.isfinite(hit_rate) and not math.isfinite(pnl_variance)
+    planned = planned_information(e, hit_rate=hit_rate, pnl_variance=pnl_variance, pnl_reported=not silent)
     if e.primary == "pnl":
         if not math.isfinite(pnl_variance):
             return None
         return estimate(e, traffic, horizon_s=horizon_s, outcome_variance=pnl_variance, unit_sd=0.0,
-                        outcome_share=outcome_share)
+                        outcome_share=outcome_share, planned=planned)
     p = min(max(hit_rate, 0.05), 0.95) if math.isfinite(hit_rate) else 0.5
     return estimate(e, traffic, horizon_s=horizon_s, outcome_variance=p * (1 - p), unit_sd=unit_sd_pp / 100,
-                    outcome_share=outcome_share)
+                    outcome_share=outcome_share, planned=planned)
 
 
 def for_table(e: Experiment, obs: Observations, *, horizon_s: float = TRADING_DAY_S) -> Feasibility | None:

@@ -4,6 +4,7 @@ information within the horizon at the model's traffic; ``create`` refuses one th
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import models
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import MODEL
 
 from experiments import feasibility, simulate
 from experiments.data import Observations
-from experiments.store import Experiment, ExperimentStore
+from experiments.store import Experiment, ExperimentStore, Margins
 from protocol import keys
 from streamserve.cli import main
 
@@ -45,7 +46,21 @@ def test_the_time_needed_matches_the_information_formula():
     check = feasibility.for_design(e, zipf_traffic(30, rate_per_s=10.0), horizon_s=DAY_S, hit_rate=0.5)
     assert check is not None
     info = 10.0 * check.needed_s * 0.25 / 0.25
-    assert info == pytest.approx(feasibility.planned_information(e), rel=1e-9)
+    planned = feasibility.planned_information(e, hit_rate=0.5, pnl_reported=False)
+    assert info == pytest.approx(planned, rel=1e-9)
+
+
+def test_the_plan_is_the_whole_rules_when_pnl_is_reported():
+    """A P&L guardrail that must be shown within its margin adds to the plan; a stricter margin adds more."""
+    e = Experiment("x", MODEL, 1, 2, treatment_share=0.1, unit="request_id")
+    primary_alone = feasibility.planned_information(e, hit_rate=0.55, pnl_reported=False)
+    default = feasibility.planned_information(e, hit_rate=0.55)
+    strict = feasibility.planned_information(replace(e, margins=Margins(pnl_per_trade=0.02)), hit_rate=0.55,
+                                             pnl_variance=1.0)
+    assert primary_alone < default < strict
+    check = feasibility.for_design(e, zipf_traffic(30, rate_per_s=10.0), horizon_s=DAY_S, hit_rate=0.55,
+                                   pnl_variance=4.0)
+    assert check is not None and 10.0 * check.needed_s * 0.09 / (0.55 * 0.45) == pytest.approx(default)
 
 
 def test_a_pnl_design_without_pnl_outcomes_is_not_estimated():

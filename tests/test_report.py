@@ -34,7 +34,7 @@ START_S = 1_700_000_000.0
 SHARE = 0.2
 # 100 symbols, a fifth treated, +25 pp hit rate: decisive within minutes (as in test_simulate).
 DESIGN = {"treatment_share": SHARE, "min_effect_pp": 8.0, "planned_looks": 4, "label_horizon_s": 30.0,
-          "margins": Margins(latency_p95_ms=50, error_rate_pp=5)}
+          "margins": Margins(latency_p95_ms=50, error_rate_pp=5, pnl_per_trade=0.5)}
 NO_DATA = re.compile(r"^no .+ reported$|^no data: .+")
 NAN_OR_INF = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
 

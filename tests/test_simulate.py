@@ -27,9 +27,9 @@ START_S = 1_700_000_000.0
 # Small and decisive: 100 symbols, a fifth of them treated, +25 pp hit rate; wide latency and error margins
 # because 30 minutes of a few requests a second cannot show those within production margins.
 DESIGN = {"treatment_share": 0.2, "min_effect_pp": 8.0, "planned_looks": 4, "label_horizon_s": 30.0,
-          "margins": Margins(latency_p95_ms=50, error_rate_pp=5)}
+          "margins": Margins(latency_p95_ms=50, error_rate_pp=5, pnl_per_trade=0.5)}
 DESIGN_ARGS = ["--share", "0.2", "--min-effect-pp", "8", "--looks", "4", "--horizon-s", "30",
-               "--margin-latency-ms", "50", "--margin-error-pp", "5"]
+               "--margin-latency-ms", "50", "--margin-error-pp", "5", "--margin-pnl", "0.5"]
 
 
 def exposures(seed: int = 0, minutes: int = 30, units: int = 100, effect: float = 0.25) -> Observations:
