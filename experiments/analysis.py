@@ -85,6 +85,7 @@ class Decision:
     primary_crossed: bool = False  # the primary effect has crossed the boundary (now or earlier)
     basis: dict = field(default_factory=dict)  # what it rests on: look, info_fraction, now_s, tests
     noninferior: bool = False  # the other metric has crossed its non-inferiority boundary (now or earlier)
+    cuped: dict = field(default_factory=dict)  # variance reduction per metric: theta, covariate share, R²
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -265,7 +266,7 @@ def _decision(decision: str, reason: str, e: Experiment, s: Summary, state: _Loo
                     "tests": tests}
     return Decision(decision, reason, state.look, [asdict(t) for t in state.tests], time.time(), s.now_s,
                     state.info_fraction, s.exposures.tolist(), s.units.tolist(), planned, flags.tested,
-                    flags.crossed, standing, flags.noninferior)
+                    flags.crossed, standing, flags.noninferior, s.cuped)
 
 
 def _fraction(value: object) -> float:
@@ -280,12 +281,14 @@ def _primary(e: Experiment, s: Summary) -> Difference:
 
 
 def _hit_rate(s: Summary) -> Difference:
-    return stats.cluster_difference(s.hit_sum, s.hit_n, floor=stats.bernoulli_floor(s.hit_sum, s.hit_n))
+    sums, counts = s.hit_values()  # CUPED-adjusted where a pre-experiment covariate is known
+    return stats.cluster_difference(sums, counts, floor=stats.bernoulli_floor(sums, counts))
 
 
 def _pnl(s: Summary) -> Difference:
-    floor = stats.independent_variance(s.pnl_sum, s.pnl_sq, s.pnl_n)
-    return stats.cluster_difference(s.pnl_sum, s.pnl_n, floor=floor)
+    sums, squares, counts = s.pnl_values()
+    floor = stats.independent_variance(sums, squares, counts)
+    return stats.cluster_difference(sums, counts, floor=floor)
 
 
 def _look(e: Experiment, s: Summary, history: Sequence[dict]) -> _Look:
