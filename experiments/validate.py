@@ -1,7 +1,7 @@
 """``make validate-stats``: the production decision rule, replayed on simulated trading days.
 
 Every scenario simulates ``--sims`` experiments at the production design (90/10
-split, SRM and every guardrail on, one analysis a minute for 200 minutes,
+split, SRM and every guardrail on, one analysis a minute for 260 minutes,
 outcomes delayed, P&L fat-tailed, latency and errors measured) and drives
 :func:`experiments.replay.replay`, the code path of ``experiment analyze``.
 The trading days of :mod:`experiments.traffic_power` (6 to 430 requests/s, open/close
@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from experiments import feasibility, traffic_power
 from experiments import stats as S
-from experiments import traffic_power
 from experiments.data import Observations
 from experiments.replay import replay
 from experiments.store import Experiment
 
-MINUTES = 200
-RATE_PER_S = 9.0  # requests a second, both arms: the planned sample is reached in about 160 minutes
+MINUTES = 260
+RATE_PER_S = 9.0  # requests a second, both arms: the whole rule's plan is reached in about 190 minutes
+COVERAGE_LOOKS = 200  # analyses of the error-rate coverage check
 ERROR_RATE = 0.001
 PNL_SD = 2.0 * math.sqrt(3.0)  # P&L is 2 × Student-t with 3 df: variance 3
 TRAFFIC_RATES = (6.0, 30.0, 100.0, 430.0)  # requests a second, both arms
@@ -137,12 +138,12 @@ def run_one(args: tuple[AnyScenario, int]) -> tuple[str, float, float]:
 
 
 def error_coverage(sims: int, seed: int) -> float:
-    """Share of runs whose treatment error-rate sequence covers the true 0.1 % at all 200 analyses."""
+    """Share of runs whose treatment error-rate sequence covers the true 0.1 % at every analysis."""
     rng = np.random.default_rng(seed)
     per_minute = RATE_PER_S * 60 * 0.10
     covered = 0
     for _ in range(sims):
-        n = np.cumsum(rng.poisson(per_minute, MINUTES))
+        n = np.cumsum(rng.poisson(per_minute, COVERAGE_LOOKS))
         x = np.cumsum(rng.binomial(np.diff(n, prepend=0), ERROR_RATE))
         bounds = (S.bernoulli_confidence_sequence(int(a), int(b), 0.025) for a, b in zip(x, n, strict=True))
         covered += all(lo <= ERROR_RATE <= hi for lo, hi in bounds)
@@ -190,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     design = experiment(SCENARIOS[0])
     planned = S.sample_size_two_proportions(0.55, 0.02, alpha=design.alpha, power=design.power, looks=40,
                                             treatment_share=0.10)
+    factor = feasibility.planned_information(design, hit_rate=0.55) / \
+        feasibility.planned_information(design, hit_rate=0.55, pnl_reported=False)
     print(f"design: 90/10, 40 looks, one-sided alpha {design.alpha}, power {design.power} for +2 pp on 55 %: "
-          f"{planned.treatment} treatment / {planned.control} control outcomes if independent; "
+          f"{planned.treatment} treatment / {planned.control} control outcomes if independent for the "
+          f"primary alone, {factor:.3g} times that for the whole rule (P&L within 0.05 sd); "
           f"{MINUTES} analyses, {RATE_PER_S:g} requests/s, {args.sims} simulations each")
     print(f"trading days ({traffic_power.DAY_MINUTES} min, 90/10 by request, {args.traffic_sims} each) at "
           f"{', '.join(f'{r:g}' for r in TRAFFIC_RATES)} requests/s: experiments.traffic_power's world")
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         coverage = error_coverage(args.sims, args.seed)
         ok &= coverage >= 0.975
         print(f"{'ok  ' if coverage >= 0.975 else 'MISS'} error-rate confidence sequence at 0.1 %, "
-              f"200 looks: coverage {_rate(round(coverage * args.sims), args.sims)} (target >= 97.5%)")
+              f"{COVERAGE_LOOKS} looks: coverage {_rate(round(coverage * args.sims), args.sims)} "
+              "(target >= 97.5%)")
     print("OK" if ok else "TARGET MISSED")
     return 0 if ok else 1
 
