@@ -15,14 +15,18 @@ clusters by randomisation unit, time-aligned latency windows):
    margin, or the treatment's latency above control's p95 + margin in the same
    minutes more often than 5 % (the margin: the larger of an absolute floor and a
    share of that minute's control p95).
-3. **PROMOTE** once the primary effect's cluster-robust z has crossed the
-   O'Brien–Fleming boundary at a planned look (looks are reached by
-   *information*, 1 / variance of the primary effect, so clustered data needs
-   more requests; the boundary is t-corrected for the number of clusters and
-   tested once per look) and every guardrail's always-valid interval is inside its
-   margin (P&L without ``--margin-pnl``: ``PNL_MARGIN_SD`` of its sd). Efficacy
-   shown, the guardrails may be waited for: they are always valid.
-4. **KEEP** the champion at the last planned look; otherwise **CONTINUE**.
+3. **PROMOTE** once every part of the rule is shown: the primary effect's
+   cluster-robust z has crossed the O'Brien–Fleming boundary at a planned look
+   (looks are reached by *information*, 1 / variance of the primary effect, so
+   clustered data needs more requests; the boundary is t-corrected for the number
+   of clusters and tested once per look), the other metric (P&L, or the hit rate
+   for a P&L primary) has crossed the same boundary as a non-inferiority test
+   within its margin (P&L without ``--margin-pnl``: ``PNL_MARGIN_SD`` of its sd),
+   and the error-rate and latency guardrails' always-valid intervals are inside
+   their margins. Each part is tested at the full alpha; the looks are spread
+   over the whole rule's plan (:mod:`experiments.plan`: beta shared by the parts).
+4. **KEEP** the champion at the last planned look without every part shown;
+   otherwise **CONTINUE**.
 
 No decision but HALT is taken before each arm has ``min_units_per_arm`` units.
 
