@@ -85,6 +85,7 @@ _RULES = {"primary": "ROLLBACK if the interval is below the line (shown worse)",
           "guardrail": "ROLLBACK if the interval is past the margin; PROMOTE needs it inside",
           "arrival": "HALT if the interval is beyond ± the tolerance (outcomes missing unevenly)",
           "boundary": "PROMOTE when z crosses the boundary at a planned look (and every guardrail is inside)",
+          "noninferiority": "PROMOTE needs z across the boundary at a look (within the margin)",
           "srm": "HALT when the sequential test rejects the configured split"}
 _WHAT = {"latency_p95": "treatment requests above control p95 + margin",
          "error_rate": "treatment − control error rate", "arrival": "treatment − control outcome arrival"}
@@ -135,6 +136,9 @@ def decision_panels(records: Sequence[dict], *, start_s: float, treatment_share:
             panels += [_metric_panel(minutes, rows, metric, role), _z_panel(minutes, rows, boundary, metric)]
         elif role != "boundary":
             panels.append(_metric_panel(minutes, rows, metric, role))
+            tested = [_test(r, metric, "boundary") for r in records]
+            if role == "guardrail" and any(tested):  # the other metric's non-inferiority boundary
+                panels.append(_noninferiority_panel(minutes, tested, metric))
     return panels
 
 
@@ -180,6 +184,17 @@ def _z_panel(minutes: np.ndarray, rows: Sequence[dict], boundary: Sequence[dict]
                  "O'Brien-Fleming boundary (tested once a look)", per_look=True,
                  empty=f"no data: no z without a {metric} effect",
                  infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in boundary))
+
+
+def _noninferiority_panel(minutes: np.ndarray, tested: Sequence[dict], metric: str) -> Panel:
+    """z = (estimate + margin) / se at each look it was tested, against the same boundary as the primary's."""
+    nothing = np.full(len(minutes), np.nan)
+    return Panel(f"{metric} non-inferiority: {_RULES['noninferiority']}",
+                 "z of (effect + margin), standard errors", minutes, _column(tested, "statistic"), "z",
+                 nothing, nothing, _column(tested, "threshold"),
+                 "O'Brien-Fleming boundary (tested once a look)", per_look=True,
+                 empty=f"no data: {metric} not tested at a look yet",
+                 infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in tested if b))
 
 
 def _srm_panel(minutes: np.ndarray, rows: Sequence[dict], treatment_share: float) -> Panel:

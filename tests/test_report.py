@@ -255,3 +255,11 @@ def test_an_infinite_boundary_is_named_not_called_unreached():
     z_panel = figure_of(records).axes[2]
     assert [t.get_text() for t in z_panel.texts] == [
         "boundary infinite at the looks so far: too few clusters (time blocks or units) for a t boundary"]
+
+
+def test_the_other_metrics_non_inferiority_boundary_has_its_panel():
+    records = trail("two analyses").records
+    assert any(t.get("metric") == "pnl" and t.get("role") == "boundary" for t in records[0]["tests"])
+    panels = report.decision_panels(records, start_s=START_S, treatment_share=SHARE)
+    shown = [p for p in panels if p.title.startswith("pnl non-inferiority")]
+    assert len(shown) == 1 and np.isfinite(shown[0].value).any() and np.isfinite(shown[0].reference).any()
