@@ -32,6 +32,11 @@ class Observations:
     route (symbol, strategy) when the experiment assigns by route, the request
     otherwise. ``outcome_t_s`` is when the outcome arrived (NaN: none yet);
     ``correct`` (0/1) and ``pnl`` are NaN when the outcome did not say.
+
+    ``covariate_hit`` and ``covariate_pnl`` are pre-experiment quantities of the row,
+    unaffected by its arm (its symbol's hit rate and mean P&L in a pre-period), which
+    the analysis may use to reduce variance (:mod:`experiments.cuped`); NaN: unknown.
+    A column nobody gave is a read-only NaN view that costs no memory.
     """
 
     t_s: np.ndarray
@@ -42,6 +47,8 @@ class Observations:
     outcome_t_s: np.ndarray
     correct: np.ndarray
     pnl: np.ndarray
+    covariate_hit: np.ndarray
+    covariate_pnl: np.ndarray
     start_s: float
     unit_names: tuple[str, ...] = ()
 
@@ -54,11 +61,13 @@ class Observations:
               latency_ms: Sequence | np.ndarray | None = None,
               outcome_t_s: Sequence | np.ndarray | None = None,
               correct: Sequence | np.ndarray | None = None, pnl: Sequence | np.ndarray | None = None,
+              covariate_hit: Sequence | np.ndarray | None = None,
+              covariate_pnl: Sequence | np.ndarray | None = None,
               start_s: float | None = None) -> Observations:
         """Columns in any order of rows; ``unit`` as names or codes; ``arm`` as names or 0/1.
 
-        Missing optional columns mean: no errors, no latency, no outcome. ``ValueError``
-        names the first column that does not fit.
+        Missing optional columns mean: no errors, no latency, no outcome, no covariate.
+        ``ValueError`` names the first column that does not fit.
         """
         t = np.asarray(t_s, dtype=np.float64)
         n = len(t)
@@ -69,7 +78,9 @@ class Observations:
         columns = {"error": _column(error, n, bool, False),
                    "latency_ms": _column(latency_ms, n, float, np.nan),
                    "outcome_t_s": _column(outcome_t_s, n, float, np.nan),
-                   "correct": _column(correct, n, float, np.nan), "pnl": _column(pnl, n, float, np.nan)}
+                   "correct": _column(correct, n, float, np.nan), "pnl": _column(pnl, n, float, np.nan),
+                   "covariate_hit": _covariate(covariate_hit, n, "covariate_hit"),
+                   "covariate_pnl": _covariate(covariate_pnl, n, "covariate_pnl")}
         for name, values in (("unit", codes), ("arm", arms), *columns.items()):
             if len(values) != n:
                 raise ValueError(f"{name}: {len(values)} values for {n} exposures")
@@ -81,7 +92,8 @@ class Observations:
         if n < 2 or bool(np.all(t[1:] >= t[:-1])):  # already in time order: no copy of any column
             return cls(t, codes, arms, start_s=start, unit_names=names, **columns)
         order = np.argsort(t, kind="stable")
-        sorted_columns = {k: v[order] for k, v in columns.items()}
+        # An absent covariate stays a view of one NaN: sorting it would allocate a column of NaN.
+        sorted_columns = {k: v if absent(v) else v[order] for k, v in columns.items()}
         return cls(t[order], codes[order], arms[order], start_s=start, unit_names=names, **sorted_columns)
 
 
@@ -105,6 +117,20 @@ def _arms(values: np.ndarray) -> np.ndarray:
     return codes.astype(np.int8, copy=False)
 
 
+def absent(values: np.ndarray) -> bool:
+    """Is ``values`` a column nobody gave (a view of one NaN, as :meth:`Observations.build` makes it)?"""
+    return values.strides == (0,) and (len(values) == 0 or bool(np.isnan(values[0])))
+
+
+def _covariate(values: Sequence | np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if values is None:
+        return np.broadcast_to(np.float64(np.nan), (n,))
+    column = np.asarray(values, dtype=np.float64)
+    if np.isinf(column).any():
+        raise ValueError(f"{name}: must be a finite number or empty")
+    return column
+
+
 def _column(values: Sequence | np.ndarray | None, n: int, kind: type, missing: float | bool) -> np.ndarray:
     if values is None:
         return np.full(n, missing, dtype=kind)
@@ -117,7 +143,8 @@ def _column(values: Sequence | np.ndarray | None, n: int, kind: type, missing: f
 # pyarrow's streaming reader) into typed columns grown in place, so memory is the columns themselves
 # (about 50 bytes a row) plus one batch, never a whole table of Python objects.
 
-TABLE_COLUMNS = ("time", "unit", "arm", "correct", "pnl", "latency_ms", "error", "outcome_time")
+TABLE_COLUMNS = ("time", "unit", "arm", "correct", "pnl", "latency_ms", "error", "outcome_time",
+                 "covariate_hit", "covariate_pnl")
 TABLE_REQUIRED = ("time", "unit", "arm")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BATCH_ROWS = 1 << 18
@@ -330,7 +357,8 @@ class _Table:
     def __init__(self, names: list[str], rows_hint: int, file_name: str, parquet: bool) -> None:
         self.names, self.file_name, self.parquet = names, file_name, parquet
         self.columns = {name: _Growing(np.float64, rows_hint) for name in
-                        ("time", "correct", "pnl", "latency_ms", "outcome_time") if name in names}
+                        ("time", "correct", "pnl", "latency_ms", "outcome_time", "covariate_hit",
+                                     "covariate_pnl") if name in names}
         self.arm = _Growing(np.int8, rows_hint)
         self.error = _Growing(np.bool_, rows_hint) if "error" in names else None
         self.units = _Units(rows_hint)
@@ -442,7 +470,8 @@ class _Table:
         obs = Observations.build(t_s=t_s, unit=codes, arm=self.arm.array(),
                                  error=self.error.array() if self.error is not None else None,
                                  latency_ms=c.get("latency_ms"), outcome_t_s=outcome_t_s,
-                                 correct=c.get("correct"), pnl=c.get("pnl"))
+                                 correct=c.get("correct"), pnl=c.get("pnl"),
+                                 covariate_hit=c.get("covariate_hit"), covariate_pnl=c.get("covariate_pnl"))
         return replace(obs, unit_names=names)
 
 

@@ -7,19 +7,27 @@ quant can audit the rule on their own data before it decides with capital.
 
 Columns (one row per exposure; other columns are ignored):
 
-============== ========= ======================================================
-``time``       required  seconds on any clock, or ISO-8601 timestamps (no zone: UTC)
-``unit``       required  the randomisation unit (symbol, strategy, or request id)
-``arm``        required  ``control``/``treatment`` or 0/1
-``correct``    optional  0, 1 or empty (no outcome said)
-``pnl``        optional  P&L of the trade, or empty
-``latency_ms`` optional  or empty
-``error``      optional  0/1, or an error code (any other text counts as an error)
-``outcome_time`` optional when the outcome arrived, on the ``time`` clock; empty or
-               absent: a row with an outcome had it at ``time``
-============== ========= ======================================================
+================= ========= ======================================================
+``time``          required  seconds on any clock, or ISO-8601 timestamps (no zone: UTC)
+``unit``          required  the randomisation unit (symbol, strategy, or request id)
+``arm``           required  ``control``/``treatment`` or 0/1
+``correct``       optional  0, 1 or empty (no outcome said)
+``pnl``           optional  P&L of the trade, or empty
+``latency_ms``    optional  or empty
+``error``         optional  0/1, or an error code (any other text counts as an error)
+``outcome_time``  optional  when the outcome arrived, on the ``time`` clock; empty or
+                            absent: a row with an outcome had it at ``time``
+``covariate_hit`` optional  a pre-experiment number that predicts ``correct`` and that
+                            the arm cannot change (the symbol's hit rate in a
+                            pre-period, the champion's own score of the request), or
+                            empty: unknown
+``covariate_pnl`` optional  the same for ``pnl`` (the symbol's mean P&L in a pre-period)
+================= ========= ======================================================
 
 Every time cell of a table is on one clock: all numbers or all timestamps.
+
+With a covariate known for enough rows the hit-rate and P&L comparisons are
+variance-reduced (CUPED, :mod:`experiments.cuped`).
 """
 
 from __future__ import annotations
@@ -95,9 +103,12 @@ def write_table(path: str | Path, obs: Observations) -> Path:
 
 def _table_columns(obs: Observations) -> dict[str, np.ndarray]:
     names = np.array(obs.unit_names, dtype=object)[obs.unit] if obs.unit_names else obs.unit.astype(str)
-    return {"time": obs.t_s, "unit": names, "arm": np.where(obs.arm == 1, "treatment", "control"),
-            "correct": obs.correct, "pnl": obs.pnl, "latency_ms": obs.latency_ms,
-            "error": obs.error.astype(np.int8), "outcome_time": obs.outcome_t_s}
+    columns = {"time": obs.t_s, "unit": names, "arm": np.where(obs.arm == 1, "treatment", "control"),
+               "correct": obs.correct, "pnl": obs.pnl, "latency_ms": obs.latency_ms,
+               "error": obs.error.astype(np.int8), "outcome_time": obs.outcome_t_s}
+    # A covariate column is written only when the observations have one: older readers see no change.
+    covariates = {"covariate_hit": obs.covariate_hit, "covariate_pnl": obs.covariate_pnl}
+    return columns | {k: np.ascontiguousarray(v) for k, v in covariates.items() if not data.absent(v)}
 
 
 def _text(value: object) -> str:
