@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="horizon in trading days of 390 min: refuse a design that cannot reach its planned "
                         "information within it at the model's recent traffic")
     p.add_argument("--force", action="store_true", help="start it even when it cannot reach the plan in time")
+    p.add_argument("--no-cuped", action="store_true",
+                   help="no variance reduction: compare raw outcomes, not outcomes adjusted by their route's "
+                        "pre-period hit rate and P&L (CUPED, from the previous experiment)")
     p.set_defaults(func=_create)
     _add_simulate(sub)
     p = sub.add_parser("list", help="every model's current or last experiment")
@@ -144,12 +147,15 @@ def _store(settings: Settings) -> Iterator[tuple[redis.Redis, Registry, Experime
 
 
 def _create(args: argparse.Namespace, settings: Settings) -> int:
+    from experiments import covariates  # the pre-period of variance reduction
+
     if not (math.isfinite(args.max_days) and args.max_days > 0):
         print(f"streamserve experiment create: --max-days must be a positive number, not {args.max_days}",
               file=sys.stderr)
         return 2
     with _store(settings) as (client, registry, store):
         control, treatment = (registry.resolve(args.model, v).version for v in (args.control, args.treatment))
+        previous = store.get(args.model)  # the pre-period of variance reduction, read once created
         check = _feasibility(client, store, args.model, _design(args), args.max_days)
         if check is not None and not check.feasible and not args.force:
             print(f"streamserve experiment create: refused: the design cannot reach its planned information "
@@ -157,9 +163,11 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
                   f"--max-days, or --force to start it anyway", file=sys.stderr)
             return 2
         e = store.create(args.model, control, treatment, salt=args.salt, **_design(args))
+        cuped_line = covariates.at_create(client, e, previous, enabled=not args.no_cuped)
     print(f"experiment {e.id}: {e.model} v{e.control_version} (control) vs v{e.treatment_version} "
           f"(treatment, {e.treatment_share:.0%}), {e.mode} by {e.unit}, primary {e.primary}, "
           f"label horizon {e.label_horizon_s:g} s; latency margin {e.margins.latency_text()}")
+    print(cuped_line)
     return 0
 
 
@@ -217,6 +225,8 @@ def status_lines(e: Experiment, data: runner.Snapshot) -> list[str]:
                   "-" if math.isnan(d.hit_rate) else f"{d.hit_rate:.4f}", len(d.latencies_ms))
         lines.append(_row(arm, f"v{version}", values))
     lines.append(("  " + arrival_text(data.arrival)) if data.arrival else "  arrival check: -")
+    if data.variance_reduction:
+        lines.append("  " + data.variance_reduction)
     left_out = _left_out(data)
     if left_out:
         lines.append(f"  left out: {left_out}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import redis
 
-from experiments import analysis, stats
+from experiments import analysis, covariates, stats
 from experiments.analysis import Decision
 from experiments.assignment import CONTROL, TREATMENT
 from experiments.data import ARMS, Observations
@@ -56,7 +56,8 @@ class ReadStats:
     outcomes_unmatched: int = 0  # valid outcomes of requests not in the journal (or trimmed from it)
 
 
-_COLUMNS = ("t_s", "unit", "arm", "error", "latency_ms", "outcome_t_s", "correct", "pnl")
+# "route" is the route's code (for its covariate); the outcome's three columns come last (set_outcome).
+_COLUMNS = ("t_s", "unit", "arm", "error", "latency_ms", "route", "outcome_t_s", "correct", "pnl")
 _Found = tuple[float, Outcome]  # an outcome and when it arrived (s, Redis clock)
 
 
@@ -115,6 +116,7 @@ class _Journal:
         self.unmatched: dict[bytes, _Found] = {}  # first outcomes of requests not (yet) journaled
         self.outcome_ids: set[bytes] = set()  # every request with a valid outcome: later ones are repeats
         self.unit_codes: dict[bytes, int] = {}
+        self.route_codes: dict[bytes, int] = {}
         self.malformed = self.duplicate = self.matched = 0
 
     def outcome(self, request_id: bytes, found: _Found) -> bool:
@@ -154,15 +156,17 @@ class _Journal:
         route = fields.get(b"route", b"")
         unit_name = route if self.by_route and route else request_id
         unit = self.unit_codes.setdefault(unit_name, len(self.unit_codes))
+        route_code = self.route_codes.setdefault(route, len(self.route_codes))
         rows = self.rows.setdefault(shard, _Columns())
         error, label = bool(fields.get(b"error")), fields.get(b"label", b"")
         waiting = _Waiting(shard, len(rows), error, label)
-        rows.append(t_s, unit, arm, error, math.nan if error else latency_ms, math.nan, math.nan, math.nan)
+        rows.append(t_s, unit, arm, error, math.nan if error else latency_ms, route_code, math.nan, math.nan,
+                    math.nan)
         if self.shadow_mode and (b"shadow_label" in fields or b"shadow_error" in fields):
             shadow = self.shadow_rows.setdefault(shard, _Columns())
             waiting = replace(waiting, shadow_row=len(shadow), shadow_error=bool(fields.get(b"shadow_error")),
                               shadow_label=fields.get(b"shadow_label", b""))
-            shadow.append(t_s, unit, 1, waiting.shadow_error, math.nan, math.nan, math.nan, math.nan)
+            shadow.append(t_s, unit, 1, waiting.shadow_error, math.nan, route_code, *[math.nan] * 3)
         found = self.unmatched.pop(request_id, None)
         if found is None:
             self.waiting[request_id] = waiting
@@ -183,6 +187,10 @@ class _Journal:
                 np.arange(len(self.unit_codes))
             columns["unit"] = rank[columns["unit"].astype(np.int64)]
         return columns
+
+    def route_names(self) -> list[str]:
+        """Route names by code, decoded as creation decodes them (:mod:`experiments.covariates`)."""
+        return [r[:covariates.MAX_ROUTE_BYTES].decode(errors="replace") for r in self.route_codes]
 
     def unit_names(self) -> tuple[str, ...]:
         """Unit names by code (routes, or request ids where the request is the unit)."""
@@ -255,6 +263,7 @@ class Reader:
         self.journal_cursors: dict[int, str] = {}
         self.decisions: list[dict] = []  # the audit trail read so far (see :func:`decisions`)
         self.decisions_cursor = "-"
+        self.pre_period = covariates.PrePeriod.off("not read yet", stored=False)
 
     def update(self, client: redis.Redis) -> None:
         """Read what was written since the last update: the outcomes first, then the journal.
@@ -263,6 +272,8 @@ class Reader:
         was read (a bot reports after the reply).
         """
         _read_outcomes(client, self.experiment, self)
+        if not self.pre_period.stored:  # written once, just after creation: read until it is there
+            self.pre_period = covariates.load(client, self.experiment)
         e, journal = self.experiment, self.journal
         for shard in shards(client, e.model):
             key = keys.experiment_journal(e.model, e.id, shard)
@@ -281,9 +292,12 @@ class Reader:
     def observations(self) -> Observations:
         """Every row read so far, with the outcomes read so far."""
         columns = self.journal.columns()
+        route = columns.pop("route").astype(np.int64)
+        hit, pnl = (None if covariate is None else covariate[route]
+                    for covariate in self.pre_period.by_code(self.journal.route_names()))
         obs = Observations.build(**{**columns, "unit": columns["unit"].astype(np.int64),
                                     "arm": columns["arm"].astype(np.int64), "error": columns["error"] != 0},
-                                 start_s=self.experiment.created_at)
+                                 covariate_hit=hit, covariate_pnl=pnl, start_s=self.experiment.created_at)
         return replace(obs, unit_names=self.journal.unit_names())
 
 
@@ -429,6 +443,7 @@ class Snapshot:
     counters_malformed: int = 0
     now_s: float = math.nan
     arrival: ArrivalCheck | None = None
+    variance_reduction: str = ""  # CUPED: off and why, or θ and the variance removed per metric
 
     @property
     def outcomes_malformed(self) -> int:
@@ -488,12 +503,13 @@ def snapshot(client: redis.Redis, e: Experiment, reader: Reader | None = None) -
     (Counters read first left out the requests answered, and reported, during the read.)
     """
     now_s = redis_now_s(client)
+    reader = reader if reader is not None else Reader(e)
     obs, read = observations(client, e, reader)
     counts, bad = _counts([client.hgetall(keys.experiment_counts(e.model, e.id, k))
                            for k in shards(client, e.model)])
     s = summarize(e, obs, now_s)
     return Snapshot(_arm_data(obs, s, 0, counts), _arm_data(obs, s, 1, counts), read, bad, now_s,
-                    arrival_check(e, s))
+                    arrival_check(e, s), covariates.status_line(reader.pre_period, s))
 
 
 # ---- analysis and audit trail ----------------------------------------------------------

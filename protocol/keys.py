@@ -165,6 +165,13 @@ def experiment_replay(model: str, experiment_id: str, shard: int = 0) -> str:
     return f"{_tag(model, shard)}:exp:{experiment_id}:replay"
 
 
+def experiment_covariates(model: str, experiment_id: str) -> str:
+    """Hash written once at creation: each route's pre-period hit rate and mean P&L with their counts
+    (``route:<route>``, at most 10,000 routes) and ``about`` (JSON: why variance reduction is off, or
+    where the pre-period came from). Bounded, never expired, like the experiment's other keys."""
+    return f"{_tag(model)}:exp:{experiment_id}:covariates"
+
+
 def experiment_decisions(model: str, experiment_id: str) -> str:
     """The audit trail: every analysis with its tests and decision."""
     return f"{_tag(model)}:exp:{experiment_id}:decisions"
