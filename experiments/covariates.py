@@ -157,7 +157,8 @@ def prior(codes: np.ndarray, values: np.ndarray, routes: int) -> Prior | None:
     return Prior(grand, within / between)
 
 
-def summarise(routes: Sequence[str], correct: np.ndarray, pnl: np.ndarray, *, source: str) -> PrePeriod:
+def summarise(routes: Sequence[str] | np.ndarray, correct: np.ndarray, pnl: np.ndarray, *,
+              source: str) -> PrePeriod:
     """A pre-period from one row per request with an outcome: its route ("" for none), 0/1 or NaN,
     P&L or NaN. The P&L is winsorised first, as the analysis does."""
     names, codes = np.unique(np.asarray(routes, dtype=str), return_inverse=True)
