@@ -107,7 +107,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", formatter_class=_DEFAULTS_HELP,
                        help="replay a table of exposures and outcomes through the decision rule (no Redis)")
     p.add_argument("table", type=Path, help="CSV or .parquet: time, unit, arm [, correct, pnl, latency_ms, "
-                                            "error, outcome_time]")
+                                            "error, outcome_time, covariate_hit, covariate_pnl]")
     _add_design(p)
     p.add_argument("--every-s", type=float, default=60.0, help="seconds of data between analyses")
     p.add_argument("--continue-after-decision", action="store_true",
