@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
@@ -32,6 +32,7 @@ from experiments.cuped import MIN_COVARIATE_ROWS
 from experiments.outcomes import Outcome, parse
 from protocol import keys, sharding
 from protocol.errors import InvalidInput
+from protocol.values import text
 
 if TYPE_CHECKING:
     import redis
@@ -40,9 +41,12 @@ if TYPE_CHECKING:
     from experiments.summary import Summary
     from protocol.values import Fields, StreamRows
 
-MAX_ENTRIES = 10_000  # newest journal entries read per shard at creation
-MAX_JOURNAL_ENTRIES = 40_000  # over all shards
-MAX_OUTCOMES = 20_000  # newest outcomes read from the journal's span
+MAX_ENTRIES = 100_000  # newest journal entries read per shard at creation (a covariate from 10,000
+# requests spread over many symbols is too noisy to explain much of their spread: experiments.symbol_power)
+MAX_JOURNAL_ENTRIES = 200_000  # over all shards
+MAX_OUTCOMES = 200_000  # newest outcomes read from the journal's span
+PAGE_ENTRIES = 10_000  # entries per read: one page of a stream in memory at a time
+MAX_LABEL_BYTES = 64  # an outcome's label is at most this long (experiments.outcomes)
 MAX_ROUTES = 10_000  # routes stored (the busiest)
 MAX_PNL = 1e12  # a mean P&L beyond this is not a number anyone traded
 PNL_CLIP = 0.005  # the pre-period P&L is winsorised at these quantiles, as the analysis does
@@ -218,24 +222,39 @@ def measure(client: redis.Redis, model: str, previous: Experiment | None) -> Pre
 
 def _journal(client: redis.Redis, model: str, previous: Experiment
              ) -> tuple[dict[bytes, tuple[str, bytes]], tuple[int, int]]:
-    """Request id → (route, label) of the newest answered requests, and their span (ms)."""
+    """Request id → (route, first label) of the newest answered requests, and their span (ms)."""
     requests: dict[bytes, tuple[str, bytes]] = {}
-    first_ms, last_ms, read = math.inf, -math.inf, 0
+    routes: dict[bytes, str] = {}  # one str per route, however many requests name it
+    first_ms, last_ms, budget = math.inf, -math.inf, MAX_JOURNAL_ENTRIES
     for shard in _shards(client, model):
-        count = min(MAX_ENTRIES, MAX_JOURNAL_ENTRIES - read)
-        if count <= 0:
-            break
-        entries = cast("StreamRows", client.xrevrange(keys.experiment_journal(model, previous.id, shard),
-                                                      count=count))
-        read += len(entries)
-        for entry_id, fields in entries:
-            request_id, at_ms = fields.get(b"id", b""), _entry_ms(entry_id)
-            if fields.get(b"error") or at_ms is None or not _REQUEST_ID.fullmatch(request_id):
-                continue  # failed, or not ours to parse: left out
-            first_ms, last_ms = min(first_ms, at_ms), max(last_ms, at_ms)
-            route = fields.get(b"route", b"")[:MAX_ROUTE_BYTES].decode(errors="replace")
-            requests.setdefault(request_id, (route, fields.get(b"label", b"")))
+        limit = min(MAX_ENTRIES, budget)
+        for page in _newest(client, keys.experiment_journal(model, previous.id, shard), limit):
+            budget -= len(page)
+            for entry_id, fields in page:
+                request_id, at_ms = fields.get(b"id", b""), _entry_ms(entry_id)
+                if fields.get(b"error") or at_ms is None or not _REQUEST_ID.fullmatch(request_id):
+                    continue  # failed, or not ours to parse: left out
+                first_ms, last_ms = min(first_ms, at_ms), max(last_ms, at_ms)
+                raw = fields.get(b"route", b"")[:MAX_ROUTE_BYTES]
+                route = routes.setdefault(raw, raw.decode(errors="replace"))
+                label = fields.get(b"label", b"").split(b",", 1)[0][:MAX_LABEL_BYTES]
+                requests.setdefault(request_id, (route, label))
     return requests, (int(first_ms), int(last_ms)) if requests else (0, 0)
+
+
+def _newest(client: redis.Redis, key: str, limit: int, span_ms: tuple[int, int] | None = None
+            ) -> Iterator[StreamRows]:
+    """At most ``limit`` of a stream's newest entries (within ``span_ms``), a page at a time."""
+    low, cursor = ("-", "+") if span_ms is None else (str(span_ms[0]), str(span_ms[1]))
+    while limit > 0:
+        count = min(PAGE_ENTRIES, limit)
+        page = cast("StreamRows", client.xrevrange(key, max=cursor, min=low, count=count))
+        if page:
+            yield page
+        if len(page) < count:
+            return
+        limit -= len(page)
+        cursor = "(" + text(page[-1][0])
 
 
 def _shards(client: redis.Redis, model: str) -> range:
@@ -253,17 +272,16 @@ def _entry_ms(entry_id: bytes) -> int | None:
 def _outcomes(client: redis.Redis, model: str, requests: dict[bytes, tuple[str, bytes]],
               span_ms: tuple[int, int]) -> dict[bytes, Outcome]:
     """Each request's first valid outcome among the newest ``MAX_OUTCOMES`` of the span."""
-    entries = cast("StreamRows", client.xrevrange(keys.outcomes_stream(model), max=str(span_ms[1]),
-                                                  min=str(span_ms[0]), count=MAX_OUTCOMES))
     found: dict[bytes, Outcome] = {}
-    for _, fields in reversed(entries):  # oldest first: a request's first outcome is the one that counts
-        try:
-            outcome = parse({_lenient(k): _lenient(v) for k, v in fields.items()})
-        except InvalidInput:
-            continue
-        request_id = outcome.request_id.encode()
-        if request_id in requests:
-            found.setdefault(request_id, outcome)
+    for page in _newest(client, keys.outcomes_stream(model), MAX_OUTCOMES, span_ms):
+        for _, fields in page:  # newest first: an older outcome of the request replaces it (the first counts)
+            try:
+                outcome = parse({_lenient(k): _lenient(v) for k, v in fields.items()})
+            except InvalidInput:
+                continue
+            request_id = outcome.request_id.encode()
+            if request_id in requests:
+                found[request_id] = outcome
     return found
 
 

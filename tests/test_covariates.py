@@ -126,6 +126,25 @@ def test_the_stored_routes_are_capped_at_the_busiest(r, settings, registry, make
     assert r.hlen(keys.experiment_covariates(MODEL, e.id)) == 5 + 1
 
 
+def test_creation_reads_the_newest_entries_a_page_at_a_time_up_to_its_bound(r, registry, make_experiment,
+                                                                          monkeypatch):
+    previous = pre_period(r, registry, make_experiment)  # 1,000 requests, each with an outcome
+    monkeypatch.setattr(covariates, "PAGE_ENTRIES", 64)
+    monkeypatch.setattr(covariates, "MAX_ENTRIES", 500)
+    counts: list[int] = []
+    xrevrange = r.xrevrange
+
+    def recorded(name, max="+", min="-", count=None):  # noqa: A002 (redis-py's names)
+        counts.append(count)
+        return xrevrange(name, max=max, min=min, count=count)
+
+    monkeypatch.setattr(r, "xrevrange", recorded)
+    pre = covariates.measure(r, MODEL, previous)
+    assert counts and max(counts) <= 64, "never more than a page in one read"
+    assert pre.requests == 500 and len(pre.routes) == 10
+    assert sum(s.hit_n for s in pre.routes.values()) == 500, "the newest 500 requests, each judged once"
+
+
 def test_no_cuped_turns_it_off_and_status_says_so(r, settings, registry, make_experiment, capsys):
     pre_period(r, registry, make_experiment)
     assert create(settings, "--no-cuped") == 0
