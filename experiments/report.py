@@ -190,7 +190,7 @@ def _noninferiority_panel(minutes: np.ndarray, tested: Sequence[dict], metric: s
     """z = (estimate + margin) / se at each look it was tested, against the same boundary as the primary's."""
     nothing = np.full(len(minutes), np.nan)
     return Panel(f"{metric} non-inferiority: {_RULES['noninferiority']}",
-                 "z of (effect + margin), standard errors", minutes, _column(tested, "statistic"), "z",
+                 "z of effect + margin (standard errors)", minutes, _column(tested, "statistic"), "z",
                  nothing, nothing, _column(tested, "threshold"),
                  "O'Brien-Fleming boundary (tested once a look)", per_look=True,
                  empty=f"no data: {metric} not tested at a look yet",

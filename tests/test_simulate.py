@@ -264,7 +264,8 @@ def test_report_panels_show_each_metric_with_units(records, obs):
     panels = report.decision_panels(records, start_s=obs.start_s, treatment_share=0.2)
     titles = [p.title.split(":")[0] for p in panels]
     assert titles == ["hit_rate (primary)", "hit_rate group-sequential test", "error_rate (guardrail)",
-                      "latency_p95 (guardrail)", "pnl (guardrail)", "arrival (check)", "sample ratio (check)"]
+                      "latency_p95 (guardrail)", "pnl (guardrail)", "pnl non-inferiority", "arrival (check)",
+                      "sample ratio (check)"]
     assert all(p.ylabel.endswith(")") and "()" not in p.ylabel for p in panels), [p.ylabel for p in panels]
     primary, z, srm = panels[0], panels[1], panels[-1]
     assert primary.ylabel == "treatment − control (pp)"
