@@ -211,6 +211,12 @@ def _outside(e: Experiment, s: Summary, state: _Look, shown: tuple[object, dict]
     return outside
 
 
+def standing_decision(history: Sequence[dict]) -> dict | None:
+    """The audit trail's decision that stands (see :func:`decide`), or None while every analysis said
+    CONTINUE."""
+    return _prior(history)
+
+
 def _prior(history: Sequence[dict]) -> dict | None:
     """The decision that stands: the first ROLLBACK or HALT, else the first PROMOTE or KEEP, else none."""
     decided = [r for r in history if r.get("decision") in DECIDED]

@@ -194,7 +194,7 @@ def _feasibility(client: redis.Redis, store: ExperimentStore, model: str, design
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from experiments import runner  # scipy: the `experiments` extra
+    from experiments import analysis, runner  # scipy: the `experiments` extra
 
     with _store(settings) as (client, _, store):
         e = store.get(args.model)
@@ -202,7 +202,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{args.model}: no experiment")
             return 1
         data = runner.snapshot(client, e)
-    print("\n".join(status_lines(e, data)))
+        standing = analysis.standing_decision(runner.decisions(client, e))
+    print("\n".join(status_lines(e, data, standing)))
     return 0
 
 
@@ -211,9 +212,9 @@ _ARM_COLUMNS = (("exposures", 9), ("errors", 6), ("outcomes due", 12), ("on time
                 ("received", 8), ("hit rate", 8), ("latency samples", 15))
 
 
-def status_lines(e: Experiment, data: runner.Snapshot) -> list[str]:
-    """What ``experiment status`` prints: the design, each arm's numbers, the arrival check, what was
-    left out."""
+def status_lines(e: Experiment, data: runner.Snapshot, standing: dict | None = None) -> list[str]:
+    """What ``experiment status`` prints: the design, each arm's numbers, the decision that stands (from
+    the audit trail), the arrival check, what was left out."""
     as_of = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data.now_s)) if math.isfinite(data.now_s) \
         else "?"
     lines = [f"experiment {e.id} [{e.status}] {_arms_text(e)}; label horizon {e.label_horizon_s:g} s; "
@@ -224,7 +225,9 @@ def status_lines(e: Experiment, data: runner.Snapshot) -> list[str]:
         values = (d.exposures, d.errors, d.due, d.on_time, _share(d.missing_share), d.received,
                   "-" if math.isnan(d.hit_rate) else f"{d.hit_rate:.4f}", len(d.latencies_ms))
         lines.append(_row(arm, f"v{version}", values))
-    lines.append(("  " + arrival_text(data.arrival)) if data.arrival else "  arrival check: -")
+    lines.append("  " + _standing_text(standing))
+    arrival = arrival_text(data.arrival, decided=standing is not None) if data.arrival else "arrival check: -"
+    lines.append("  " + arrival)
     if data.variance_reduction:
         lines.append("  " + data.variance_reduction)
     left_out = _left_out(data)
@@ -250,14 +253,35 @@ def _share(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2%}"
 
 
-def arrival_text(check: runner.ArrivalCheck) -> str:
-    """The arrival check in one line: OK or HALT now, and the treatment's on-time shares that would HALT."""
+def _standing_text(standing: dict | None) -> str:
+    """The standing decision in one line (records are untrusted: text bounded, number checked)."""
+    if standing is None:
+        return "decision: none yet (every analysis so far said CONTINUE)"
+    info = standing.get("info_fraction")
+    share = f", {info:.0%} of the planned information" if isinstance(info, int | float) and \
+        not isinstance(info, bool) and math.isfinite(info) else ""
+    reason = str(standing.get("reason", ""))[:300]
+    decision, look = str(standing.get("decision"))[:20], str(standing.get("look"))[:20]
+    return f"decision: {decision} stands since look {look}{share}: {reason}"
+
+
+def arrival_text(check: runner.ArrivalCheck, *, decided: bool = False) -> str:
+    """The arrival check in one line: OK or HALT now, and the treatment's on-time shares that would HALT.
+
+    Once a decision stands the next analysis repeats it (only shown harm turns it into ROLLBACK), so
+    the check says what it shows without promising a HALT.
+    """
     if not check.applies:
         return "arrival check: not applied in shadow mode (both arms are judged on the same outcomes)"
     rates = f"control {_share(check.control_rate)}, treatment {_share(check.treatment_rate)} on time"
+    if check.halts and decided:
+        return f"arrival check: fails ({rates}; intervals {check.gap_pp:.2f} pp apart, above " \
+               f"{check.tolerance_pp:g} pp), but a decision already stands: the next analysis repeats it"
     if check.halts:
         return f"arrival check: will HALT at the next analysis: {rates}; their always-valid intervals are " \
                f"{check.gap_pp:.2f} pp apart (HALT above {check.tolerance_pp:g} pp)"
+    if decided:
+        return f"arrival check: OK ({rates})"
     bounds = [f"below {_share(check.halt_below)}" if check.halt_below is not None else "",
               f"above {_share(check.halt_above)}" if check.halt_above is not None else ""]
     if not any(bounds):

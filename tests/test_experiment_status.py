@@ -220,3 +220,24 @@ def test_a_guardrail_without_pnl_says_no_pnl_reported():
     assert "[" in hit_rate and "nan" not in hit_rate
     latency = _test_line(next(t for t in decision.tests if t["metric"] == "latency_p95"))
     assert "no latency minute yet" in latency, "no latencies: not a count of 0 read as a rate"
+
+
+def test_status_names_the_standing_decision_and_does_not_promise_a_halt_after_it(r, settings, make_experiment,
+                                                                                capsys):
+    """Once a decision stands the next analysis repeats it: a failing arrival check must not say HALT."""
+    import json
+
+    from streamserve.cli import main
+
+    e = make_experiment()
+    traffic(r, e, {CONTROL: (2000, 1980, 10, 3), TREATMENT: (2000, 1900, 0, 0)})
+    assert main(["--redis-url", settings.redis_url, "experiment", "status", MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "decision: none yet" in out and "will HALT at the next analysis" in out
+    record = {"decision": "KEEP", "reason": "planned information reached", "look": 40, "info_fraction": 1.0}
+    r.xadd(keys.experiment_decisions(MODEL, e.id), {"record": json.dumps(record)})
+    assert main(["--redis-url", settings.redis_url, "experiment", "status", MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "decision: KEEP stands since look 40, 100% of the planned information: planned information reached" \
+        in out
+    assert "will HALT" not in out and "but a decision already stands" in out
