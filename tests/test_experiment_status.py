@@ -238,6 +238,7 @@ def test_status_names_the_standing_decision_and_does_not_promise_a_halt_after_it
     r.xadd(keys.experiment_decisions(MODEL, e.id), {"record": json.dumps(record)})
     assert main(["--redis-url", settings.redis_url, "experiment", "status", MODEL]) == 0
     out = capsys.readouterr().out
-    assert "decision: KEEP stands since look 40, 100% of the planned information: planned information reached" \
-        in out
+    stands = "decision: KEEP stands since look 40, 100% of the planned information: planned information " \
+             "reached"
+    assert stands in out
     assert "will HALT" not in out and "but a decision already stands" in out
