@@ -423,6 +423,9 @@ def _table_feasibility(e: Experiment, obs: Observations) -> str:
     """How long the design needs at the table's traffic, in one line."""
     from experiments import feasibility  # scipy: the `experiments` extra
 
+    if e.primary == "hit_rate" and bool(np.isnan(obs.correct).all()):
+        return "warning: no row says whether its prediction was right (no `correct` values): a hit-rate " \
+               "design can never decide on this table (add the column, or use --primary pnl)"
     check = feasibility.for_table(e, obs)
     return check.line() if check else "feasibility: no P&L in the table to estimate a P&L design from"
 

@@ -303,3 +303,14 @@ def test_analyze_lines_show_metric_role_interval_units_and_threshold(records):
     assert "[" in primary and "always-valid" in primary
     latency = next(line for line in lines if line.startswith("guardrail latency_p95"))
     assert "% of treatment requests" in latency and "threshold +5" in latency
+
+
+def test_a_table_that_never_says_right_or_wrong_is_named_for_a_hit_rate_design(tmp_path, capsys):
+    rows = "\n".join(f"{i},u{i},{'treatment' if i % 10 == 0 else 'control'},{i % 7}" for i in range(200))
+    table = write(tmp_path, "time,unit,arm,pnl\n" + rows + "\n")
+    assert main(["experiment", "simulate", str(table), "--unit", "request_id"]) == 0
+    out = capsys.readouterr().out
+    assert "no row says whether its prediction was right" in out and "can never decide" in out
+    assert main(["experiment", "simulate", str(table), "--unit", "request_id", "--primary", "pnl",
+                 "--min-effect-pnl", "1"]) == 0
+    assert "no row says" not in capsys.readouterr().out
