@@ -129,9 +129,9 @@ def day(d: Design, effect_pp: float, seed: int, pre_requests: int = PRE_PERIOD_R
 def _arrivals(rng: np.random.Generator, rate_per_s: float, minutes: int) -> np.ndarray:
     """Request times: an inhomogeneous Poisson process, 3 × at the open and the close (thinning)."""
     span_s, peak = minutes * 60, 3.0
-    mean = float(np.mean(traffic_power._volume(np.linspace(0, DAY_MINUTES * 60, 1000))))
+    mean = float(np.mean(traffic_power.volume(np.linspace(0, DAY_MINUTES * 60, 1000))))
     t = np.sort(rng.uniform(0, span_s, rng.poisson(rate_per_s / mean * peak * span_s)))
-    return t[rng.random(len(t)) < traffic_power._volume(t) / peak]
+    return t[rng.random(len(t)) < traffic_power.volume(t) / peak]
 
 
 def _outcomes(rng: np.random.Generator, w: World, t: np.ndarray, symbol: np.ndarray, minutes: int
@@ -177,7 +177,7 @@ def run_one(args: tuple[Design, str, int, int]) -> tuple[Outcome, Outcome]:
 
 def _line(name: str, outcomes: list[Outcome]) -> str:
     decided = [o.decision for o in outcomes]
-    counts = [f"PROMOTE {traffic_power._rate(decided.count('PROMOTE'), len(outcomes))}"] + \
+    counts = [f"PROMOTE {traffic_power.wilson_rate(decided.count('PROMOTE'), len(outcomes))}"] + \
         [f"{k} {decided.count(k)}" for k in OTHERS if decided.count(k)]
     minute = np.median([o.minute for o in outcomes])
     fraction = np.median([o.close_fraction for o in outcomes])

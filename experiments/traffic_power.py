@@ -32,7 +32,7 @@ OTHERS = ("ROLLBACK", "KEEP", "HALT", "CONTINUE")
 SCENARIOS = {"+2 pp": (2.0, 0.0), "A/A": (0.0, 0.0), "+3 pp, P&L -0.05 sd": (3.0, -0.05)}
 
 
-def _volume(t: np.ndarray) -> np.ndarray:
+def volume(t: np.ndarray) -> np.ndarray:
     """Relative request rate over the day: 3 × at the open and the close, 1 × at midday."""
     u = t / (DAY_MINUTES * 60)
     return 1 + 2 * ((1 - u) ** 8 + u ** 8)
@@ -42,9 +42,9 @@ def day(rate_per_s: float, effect_pp: float, pnl_sd_effect: float, seed: int, mi
     """One simulated trading day's exposures by request, at ``rate_per_s`` on average."""
     rng = np.random.default_rng(seed)
     span_s, peak = minutes * 60, 3.0
-    mean = float(np.mean(_volume(np.linspace(0, DAY_MINUTES * 60, 1000))))
+    mean = float(np.mean(volume(np.linspace(0, DAY_MINUTES * 60, 1000))))
     t = np.sort(rng.uniform(0, span_s, rng.poisson(rate_per_s / mean * peak * span_s)))
-    t = t[rng.random(len(t)) < _volume(t) / peak]  # thinning: an inhomogeneous Poisson process
+    t = t[rng.random(len(t)) < volume(t) / peak]  # thinning: an inhomogeneous Poisson process
     n = len(t)
     arm = (rng.random(n) < 0.1).astype(np.int8)
     zipf = 1 / np.arange(1, 41)
@@ -80,7 +80,8 @@ def run_detail(args: tuple[float, str, int]) -> tuple[str, float, float]:
     return last.decision, last.info_fraction, last.now_s / 60
 
 
-def _rate(k: int, n: int) -> str:
+def wilson_rate(k: int, n: int) -> str:
+    """`k/n = share [95 % Wilson interval]`."""
     ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
     return f"{k}/{n} = {k / n:.1%} [{ci.low:.1%}, {ci.high:.1%}]"
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = list(pool.map(run_one, [(rate, name, s) for s in seeds], chunksize=4))
                 decided = [d for d, _ in results]
                 others = ", ".join(f"{k} {decided.count(k)}" for k in OTHERS)
-                promote = _rate(decided.count("PROMOTE"), args.sims)
+                promote = wilson_rate(decided.count("PROMOTE"), args.sims)
                 print(f"{rate:g} req/s, {name}: PROMOTE {promote}; {others}; "
                       f"median minute {np.median([m for _, m in results]):.0f}", flush=True)
     return 0
