@@ -12,7 +12,9 @@ does not parse is skipped and counted, never fatal.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
+import logging
 import math
 import re
 from array import array
@@ -29,7 +31,7 @@ from experiments.assignment import CONTROL, TREATMENT
 from experiments.data import ARMS, Observations
 from experiments.outcomes import Outcome, parse
 from experiments.store import Experiment, ExperimentStore
-from experiments.summary import Summary, summarize
+from experiments.summary import Accumulator, Summary, summarize
 from protocol import keys, sharding
 from protocol.errors import InvalidInput
 from protocol.values import text
@@ -42,6 +44,7 @@ STREAM_PAGE = 10_000
 DECISIONS_MAXLEN = 100_000  # analyses kept per experiment: a month of `watch` every 30 s
 _ARM_CODES = {CONTROL.encode(): 0, TREATMENT.encode(): 1}
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9_\-]{1,64}")  # keys.check_request_id, on bytes
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,41 +59,127 @@ class ReadStats:
     outcomes_unmatched: int = 0  # valid outcomes of requests not in the journal (or trimmed from it)
 
 
-# "route" is the route's code (for its covariate); the outcome's three columns come last (set_outcome).
-_COLUMNS = ("t_s", "unit", "arm", "error", "latency_ms", "route", "outcome_t_s", "correct", "pnl")
+# Row columns: "part" orders a request's rows as a full read does (a shard's own rows, then the shadow
+# rows); the outcome's three columns come last (set_outcome). Staged row by row, then sorted in.
+_COLUMNS = {"t_s": np.float64, "unit": np.int64, "arm": np.int8, "error": np.bool_, "latency_ms": np.float64,
+            "route": np.int64, "part": np.int32, "outcome_t_s": np.float64, "correct": np.float64,
+            "pnl": np.float64}
+_SHADOW_PART = keys.MAX_SHARDS  # a shadow row's part: after every shard's own rows at the same time
+_COVARIATES = ("covariate_hit", "covariate_pnl")
+_MIN_CAPACITY = 1024
 _Found = tuple[float, Outcome]  # an outcome and when it arrived (s, Redis clock)
 
 
-class _Columns:
-    """Observation columns as C arrays of doubles, appended row by row: 8 bytes a value, no objects."""
+class _Rows:
+    """Every row read, in numpy columns in the order a full read sorts them: by time, then a shard's own
+    rows before the shadow rows, then by shard, then in entry order.
+
+    A row is staged as it is read (C arrays of doubles, 8 bytes a value, no objects), then sorted in
+    with the others read in the same step (:meth:`sort_in`); only the rows at or after the earliest
+    new one move. ``changed_from`` and ``joined`` say what changed since :meth:`take_changes`.
+    Columns grow by doubling; a row's id is its reading order (``position[id]``: where it is).
+    """
 
     def __init__(self) -> None:
-        self.values = [array("d") for _ in _COLUMNS]
+        self.staged = [array("d") for _ in _COLUMNS]
+        self.columns: dict[str, np.ndarray] = {name: np.empty(0, dtype) for name, dtype in _COLUMNS.items()}
+        self.columns["id"] = np.empty(0, np.int64)
+        self.position = np.empty(0, np.int64)
+        self.n = 0  # rows sorted in
+        self.changed_from = 0  # the first position whose row changed since take_changes
+        self.joined = array("q")  # ids of rows sorted in whose outcome was written since take_changes
+        self.route_covariates: dict[str, np.ndarray] = {}  # by route code: the covariate columns kept
 
     def __len__(self) -> int:
-        return len(self.values[0])
+        return self.n + len(self.staged[0])
 
     def append(self, *row: float) -> None:
-        """One row, in ``_COLUMNS`` order."""
-        for column, value in zip(self.values, row, strict=True):
+        """One row, in ``_COLUMNS`` order; its id is ``len(self)`` before the call."""
+        for column, value in zip(self.staged, row, strict=True):
             column.append(value)
 
     def set_outcome(self, row: int, outcome: tuple[float, float, float]) -> None:
-        """Join an outcome that arrived after its row was read: (arrival s, correct, pnl)."""
-        for column, value in zip(self.values[-3:], outcome, strict=True):
-            column[row] = value
+        """Join an outcome (arrival s, correct, pnl) to row ``row`` (an id), staged or sorted in."""
+        if row >= self.n:
+            for column, value in zip(self.staged[-3:], outcome, strict=True):
+                column[row - self.n] = value
+            return
+        at = int(self.position[row])
+        for name, value in zip(("outcome_t_s", "correct", "pnl"), outcome, strict=True):
+            self.columns[name][at] = value
+        self.joined.append(row)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The columns by name."""
-        return {name: np.frombuffer(column, dtype=np.float64)
-                for name, column in zip(_COLUMNS, self.values, strict=True)}
+    def sort_in(self) -> None:
+        """Move the staged rows into the sorted columns: the rows from the earliest new one's time on
+        are sorted again with them (those read after the last analysis's clock, as a rule)."""
+        k = len(self.staged[0])
+        if not k:
+            return
+        new: dict[str, np.ndarray] = {name: np.frombuffer(column).astype(dtype)
+               for (name, dtype), column in zip(_COLUMNS.items(), self.staged, strict=True)}
+        new["id"] = np.arange(self.n, self.n + k, dtype=np.int64)
+        for name, by_route in self.route_covariates.items():
+            new[name] = by_route[new["route"]]
+        start = int(np.searchsorted(self.view("t_s"), new["t_s"].min(), side="left"))
+        merged = {name: np.concatenate([self.columns[name][start:self.n], values])
+                  for name, values in new.items()}
+        order = np.lexsort((merged["id"], merged["part"], merged["t_s"]))
+        end = self.n + k
+        self._reserve(end)
+        for name, values in merged.items():
+            self.columns[name][start:end] = values[order]
+        self.position[merged["id"][order]] = np.arange(start, end)
+        moved = np.flatnonzero(order[:self.n - start] != np.arange(self.n - start))
+        self.changed_from = min(self.changed_from, start + int(moved[0]) if len(moved) else self.n)
+        self.n = end
+        self.staged = [array("d") for _ in _COLUMNS]
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= len(self.position):
+            return
+        capacity = max(rows, 2 * len(self.position), _MIN_CAPACITY)
+        for name, values in [*self.columns.items(), ("position", self.position)]:
+            grown = np.empty(capacity, dtype=values.dtype)
+            grown[:self.n] = values[:self.n]
+            if name == "position":
+                self.position = grown
+            else:
+                self.columns[name] = grown
+
+    def set_route_covariates(self, by_route: dict[str, np.ndarray]) -> None:
+        """Keep these covariate columns (by route code; any other is dropped): every row's, written now."""
+        self.route_covariates = by_route
+        for name in _COVARIATES:
+            self.columns.pop(name, None)
+        for name, values in by_route.items():
+            column = np.empty(len(self.position))
+            column[:self.n] = values[self.view("route")]
+            self.columns[name] = column
+
+    def view(self, name: str) -> np.ndarray:
+        """The sorted rows' column ``name`` (a view, valid until the next :meth:`sort_in`)."""
+        return self.columns[name][:self.n]
+
+    def live(self, start_s: float) -> Observations:
+        """The sorted rows as observations: views, no copy (valid until the next :meth:`sort_in`), the unit
+        codes as read; a covariate column not kept is a NaN view."""
+        nothing = np.broadcast_to(np.float64(np.nan), (self.n,))
+        hit, pnl = (self.view(name) if name in self.columns else nothing for name in _COVARIATES)
+        return Observations(self.view("t_s"), self.view("unit"), self.view("arm"), self.view("error"),
+                            self.view("latency_ms"), self.view("outcome_t_s"), self.view("correct"),
+                            self.view("pnl"), hit, pnl, start_s)
+
+    def take_changes(self) -> tuple[int, np.ndarray]:
+        """The first position changed and the positions of the outcomes joined since the last call."""
+        changed = self.changed_from, self.position[np.frombuffer(self.joined, dtype=np.int64)]
+        self.changed_from, self.joined = self.n, array("q")
+        return changed
 
 
 @dataclass(frozen=True, slots=True)
 class _Waiting:
-    """A journaled request whose outcome has not arrived: where its rows are and what it predicted."""
+    """A journaled request whose outcome has not arrived: its rows (ids) and what it predicted."""
 
-    shard: int
     row: int
     error: bool
     label: bytes
@@ -102,15 +191,14 @@ class _Waiting:
 class _Journal:
     """The journal's rows with their outcomes joined, read entry by entry, shard by shard.
 
-    Per shard, one row per request (the control's in shadow mode) in ``rows`` and in
-    shadow mode the treatment's rows in ``shadow_rows``; rows stay in each shard's
-    entry order, so reading in several steps gives the same columns as one read.
+    One row per request (the control's in shadow mode), and in shadow mode one more for the
+    treatment's label; rows are sorted as a full read sorts them (:class:`_Rows`), so reading
+    in several steps gives the same columns as one read.
     """
 
     def __init__(self, e: Experiment) -> None:
         self.by_route, self.shadow_mode = e.unit == "route", e.mode == "shadow"
-        self.rows: dict[int, _Columns] = {}
-        self.shadow_rows: dict[int, _Columns] = {}
+        self.rows = _Rows()
         self.seen: set[bytes] = set()
         self.waiting: dict[bytes, _Waiting] = {}  # journaled requests without an outcome yet
         self.unmatched: dict[bytes, _Found] = {}  # first outcomes of requests not (yet) journaled
@@ -118,6 +206,7 @@ class _Journal:
         self.unit_codes: dict[bytes, int] = {}
         self.route_codes: dict[bytes, int] = {}
         self.malformed = self.duplicate = self.matched = 0
+        self._rank = np.empty(0, np.int64)
 
     def outcome(self, request_id: bytes, found: _Found) -> bool:
         """A valid outcome; False when the request already had one (only the first counts)."""
@@ -133,10 +222,10 @@ class _Journal:
         return True
 
     def _join(self, w: _Waiting, found: _Found) -> None:
-        self.rows[w.shard].set_outcome(w.row, _outcome_columns(None if w.error else found, w.label))
+        self.rows.set_outcome(w.row, _outcome_columns(None if w.error else found, w.label))
         if w.shadow_row >= 0:
             shadow = _outcome_columns(None if w.shadow_error else found, w.shadow_label, shadow=True)
-            self.shadow_rows[w.shard].set_outcome(w.shadow_row, shadow)
+            self.rows.set_outcome(w.shadow_row, shadow)
 
     def add(self, shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """One stream entry; a malformed or repeated one is counted and left out."""
@@ -157,16 +246,16 @@ class _Journal:
         unit_name = route if self.by_route and route else request_id
         unit = self.unit_codes.setdefault(unit_name, len(self.unit_codes))
         route_code = self.route_codes.setdefault(route, len(self.route_codes))
-        rows = self.rows.setdefault(shard, _Columns())
+        rows = self.rows
         error, label = bool(fields.get(b"error")), fields.get(b"label", b"")
-        waiting = _Waiting(shard, len(rows), error, label)
-        rows.append(t_s, unit, arm, error, math.nan if error else latency_ms, route_code, math.nan, math.nan,
-                    math.nan)
+        waiting = _Waiting(len(rows), error, label)
+        rows.append(t_s, unit, arm, error, math.nan if error else latency_ms, route_code, shard, math.nan,
+                    math.nan, math.nan)
         if self.shadow_mode and (b"shadow_label" in fields or b"shadow_error" in fields):
-            shadow = self.shadow_rows.setdefault(shard, _Columns())
-            waiting = replace(waiting, shadow_row=len(shadow), shadow_error=bool(fields.get(b"shadow_error")),
+            waiting = replace(waiting, shadow_row=len(rows), shadow_error=bool(fields.get(b"shadow_error")),
                               shadow_label=fields.get(b"shadow_label", b""))
-            shadow.append(t_s, unit, 1, waiting.shadow_error, math.nan, route_code, *[math.nan] * 3)
+            rows.append(t_s, unit, 1, waiting.shadow_error, math.nan, route_code, _SHADOW_PART + shard,
+                        *[math.nan] * 3)
         found = self.unmatched.pop(request_id, None)
         if found is None:
             self.waiting[request_id] = waiting
@@ -174,23 +263,22 @@ class _Journal:
             self.matched += 1
             self._join(waiting, found)
 
-    def columns(self) -> dict[str, np.ndarray]:
-        """Every row: each shard's rows in shard order, then each shard's shadow rows; units numbered
-        by name, so the columns do not depend on how many reads made them."""
-        parts = [c.arrays() for _, c in sorted(self.rows.items())] + \
-                [c.arrays() for _, c in sorted(self.shadow_rows.items())]
-        columns = {name: np.concatenate([p[name] for p in parts]) if parts else np.empty(0)
-                   for name in _COLUMNS}
-        if self.by_route and self.unit_codes:  # routes are clusters: number them as a full read would
-            rank = np.empty(len(self.unit_codes), dtype=np.int64)
-            rank[np.argsort(np.array(list(self.unit_codes), dtype=object), kind="stable")] = \
+    def unit_rank(self) -> np.ndarray | None:
+        """By route: each unit code's number in a full read, which numbers routes by name, so the columns
+        do not depend on how many reads made them (None: the codes as read are a full read's)."""
+        if not self.by_route or not self.unit_codes:
+            return None
+        if len(self._rank) != len(self.unit_codes):  # sorted again only when a unit is new
+            self._rank = np.empty(len(self.unit_codes), dtype=np.int64)
+            self._rank[np.argsort(np.array(list(self.unit_codes), dtype=object), kind="stable")] = \
                 np.arange(len(self.unit_codes))
-            columns["unit"] = rank[columns["unit"].astype(np.int64)]
-        return columns
+        return self._rank
 
-    def route_names(self) -> list[str]:
-        """Route names by code, decoded as creation decodes them (:mod:`experiments.covariates`)."""
-        return [r[:covariates.MAX_ROUTE_BYTES].decode(errors="replace") for r in self.route_codes]
+    def route_names(self, start: int = 0) -> list[str]:
+        """Route names by code from ``start``, decoded as creation decodes them
+        (:mod:`experiments.covariates`)."""
+        routes = itertools.islice(self.route_codes, start, None)
+        return [r[:covariates.MAX_ROUTE_BYTES].decode(errors="replace") for r in routes]
 
     def unit_names(self) -> tuple[str, ...]:
         """Unit names by code (routes, or request ids where the request is the unit)."""
@@ -243,16 +331,42 @@ def shards(client: redis.Redis, model: str) -> range:
         return range(keys.MAX_SHARDS)
 
 
+class _RouteCovariates:
+    """Each route's pre-period covariates by route code, as :meth:`covariates.PrePeriod.by_code` gives
+    them for every route read so far, computed once per route."""
+
+    def __init__(self, pre: covariates.PrePeriod) -> None:
+        self.pre = pre
+        self.values = {name: np.empty(0) for name in _COVARIATES}
+        self.known = {name: False for name in _COVARIATES}  # some route has one (by_code: not None)
+
+    def extend(self, names: list[str]) -> None:
+        """The routes read since, in code order."""
+        if not names:
+            return
+        for name, values in zip(_COVARIATES, self.pre.by_code(names), strict=True):
+            new = np.full(len(names), np.nan) if values is None else values
+            self.values[name] = np.concatenate([self.values[name], new])
+            self.known[name] = self.known[name] or values is not None
+
+    def kept(self) -> dict[str, np.ndarray]:
+        """The covariates a full read attaches: each metric some route has one of."""
+        return {name: values for name, values in self.values.items() if self.known[name]}
+
+
 class Reader:
-    """One experiment's journal and outcomes, read where the last read stopped.
+    """One experiment's journal and outcomes, read where the last read stopped, and their summary.
 
     Keeps, between analyses in the process that analyses (``experiment watch``), each
     stream's last entry id read and every row read so far (about 350 bytes a request
     with its ids), with the outcomes joined as they arrive; an analysis reads only the
-    entries written since. A fresh reader reads everything: ``analyze`` and ``status``
-    do. Columns equal a full read's, so decisions do too (see :func:`observations`),
-    until the capped journal trims rows the reader keeps; past what a full read could
-    hold, ``run_analysis`` starts a fresh reader (:data:`READER_MAX_ENTRIES_PER_STREAM`).
+    entries written since. It also keeps the summary of those rows (:meth:`summary`), advanced
+    by the rows and outcomes read since the last analysis and the rows that matured since, so
+    an analysis costs what arrived, not the experiment's age. A fresh reader reads and
+    summarises everything, once: ``analyze`` and ``status`` do. Columns and summaries equal
+    a full read's (see :func:`observations`), so decisions do too, until the capped journal
+    trims rows the reader keeps; past what a full read could hold, ``run_analysis`` starts a
+    fresh reader (:data:`READER_MAX_ENTRIES_PER_STREAM`).
     """
 
     def __init__(self, e: Experiment) -> None:
@@ -264,6 +378,9 @@ class Reader:
         self.decisions: list[dict] = []  # the audit trail read so far (see :func:`decisions`)
         self.decisions_cursor = "-"
         self.pre_period = covariates.PrePeriod.off("not read yet", stored=False)
+        self.live: Accumulator | None = None  # the summary kept between analyses
+        self.rebuilds = 0  # kept summaries started afresh (see :meth:`summary`)
+        self._covariates = _RouteCovariates(self.pre_period)
 
     def update(self, client: redis.Redis) -> None:
         """Read what was written since the last update: the outcomes first, then the journal.
@@ -273,7 +390,9 @@ class Reader:
         """
         _read_outcomes(client, self.experiment, self)
         if not self.pre_period.stored:  # written once, just after creation: read until it is there
-            self.pre_period = covariates.load(client, self.experiment)
+            pre = covariates.load(client, self.experiment)
+            if pre != self.pre_period:
+                self.pre_period, self._covariates = pre, _RouteCovariates(pre)
         e, journal = self.experiment, self.journal
         for shard in shards(client, e.model):
             key = keys.experiment_journal(e.model, e.id, shard)
@@ -281,24 +400,68 @@ class Reader:
                 for entry_id, fields in page:
                     journal.add(shard, entry_id, fields)
                 self.journal_cursors[shard] = "(" + text(page[-1][0])
+        self.sort_in()
         r = self.read
         r.journal_malformed, r.journal_duplicate = journal.malformed, journal.duplicate
         r.journal_entries, r.outcomes_unmatched = len(journal.seen), len(journal.unmatched)
+
+    def sort_in(self) -> None:
+        """Sort the rows read since into the others, with their routes' covariates."""
+        rows, cov = self.journal.rows, self._covariates
+        cov.extend(self.journal.route_names(len(cov.values["covariate_hit"])))
+        kept = cov.kept()
+        # A metric's first covariate (its first route with one, or the pre-period, which is read until
+        # it is stored and then never again): every row's column is written, the earlier rows' NaN, and
+        # the kept summary starts afresh (Accumulator.extend refuses a new column).
+        if kept.keys() != rows.route_covariates.keys():
+            rows.set_route_covariates(kept)
+        else:
+            rows.route_covariates = kept
+        rows.sort_in()
 
     def held_entries(self) -> int:
         """Journal rows and not-yet-joined outcomes held between analyses."""
         return len(self.journal.seen) + len(self.journal.unmatched)
 
     def observations(self) -> Observations:
-        """Every row read so far, with the outcomes read so far."""
-        columns = self.journal.columns()
-        route = columns.pop("route").astype(np.int64)
+        """Every row read so far, with the outcomes read so far: a copy, as a full read makes it."""
+        j = self.journal
+        columns = {name: j.rows.view(name).copy() for name in
+                   ("t_s", "unit", "arm", "error", "latency_ms", "outcome_t_s", "correct", "pnl")}
+        rank = j.unit_rank()
+        if rank is not None:
+            columns["unit"] = rank[columns["unit"]]
+        route = j.rows.view("route")
         hit, pnl = (None if covariate is None else covariate[route]
-                    for covariate in self.pre_period.by_code(self.journal.route_names()))
-        obs = Observations.build(**{**columns, "unit": columns["unit"].astype(np.int64),
-                                    "arm": columns["arm"].astype(np.int64), "error": columns["error"] != 0},
-                                 covariate_hit=hit, covariate_pnl=pnl, start_s=self.experiment.created_at)
-        return replace(obs, unit_names=self.journal.unit_names())
+                    for covariate in self.pre_period.by_code(j.route_names()))
+        obs = Observations.build(**columns, covariate_hit=hit, covariate_pnl=pnl,
+                                 start_s=self.experiment.created_at)
+        return replace(obs, unit_names=j.unit_names())
+
+    def summary(self, now_s: float) -> Summary:
+        """The summary as of ``now_s`` of every row read so far: ``summarize(e, self.observations(),
+        now_s)``, kept between calls and advanced by what was read since the last (its arrays stay
+        valid until the next call).
+
+        Started afresh, exactly, when what arrived changes rows already counted: a row earlier than
+        rows already exposed, or an outcome within the horizon of a row already matured (only when
+        clocks disagree: entries are stamped by Redis's clock, read after the analysis's), the
+        pre-period or which covariates exist; :attr:`rebuilds` counts these.
+        """
+        e, j = self.experiment, self.journal
+        obs = j.rows.live(e.created_at)
+        changed_from, joined = j.rows.take_changes()
+        live = self.live
+        if live is None or now_s < live.summary.now_s or not live.extend(obs, changed_from) \
+                or not live.late_outcomes(joined):
+            if live is not None:
+                self.rebuilds += 1
+                log.info("experiment %s: the kept summary starts afresh (%d so far): rows or outcomes "
+                         "arrived among those already counted", e.id, self.rebuilds)
+            live = self.live = Accumulator(e, obs)
+        s = live.advance(now_s)
+        rank = j.unit_rank()
+        return s.renumbered(rank) if rank is not None else s
 
 
 def _read_outcomes(client: redis.Redis, e: Experiment, read: Reader) -> None:
@@ -534,8 +697,10 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
                  readers: dict[str, Reader] | None = None) -> Decision:
     """Analyze the model's experiment now, append the decision to its audit trail, maybe apply it.
 
-    ``readers`` (by experiment id, kept by the caller between analyses) make each analysis read
-    only what was written since the last one; without it, everything is read.
+    ``readers`` (by experiment id, kept by the caller between analyses: ``experiment watch``) make
+    each analysis read only what was written since the last one and advance the summary kept with
+    it (:meth:`Reader.summary`); without it (``experiment analyze``), everything is read and
+    summarised once.
     """
     store = ExperimentStore(client, registry)
     e = store.get(model)
@@ -544,9 +709,9 @@ def run_analysis(client: redis.Redis, registry: Registry, model: str, *, apply: 
     # The clock first: everything written after it is left for the next analysis, so a request
     # counted as matured cannot miss an outcome that arrived before now.
     now_s = redis_now_s(client)
-    reader = None if readers is None else _reader_for(readers, e)
-    obs, _ = observations(client, e, reader)
-    decision = analysis.evaluate(e, obs, now_s, decisions(client, e, reader))
+    reader = Reader(e) if readers is None else _reader_for(readers, e)
+    reader.update(client)
+    decision = analysis.decide(e, reader.summary(now_s), decisions(client, e, reader))
     record = decision.to_dict() | {"applied": apply}
     client.xadd(keys.experiment_decisions(model, e.id), {"record": json.dumps(record)},
                 maxlen=DECISIONS_MAXLEN, approximate=False)

@@ -32,14 +32,15 @@ What counts at time ``now``:
   give the adjusted sums once enough rows have one.
 
 The accumulator only adds what is new since the previous call, so replaying a
-day's analyses costs one pass over the table.
+day's analyses costs one pass over the table; the live analysis (``experiment
+watch``) keeps one over a growing table, so an analysis costs the rows and outcomes
+read since the previous one and the rows maturing, not the experiment's age.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +57,8 @@ BLOCK_HORIZONS = 1  # shadow by request: a cluster is a block of one label horiz
 MIN_BLOCK_S = 1.0
 PNL_CALIBRATION = 1000  # matured P&L outcomes that fix the winsorising bounds
 PNL_CLIP = 0.005
+_CELLS = ("matured", "arrived", "hit_sum", "hit_n", "pnl_sum", "pnl_sq", "pnl_n")  # (clusters, 2) each
+_MOMENTS = ("n", "x", "y", "xy", "xx")
 
 
 @dataclass
@@ -103,6 +106,20 @@ class Summary:
         sums, squares = cuped.adjust(self.pnl_covariate, f, self.pnl_sum, self.pnl_sq)
         return sums, squares, self.pnl_n
 
+    def renumbered(self, rank: np.ndarray) -> Summary:
+        """This summary with cluster ``i`` as cluster ``rank[i]`` (a permutation): what a table with each
+        unit code ``u`` written as ``rank[u]`` gives, where the unit is the cluster."""
+        def move(values: np.ndarray) -> np.ndarray:
+            out = np.empty_like(values)
+            out[rank] = values
+            return out
+
+        hit, pnl = (None if m is None else Moments(*(move(getattr(m, f)) for f in _MOMENTS))
+                    for m in (self.hit_covariate, self.pnl_covariate))
+        return replace(self, matured=move(self.matured), arrived=move(self.arrived),
+                       hit_sum=move(self.hit_sum), hit_n=move(self.hit_n), pnl_sum=move(self.pnl_sum),
+                       pnl_sq=move(self.pnl_sq), pnl_n=move(self.pnl_n), hit_covariate=hit, pnl_covariate=pnl)
+
     @property
     def cuped(self) -> dict[str, dict[str, float | None]]:
         """Per adjusted metric (``hit_rate``, ``pnl``): ``theta``, ``covariate_share``,
@@ -124,32 +141,44 @@ class Summary:
 
 
 class Accumulator:
-    """Running per-cluster totals of one experiment's observations, advanced in time."""
+    """Running per-cluster totals of one experiment's observations, advanced in time.
+
+    Each call adds only what is new since the previous one: the rows exposed and matured since,
+    and the latency windows completed since. Over a fixed table (a replay) a day's analyses cost
+    one pass over it. The table may also grow between calls (the live analysis of
+    :class:`experiments.runner.Reader`): :meth:`extend` takes rows added or reordered after the
+    rows counted so far, and :meth:`late_outcomes` the outcomes that arrived, after the horizon,
+    for rows already counted as matured. A row's outcome is read only when it matures (its time
+    plus the horizon is past), so the outcome columns may be filled in place until then.
+    """
 
     def __init__(self, e: Experiment, obs: Observations) -> None:
         self.obs = obs
         self.horizon_s = e.label_horizon_s
         self.margins = e.margins
-        self.cluster = _clusters(e, obs)
-        # NaN (no outcome) compares False; a failed request's outcome is not the model's to score.
-        self.on_time = ((obs.outcome_t_s - obs.t_s) <= self.horizon_s) & ~obs.error
-        self.pnl_ok = self.on_time & ~np.isnan(obs.pnl)
-        clusters = int(self.cluster.max()) + 1 if len(obs) else 1
-        self.key = self.cluster * 2 + obs.arm
-        shape = (clusters, 2)
-        names = ("matured", "arrived", "hit_sum", "hit_n", "pnl_sum", "pnl_sq", "pnl_n")
-        zeros: dict[str, Any] = {name: np.zeros(shape) for name in names}
-        units = int(obs.unit.max()) + 1 if len(obs) else 1
-        self.seen = np.zeros(units, dtype=bool)
-        self.summary = Summary(-math.inf, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(2, np.int64),
-                               late=np.zeros(2, np.int64), pnl_bounds=None, latency_n=0, latency_above=0,
-                               latency_windows=0, **zeros)
+        self.clusters_by = "unit" if e.unit == "route" else "rows" if e.mode == "split" else "time"
+        self.block_s = max(BLOCK_HORIZONS * e.label_horizon_s, MIN_BLOCK_S)
+        self.rows_processed = 0  # row reads so far (a row read again counts again): the work done
+        def none() -> np.ndarray:
+            return np.zeros((0, 2))
+
+        def zero() -> np.ndarray:
+            return np.zeros(2, np.int64)
+
+        self.summary = Summary(-math.inf, zero(), zero(), zero(), none(), none(), zero(), none(), none(),
+                               none(), none(), none(), pnl_bounds=None, latency_n=0, latency_above=0,
+                               latency_windows=0)
+        self._cells = {name: np.zeros((0, 2)) for name in _CELLS}  # grown by doubling; published as views
         # A covariate column nobody gave costs nothing here either.
-        if not data.absent(obs.covariate_hit):
-            self.summary.hit_covariate = Moments.zeros(shape)
-        if not data.absent(obs.covariate_pnl):
-            self.summary.pnl_covariate = Moments.zeros(shape)
-        self._exposed = self._matured = self._pnl_done = self._windows = 0
+        self._moments = {name: Moments.zeros((0, 2)) for name, column in
+                         (("hit", obs.covariate_hit), ("pnl", obs.covariate_pnl)) if not data.absent(column)}
+        self._seen = np.zeros(0, dtype=bool)  # by unit code: exposed already
+        self._units = 1  # highest unit code + 1
+        self._clusters = 1
+        self._pnl_first = np.empty(0)  # the first matured P&L outcomes, until they fix the winsorising bounds
+        self._exposed = self._matured = self._windows = 0
+        self._grow(0)
+        self._publish()
 
     def advance(self, now_s: float) -> Summary:
         """The summary as of ``now_s`` (never earlier than the last call). Arrays are live views."""
@@ -159,73 +188,167 @@ class Accumulator:
         self._add_exposures(self._exposed, exposed)
         matured = int(np.searchsorted(obs.t_s, s.now_s - self.horizon_s, side="right"))
         self._add_matured(self._matured, matured)
-        self._add_pnl(matured)
         self._add_windows(int((s.now_s - obs.start_s) // WINDOW_S))
         self._exposed, self._matured = exposed, matured
+        self._publish()
         return s
+
+    def extend(self, obs: Observations, changed_from: int) -> bool:
+        """Go on over ``obs``: this table grown, the same rows before ``changed_from`` (outcomes joined
+        since included), added or reordered rows from there on, in time order.
+
+        False, changing nothing, when a changed row is one already counted (exposed, or in a latency
+        window done) or a covariate column came or went: then only a fresh accumulator is right.
+        """
+        windows_end_s = self.obs.start_s + self._windows * WINDOW_S
+        changed = changed_from < len(obs)
+        if changed and (changed_from < self._exposed or obs.t_s[changed_from] < windows_end_s):
+            return False
+        covariates = {name for name, column in (("hit", obs.covariate_hit), ("pnl", obs.covariate_pnl))
+                      if not data.absent(column)}
+        if covariates != set(self._moments):
+            return False
+        self.obs = obs
+        self._grow(changed_from)
+        self._publish()
+        return True
+
+    def late_outcomes(self, rows: np.ndarray) -> bool:
+        """Outcomes written since the last call into rows at positions ``rows``: those of rows already
+        counted as matured arrived after the horizon and count as late, as a full read counts them.
+
+        False, changing nothing, when one of them arrived within the horizon (possible only when an
+        outcome is written with an earlier time than the clock's): then only a fresh accumulator is right.
+        """
+        obs = self.obs
+        rows = rows[rows < self._matured]
+        self.rows_processed += len(rows)
+        arrived_s = obs.outcome_t_s[rows]
+        if np.any(((arrived_s - obs.t_s[rows]) <= self.horizon_s) & ~obs.error[rows]):
+            return False
+        self.summary.late += np.bincount(obs.arm[rows][~np.isnan(arrived_s)], minlength=2)
+        return True
+
+    def _grow(self, lo: int) -> None:
+        """Room for the clusters and units of rows ``lo:`` (new or reordered)."""
+        obs = self.obs
+        if len(obs) > lo:
+            self._units = max(self._units, int(obs.unit[lo:].max()) + 1)
+        if self._units > len(self._seen):
+            self._seen = _grown(self._seen, self._units)
+        self._clusters = self._cluster_count()
+        if self._clusters > len(self._cells["matured"]):
+            self._cells = {name: _grown(cells, self._clusters) for name, cells in self._cells.items()}
+            self._moments = {name: Moments(*(_grown(getattr(m, f), self._clusters) for f in _MOMENTS))
+                             for name, m in self._moments.items()}
+
+    def _cluster_count(self) -> int:
+        """Clusters of the whole table (a cluster whose rows are not exposed yet is a row of zeros)."""
+        n = len(self.obs)
+        if not n:
+            return 1
+        if self.clusters_by == "unit":
+            return self._units
+        if self.clusters_by == "rows":
+            return (n - 1) // BLOCK_REQUESTS + 1
+        return int(self._time_block(self.obs.t_s[-1:])[0]) + 1
+
+    def _cluster(self, lo: int, hi: int) -> np.ndarray:
+        if self.clusters_by == "unit":
+            return self.obs.unit[lo:hi]
+        if self.clusters_by == "rows":
+            # Each request's arm is drawn on its own, so the arm is independent of every outcome, however
+            # correlated the outcomes of nearby requests are: the per-block scores of the difference are
+            # uncorrelated for any blocking. Blocks of a fixed number of requests keep the number of
+            # clusters (and the t correction's degrees of freedom) growing with the information, where
+            # time blocks left a busy desk two or three clusters when the planned information was reached.
+            return np.arange(lo, hi, dtype=np.int64) // BLOCK_REQUESTS
+        return self._time_block(self.obs.t_s[lo:hi])
+
+    def _time_block(self, t_s: np.ndarray) -> np.ndarray:
+        return np.maximum((t_s - self.obs.start_s) // self.block_s, 0).astype(np.int64)
+
+    def _publish(self) -> None:
+        """The summary's per-cluster arrays: views of the totals, as many clusters as the table has."""
+        s, n = self.summary, self._clusters
+        for name, cells in self._cells.items():
+            setattr(s, name, cells[:n])
+        s.hit_covariate, s.pnl_covariate = (
+            Moments(*(getattr(m, f)[:n] for f in _MOMENTS)) if m is not None else None
+            for m in (self._moments.get("hit"), self._moments.get("pnl")))
+
+    def _keys(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``lo:hi``: each one's cell (cluster · 2 + arm), and whether its outcome arrived in time."""
+        obs = self.obs
+        # NaN (no outcome) compares False; a failed request's outcome is not the model's to score.
+        on_time = ((obs.outcome_t_s[lo:hi] - obs.t_s[lo:hi]) <= self.horizon_s) & ~obs.error[lo:hi]
+        return self._cluster(lo, hi) * 2 + obs.arm[lo:hi], on_time
 
     def _add_exposures(self, lo: int, hi: int) -> None:
         if hi <= lo:
             return
         s, obs = self.summary, self.obs
+        self.rows_processed += hi - lo
         arm = obs.arm[lo:hi]
         s.exposures += np.bincount(arm, minlength=2)
         s.errors += np.bincount(arm, weights=obs.error[lo:hi], minlength=2).astype(np.int64)
         units, first = np.unique(obs.unit[lo:hi], return_index=True)
-        new = ~self.seen[units]
-        self.seen[units] = True
+        new = ~self._seen[units]
+        self._seen[units] = True
         s.units += np.bincount(arm[first[new]], minlength=2)
 
     def _add_matured(self, lo: int, hi: int) -> None:
         if hi <= lo:
             return
-        s, obs = self.summary, self.obs
-        size = s.matured.size
+        s, obs, cells = self.summary, self.obs, self._cells
+        self.rows_processed += hi - lo
+        key, on_time = self._keys(lo, hi)
         # A failed request made no prediction, so no outcome is due for it: counting it would
         # read an arm's errors as missing outcomes (and HALT) instead of as its error rate.
         answered = ~obs.error[lo:hi]
-        key, on_time = self.key[lo:hi], self.on_time[lo:hi]
         done = key[answered]
-        s.matured += np.bincount(done, minlength=size).reshape(s.matured.shape)
-        s.arrived += np.bincount(done, weights=on_time[answered], minlength=size).reshape(s.matured.shape)
-
+        _scatter(cells["matured"], done)
+        _scatter(cells["arrived"], done, on_time[answered])
         late = ~on_time & ~np.isnan(obs.outcome_t_s[lo:hi])
         s.late += np.bincount(obs.arm[lo:hi], weights=late, minlength=2).astype(np.int64)
         correct = obs.correct[lo:hi]
         scored = on_time & ~np.isnan(correct)
-        shape = s.matured.shape
-        s.hit_n += np.bincount(key[scored], minlength=size).reshape(shape)
-        s.hit_sum += np.bincount(key[scored], weights=correct[scored], minlength=size).reshape(shape)
-        if s.hit_covariate is not None:
-            s.hit_covariate.add(key[scored], obs.covariate_hit[lo:hi][scored], correct[scored])
+        _scatter(cells["hit_n"], key[scored])
+        _scatter(cells["hit_sum"], key[scored], correct[scored])
+        if "hit" in self._moments:
+            _add_moments(self._moments["hit"], key[scored], obs.covariate_hit[lo:hi][scored], correct[scored])
+        self._add_pnl(lo, hi, key, on_time)
 
-    def _add_pnl(self, matured: int) -> None:
-        s, obs = self.summary, self.obs
+    def _add_pnl(self, lo: int, hi: int, key: np.ndarray, on_time: np.ndarray) -> None:
+        """Rows ``lo:hi`` just matured: their P&L, winsorised once the first ``PNL_CALIBRATION`` fixed the
+        bounds (then every row matured so far, once)."""
+        s, obs, cells = self.summary, self.obs, self._cells
+        ok = on_time & ~np.isnan(obs.pnl[lo:hi])
         if s.pnl_bounds is None:
-            ready = np.flatnonzero(self.pnl_ok[:matured])
-            if len(ready) < PNL_CALIBRATION:
+            self._pnl_first = np.concatenate([self._pnl_first, obs.pnl[lo:hi][ok][:PNL_CALIBRATION]])
+            if len(self._pnl_first) < PNL_CALIBRATION:
                 return
-            first = obs.pnl[ready[:PNL_CALIBRATION]]
+            first = self._pnl_first[:PNL_CALIBRATION]
             low, high = np.quantile(first, [PNL_CLIP, 1 - PNL_CLIP])
             s.pnl_bounds = (float(low), float(high))
             s.pnl_sd = float(np.std(np.clip(first, low, high), ddof=1))
-        lo, hi = self._pnl_done, matured
-        if hi <= lo:
-            return
-        ok = self.pnl_ok[lo:hi]
-        key = self.key[lo:hi][ok]
+            self._pnl_first = np.empty(0)
+            self.rows_processed += hi
+            lo, (key, on_time) = 0, self._keys(0, hi)
+            ok = on_time & ~np.isnan(obs.pnl[:hi])
+        key = key[ok]
         values = np.clip(obs.pnl[lo:hi][ok], *s.pnl_bounds)
-        s.pnl_n += np.bincount(key, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
-        s.pnl_sum += np.bincount(key, weights=values, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
-        s.pnl_sq += np.bincount(key, weights=values * values, minlength=s.pnl_n.size).reshape(s.pnl_n.shape)
-        if s.pnl_covariate is not None:
-            s.pnl_covariate.add(key, obs.covariate_pnl[lo:hi][ok], values)
-        self._pnl_done = hi
+        _scatter(cells["pnl_n"], key)
+        _scatter(cells["pnl_sum"], key, values)
+        _scatter(cells["pnl_sq"], key, values * values)
+        if "pnl" in self._moments:
+            _add_moments(self._moments["pnl"], key, obs.covariate_pnl[lo:hi][ok], values)
 
     def _add_windows(self, complete: int) -> None:
         s, obs = self.summary, self.obs
         for w in range(self._windows, complete):
             lo, hi = np.searchsorted(obs.t_s, obs.start_s + np.array([w, w + 1]) * WINDOW_S, side="left")
+            self.rows_processed += int(hi - lo)
             latency, arm = obs.latency_ms[lo:hi], obs.arm[lo:hi]
             known = ~np.isnan(latency)
             control, treatment = latency[known & (arm == 0)], latency[known & (arm == 1)]
@@ -241,18 +364,30 @@ class Accumulator:
         self._windows = max(self._windows, complete)
 
 
-def _clusters(e: Experiment, obs: Observations) -> np.ndarray:
-    if e.unit == "route":
-        return obs.unit
-    if e.mode == "split":
-        # Each request's arm is drawn on its own, so the arm is independent of every outcome, however
-        # correlated the outcomes of nearby requests are: the per-block scores of the difference are
-        # uncorrelated for any blocking. Blocks of a fixed number of requests keep the number of
-        # clusters (and the t correction's degrees of freedom) growing with the information, where
-        # time blocks left a busy desk two or three clusters when the planned information was reached.
-        return np.arange(len(obs), dtype=np.int64) // BLOCK_REQUESTS
-    block_s = max(BLOCK_HORIZONS * e.label_horizon_s, MIN_BLOCK_S)
-    return np.maximum((obs.t_s - obs.start_s) // block_s, 0).astype(np.int64)
+def _grown(values: np.ndarray, rows: int) -> np.ndarray:
+    """``values`` with at least ``rows`` rows, the new ones zero (capacity doubling: amortised O(1) a row)."""
+    out = np.zeros((max(rows, 2 * len(values)), *values.shape[1:]), dtype=values.dtype)
+    out[:len(values)] = values
+    return out
+
+
+def _scatter(total: np.ndarray, key: np.ndarray, weights: np.ndarray | None = None) -> None:
+    """``total.flat[key] += weights`` (1 each without), counting over the keys' span only: a slice of new
+    rows costs its own size, not the number of clusters."""
+    if not len(key):
+        return
+    low = int(key.min())
+    sums = np.bincount(key - low, weights=weights)
+    flat = total.reshape(-1)  # a view: the totals are C-contiguous
+    flat[low:low + len(sums)] += sums
+
+
+def _add_moments(m: Moments, key: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """:meth:`Moments.add` on the clusters the keys span only (a view of them)."""
+    if not len(key):
+        return
+    low, high = int(key.min()) // 2, int(key.max()) // 2 + 1
+    Moments(*(getattr(m, f)[low:high] for f in _MOMENTS)).add(key - 2 * low, x, y)
 
 
 def summarize(e: Experiment, obs: Observations, now_s: float) -> Summary:
