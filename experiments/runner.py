@@ -109,35 +109,50 @@ class _Rows:
             self.columns[name][at] = value
         self.joined.append(row)
 
+    def set_pre_period(self, pre: covariates.PrePeriod) -> None:
+        """The covariates to attach to the rows read (every row's, at the next :meth:`sort_in`)."""
+        self.pre_period, self._covariates = pre, _RouteCovariates(pre)
+
     def sort_in(self) -> None:
         """Move the staged rows into the sorted columns: the rows from the earliest new one's time on
-        are sorted again with them (those read after the last analysis's clock, as a rule)."""
+        are sorted again with them (those read after the last analysis's clock, as a rule). One column
+        at a time, each staged one let go once moved: a first read of a million rows holds little more
+        than the columns themselves."""
         k = len(self.staged[0])
         if not k:
             return
-        new: dict[str, np.ndarray] = {name: np.frombuffer(column).astype(dtype)
-               for (name, dtype), column in zip(_COLUMNS.items(), self.staged, strict=True)}
-        new["id"] = np.arange(self.n, self.n + k, dtype=np.int64)
-        for name, by_route in self.route_covariates.items():
-            new[name] = by_route[new["route"]]
-        start = int(np.searchsorted(self.view("t_s"), new["t_s"].min(), side="left"))
-        merged = {name: np.concatenate([self.columns[name][start:self.n], values])
-                  for name, values in new.items()}
-        order = np.lexsort((merged["id"], merged["part"], merged["t_s"]))
+        staged = dict(zip(_COLUMNS, self.staged, strict=True))
+        self.staged = [array("d") for _ in _COLUMNS]
+        new_route = np.frombuffer(staged["route"]).astype(np.int64)
+        start = int(np.searchsorted(self.view("t_s"), np.frombuffer(staged["t_s"]).min(), side="left"))
         end = self.n + k
+
+        def merged(name: str) -> np.ndarray:
+            if name == "id":
+                values = np.arange(self.n, end, dtype=np.int64)
+            elif name in self.route_covariates:
+                values = self.route_covariates[name][new_route]
+            else:
+                values = np.frombuffer(staged.pop(name)).astype(_COLUMNS[name])
+            return np.concatenate([self.columns[name][start:self.n], values]) if start < self.n else values
+
+        sort_keys = {name: merged(name) for name in ("id", "part", "t_s")}
+        order = np.lexsort(tuple(sort_keys.values()))
         self._reserve(end)
-        for name, values in merged.items():
+        self.position[sort_keys["id"][order]] = np.arange(start, end)
+        for name, values in sort_keys.items():
             self.columns[name][start:end] = values[order]
-        self.position[merged["id"][order]] = np.arange(start, end)
+        del sort_keys
+        for name in [*staged, *self.route_covariates]:
+            self.columns[name][start:end] = merged(name)[order]
         moved = np.flatnonzero(order[:self.n - start] != np.arange(self.n - start))
         self.changed_from = min(self.changed_from, start + int(moved[0]) if len(moved) else self.n)
         self.n = end
-        self.staged = [array("d") for _ in _COLUMNS]
 
     def _reserve(self, rows: int) -> None:
         if rows <= len(self.position):
             return
-        capacity = max(rows, 2 * len(self.position), _MIN_CAPACITY)
+        capacity = max(rows, len(self.position) + len(self.position) // 4, _MIN_CAPACITY)
         for name, values in [*self.columns.items(), ("position", self.position)]:
             grown = np.empty(capacity, dtype=values.dtype)
             grown[:self.n] = values[:self.n]
@@ -392,7 +407,7 @@ class Reader:
         if not self.pre_period.stored:  # written once, just after creation: read until it is there
             pre = covariates.load(client, self.experiment)
             if pre != self.pre_period:
-                self.pre_period, self._covariates = pre, _RouteCovariates(pre)
+                self.set_pre_period(pre)
         e, journal = self.experiment, self.journal
         for shard in shards(client, e.model):
             key = keys.experiment_journal(e.model, e.id, shard)
@@ -404,6 +419,10 @@ class Reader:
         r = self.read
         r.journal_malformed, r.journal_duplicate = journal.malformed, journal.duplicate
         r.journal_entries, r.outcomes_unmatched = len(journal.seen), len(journal.unmatched)
+
+    def set_pre_period(self, pre: covariates.PrePeriod) -> None:
+        """The covariates to attach to the rows read (every row's, at the next :meth:`sort_in`)."""
+        self.pre_period, self._covariates = pre, _RouteCovariates(pre)
 
     def sort_in(self) -> None:
         """Sort the rows read since into the others, with their routes' covariates."""
@@ -451,15 +470,16 @@ class Reader:
         e, j = self.experiment, self.journal
         obs = j.rows.live(e.created_at)
         changed_from, joined = j.rows.take_changes()
-        live = self.live
+        live, self.live = self.live, None  # kept again only once advanced: an error midway starts afresh
         if live is None or now_s < live.summary.now_s or not live.extend(obs, changed_from) \
                 or not live.late_outcomes(joined):
             if live is not None:
                 self.rebuilds += 1
                 log.info("experiment %s: the kept summary starts afresh (%d so far): rows or outcomes "
                          "arrived among those already counted", e.id, self.rebuilds)
-            live = self.live = Accumulator(e, obs)
+            live = Accumulator(e, obs)
         s = live.advance(now_s)
+        self.live = live
         rank = j.unit_rank()
         return s.renumbered(rank) if rank is not None else s
 
