@@ -2,8 +2,9 @@
 
 The live analysis (``experiments.runner`` reads it from Redis) and the offline
 replay (``experiments.simulate`` reads it from a CSV or Parquet table) both build
-an :class:`Observations` and pass it through :func:`experiments.analysis.evaluate`,
-so the rule a quant audits offline is the rule that promotes in production.
+an :class:`Observations`, summarise it with :class:`experiments.summary.Accumulator`
+and decide with :func:`experiments.analysis.decide`, so the rule a quant audits
+offline is the rule that promotes in production.
 
 Times are seconds on one clock (Redis entry ids in production). In shadow mode a
 request appears twice, once per arm, at the same time and in the same unit.

@@ -77,7 +77,7 @@ class _Rows:
     A row is staged as it is read (C arrays of doubles, 8 bytes a value, no objects), then sorted in
     with the others read in the same step (:meth:`sort_in`); only the rows at or after the earliest
     new one move. ``changed_from`` and ``joined`` say what changed since :meth:`take_changes`.
-    Columns grow by doubling; a row's id is its reading order (``position[id]``: where it is).
+    Columns grow by a quarter at a time; a row's id is its reading order (``position[id]``: where it is).
     """
 
     def __init__(self) -> None:
@@ -108,10 +108,6 @@ class _Rows:
         for name, value in zip(("outcome_t_s", "correct", "pnl"), outcome, strict=True):
             self.columns[name][at] = value
         self.joined.append(row)
-
-    def set_pre_period(self, pre: covariates.PrePeriod) -> None:
-        """The covariates to attach to the rows read (every row's, at the next :meth:`sort_in`)."""
-        self.pre_period, self._covariates = pre, _RouteCovariates(pre)
 
     def sort_in(self) -> None:
         """Move the staged rows into the sorted columns: the rows from the earliest new one's time on
