@@ -153,23 +153,31 @@ def _efficacy(e: Experiment, s: Summary, state: _Look, history: Sequence[dict]) 
     rule has passed, KEEP at the last planned look, else CONTINUE."""
     tested = state.look >= 1 and not any(r.get("look") == state.look and r.get("boundary_tested")
                                          for r in history)
-    crossing = _crossing(history, "primary_crossed", e.primary)
-    shown = _crossing(history, "noninferior", _other_name(e))
+    crossing = _crossing(history, "primary_crossed", e.primary, e.planned_looks)
+    shown = _crossing(history, "noninferior", _other_name(e), e.planned_looks)
+    needed = _noninferiority_needed(e, s, state) and not _legacy(history)
     if tested:
         if crossing is None:
             crossing = _crossed(e, state)
-        if shown is None and _noninferiority_needed(e, s, state):
+        if shown is None and needed:
             shown = _noninferior(e, s, state)
-    return _verdict(e, s, state, crossing, shown, tested=tested)
+    return _verdict(e, s, state, crossing, shown, tested=tested, needed=needed)
 
 
-def _verdict(e: Experiment, s: Summary, state: _Look, crossing: tuple[object, dict] | None,
-             shown: tuple[object, dict] | None, *, tested: bool) -> Decision:
+def _legacy(history: Sequence[dict]) -> bool:
+    """Did the primary cross under the rule before the non-inferiority boundary existed (its records
+    have no ``noninferior``)? Such an experiment keeps that rule's always-valid check of the other
+    metric: its looks were spent on the primary's own plan."""
+    return any(r.get("primary_crossed") is True and "noninferior" not in r for r in history)
+
+
+def _verdict(e: Experiment, s: Summary, state: _Look, crossing: tuple[int, dict] | None,
+             shown: tuple[int, dict] | None, *, tested: bool, needed: bool) -> Decision:
     flags = _Flags(tested, crossing is not None, shown is not None)
     passed = [c[1] for c in (crossing, shown) if c is not None]
     this_look = [asdict(t) for t in state.tests if t.role == "boundary"] if tested else []
     if crossing is not None:
-        outside = _outside(e, s, state, shown)
+        outside = _outside(e, state, shown, needed)
         if not outside:
             why = f"{e.primary}: the boundary was crossed at look {crossing[0]}"
             why += f"; {_other_name(e)} shown non-inferior at look {shown[0]}" if shown else ""
@@ -196,14 +204,14 @@ def _unique(tests: Sequence[dict]) -> list[dict]:
     return [t for t in tests if not (t in seen or seen.append(t))]  # type: ignore[func-returns-value]
 
 
-def _outside(e: Experiment, s: Summary, state: _Look, shown: tuple[object, dict] | None
+def _outside(e: Experiment, state: _Look, shown: tuple[int, dict] | None, needed: bool
              ) -> list[tuple[str, dict | None]]:
     """The parts of the rule not (yet) shown inside their margins, with their tests."""
     outside: list[tuple[str, dict | None]] = []
     for t in state.tests:
         if t.role != "guardrail":
             continue
-        if t.metric == _other_name(e) and _noninferiority_needed(e, s, state):
+        if t.metric == _other_name(e) and needed:
             if shown is None:
                 outside.append((f"{t.metric} (non-inferiority at a look)", None))
         elif not _inside(asdict(t)):
@@ -225,16 +233,34 @@ def _prior(history: Sequence[dict]) -> dict | None:
     return first[0] if first else None
 
 
-def _crossing(history: Sequence[dict], flag: str, metric: str) -> tuple[object, dict] | None:
-    """(look, boundary test) of the analysis where ``metric`` first crossed (``flag`` set), or None."""
-    record = next((r for r in history if r.get(flag)), None)
-    if record is None:
-        return None
+def _crossing(history: Sequence[dict], flag: str, metric: str, looks: int) -> tuple[int, dict] | None:
+    """(look, boundary test) of the first analysis where ``metric`` crossed its boundary, or None.
+
+    Records are read back from Redis: one counts only if its ``flag`` is ``True``, it spent a
+    planned look's test (``boundary_tested``, look 1..``looks``) and its basis holds that boundary
+    test with a finite z at or past its finite threshold.
+    """
+    for record in history:
+        if record.get(flag) is not True:
+            continue
+        look, test = record.get("look"), _boundary_test(record, metric)
+        if record.get("boundary_tested") is True and isinstance(look, int) and not isinstance(look, bool) \
+                and 1 <= look <= looks and test is not None:
+            return look, test
+    return None
+
+
+def _boundary_test(record: dict, metric: str) -> dict | None:
+    """The record's boundary test of ``metric`` that was crossed, if its basis holds one."""
     basis = record.get("basis")
-    tests = basis.get("tests", []) if isinstance(basis, dict) else []
-    boundary = next((t for t in tests if isinstance(t, dict) and t.get("role") == "boundary"
-                     and t.get("metric") == metric), None) if isinstance(tests, list) else None
-    return record.get("look"), boundary or {"metric": metric, "role": "boundary", "test": "(not recorded)"}
+    tests = basis.get("tests") if isinstance(basis, dict) else None
+    for t in tests if isinstance(tests, list) else []:
+        if isinstance(t, dict) and t.get("role") == "boundary" and t.get("metric") == metric:
+            z, bound = t.get("statistic"), t.get("threshold")
+            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                          for v in (z, bound))
+            return t if numbers and z >= bound else None  # type: ignore[operator]
+    return None
 
 
 def _standing(prior: dict, e: Experiment, s: Summary, state: _Look) -> Decision:
@@ -485,7 +511,7 @@ def _latency_margin_text(e: Experiment, s: Summary) -> str:
 
 # ---- PROMOTE --------------------------------------------------------------------------
 
-def _crossed(e: Experiment, state: _Look) -> tuple[object, dict] | None:
+def _crossed(e: Experiment, state: _Look) -> tuple[int, dict] | None:
     """Test the primary effect against this look's boundary (once per look): (look, test) if crossed."""
     d = state.primary
     z_bound = float(stats.obrien_fleming_bounds(e.planned_looks, e.alpha)[state.look - 1])
@@ -502,14 +528,19 @@ def _noninferiority_needed(e: Experiment, s: Summary, state: _Look) -> bool:
 
     Yes when its margin is not 0 (the P&L default is a share of its sd, known once the
     calibration sample has matured) and the bots report it at all; a metric nobody reports
-    cannot be tested, and ``--margin-pnl 0`` asks only that no loss be shown.
+    cannot be tested. ``--margin-pnl 0`` (``--margin-accuracy-pp 0`` for a P&L primary), or a
+    P&L without spread under the default margin, asks only that no loss be shown.
     """
-    if e.primary == "hit_rate" and e.margins.pnl_per_trade == 0:
+    if e.primary == "hit_rate":
+        user = e.margins.pnl_per_trade
+        if user == 0 or (user is None and s.pnl_bounds is not None and not s.pnl_sd > 0):
+            return False
+    elif e.margins.accuracy_pp == 0:
         return False
     return state.other.n_treatment > 0 and state.other.n_control > 0
 
 
-def _noninferior(e: Experiment, s: Summary, state: _Look) -> tuple[object, dict] | None:
+def _noninferior(e: Experiment, s: Summary, state: _Look) -> tuple[int, dict] | None:
     """Test the other metric against this look's non-inferiority boundary: (look, test) if shown.
 
     The same O'Brien–Fleming boundary as the primary's, at the design's full alpha, for
@@ -536,7 +567,7 @@ def _inside(t: dict) -> bool:
         return t["ci_high"] <= t["threshold"]
     if math.isnan(t["estimate"]):  # hit rate or P&L not reported by the bots
         return True
-    if t["metric"] == "pnl" and t["threshold"] == 0:  # no P&L margin set: only shown harm blocks
+    if t["threshold"] == 0:  # a margin of 0 for the other metric: only shown harm blocks
         return t["ci_high"] >= 0
     return t["ci_low"] > t["threshold"]
 

@@ -260,7 +260,7 @@ def _standing_text(standing: dict | None) -> str:
     info = standing.get("info_fraction")
     share = f", {info:.0%} of the planned information" if isinstance(info, int | float) and \
         not isinstance(info, bool) and math.isfinite(info) else ""
-    reason = str(standing.get("reason", ""))[:300]
+    reason = "".join(c for c in str(standing.get("reason", ""))[:300] if c.isprintable())
     decision, look = str(standing.get("decision"))[:20], str(standing.get("look"))[:20]
     return f"decision: {decision} stands since look {look}{share}: {reason}"
 

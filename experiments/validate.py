@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from experiments import feasibility, traffic_power
+from experiments import feasibility, plan, traffic_power
 from experiments import stats as S
 from experiments.data import Observations
 from experiments.replay import replay
@@ -191,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     design = experiment(SCENARIOS[0])
     planned = S.sample_size_two_proportions(0.55, 0.02, alpha=design.alpha, power=design.power, looks=40,
                                             treatment_share=0.10)
-    factor = feasibility.planned_information(design, hit_rate=0.55) / \
-        feasibility.planned_information(design, hit_rate=0.55, pnl_reported=False)
+    factor = feasibility.planned_information(design, hit_rate=0.55) / (plan.ESTIMATED_VARIANCE_ALLOWANCE * (
+        S.max_information(0.02, alpha=design.alpha, power=design.power, looks=40)))
     print(f"design: 90/10, 40 looks, one-sided alpha {design.alpha}, power {design.power} for +2 pp on 55 %: "
           f"{planned.treatment} treatment / {planned.control} control outcomes if independent for the "
-          f"primary alone, {factor:.3g} times that for the whole rule (P&L within 0.05 sd); "
+          f"primary alone, {factor:.3g} times that for the whole rule (P&L within 0.05 sd, beta shared); "
           f"{MINUTES} analyses, {RATE_PER_S:g} requests/s, {args.sims} simulations each")
     print(f"trading days ({traffic_power.DAY_MINUTES} min, 90/10 by request, {args.traffic_sims} each) at "
           f"{', '.join(f'{r:g}' for r in TRAFFIC_RATES)} requests/s: experiments.traffic_power's world")
