@@ -5,9 +5,9 @@ simulating 200,000 look paths (:mod:`experiments.stats`): about 2.6 s and 130 MB
 each time a process first needs them. They depend only on their arguments and on the
 code that computes them, so :func:`disk_cached` keys each result by the function's
 name, its arguments, the source of its whole module and numpy's version (the random
-streams), and keeps it as JSON under the user's cache directory:
-``$STREAMSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/streamserve``, else
-``~/.cache/streamserve``, in ``calibration/``. A file that is missing, unreadable or
+streams), and keeps it as JSON under the cache directory, in ``calibration/``:
+``Settings.cache_dir`` (``STREAMSERVE_CACHE_DIR``; the ``streamserve`` command
+passes it to :func:`configure`), else ``~/.cache/streamserve``. A file that is missing, unreadable or
 malformed is computed again and rewritten; a directory that cannot be written only
 costs the time.
 """
@@ -31,13 +31,18 @@ import numpy as np
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_directory: list[Path] = []  # the configured cache directory, if any (settings are read once, by the CLI)
+
+
+def configure(directory: Path | None) -> None:
+    """Keep calibrations under ``directory`` (``Settings.cache_dir``); None: the default."""
+    _directory[:] = [directory] if directory is not None else []
+
+
 def cache_dir() -> Path:
     """Where calibrations are kept (created on first write)."""
-    explicit = os.environ.get("STREAMSERVE_CACHE_DIR")
-    if explicit:
-        return Path(explicit) / "calibration"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "streamserve" / "calibration"
+    base = _directory[0] if _directory else Path.home() / ".cache" / "streamserve"
+    return base / "calibration"
 
 
 def disk_cached(function: F) -> F:

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://localhost:6379/0"
     artifact_dir: Path = Path("var/artifacts")
+    cache_dir: Path | None = Field(
+        None, description="where the experiment statistics keep their calibrations (a calibration/ folder "
+        "inside; default: ~/.cache/streamserve)")
     model: str = Field("hybrid_cnn_lstm", description="the model commands act on when none is named")
 
     max_batch: int = Field(32, ge=1, le=4096, description="entries per batch (one read's COUNT)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 import redis
 
+from experiments import calibration_cache
 from experiments import cli as experiments_cli
 from integrations import cli as integrations_cli
 from lab import cli as lab_cli
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     try:
         settings = Settings().with_overrides(redis_url=args.redis_url, artifact_dir=args.artifact_dir)
+        calibration_cache.configure(settings.cache_dir)
         return args.func(args, settings)
     except pydantic.ValidationError as e:
         print(f"streamserve: invalid settings:\n{e}", file=sys.stderr)

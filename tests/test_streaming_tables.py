@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,8 +131,16 @@ def test_missing_columns_and_no_rows_are_refused(tmp_path):
         data.read_table(path)
 
 
-def test_a_calibration_runs_once_then_comes_from_disk(tmp_path, monkeypatch):
-    monkeypatch.setenv("STREAMSERVE_CACHE_DIR", str(tmp_path))
+@pytest.fixture
+def cache_at(monkeypatch):
+    """Point the calibration cache at a folder for one test (and back to the default after)."""
+    def to(directory):
+        monkeypatch.setattr(calibration_cache, "_directory", [directory])
+    return to
+
+
+def test_a_calibration_runs_once_then_comes_from_disk(tmp_path, cache_at):
+    cache_at(tmp_path)
     calls: list[tuple] = []
 
     def bounds(looks: int, alpha: float) -> tuple[float, ...]:
@@ -150,10 +159,26 @@ def test_a_calibration_runs_once_then_comes_from_disk(tmp_path, monkeypatch):
     assert first.exists() and cached(3, 0.5) == (0.0, 0.5, 1.0) and len(calls) == 5, "and rewritten"
 
 
-def test_an_unwritable_cache_only_costs_the_time(tmp_path, monkeypatch):
+def test_an_unwritable_cache_only_costs_the_time(tmp_path, cache_at):
     blocked = tmp_path / "file"
     blocked.write_text("")
-    monkeypatch.setenv("STREAMSERVE_CACHE_DIR", str(blocked))
+    cache_at(blocked)
     calls = []
     cached = calibration_cache.disk_cached(lambda x: calls.append(x) or 2.0 * x)
     assert cached(1.5) == cached(1.5) == 3.0 and len(calls) == 2
+
+
+def test_the_cache_directory_comes_from_the_settings_the_command_reads(tmp_path, monkeypatch, cache_at):
+    """STREAMSERVE_CACHE_DIR is read once, with the other settings, and handed to the cache."""
+    from streamserve.cli import main
+
+    cache_at(tmp_path / "before")
+    monkeypatch.setenv("STREAMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    table = tmp_path / "t.csv"
+    table.write_text("time,unit,arm,correct\n" + "".join(f"{i},u{i},{'treatment' if i % 2 else 'control'},1\n"
+                                                          for i in range(50)))
+    assert main(["experiment", "simulate", str(table), "--unit", "request_id"]) == 0
+    assert calibration_cache.cache_dir() == tmp_path / "cache" / "calibration"
+    monkeypatch.delenv("STREAMSERVE_CACHE_DIR")
+    assert main(["experiment", "simulate", str(table), "--unit", "request_id"]) == 0
+    assert calibration_cache.cache_dir() == Path.home() / ".cache" / "streamserve" / "calibration"
