@@ -200,8 +200,11 @@ def _verdict(e: Experiment, s: Summary, state: _Look, crossing: tuple[int, dict]
 
 def _unique(tests: Sequence[dict]) -> list[dict]:
     """The tests once each (a look's boundary test can be both this look's and the crossing)."""
-    seen: list[dict] = []
-    return [t for t in tests if not (t in seen or seen.append(t))]  # type: ignore[func-returns-value]
+    unique: list[dict] = []
+    for t in tests:
+        if t not in unique:
+            unique.append(t)
+    return unique
 
 
 def _outside(e: Experiment, state: _Look, shown: tuple[int, dict] | None, needed: bool
