@@ -18,7 +18,7 @@ from conftest import MODEL, ThreadedWorker, wait_until
 
 from experiments.runner import run_analysis, snapshot
 from experiments.store import ExperimentStore
-from producer import AsyncClient, Client
+from producer import AsyncClient, Client, _core
 from protocol import connection, keys, messages, presence, sharding
 from protocol.errors import DeadlineExceeded
 from protocol.settings import Settings
@@ -131,7 +131,15 @@ def test_a_dead_workers_entries_are_taken_over_on_a_cluster(rc, csettings, cprod
     assert rc.xlen(stream) == 0 and rc.xpending(stream, group)["pending"] == 0
 
 
-def test_shards_spread_over_nodes_and_a_route_keeps_its_shard(rc, csettings, cproduction, cclient):
+@pytest.fixture
+def patient_layout_reads(monkeypatch):
+    """These tests are about routing by the layout. On a loaded box the client's first layout read can
+    take longer than its 100 ms bound, and the client then (rightly) routes as if unsharded."""
+    monkeypatch.setattr(_core, "STATE_READ_MAX_S", 5.0)
+
+
+def test_shards_spread_over_nodes_and_a_route_keeps_its_shard(rc, csettings, cproduction, cclient,
+                                                              patient_layout_reads):
     sharding.write_layout(rc, MODEL, sharding.ShardLayout(3, 3, 3))
     nodes = {node_of(rc, keys.request_stream(MODEL, k)) for k in range(3)}
     assert len(nodes) >= 2, "shard hash tags should land on different nodes"
@@ -197,7 +205,8 @@ def test_heartbeats_say_which_shards_a_worker_reads(rc, csettings, cproduction):
     assert beats[0].shard_list == [0, 1]
 
 
-def test_the_asyncio_client_predicts_on_a_sharded_cluster(rc, redis_cluster, csettings, cproduction):
+def test_the_asyncio_client_predicts_on_a_sharded_cluster(rc, redis_cluster, csettings, cproduction,
+                                                          patient_layout_reads):
     sharding.write_layout(rc, MODEL, sharding.ShardLayout(3, 3, 3))
 
     async def scenario():
