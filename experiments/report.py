@@ -177,24 +177,25 @@ def _metric_panel(minutes: np.ndarray, rows: Sequence[dict], metric: str, role: 
 
 
 def _z_panel(minutes: np.ndarray, rows: Sequence[dict], boundary: Sequence[dict], metric: str) -> Panel:
-    nothing = np.full(len(minutes), np.nan)
-    return Panel(f"{metric} group-sequential test: {_RULES['boundary']}",
-                 "z (standard errors, cluster-robust)", minutes, _column(rows, "statistic"), "z",
-                 nothing, nothing, _column(boundary, "threshold"),
-                 "O'Brien-Fleming boundary (tested once a look)", per_look=True,
-                 empty=f"no data: no z without a {metric} effect",
-                 infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in boundary))
+    return _boundary_panel(minutes, rows, boundary, f"{metric} group-sequential test: {_RULES['boundary']}",
+                           "z (standard errors, cluster-robust)", f"no data: no z without a {metric} effect")
 
 
 def _noninferiority_panel(minutes: np.ndarray, tested: Sequence[dict], metric: str) -> Panel:
     """z = (estimate + margin) / se at each look it was tested, against the same boundary as the primary's."""
+    return _boundary_panel(minutes, tested, tested, f"{metric} non-inferiority: {_RULES['noninferiority']}",
+                           "z of effect + margin (standard errors)",
+                           f"no data: {metric} not tested at a look yet")
+
+
+def _boundary_panel(minutes: np.ndarray, z_rows: Sequence[dict], boundary: Sequence[dict], title: str,
+                    ylabel: str, empty: str) -> Panel:
+    """A z (the ``statistic`` of ``z_rows``) against the boundary tested once a look."""
     nothing = np.full(len(minutes), np.nan)
-    return Panel(f"{metric} non-inferiority: {_RULES['noninferiority']}",
-                 "z of effect + margin (standard errors)", minutes, _column(tested, "statistic"), "z",
-                 nothing, nothing, _column(tested, "threshold"),
-                 "O'Brien-Fleming boundary (tested once a look)", per_look=True,
-                 empty=f"no data: {metric} not tested at a look yet",
-                 infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in tested if b))
+    return Panel(title, ylabel, minutes, _column(z_rows, "statistic"), "z", nothing, nothing,
+                 _column(boundary, "threshold"), "O'Brien-Fleming boundary (tested once a look)",
+                 per_look=True, empty=empty,
+                 infinite_reference=any(math.isinf(number(b.get("threshold"))) for b in boundary if b))
 
 
 def _srm_panel(minutes: np.ndarray, rows: Sequence[dict], treatment_share: float) -> Panel:
