@@ -1,9 +1,11 @@
-"""Prometheus metrics: names and labels, the HTTP endpoint, multiprocess mode, the supervisor's endpoint."""
+"""Prometheus metrics: names and labels, several models in one process, the HTTP endpoint, multiprocess
+mode, the supervisor's endpoint."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,8 +22,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protocol.errors import ConfigError
+from worker import metrics as metrics_module
 from worker.metrics import (
     LATENCY_BUCKETS_S,
+    LOAD_BUCKETS_S,
     MULTIPROC_ENV,
     FleetMetrics,
     WorkerMetrics,
@@ -33,11 +37,12 @@ from worker.metrics import (
 
 ROOT = Path(__file__).resolve().parents[1]
 X = np.random.default_rng(3).standard_normal((60, 110)).astype(np.float32)
-# Until the worker loop reports into WorkerMetrics (worker.py calls start_metrics: the lead's part of
-# issue 11), the end-to-end tests at the bottom are skipped; they are written to pass once it does.
-WIRED = "start_metrics" in (ROOT / "worker" / "worker.py").read_text()
-needs_wiring = pytest.mark.skipif(not WIRED, reason="the worker loop does not call start_metrics yet "
-                                  "(issue 11, the lead's wiring)")
+OTHER = "othermodel"
+# The tests that run real workers need the worker loop on the per-process API (start_metrics(settings,
+# worker_id), one ModelMetrics per model); until worker.py calls it so, they are skipped.
+WIRED = re.search(r"start_metrics\(\s*[\w.]+\s*,\s*[\w.]+\s*\)", (ROOT / "worker" / "worker.py").read_text())
+needs_wiring = pytest.mark.skipif(not WIRED, reason="the worker loop does not call start_metrics(settings, "
+                                  "worker_id) yet")
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -75,23 +80,24 @@ def free_port() -> int:
 
 @pytest.fixture
 def metrics():
-    m = WorkerMetrics(MODEL, "w1")
+    m = WorkerMetrics("w1")
     yield m
     m.close()
 
 
 def test_every_metric_has_its_name_labels_and_values(metrics):
-    metrics.requests("2", "primary", "OK", 3)
-    metrics.requests("2", "primary", "OK")
-    metrics.requests("2", "primary", "INVALID_INPUT")
-    metrics.queue_wait("live", 0.002)
-    metrics.inference("2", 8, 0.004)
-    metrics.stream(0, "live", 5, 2)
-    metrics.reclaimed(3)
-    metrics.dead_lettered(2)
-    metrics.model_load("2", True)
-    metrics.model_load("3", False)
-    metrics.serving(2, 3)
+    model = metrics.model(MODEL)
+    model.requests("2", "primary", "OK", 3)
+    model.requests("2", "primary", "OK")
+    model.requests("2", "primary", "INVALID_INPUT")
+    model.queue_wait("live", 0.002)
+    model.inference("2", 8, 0.004)
+    model.stream(0, "live", 5, 2)
+    model.reclaimed(3)
+    model.dead_lettered(2)
+    model.model_load("2", True)
+    model.model_load("3", False)
+    model.serving(2, 3)
     text = generate_latest(metrics.registry).decode()
     base = {"model": MODEL}
     assert value(text, "streamserve_requests_total", **base, version="2", variant="primary", code="OK") == 4
@@ -113,8 +119,10 @@ def test_every_metric_has_its_name_labels_and_values(metrics):
 
 
 def test_histograms_have_the_documented_buckets(metrics):
-    metrics.queue_wait("live", 0.0)
-    metrics.inference("1", 1, 0.0)
+    model = metrics.model(MODEL)
+    model.queue_wait("live", 0.0)
+    model.inference("1", 1, 0.0)
+    model.load_seconds(0.0)
     text = generate_latest(metrics.registry).decode()
 
     def bounds(name: str) -> list[float]:
@@ -124,19 +132,23 @@ def test_histograms_have_the_documented_buckets(metrics):
     latency = bounds("streamserve_inference_seconds_bucket")
     assert latency == bounds("streamserve_queue_seconds_bucket") == [*LATENCY_BUCKETS_S, math.inf]
     assert latency[0] == 0.0001 and latency[-2] == 10.0
+    assert bounds("streamserve_model_load_seconds_bucket") == [*LOAD_BUCKETS_S, math.inf]
+    assert LOAD_BUCKETS_S[0] == 0.001 and LOAD_BUCKETS_S[-1] == 60.0, "1 ms .. 60 s"
 
 
 def test_versions_unknown_are_nan_and_each_worker_has_its_own_registry(metrics):
+    metrics.model(MODEL)
     text = generate_latest(metrics.registry).decode()
     assert math.isnan(value(text, "streamserve_served_version", model=MODEL))
     assert math.isnan(value(text, "streamserve_production_version", model=MODEL))
-    other = WorkerMetrics(MODEL, "w2")  # a second one in this process: no duplicate-name error
-    other.requests("1", "primary", "OK")
+    other = WorkerMetrics("w2")  # a second one in this process: no duplicate-name error
+    other.model(MODEL).requests("1", "primary", "OK")
     assert "streamserve_requests_total{" not in text
     assert value(generate_latest(other.registry).decode(), "streamserve_requests_total", code="OK") == 1
 
 
 def test_http_endpoint_serves_metrics_and_the_two_probes(metrics):
+    metrics.model(MODEL)
     server = serve_http(0, metrics, host="127.0.0.1")
     try:
         status, body = get(server.port, "/metrics")
@@ -158,6 +170,121 @@ def test_http_endpoint_serves_metrics_and_the_two_probes(metrics):
     assert get(server.port, "/metrics")[0] == 0, "the port is released"
 
 
+def test_two_models_in_one_process_each_have_their_own_series(metrics):
+    a, b = metrics.model(MODEL), metrics.model(OTHER)
+    assert metrics.model(MODEL) is a, "one view per model, cached"
+    a.requests("2", "primary", "OK", 3)
+    b.requests("2", "primary", "OK")
+    b.requests("7", "primary", "OK")
+    a.inference("2", 8, 0.004)
+    b.stream(0, "live", 9, 1)
+    a.reclaimed(2)
+    a.serving(2, 2, "stable")
+    b.serving(7, 8)
+    b.ready(True)
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "streamserve_requests_total", model=MODEL, version="2") == 3
+    assert value(text, "streamserve_requests_total", model=OTHER, version="2") == 1
+    assert value(text, "streamserve_requests_total", model=OTHER, version="7") == 1
+    assert value(text, "streamserve_batch_rows_count", model=MODEL) == 1
+    assert value(text, "streamserve_batch_rows_count", model=OTHER) == 0
+    assert value(text, "streamserve_stream_lag", model=OTHER) == 9
+    assert "streamserve_stream_lag{model=\"testmodel\"" not in text
+    assert value(text, "streamserve_reclaimed_total", model=MODEL) == 2
+    assert value(text, "streamserve_reclaimed_total", model=OTHER) == 0
+    assert value(text, "streamserve_served_version", model=MODEL) == 2
+    assert value(text, "streamserve_production_version", model=OTHER) == 8
+    assert value(text, "streamserve_model_info", model=MODEL, version="2", label="stable") == 1
+    assert value(text, "streamserve_model_info", model=OTHER, version="7", label="") == 1
+    assert value(text, "streamserve_worker_ready", model=MODEL, worker_id="w1") == 0
+    assert value(text, "streamserve_worker_ready", model=OTHER, worker_id="w1") == 1
+    assert value(text, "streamserve_worker_process_ready", worker_id="w1") == 0, "the worker decides"
+    assert {labels["model"] for labels, _ in samples(text)["streamserve_worker_info"]} == {MODEL, OTHER}
+    assert metrics.is_ready(OTHER) and not metrics.is_ready(MODEL) and not metrics.is_ready()
+    assert not metrics.is_ready("unknown")
+
+
+class Clock:
+    """The module's ``time`` with a wall clock the test sets (monotonic stays real)."""
+
+    def __init__(self, wall_s: float) -> None:
+        self.wall_s = wall_s
+        self.monotonic = metrics_module.time.monotonic
+
+    def time(self) -> float:
+        return self.wall_s
+
+
+def test_the_loop_tick_is_published_for_every_registered_model(monkeypatch):
+    clock = Clock(1000.0)
+    monkeypatch.setattr(metrics_module, "time", clock)
+    monkeypatch.setattr(metrics_module, "TICK_PUBLISH_INTERVAL_S", 0.0)
+    metrics = WorkerMetrics("w1")
+    metrics.model(MODEL)
+    clock.wall_s = 2000.0
+    metrics.model(OTHER)  # registered later: its tick is fresh at once, not 0 (stale to a supervisor)
+
+    def ticks() -> dict[str, float]:
+        rows = samples(generate_latest(metrics.registry).decode())[metrics_module.TICK_METRIC]
+        return {labels["model"]: v for labels, v in rows if labels["worker_id"] == "w1"}
+
+    assert ticks() == {MODEL: 1000.0, OTHER: 2000.0}
+    clock.wall_s = 3000.0
+    metrics.tick()
+    assert ticks() == {MODEL: 3000.0, OTHER: 3000.0}
+
+
+def test_the_model_cache_series(metrics):
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "streamserve_cache_bytes", worker_id="w1") == 0
+    assert value(text, "streamserve_cache_budget_bytes", worker_id="w1") == 0, "no budget"
+    a, b = metrics.model(MODEL), metrics.model(OTHER)
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "streamserve_model_loaded", model=MODEL, worker_id="w1") == 0, "cold at first"
+    assert value(text, "streamserve_model_memory_bytes", model=MODEL, worker_id="w1") == 0
+    assert math.isnan(value(text, "streamserve_model_last_load_timestamp_seconds", model=MODEL)), "never"
+    a.cache("loaded", 3_000_000, 1_700_000_000.5)
+    a.load_seconds(0.42)
+    b.cache("loaded", 1_000_000, 1_700_000_001.0)
+    b.load_seconds(0.002)
+    b.evicted()
+    b.cache("evicted", 0, 1_700_000_001.0)
+    metrics.cache_totals(3_000_000, 4_000_000)
+    text = generate_latest(metrics.registry).decode()
+    assert value(text, "streamserve_model_loaded", model=MODEL, worker_id="w1") == 1
+    assert value(text, "streamserve_model_memory_bytes", model=MODEL) == 3_000_000
+    assert value(text, "streamserve_model_last_load_timestamp_seconds", model=MODEL) == 1_700_000_000.5
+    assert value(text, "streamserve_model_loaded", model=OTHER) == 0
+    assert value(text, "streamserve_model_memory_bytes", model=OTHER) == 0
+    assert value(text, "streamserve_model_last_load_timestamp_seconds", model=OTHER) == 1_700_000_001.0
+    assert value(text, "streamserve_model_load_seconds_count", model=MODEL) == 1
+    assert value(text, "streamserve_model_load_seconds_sum", model=MODEL) == pytest.approx(0.42)
+    assert value(text, "streamserve_model_load_seconds_bucket", model=OTHER, le="0.0025") == 1
+    assert value(text, "streamserve_model_load_seconds_bucket", model=OTHER, le="0.001") == 0
+    assert value(text, "streamserve_model_evictions_total", model=OTHER) == 1
+    assert value(text, "streamserve_model_evictions_total", model=MODEL) == 0
+    assert value(text, "streamserve_cache_bytes", worker_id="w1") == 3_000_000
+    assert value(text, "streamserve_cache_budget_bytes", worker_id="w1") == 4_000_000
+
+
+def test_readyz_per_model_over_http(metrics):
+    server = serve_http(free_port(), metrics, host="127.0.0.1")
+    try:
+        model = metrics.model(MODEL)
+        assert get(server.port, f"/readyz?model={MODEL}")[0] == 503, "registered, not ready"
+        model.ready(True)
+        assert get(server.port, f"/readyz?model={MODEL}")[0] == 200
+        assert get(server.port, "/readyz")[0] == 503, "plain /readyz is the process's own verdict"
+        assert get(server.port, "/readyz?model=unknown")[0] == 503
+        assert get(server.port, f"/readyz?model={OTHER}")[0] == 503, "never registered"
+        metrics.ready(True)
+        model.ready(False)
+        assert get(server.port, "/readyz")[0] == 200
+        assert get(server.port, f"/readyz?model={MODEL}")[0] == 503
+    finally:
+        server.close()
+
+
 def test_a_taken_port_is_a_config_error(metrics):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -168,10 +295,11 @@ def test_a_taken_port_is_a_config_error(metrics):
 
 def test_start_metrics_serves_on_the_port_and_not_when_it_is_zero(settings):
     assert not multiprocess_mode(), "the test process keeps values in memory"
-    off = start_metrics(settings.model_copy(update={"metrics_port": 0}), MODEL, "w1")
+    off = start_metrics(settings.model_copy(update={"metrics_port": 0}), "w1")
     assert off.server is None
     port = free_port()
-    on = start_metrics(settings.model_copy(update={"metrics_port": port}), MODEL, "w2")
+    on = start_metrics(settings.model_copy(update={"metrics_port": port}), "w2")
+    on.model(MODEL)
     try:
         assert on.server is not None and on.server.port == port
         assert value(get(port, "/metrics")[1], "streamserve_worker_info", worker_id="w2") == 1
@@ -197,11 +325,19 @@ CHILD = textwrap.dedent("""
     from types import SimpleNamespace
     from worker.metrics import multiprocess_mode, start_metrics
     worker_id, ready, port = sys.argv[1], sys.argv[2] == "ready", int(sys.argv[3])
-    m = start_metrics(SimpleNamespace(metrics_port=port), "testmodel", worker_id)
-    m.requests("1", "primary", "OK", 2)
-    m.inference("1", 4, 0.001)
-    m.serving(1, 1)
+    m = start_metrics(SimpleNamespace(metrics_port=port), worker_id)
+    a, b = m.model("testmodel"), m.model("othermodel")
+    a.requests("1", "primary", "OK", 2)
+    a.inference("1", 4, 0.001)
+    a.serving(1, 1)
+    a.ready(ready)  # the ready child serves testmodel, the other othermodel
+    b.ready(not ready)
     m.ready(ready)
+    a.cache("loaded", 1000, 1700000000.0)
+    a.load_seconds(0.5)
+    b.cache("evicted", 0, 1700000000.0)
+    b.evicted()
+    m.cache_totals(1000, 5000)
     print(multiprocess_mode(), m.server is None, os.getpid())
 """)
 
@@ -227,8 +363,9 @@ def test_fleet_merges_children_and_forgets_a_dead_ones_gauges(tmp_path):
     assert value(text, "streamserve_requests_total", model=MODEL, code="OK") == 4, "summed over children"
     assert value(text, "streamserve_batch_rows_count", model=MODEL) == 2
     assert {labels["worker_id"] for labels, _ in samples(text)["streamserve_worker_info"]} == {"w0", "w1"}
-    assert len(samples(text)["streamserve_served_version"]) == 2, "liveall: one series per child"
-    assert fleet.is_ready() and fleet.is_live()
+    assert len(samples(text)["streamserve_served_version"]) == 4, "liveall: one series per child and model"
+    assert fleet.is_ready() and fleet.is_live(), "each child's models ticked when registered"
+    assert fleet.is_ready(MODEL) and fleet.is_ready(OTHER) and not fleet.is_ready("unknown")
     alive["all"] = False
     assert not fleet.is_live(), "a child is down"
     alive["all"] = True
@@ -238,7 +375,38 @@ def test_fleet_merges_children_and_forgets_a_dead_ones_gauges(tmp_path):
     text = generate_latest(fleet.registry).decode()
     assert {labels["worker_id"] for labels, _ in samples(text)["streamserve_worker_info"]} == {"w1"}
     assert not fleet.is_ready(), "the only ready child is gone"
+    assert not fleet.is_ready(MODEL) and fleet.is_ready(OTHER), "the one serving othermodel is alive"
     assert value(text, "streamserve_requests_total", code="OK") == 4, "a dead child's counts stay"
+    assert value(text, "streamserve_model_evictions_total", model=OTHER) == 2, "summed, a dead child's kept"
+    assert value(text, "streamserve_model_load_seconds_count", model=MODEL) == 2
+    assert [labels["worker_id"] for labels, _ in samples(text)["streamserve_model_loaded"]] == ["w1", "w1"]
+
+
+def test_fleet_keeps_one_cache_series_per_child_and_answers_readyz_per_model(tmp_path):
+    path = str(tmp_path)
+    run_child(path, "w0", True, 0)
+    run_child(path, "w1", False, 0)
+    fleet = FleetMetrics(path, lambda: True)
+    text = generate_latest(fleet.registry).decode()
+    for worker in ("w0", "w1"):
+        assert value(text, "streamserve_model_loaded", model=MODEL, worker_id=worker) == 1
+        assert value(text, "streamserve_model_loaded", model=OTHER, worker_id=worker) == 0
+        assert value(text, "streamserve_model_memory_bytes", model=MODEL, worker_id=worker) == 1000
+        assert value(text, "streamserve_model_last_load_timestamp_seconds", model=OTHER,
+                     worker_id=worker) == 1_700_000_000.0
+        assert value(text, "streamserve_cache_bytes", worker_id=worker) == 1000
+        assert value(text, "streamserve_cache_budget_bytes", worker_id=worker) == 5000
+        ticks = samples(text)[metrics_module.TICK_METRIC]
+        assert {labels["model"] for labels, _ in ticks if labels["worker_id"] == worker} == {MODEL, OTHER}
+    assert value(text, "streamserve_worker_process_ready", worker_id="w0") == 1
+    assert value(text, "streamserve_worker_process_ready", worker_id="w1") == 0
+    server = serve_http(0, fleet, host="127.0.0.1")
+    try:
+        assert get(server.port, "/readyz")[0] == 200
+        assert get(server.port, f"/readyz?model={MODEL}")[0] == 200
+        assert get(server.port, "/readyz?model=unknown")[0] == 503
+    finally:
+        server.close()
 
 
 SUPERVISOR = textwrap.dedent("""
@@ -258,6 +426,7 @@ def serving_pids(client) -> set[int]:
 
 
 # Waits: the children's start 30 s, then 10 + 10 s, a child's restart 20 s, 10 s, the stop 20 s: 100 s.
+@needs_wiring
 @pytest.mark.timeout(150)
 def test_supervisor_serves_one_endpoint_and_health_follows_its_children(settings, client, production,
                                                                         tmp_path):

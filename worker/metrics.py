@@ -1,11 +1,14 @@
 """Prometheus metrics of a worker, and one HTTP endpoint per process or pod: /metrics, /healthz, /readyz.
 
-A lone worker keeps its :class:`WorkerMetrics` in its own ``CollectorRegistry``
-and serves it itself (:func:`start_metrics` with ``metrics_port``). Under
-``--processes N`` the supervisor gives the children a fresh directory in
-``PROMETHEUS_MULTIPROC_DIR`` before spawning them: prometheus-client then keeps
-each child's values in files there, the children serve nothing, and the
-supervisor serves the merged view (:class:`FleetMetrics`) on the one port.
+A worker process keeps one :class:`WorkerMetrics` (its ``CollectorRegistry``
+and every metric family) and takes a :class:`ModelMetrics` view of it for each
+model it serves (:meth:`WorkerMetrics.model`): the view's series carry
+``model=<name>``. A lone worker serves its registry itself
+(:func:`start_metrics` with ``metrics_port``). Under ``--processes N`` the
+supervisor gives the children a fresh directory in ``PROMETHEUS_MULTIPROC_DIR``
+before spawning them: prometheus-client then keeps each child's values in
+files there, the children serve nothing, and the supervisor serves the merged
+view (:class:`FleetMetrics`) on the one port.
 
 How each gauge merges across children (prometheus-client's ``multiprocess_mode``;
 ``live…`` modes drop a child's values when the supervisor reports it dead):
@@ -16,12 +19,20 @@ How each gauge merges across children (prometheus-client's ``multiprocess_mode``
 - the version served is each child's own: ``liveall`` keeps one series per
   child (a ``pid`` label is added), so an alert sees a single stale child. So
   does ``streamserve_model_info``, the version served with its registry label.
-- worker info, readiness and the last loop tick carry ``worker_id`` already:
-  ``livemax`` (one series per worker, gone when it dies). The supervisor reads
-  the last two back to answer its own /readyz and /healthz.
+- everything else a child says about itself carries ``worker_id`` already:
+  ``livemax``, one series per worker, gone when it dies. That is worker info,
+  readiness (per model and per process), the last loop tick, and the model
+  cache (loaded, memory, last load time, the cache's total and budget). The
+  supervisor reads the tick and readiness back to answer its own probes.
 
 Counters and histograms are summed over children, dead ones included, so
 totals never go backwards when a child is restarted.
+
+The loop tick is labelled ``(model, worker_id)`` for the dashboards that
+already read it: :meth:`WorkerMetrics.tick` publishes it for every model the
+process has registered, so a child is stale for the supervisor when its loop
+is, whichever model is busy. A process with no model registered has no tick
+series; the supervisor then only checks that it runs.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, values
@@ -46,6 +58,8 @@ from protocol.errors import ConfigError
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
 
+    from prometheus_client.samples import Sample
+
     from protocol.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own switch, read when it is imported
@@ -54,8 +68,12 @@ TICK_PUBLISH_INTERVAL_S = 1.0  # the tick gauge is a file write under a supervis
 ROW_BUCKETS = tuple(float(2**i) for i in range(13))  # 1, 2, 4 … 4096 rows
 LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                      1.0, 2.5, 5.0, 10.0)
-READY_METRIC = "streamserve_worker_ready"
+LOAD_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+                  30.0, 60.0)  # a model's load: a tiny tree in 1 ms, a large network in a minute
+READY_METRIC = "streamserve_worker_ready"  # per model
+PROCESS_READY_METRIC = "streamserve_worker_process_ready"
 TICK_METRIC = "streamserve_worker_last_tick_timestamp_seconds"
+LOADED_STATE = "loaded"  # the cache state (as in the heartbeat) in which a model counts as loaded
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -72,8 +90,8 @@ class HealthSource(Protocol):
         """GET /healthz answers 200 when true, else 503."""
         ...
 
-    def is_ready(self) -> bool:
-        """GET /readyz answers 200 when true, else 503."""
+    def is_ready(self, model: str | None = None) -> bool:
+        """GET /readyz (``model`` None) or /readyz?model=M answers 200 when true, else 503."""
         ...
 
 
@@ -98,86 +116,117 @@ class _Children(Generic[M]):
         return child
 
 
-class WorkerMetrics:
-    """One worker process's metrics, all labelled with its model; the worker loop reports into it.
+class _Families:
+    """Every metric family of one registry, each defined once: per-model series are its children."""
 
-    Every method is cheap enough for the per-batch path (about 1-4 µs, label
-    children cached); ``stream`` and ``serving`` are meant to be called periodically.
-    """
+    def __init__(self, reg: CollectorRegistry) -> None:
+        self._traffic(reg)
+        self._fleet(reg)
+        self._worker(reg)
+        self._cache(reg)
 
-    def __init__(self, model: str, worker_id: str, registry: CollectorRegistry | None = None) -> None:
-        self.model, self.worker_id = model, worker_id
-        self._registry = registry if registry is not None else CollectorRegistry()
-        self.stale_after_s = LIVENESS_STALE_S
-        self.server: MetricsServer | None = None
-        self._ready = False
-        self._last_tick_s, self._next_tick_publish_s = time.monotonic(), 0.0
-        self._define_traffic(self._registry)
-        self._define_fleet(self._registry)
-        self._define_worker(self._registry)
-        self.serving(None, None)
-        self.ready(False)
-        self.tick()
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        """This process's registry (what its own /metrics exposes when not supervised)."""
-        return self._registry
-
-    def _define_traffic(self, reg: CollectorRegistry) -> None:
-        model = self.model
-        self._requests = _Children(Counter(
+    def _traffic(self, reg: CollectorRegistry) -> None:
+        self.requests = Counter(
             "streamserve_requests_total", "Requests answered, by the version and variant that answered "
-            "and the reply code (OK or an error code)", ["model", "version", "variant", "code"],
-            registry=reg), model)
-        self._batch_rows = Histogram("streamserve_batch_rows", "Rows per model call", ["model"],
-                                     buckets=ROW_BUCKETS, registry=reg).labels(model)
-        self._queue = _Children(Histogram(
+            "and the reply code (OK or an error code)", ["model", "version", "variant", "code"], registry=reg)
+        self.batch_rows = Histogram("streamserve_batch_rows", "Rows per model call", ["model"],
+                                    buckets=ROW_BUCKETS, registry=reg)
+        self.queue = Histogram(
             "streamserve_queue_seconds", "Time from a request's enqueue to the start of its batch",
-            ["model", "lane"], buckets=LATENCY_BUCKETS_S, registry=reg), model)
-        self._inference = _Children(Histogram(
-            "streamserve_inference_seconds", "Duration of one model call", ["model", "version"],
-            buckets=LATENCY_BUCKETS_S, registry=reg), model)
+            ["model", "lane"], buckets=LATENCY_BUCKETS_S, registry=reg)
+        self.inference = Histogram("streamserve_inference_seconds", "Duration of one model call",
+                                   ["model", "version"], buckets=LATENCY_BUCKETS_S, registry=reg)
 
-    def _define_fleet(self, reg: CollectorRegistry) -> None:
-        model = self.model
-        self._lag = _Children(Gauge(
-            "streamserve_stream_lag", "Entries of a stream not yet read by the consumer group",
-            ["model", "shard", "lane"], multiprocess_mode="livemostrecent", registry=reg), model)
-        self._pending = _Children(Gauge(
+    def _fleet(self, reg: CollectorRegistry) -> None:
+        self.lag = Gauge("streamserve_stream_lag", "Entries of a stream not yet read by the consumer group",
+                         ["model", "shard", "lane"], multiprocess_mode="livemostrecent", registry=reg)
+        self.pending = Gauge(
             "streamserve_stream_pending", "Entries read by the consumer group and not yet acknowledged",
-            ["model", "shard", "lane"], multiprocess_mode="livemostrecent", registry=reg), model)
-        self._reclaimed = Counter("streamserve_reclaimed_total", "Entries taken over from other consumers",
-                                  ["model"], registry=reg).labels(model)
-        self._dead_letters = Counter("streamserve_dead_letters_total", "Entries moved to the dead letters",
-                                     ["model"], registry=reg).labels(model)
-        self._replayed = Counter(
+            ["model", "shard", "lane"], multiprocess_mode="livemostrecent", registry=reg)
+        self.reclaimed = Counter("streamserve_reclaimed_total", "Entries taken over from other consumers",
+                                 ["model"], registry=reg)
+        self.dead_letters = Counter("streamserve_dead_letters_total", "Entries moved to the dead letters",
+                                    ["model"], registry=reg)
+        self.replayed = Counter(
             "streamserve_replayed_total", "Re-sent requests answered from their stored reply, uncomputed",
-            ["model"], registry=reg).labels(model)
-        self._loads = _Children(Counter(
-            "streamserve_model_loads_total", "Model version loads, by result (ok or failed)",
-            ["model", "version", "result"], registry=reg), model)
-        self._production = Gauge(
+            ["model"], registry=reg)
+        self.loads = Counter("streamserve_model_loads_total", "Model version loads, by result (ok or failed)",
+                             ["model", "version", "result"], registry=reg)
+        self.production = Gauge(
             "streamserve_production_version", "The registry's Production version (NaN: none)", ["model"],
-            multiprocess_mode="livemostrecent", registry=reg).labels(model)
+            multiprocess_mode="livemostrecent", registry=reg)
 
-    def _define_worker(self, reg: CollectorRegistry) -> None:
-        model, worker = self.model, self.worker_id
-        self._served = Gauge("streamserve_served_version", "The version this worker serves (NaN: none)",
-                             ["model"], multiprocess_mode="liveall", registry=reg).labels(model)
-        Gauge("streamserve_worker_info", "A live worker process (always 1)", ["model", "worker_id"],
-              multiprocess_mode="livemax", registry=reg).labels(model, worker).set(1)
-        self._model_info = Gauge(
+    def _worker(self, reg: CollectorRegistry) -> None:
+        self.served = Gauge("streamserve_served_version", "The version this worker serves (NaN: none)",
+                            ["model"], multiprocess_mode="liveall", registry=reg)
+        self.info = Gauge("streamserve_worker_info", "A live worker process (always 1)",
+                          ["model", "worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.model_info = Gauge(
             "streamserve_model_info", "The version this worker serves, with its registry label (\"\": none); "
             "1 while served, 0 for a version served before", ["model", "version", "label"],
             multiprocess_mode="liveall", registry=reg)
+        self.ready = Gauge(READY_METRIC, "1 while the model is loaded here and Redis answers",
+                           ["model", "worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.process_ready = Gauge(PROCESS_READY_METRIC, "1 while this worker process says it can serve",
+                                   ["worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.tick = Gauge(TICK_METRIC, "When the worker loop last turned (Unix time)", ["model", "worker_id"],
+                          multiprocess_mode="livemax", registry=reg)
+
+    def _cache(self, reg: CollectorRegistry) -> None:
+        self.loaded = Gauge("streamserve_model_loaded", "1 while the model is loaded in this worker, else 0",
+                            ["model", "worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.memory = Gauge("streamserve_model_memory_bytes", "Measured size of the loaded model (0: not "
+                            "loaded or unknown)", ["model", "worker_id"], multiprocess_mode="livemax",
+                            registry=reg)
+        self.last_load = Gauge(
+            "streamserve_model_last_load_timestamp_seconds", "When the model last finished loading here "
+            "(Unix time; NaN: never)", ["model", "worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.load_seconds = Histogram("streamserve_model_load_seconds", "Duration of one finished model load",
+                                      ["model"], buckets=LOAD_BUCKETS_S, registry=reg)
+        self.evictions = Counter("streamserve_model_evictions_total", "Models evicted from a worker's cache",
+                                 ["model"], registry=reg)
+        self.cache_bytes = Gauge("streamserve_cache_bytes", "Sum of the measured sizes of the loaded models",
+                                 ["worker_id"], multiprocess_mode="livemax", registry=reg)
+        self.cache_budget = Gauge("streamserve_cache_budget_bytes", "The model cache's memory budget "
+                                  "(0: no budget)", ["worker_id"], multiprocess_mode="livemax", registry=reg)
+
+
+class ModelMetrics:
+    """One model's series in a worker process (label ``model=name``); the worker reports into it.
+
+    Made by :meth:`WorkerMetrics.model`. Every method is cheap enough for the
+    per-batch path (about 1-4 µs, label children cached); ``stream``,
+    ``serving`` and ``cache`` are meant to be called periodically.
+    """
+
+    def __init__(self, families: _Families, name: str, worker_id: str) -> None:
+        self.name, self.worker_id = name, worker_id
+        self._f = families
+        self._requests = _Children(families.requests, name)
+        self._batch_rows = families.batch_rows.labels(name)
+        self._queue = _Children(families.queue, name)
+        self._inference = _Children(families.inference, name)
+        self._lag, self._pending = _Children(families.lag, name), _Children(families.pending, name)
+        self._reclaimed = families.reclaimed.labels(name)
+        self._dead_letters = families.dead_letters.labels(name)
+        self._replayed = families.replayed.labels(name)
+        self._loads = _Children(families.loads, name)
+        self._production, self._served = families.production.labels(name), families.served.labels(name)
         self._info_key: tuple[str, str] | None = None
-        self._ready_gauge = Gauge(READY_METRIC, "1 while a model is loaded and Redis answers",
-                                  ["model", "worker_id"], multiprocess_mode="livemax",
-                                  registry=reg).labels(model, worker)
-        self._tick_gauge = Gauge(TICK_METRIC, "When the worker loop last turned (Unix time)",
-                                 ["model", "worker_id"], multiprocess_mode="livemax",
-                                 registry=reg).labels(model, worker)
+        self._ready_gauge = families.ready.labels(name, worker_id)
+        self._ready = False
+        self._load_seconds = families.load_seconds.labels(name)
+        self._evictions = families.evictions.labels(name)
+        self._loaded, self._memory, self._last_load = (
+            g.labels(name, worker_id) for g in (families.loaded, families.memory, families.last_load))
+        self._start()
+
+    def _start(self) -> None:
+        """Every per-model series of this worker exists from registration on, with "nothing yet"."""
+        self._f.info.labels(self.name, self.worker_id).set(1)
+        self.serving(None, None)
+        self.ready(False)
+        self.cache("cold", 0, None)
 
     def requests(self, version: str, variant: str, code: str, n: int = 1) -> None:
         """``n`` requests answered with ``code`` ("OK" or an error code)."""
@@ -213,6 +262,22 @@ class WorkerMetrics:
         """A load of ``version`` finished, or failed."""
         self._loads.get(version, "ok" if ok else "failed").inc()
 
+    def load_seconds(self, seconds: float) -> None:
+        """A load finished after ``seconds`` (observe once per finished load)."""
+        self._load_seconds.observe(seconds)
+
+    def evicted(self) -> None:
+        """The model was evicted from this worker's cache."""
+        self._evictions.inc()
+
+    def cache(self, state: str, size_bytes: int, loaded_at_s: float | None) -> None:
+        """The model's cache entry here: its state (as in the heartbeat: "cold", "loading", "loaded",
+        "evicted", "failed"), measured size (0: not loaded or unknown) and last load's end (Unix time;
+        None: never loaded)."""
+        self._loaded.set(1 if state == LOADED_STATE else 0)
+        self._memory.set(size_bytes)
+        self._last_load.set(math.nan if loaded_at_s is None else loaded_at_s)
+
     def serving(self, version: int | None, production: int | None, label: str = "") -> None:
         """The version served (and its ``label``) and the registry's Production version; None (NaN)
         when unknown."""
@@ -225,12 +290,68 @@ class WorkerMetrics:
     def _served_info(self, key: tuple[str, str] | None) -> None:
         if self._info_key is not None:
             # Under a supervisor a removed series stays in the child's file: 0 says "no longer served".
-            self._model_info.labels(self.model, *self._info_key).set(0)
+            self._f.model_info.labels(self.name, *self._info_key).set(0)
             if not multiprocess_mode():
-                self._model_info.remove(self.model, *self._info_key)
+                self._f.model_info.remove(self.name, *self._info_key)
         if key is not None:
-            self._model_info.labels(self.model, *key).set(1)
+            self._f.model_info.labels(self.name, *key).set(1)
         self._info_key = key
+
+    def ready(self, ok: bool) -> None:
+        """Whether this model can be served here: it is loaded and Redis answers."""
+        self._ready = ok
+        self._ready_gauge.set(1 if ok else 0)
+
+    def is_ready(self) -> bool:
+        """What :meth:`ready` last reported."""
+        return self._ready
+
+
+class WorkerMetrics:
+    """One worker process's metrics: its registry, every family, and a :class:`ModelMetrics` per model.
+
+    The process-level probes live here: the loop's :meth:`tick` and the
+    worker's own verdict on whether it can serve (:meth:`ready`).
+    """
+
+    def __init__(self, worker_id: str, registry: CollectorRegistry | None = None) -> None:
+        self.worker_id = worker_id
+        self._registry = registry if registry is not None else CollectorRegistry()
+        self._families = _Families(self._registry)
+        self.stale_after_s = LIVENESS_STALE_S
+        self.server: MetricsServer | None = None
+        self._models: dict[str, ModelMetrics] = {}
+        self._ticks: tuple[Gauge, ...] = ()  # replaced, never mutated: tick() may run in another thread
+        self._lock = threading.Lock()
+        self._ready = False
+        self._last_tick_s, self._next_tick_publish_s = time.monotonic(), 0.0
+        self._process_ready = self._families.process_ready.labels(worker_id)
+        self.ready(False)
+        self.cache_totals(0, 0)
+        self.tick()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This process's registry (what its own /metrics exposes when not supervised)."""
+        return self._registry
+
+    def model(self, name: str) -> ModelMetrics:
+        """The series of model ``name``, made (and its tick published) on first call, then cached."""
+        found = self._models.get(name)
+        if found is not None:
+            return found
+        with self._lock:
+            if name not in self._models:
+                tick = self._families.tick.labels(name, self.worker_id)
+                tick.set(time.time())  # a fresh child reads 0 to the supervisor: stale at once
+                self._ticks = (*self._ticks, tick)
+                self._models[name] = ModelMetrics(self._families, name, self.worker_id)
+            return self._models[name]
+
+    def cache_totals(self, used_bytes: int, budget_bytes: int) -> None:
+        """The model cache's total: the sum of the loaded models' sizes, and its budget (0: none)."""
+        self._families.cache_bytes.labels(self.worker_id).set(used_bytes)
+        self._families.cache_budget.labels(self.worker_id).set(budget_bytes)
 
     def tick(self) -> None:
         """The loop is alive: call it every iteration, backoff waits included (Redis down is not dead)."""
@@ -238,20 +359,26 @@ class WorkerMetrics:
         self._last_tick_s = now_s
         if now_s >= self._next_tick_publish_s:
             self._next_tick_publish_s = now_s + TICK_PUBLISH_INTERVAL_S
-            self._tick_gauge.set(time.time())
+            wall_s = time.time()
+            for gauge in self._ticks:
+                gauge.set(wall_s)
 
     def ready(self, ok: bool) -> None:
-        """Whether this worker can serve: a model is loaded and Redis answers."""
+        """Whether this worker process can serve, as the worker decides (plain /readyz)."""
         self._ready = ok
-        self._ready_gauge.set(1 if ok else 0)
+        self._process_ready.set(1 if ok else 0)
 
     def is_live(self) -> bool:
         """The loop ticked within ``stale_after_s``."""
         return time.monotonic() - self._last_tick_s < self.stale_after_s
 
-    def is_ready(self) -> bool:
-        """What :meth:`ready` last reported."""
-        return self._ready
+    def is_ready(self, model: str | None = None) -> bool:
+        """What :meth:`ready` last reported; with ``model``, what that model's ``ready`` last reported
+        (False for a model never registered)."""
+        if model is None:
+            return self._ready
+        found = self._models.get(model)
+        return found is not None and found.is_ready()
 
     def close(self) -> None:
         """Stop this process's HTTP endpoint, if it has one."""
@@ -274,8 +401,11 @@ class FleetMetrics:
         """Every child's metrics, merged."""
         return self._registry
 
+    def _samples(self, name: str) -> list[Sample]:
+        return [s for m in self._collector.collect() if m.name == name for s in m.samples]
+
     def _values(self, name: str) -> list[float]:
-        return [s.value for m in self._collector.collect() if m.name == name for s in m.samples]
+        return [s.value for s in self._samples(name)]
 
     def is_live(self) -> bool:
         """Every child is running and no child's loop is stale."""
@@ -284,9 +414,11 @@ class FleetMetrics:
         oldest_s = time.time() - self.stale_after_s
         return all(tick_s >= oldest_s for tick_s in self._values(TICK_METRIC))
 
-    def is_ready(self) -> bool:
-        """At least one child reported ready."""
-        return any(v >= 1 for v in self._values(READY_METRIC))
+    def is_ready(self, model: str | None = None) -> bool:
+        """At least one child reported itself ready; with ``model``, reported that model ready."""
+        if model is None:
+            return any(v >= 1 for v in self._values(PROCESS_READY_METRIC))
+        return any(s.value >= 1 for s in self._samples(READY_METRIC) if s.labels.get("model") == model)
 
     def child_exited(self, pid: int) -> None:
         """Drop a dead child's ``live…`` gauges (its counters stay in the totals)."""
@@ -332,7 +464,8 @@ def _plain(start_response: StartResponse, status: str, body: str) -> Iterable[by
 
 
 class MetricsServer:
-    """GET /metrics, /healthz, /readyz of ``source`` in a background thread; ``close()`` stops it."""
+    """GET /metrics, /healthz, /readyz[?model=M] of ``source`` in a background thread; ``close()`` stops
+    it."""
 
     def __init__(self, source: HealthSource, host: str, port: int) -> None:
         self._source, self._metrics_app = source, make_wsgi_app(source.registry)
@@ -349,10 +482,15 @@ class MetricsServer:
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
         if path in ("/healthz", "/readyz"):
-            ok = self._source.is_live() if path == "/healthz" else self._source.is_ready()
+            ok = self._source.is_live() if path == "/healthz" else self._ready(environ)
             return _plain(start_response, "200 OK" if ok else "503 Service Unavailable",
                           "ok\n" if ok else "not ok\n")
-        return _plain(start_response, "404 Not Found", "try /metrics, /healthz or /readyz\n")
+        return _plain(start_response, "404 Not Found", "try /metrics, /healthz, /readyz or /readyz?model=M\n")
+
+    def _ready(self, environ: WSGIEnvironment) -> bool:
+        """/readyz: the process (or pod); /readyz?model=M: that model (the last ``model`` given wins)."""
+        models = parse_qs(environ.get("QUERY_STRING", "")).get("model")
+        return self._source.is_ready(models[-1] if models else None)
 
     def close(self) -> None:
         """Stop serving and release the port."""
@@ -366,14 +504,15 @@ def serve_http(port: int, metrics_source: HealthSource, host: str = "0.0.0.0") -
     return MetricsServer(metrics_source, host, port)
 
 
-def start_metrics(settings: Settings, model: str, worker_id: str) -> WorkerMetrics:
-    """The worker's metrics; served on ``settings.metrics_port`` unless that is 0 or a supervisor serves.
+def start_metrics(settings: Settings, worker_id: str) -> WorkerMetrics:
+    """The worker process's metrics (``.model(M)`` for each model it serves); served on
+    ``settings.metrics_port`` unless that is 0 or a supervisor serves.
 
     In a supervised child (multiprocess mode) the values go to the supervisor's
     directory and the supervisor's endpoint serves them: the child binds nothing.
     The caller calls ``close()`` on exit.
     """
-    metrics = WorkerMetrics(model, worker_id)
+    metrics = WorkerMetrics(worker_id)
     if settings.metrics_port and not multiprocess_mode():
         metrics.server = serve_http(settings.metrics_port, metrics)
     return metrics
