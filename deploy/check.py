@@ -16,11 +16,15 @@ checks prove and what they cannot.
   (strict: unknown fields refused) for two Kubernetes versions; KEDA kinds against KEDA's CRD schema
   (vendored in deploy/k8s/schemas, made strict the same way) and its scaler parameter names; then
   cross-references (names, selectors, env, ports, probes) and the stream names against protocol.keys.
+  A one-model Deployment (``--model``) scales on exactly the streams it reads; a model group
+  (``--models`` / ``--all-models``, deploy/k8s/multi) on its models' summed lag from Prometheus,
+  each stream counted once, with a replica floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import re
@@ -36,6 +40,7 @@ import jsonschema
 import yaml
 
 from protocol import keys
+from protocol.errors import InvalidInput
 from protocol.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +60,13 @@ SEVERITIES = {"page", "warning"}
 # Streams KEDA scales on: every lane of every shard a worker Deployment reads.
 REDIS_TRIGGERS = {"redis-streams", "redis-cluster-streams"}
 ADDRESS_KEYS = {"address", "addresses", "host", "hosts"}
-SECRET_KEYS = {"password", "username", "sentinelPassword", "sentinelUsername"}
+SECRET_KEYS = {"password", "username", "sentinelPassword", "sentinelUsername", "apiKey"}
 PROBES = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+# The gauge a model group scales on (worker/metrics.py; tests/test_deploy.py checks workers export it).
+LAG_METRIC = "streamserve_stream_lag"
+SELECTION_FLAGS = ("--model", "--models", "--all-models")  # which models a worker serves: one of them
+# A request stream's name, to read its model back; protocol.keys then rebuilds it to compare.
+STREAM_NAME = re.compile(re.escape(keys.PREFIX) + r":\{(?P<model>[^:{}]+)(:\d+)?\}:\w+")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 Doc = dict[str, Any]
@@ -235,7 +245,7 @@ def manifests(variant: str) -> list[tuple[str, Doc]]:
 
 
 def variants() -> list[str]:
-    """The directories under deploy/k8s that are a complete fleet (single Redis, Redis Cluster)."""
+    """The directories under deploy/k8s that are a complete fleet (one Redis, a Cluster, a model group)."""
     return sorted(p.name for p in K8S_DIR.iterdir() if p.is_dir() and p.name not in {"examples", "schemas"})
 
 
@@ -250,8 +260,23 @@ def check_k8s() -> list[str]:
         kinds = sorted({d["kind"] for _, d in docs})
         report.append(f"deploy/k8s/{variant}: {len(docs)} objects ({', '.join(kinds)}) valid against "
                       f"Kubernetes {' and '.join(K8S_VERSIONS)} (strict) and KEDA {KEDA_TAG} CRDs; "
-                      "scaler parameters, references, probes, ports and stream names agree")
+                      "scaler parameters, references, probes, ports, stream names and lag queries agree")
+    fail_on(overlap_problems({variant: manifests(variant) for variant in variants()}))
+    report.append("deploy/k8s: no Deployment or PodDisruptionBudget selects another variant's pods")
     return report
+
+
+def overlap_problems(by_variant: dict[str, list[tuple[str, Doc]]]) -> Iterator[str]:
+    """No selector of one variant selects another's worker pods: fleets applied side by side would
+    fight over them, and a pod under two PodDisruptionBudgets cannot be evicted (node drains stall)."""
+    pods = [(variant, d["metadata"]["name"], d["spec"]["template"]["metadata"]["labels"])
+            for variant, docs in by_variant.items() for _, d in docs if d["kind"] == "Deployment"]
+    for variant, docs in by_variant.items():
+        for doc in (d for _, d in docs if d["kind"] in {"Deployment", "PodDisruptionBudget"}):
+            selector = doc["spec"]["selector"].get("matchLabels", {})
+            yield from (f"deploy/k8s/{variant}: {doc['kind']} {doc['metadata']['name']} selects the pods of "
+                        f"deploy/k8s/{other}'s Deployment {name}" for other, name, labels in pods
+                        if other != variant and matches(selector, labels))
 
 
 def vendored_problems() -> Iterator[str]:
@@ -385,6 +410,8 @@ def trigger_problems(trigger: Doc) -> Iterator[str]:
                 for name in sorted(SECRET_KEYS & set(metadata)))
     if trigger["type"] in REDIS_TRIGGERS:
         yield from redis_trigger_problems(metadata, given)
+    if trigger["type"] == "prometheus":
+        yield from prometheus_trigger_problems(trigger)
     if trigger["type"] == "cpu" and trigger.get("metricType") not in {"Utilization", "AverageValue"}:
         yield "the cpu scaler needs metricType Utilization or AverageValue"
 
@@ -397,6 +424,21 @@ def redis_trigger_problems(metadata: dict[str, str], given: set[str]) -> Iterato
         yield "consumerGroup is required: the lag is the workers' group's"
     if not str(metadata.get("lagCount", "")).isdigit() or int(metadata["lagCount"]) < 1:
         yield "lagCount (a positive integer) is required: we scale on the consumer-group lag"
+
+
+def prometheus_trigger_problems(trigger: Doc) -> Iterator[str]:
+    """An http(s) server, a positive threshold, and replicas = ceil(value / threshold) (AverageValue)."""
+    metadata = trigger.get("metadata", {})
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(metadata.get("serverAddress", ""))):
+        yield "serverAddress must be Prometheus' http(s) URL"
+    try:
+        if float(metadata.get("threshold", "")) <= 0:
+            yield "threshold must be positive"
+    except ValueError:
+        yield "threshold must be a number"
+    # Value would scale by value / threshold times the current replicas, not to ceil(value / threshold).
+    if trigger.get("metricType", "AverageValue") != "AverageValue":
+        yield "metricType must be AverageValue (the default): desired replicas = ceil(value / threshold)"
 
 
 def auth_problems(doc: Doc, trigger_types: set[str]) -> Iterator[str]:
@@ -536,22 +578,73 @@ def worker_args(deployment: Doc) -> dict[str, str]:
     return {a: b for a, b in zip(args, args[1:], strict=False) if a.startswith("--")}
 
 
+def reads_shards(deployment: Doc) -> list[int]:
+    """The shards ``--shards`` names; shard 0 when it reads all (on one Redis there is one shard)."""
+    shards = worker_args(deployment).get("--shards")
+    return [int(s) for s in shards.split(",")] if shards else [0]
+
+
 def expected_streams(deployment: Doc) -> set[str]:
-    """Every lane of every shard the Deployment reads (shard 0 when it reads all, on one Redis)."""
-    args = worker_args(deployment)
-    shards = [int(s) for s in args["--shards"].split(",")] if "--shards" in args else [0]
-    return {keys.request_stream(args["--model"], shard, lane) for shard in shards for lane in keys.LANES}
+    """Every lane of every shard a one-model Deployment (``--model``) reads."""
+    return model_streams(worker_args(deployment)["--model"], reads_shards(deployment))
+
+
+def model_selection(deployment: Doc) -> list[str] | None:
+    """The names and fnmatch patterns of ``--models`` (or ``--model``); None for ``--all-models``."""
+    args = worker_container(deployment)["args"]
+    if "--all-models" in args:
+        return None
+    flags = worker_args(deployment)
+    return [part for part in flags.get("--models", flags.get("--model", "")).split(",") if part]
+
+
+def serves(selection: list[str] | None, model: str) -> bool:
+    """True if a worker started with ``selection`` serves ``model`` once it has a Production version."""
+    return selection is None or any(fnmatch.fnmatchcase(model, item) for item in selection)
+
+
+def promql_model_regex(selection: list[str]) -> str:
+    """The RE2 regex (anchored by PromQL) of the model names ``selection`` matches, as fnmatch reads it."""
+    def item(pattern: str) -> str:
+        out = pattern.replace(".", r"\\.").replace("*", ".*").replace("?", ".")
+        return out.replace("[!", "[^")
+    return "|".join(item(p) for p in selection)
+
+
+def group_lag_query(selection: list[str] | None, lane: str) -> str:
+    """The lag query a model group scales on: each stream's lag once (every pod exports it), summed."""
+    matchers = f'lane="{lane}"' if selection is None else \
+        f'lane="{lane}", model=~"{promql_model_regex(selection)}"'
+    return f"sum(max by (model, shard, lane) ({LAG_METRIC}{{{matchers}}}))"
 
 
 def stream_problems(deployment: Doc, docs: list[tuple[str, Doc]], settings: dict[str, str]) -> Iterator[str]:
-    """One ScaledObject scales it, on the lag of exactly the streams it reads, with env it has."""
+    """One ScaledObject scales it, on the lag of the streams it reads, with env it has."""
     name = deployment["metadata"]["name"]
     scalers = [d for _, d in docs
                if d["kind"] == "ScaledObject" and d["spec"]["scaleTargetRef"]["name"] == name]
     if len(scalers) != 1:
         yield f"{len(scalers)} ScaledObjects scale it, 1 expected"
         return
-    triggers = [t for t in scalers[0]["spec"]["triggers"] if t["type"] in REDIS_TRIGGERS]
+    triggers = scalers[0]["spec"]["triggers"]
+    redis_triggers = [t for t in triggers if t["type"] in REDIS_TRIGGERS]
+    chosen = [f for f in SELECTION_FLAGS if f in worker_container(deployment)["args"]]
+    if len(chosen) != 1:
+        yield f"exactly one of {', '.join(SELECTION_FLAGS)} expected, not {chosen}"
+    elif chosen == ["--model"]:
+        yield from one_model_problems(deployment, redis_triggers)
+        yield from shard_label_problems(deployment)
+    else:
+        yield from group_problems(deployment, scalers[0])
+    env = set(settings) | secret_keys(docs)
+    for trigger in redis_triggers:
+        for key, value in trigger["metadata"].items():
+            if key.endswith("FromEnv") and value not in env:
+                yield f"trigger {trigger.get('name')}: {key} names {value!r}, which its container lacks"
+
+
+def one_model_problems(deployment: Doc, triggers: list[Doc]) -> Iterator[str]:
+    """A one-model fleet scales on exactly the streams it reads, in the workers' group."""
     streams = {t["metadata"].get("stream") for t in triggers}
     if streams != expected_streams(deployment):
         yield f"ScaledObject streams {sorted(map(str, streams))} != the streams it reads " \
@@ -559,12 +652,60 @@ def stream_problems(deployment: Doc, docs: list[tuple[str, Doc]], settings: dict
     group = keys.consumer_group(worker_args(deployment)["--model"])
     if any(t["metadata"].get("consumerGroup") != group for t in triggers):
         yield f"the ScaledObject's consumerGroup must be {group!r}, the workers' group"
-    env = set(settings) | secret_keys(docs)
-    for trigger in triggers:
-        for key, value in trigger["metadata"].items():
-            if key.endswith("FromEnv") and value not in env:
-                yield f"trigger {trigger.get('name')}: {key} names {value!r}, which its container lacks"
-    yield from shard_label_problems(deployment)
+
+
+def group_problems(deployment: Doc, scaler: Doc) -> Iterator[str]:
+    """A model group scales on its models' summed lag from Prometheus, per lane, above a floor;
+    Redis triggers watch only streams of models it serves; pins are among them; its label and name."""
+    selection = model_selection(deployment)
+    triggers = scaler["spec"]["triggers"]
+    # Compared without whitespace: `max by(model,shard,lane)` is the same query.
+    queries = {"".join(t["metadata"].get("query", "").split()) for t in triggers if t["type"] == "prometheus"}
+    for lane in keys.LANES:
+        if "".join(group_lag_query(selection, lane).split()) not in queries:
+            yield f"no prometheus trigger with the {lane} lag query {group_lag_query(selection, lane)!r}"
+    if "--shards" in worker_args(deployment):
+        yield "--shards with a model group: its lag queries would count shards it does not read"
+    if scaler["spec"].get("minReplicaCount", 0) < 1:
+        yield "minReplicaCount must be at least 1: the lag series vanish with the fleet"
+    yield from (f"trigger {t.get('name')}: {p}" for t in triggers if t["type"] in REDIS_TRIGGERS
+                for p in group_stream_problems(deployment, selection, t["metadata"]))
+    pins = [p for p in worker_args(deployment).get("--pin", "").split(",") if p]
+    yield from (f"--pin {p}: not a model it serves" for p in pins if not serves(selection, p))
+    yield from model_group_label_problems(deployment)
+
+
+def group_stream_problems(deployment: Doc, selection: list[str] | None,
+                          metadata: dict[str, str]) -> Iterator[str]:
+    """A Redis trigger of a group watches one stream of a model it serves, on a shard it reads."""
+    stream = str(metadata.get("stream", ""))
+    found = STREAM_NAME.fullmatch(stream)
+    model = found["model"] if found else ""
+    readable = found and serves(selection, model) and stream in model_streams(model, reads_shards(deployment))
+    if not readable:
+        yield f"stream {stream!r} is not one the Deployment reads"
+    elif metadata.get("consumerGroup") != keys.consumer_group(model):
+        yield f"consumerGroup must be {keys.consumer_group(model)!r}, the workers' group"
+
+
+def model_streams(model: str, shards: list[int]) -> set[str]:
+    """Every lane of ``shards`` of ``model``, as protocol.keys names them (none for an invalid name)."""
+    try:
+        return {keys.request_stream(model, shard, lane) for shard in shards for lane in keys.LANES}
+    except InvalidInput:
+        return set()
+
+
+def model_group_label_problems(deployment: Doc) -> Iterator[str]:
+    """A group's pods carry ``model-group``, selected on and ending its name, and no ``shard``: the
+    one-model fleets' selectors name a shard, so they never select a group's pods."""
+    group = deployment["spec"]["selector"]["matchLabels"].get("model-group")
+    if not group:
+        yield "a model group's selector needs a model-group label, to stay apart from other groups"
+    elif not deployment["metadata"]["name"].endswith(f"-{group}"):
+        yield f"the name should end in -{group} (its model-group)"
+    if "shard" in deployment["spec"]["template"]["metadata"]["labels"]:
+        yield "a model group's pods carry no shard label: a one-model fleet's selector would select them"
 
 
 def secret_keys(docs: list[tuple[str, Doc]]) -> set[str]:
