@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypedDict, cast
 
 import redis
@@ -30,7 +31,11 @@ With --json, one JSON document on stdout (keys are stable; new ones may be added
    "ok": true,                      every model below is ok
    "models": {
      "<model>": {
-       "ok": true,                  a live worker has a version loaded and is not stopping
+       "ok": true,                  a live worker can serve it: not stopping, and the model
+                                    loaded, loading, or loaded by its first request (cache
+                                    "cold" or "evicted"); a failed load with no version cannot
+       "serving_workers": 1,        live workers that can serve it (what "ok" counts)
+       "loaded_workers": 1,         of those, the ones with a version in memory
        "production_version": 3,     null: nothing in Production
        "dead_letters": 0,           length of the dead-letter stream
        "streams": [                 one per request stream: stream shard and priority lane
@@ -41,7 +46,16 @@ With --json, one JSON document on stdout (keys are stable; new ones may be added
          {"worker_id": "...", "version": 3, "target_version": 3, "failed_version": null,
           "variant": "primary", "backend": "onnxruntime", "fallback": "", "state": "serving",
           "pid": 123, "host": "...", "heartbeat_age_ms": 250, "error": "",
-          "batches": 10, "requests": 42}],
+          "batches": 10, "requests": 42,
+          "cache": "loaded",        the model in that process: cold (never loaded there),
+                                    loading, loaded, evicted, failed; "" from a worker that
+                                    serves one model and does not say
+          "loaded_at_ms": 1764150000000, "load_ms": 850.0,   wall clock and duration of its
+                                    last successful load (0: never)
+          "size_mb": 43.2,          measured size of the loaded model (0: not loaded, unknown)
+          "load_error": "",         the last load failure of this model there
+          "models": 3,              how many models that process serves
+          "pinned": false}],        loaded at start and never evicted there
        "experiment": {              null: none running or paused (also when its hash cannot be
          "id": "3f2a9c1b0d4e",      read: workers then serve Production only, and say why)
          "status": "running",       running or paused
@@ -85,6 +99,13 @@ class WorkerStatus(TypedDict):
     error: str
     batches: int
     requests: int
+    cache: str
+    loaded_at_ms: int
+    load_ms: float
+    size_mb: float
+    load_error: str
+    models: int
+    pinned: bool
 
 
 class ArmStatus(TypedDict):
@@ -109,6 +130,8 @@ class ModelStatus(TypedDict):
     """A model as ``status`` reports it."""
 
     ok: bool
+    serving_workers: int
+    loaded_workers: int
     production_version: int | None
     dead_letters: int
     streams: list[StreamStatus]
@@ -254,7 +277,9 @@ def model_status(client: redis.Redis, registry: Registry, model: str, ttl_s: flo
         production = None
     health, now_ms = read_health(client, model, ttl_s), presence.now_in_ms()
     dead = sum(client.xlen(keys.dead_letter_stream(model, k)) for k in _shards(client, model))
-    return {"ok": health.ok, "production_version": production, "dead_letters": dead,
+    return {"ok": health.ok, "serving_workers": len(health.serving_workers),
+            "loaded_workers": len(health.loaded_workers), "production_version": production,
+            "dead_letters": dead,
             "streams": [_stream_status(client, model, *stream) for stream in _streams(client, model)],
             "workers": [_worker_status(w, now_ms) for w in health.workers],
             "experiment": _experiment_status(client, registry, model)}
@@ -300,7 +325,31 @@ def _worker_status(w: Heartbeat, now_ms: int) -> WorkerStatus:
             "failed_version": w.failed_version, "variant": w.variant, "backend": w.backend,
             "fallback": w.fallback, "state": w.state, "pid": w.pid, "host": w.host,
             "heartbeat_age_ms": w.age_ms(now_ms), "error": w.error, "batches": w.batches,
-            "requests": w.requests}
+            "requests": w.requests, "cache": w.cache, "loaded_at_ms": w.loaded_at_ms, "load_ms": w.load_ms,
+            "size_mb": w.size_mb, "load_error": w.load_error, "models": w.models, "pinned": w.pinned}
+
+
+def cache_line(w: WorkerStatus) -> str:
+    """What ``status`` prints under a worker about the model in its process ("" from an older worker)."""
+    if not w["cache"]:
+        return ""
+    parts = [f"cache {w['cache']}" + (", pinned" if w["pinned"] else "")]
+    if w["loaded_at_ms"]:
+        parts.append(f"loaded at {_wall_clock(w['loaded_at_ms'])} in {w['load_ms']:.0f} ms")
+    if w["size_mb"]:
+        parts.append(f"{w['size_mb']:.1f} MB")
+    parts.append(f"process serves {w['models']} model{'s' if w['models'] != 1 else ''}")
+    if w["load_error"]:
+        parts.append(f"load error: {' '.join(w['load_error'].split())}")  # one line, whatever it held
+    return "    " + "; ".join(parts)
+
+
+def _wall_clock(at_ms: int) -> str:
+    """``2025-11-26 09:40:00 UTC``; the raw number where it is no date (the heartbeat is untrusted)."""
+    try:
+        return datetime.fromtimestamp(at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):
+        return f"{at_ms} ms"
 
 
 def _title(version: int | None, labels: dict[str, str]) -> str:
@@ -329,3 +378,5 @@ def _print_model(model: str, status: ModelStatus, labels: dict[str, str]) -> Non
         print(f"  {w['worker_id']:<40} {_title(w['version'], labels)} {w['variant']:<18} {w['backend']:<12} "
               f"{w['state']:<9} pid {w['pid']} on {w['host']}, "
               f"heartbeat {w['heartbeat_age_ms']} ms ago{error}")
+        if line := cache_line(w):
+            print(line)

@@ -18,7 +18,8 @@ from worker.worker import Worker
 
 X = np.random.default_rng(4).standard_normal((60, 110)).astype(np.float32)
 WORKER_KEYS = {"worker_id", "version", "target_version", "failed_version", "variant", "backend", "fallback",
-               "state", "pid", "host", "heartbeat_age_ms", "error", "batches", "requests"}
+               "state", "pid", "host", "heartbeat_age_ms", "error", "batches", "requests",
+               "cache", "loaded_at_ms", "load_ms", "size_mb", "load_error", "models", "pinned"}
 
 
 @pytest.fixture
@@ -41,8 +42,10 @@ def test_a_served_model_in_json(settings, client, production, status):
     assert code == 0 and doc["schema_version"] == 1 and doc["ok"] is True
     assert set(doc["models"]) == {MODEL}
     model = doc["models"][MODEL]
-    assert set(model) == {"ok", "production_version", "dead_letters", "streams", "workers", "experiment"}
+    assert set(model) == {"ok", "serving_workers", "loaded_workers", "production_version", "dead_letters",
+                          "streams", "workers", "experiment"}
     assert model["ok"] is True and model["production_version"] == production.version
+    assert (model["serving_workers"], model["loaded_workers"]) == (1, 1)
     assert model["experiment"] is None, "no experiment: null"
     assert model["dead_letters"] == 0
     stream, backfill = model["streams"]
@@ -99,6 +102,7 @@ def test_help_documents_the_document_and_the_exit_status(capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "--json" in out and '"schema_version": 1' in out and '"heartbeat_age_ms"' in out
+    assert '"cache": "loaded"' in out and '"pinned": false' in out and '"loaded_workers": 1' in out
     assert '"experiment": {' in out and '"treatment": {"version": 4, "share": 0.1}' in out
     assert "Exit status" in out
 
