@@ -81,8 +81,8 @@ def test_prometheus_configs_rules_and_rule_unit_tests_pass(check):
     assert run(check, check.check_prometheus)
 
 
-def test_kubernetes_manifests_are_valid_for_both_variants(k8s):
-    assert set(k8s) == {"single", "cluster"}
+def test_kubernetes_manifests_are_valid_for_every_variant(k8s):
+    assert set(k8s) == {"single", "cluster", "multi"}
 
 
 def test_scaledobjects_watch_the_streams_protocol_keys_names(k8s):
@@ -194,15 +194,20 @@ def exported_series() -> dict[str, set[str]]:
     """Sample name → label names, as a worker's /metrics exposes them once it has served a request."""
     from worker.metrics import WorkerMetrics
 
-    metrics = WorkerMetrics(MODEL, "worker-1")
+    process = WorkerMetrics("worker-1")
+    metrics = process.model(MODEL)
     metrics.requests("1", "primary", "OK")
     metrics.stream(0, "live", lag=3, pending=1)
     metrics.queue_wait("live", 0.001)
     metrics.inference("1", 4, 0.01)
     metrics.model_load("1", ok=True)
+    metrics.load_seconds(0.2)
+    metrics.cache("loaded", 1 << 20, 1.0)
+    metrics.evicted()
     metrics.serving(1, 1)
+    process.cache_totals(1 << 20, 512 << 20)
     return {sample.name: set(sample.labels)
-            for family in metrics.registry.collect() for sample in family.samples}
+            for family in process.registry.collect() for sample in family.samples}
 
 
 def test_alerts_and_their_tests_use_what_workers_export(check):
@@ -298,6 +303,7 @@ def test_k8s_checks_refuse(check, k8s, name):
 def test_k8s_checks_accept_the_manifests_as_they_are(check, k8s):
     assert problems(check, k8s["single"]) == []
     assert problems(check, k8s["cluster"]) == []
+    assert problems(check, k8s["multi"]) == []
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -329,7 +335,7 @@ def test_a_pdb_selecting_nothing_is_refused(check, k8s):
 
 def test_the_command_line_runs_the_steps_named(check, k8s, capsys):
     assert check.main(["k8s"]) == 0
-    assert capsys.readouterr().out.count("ok  deploy/k8s/") == 2
+    assert capsys.readouterr().out.count("ok  deploy/k8s/") == 3
     with pytest.raises(SystemExit):
         check.main(["kubernetes"])
 
@@ -338,3 +344,114 @@ def test_durations(check):
     assert check.seconds("1m30s") == 90 and check.seconds("15s") == 15 and check.seconds(10) == 10
     with pytest.raises(ValueError):
         check.seconds("15 s")
+
+
+# --- kubernetes: a model group (deploy/k8s/multi) -------------------------------------------------------
+
+GROUP = ("Deployment", "streamserve-worker-fx")
+GROUP_SCALER = ("ScaledObject", "streamserve-worker-fx")
+
+
+def set_arg(flag: str, value: str | None) -> Callable[[dict], None]:
+    """Set ``flag``'s value in the worker's args (append it when absent; remove it for None)."""
+    def change(deployment: dict) -> None:
+        args = container(deployment)["args"]
+        if flag in args:
+            del args[args.index(flag):args.index(flag) + 2]
+        if value is not None:
+            args += [flag, value]
+    return change
+
+
+def query(scaler: dict, lane: str = "live") -> dict:
+    return trigger(scaler, f"group-{lane}-lag")["metadata"]
+
+
+GROUP_BREAKS: dict[str, tuple[tuple[str, str], Callable[[dict], None], str]] = {
+    # the group's lag: summed over its models, each stream counted once, per lane
+    "each pod's reading summed": (GROUP_SCALER, lambda d: query(d).update(
+        query='sum(streamserve_stream_lag{lane="live", model=~"fx_.*"})'), "live lag query"),
+    "another group's models": (GROUP_SCALER, lambda d: query(d).update(
+        query=query(d)["query"].replace("fx_", "eq_")), "live lag query"),
+    "no backfill trigger": (GROUP_SCALER, lambda d: d["spec"]["triggers"].remove(
+        trigger(d, "group-backfill-lag")), "backfill lag query"),
+    "the pattern changed, not the query": (GROUP, set_arg("--models", "fx_*,eq_spx"), "live lag query"),
+    "floor of 0": (GROUP_SCALER, lambda d: d["spec"].update(minReplicaCount=0), "minReplicaCount"),
+    "--shards on a group": (GROUP, set_arg("--shards", "0"), "--shards"),
+    # KEDA's prometheus scaler
+    "misspelt serverAddress": (GROUP_SCALER, lambda d: query(d).update(
+        serverAdress=query(d).pop("serverAddress")), "serverAdress"),
+    "no threshold": (GROUP_SCALER, lambda d: query(d).pop("threshold"), "'threshold' is required"),
+    "threshold not a number": (GROUP_SCALER, lambda d: query(d).update(threshold="32 entries"), "threshold"),
+    "server without a scheme": (GROUP_SCALER, lambda d: query(d).update(
+        serverAddress="prometheus:9090"), "serverAddress"),
+    "Value metric type": (GROUP_SCALER, lambda d: trigger(d, "group-live-lag").update(
+        metricType="Value"), "AverageValue"),
+    # the pinned hot model's Redis trigger, the pins, the labels
+    "a hot stream of a model it does not serve": (GROUP_SCALER, lambda d: trigger(
+        d, "fx-eurusd-live-lag")["metadata"].update(stream=keys.request_stream("eq_spx")), "eq_spx"),
+    "a hot stream of a shard it does not read": (GROUP_SCALER, lambda d: trigger(
+        d, "fx-eurusd-live-lag")["metadata"].update(stream=keys.request_stream("fx_eurusd", 1)),
+        "fx_eurusd:1"),
+    "a pin outside the group": (GROUP, set_arg("--pin", "eq_spx"), "--pin eq_spx"),
+    "--model beside --models": (GROUP, set_arg("--model", "fx_eurusd"), "exactly one of"),
+    "no model-group in the selector": (GROUP, lambda d: d["spec"]["selector"]["matchLabels"].pop(
+        "model-group"), "model-group"),
+    "name without its group": (GROUP, lambda d: [labels.update({"model-group": "eq"}) for labels in (
+        d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])],
+        "should end in -eq"),
+}
+
+
+@pytest.mark.parametrize("name", GROUP_BREAKS)
+def test_model_group_checks_refuse(check, k8s, name):
+    (kind, obj), change, expected = GROUP_BREAKS[name]
+    found = problems(check, broken(k8s, "multi", kind, obj, change))
+    assert any(expected in p for p in found), found
+
+
+def test_a_model_group_scales_on_the_sum_of_its_models_lag(check, k8s):
+    """Several triggers give the largest of their replica counts: the group's lag is one summed query."""
+    scaler = find(k8s["multi"], *GROUP_SCALER)
+    worker = find(k8s["multi"], *GROUP)
+    assert check.model_selection(worker) == ["fx_*"]
+    assert query(scaler)["query"] == (
+        'sum(max by (model, shard, lane) (streamserve_stream_lag{lane="live", model=~"fx_.*"}))')
+    assert query(scaler, "backfill")["query"] == check.group_lag_query(["fx_*"], "backfill")
+    assert scaler["spec"]["minReplicaCount"] >= 1
+    assert check.group_lag_query(None, "live") == (
+        'sum(max by (model, shard, lane) (streamserve_stream_lag{lane="live"}))')
+
+
+@pytest.mark.parametrize("selection", [
+    ["fx_*"], ["a.b", "fx_?1"], ["fx_[ab]*", "hybrid_cnn_lstm"], ["fx_[!a]*"]])
+def test_the_lag_query_selects_the_models_the_workers_serve(check, selection):
+    names = ["fx_a1", "fx_b1", "fx_c", "fx_", "axb", "a.b", "hybrid_cnn_lstm", "xfx_a1", "fx_a12"]
+    promql = check.promql_model_regex(selection)
+    regex = promql.replace("\\\\", "\\")  # a PromQL string's escaped backslash, unescaped
+    for name in names:  # PromQL anchors its regexes at both ends
+        assert bool(re.fullmatch(regex, name)) == check.serves(selection, name), (name, regex)
+
+
+def test_a_model_group_scales_on_a_gauge_workers_export(check):
+    assert check.LAG_METRIC in exported_series()
+    assert exported_series()[check.LAG_METRIC] == {"model", "shard", "lane"}
+
+
+def test_the_multi_model_page_names_only_metrics_workers_export():
+    page = (ROOT / "docs" / "multi-model.md").read_text()
+    named = set(re.findall(r"\bstreamserve_[a-z_]+", page))
+    exported = {re.sub(r"_(bucket|count|sum|created)$", "", name) for name in exported_series()}
+    assert {"streamserve_model_loaded", "streamserve_cache_budget_bytes"} <= named
+    assert named <= exported, named - exported
+
+
+def test_fleets_of_different_variants_select_none_of_each_others_pods(check, k8s):
+    """A group's pods carry no shard label; with one, single/'s Deployment and PDB select them."""
+    assert list(check.overlap_problems(k8s)) == []
+    with_shard = broken(k8s, "multi", *GROUP, lambda d: d["spec"]["template"]["metadata"]["labels"].update(
+        shard="all"))
+    found = list(check.overlap_problems({**k8s, "multi": with_shard}))
+    assert any("deploy/k8s/single: PodDisruptionBudget streamserve-worker selects the pods of "
+               "deploy/k8s/multi's Deployment streamserve-worker-fx" in p for p in found), found
+    assert any("no shard label" in p for p in problems(check, with_shard))
