@@ -363,6 +363,12 @@ def set_arg(flag: str, value: str | None) -> Callable[[dict], None]:
     return change
 
 
+def relabel(deployment: dict, label: str, value: str) -> None:
+    """Give the Deployment's selector and pods ``label=value``."""
+    deployment["spec"]["selector"]["matchLabels"][label] = value
+    deployment["spec"]["template"]["metadata"]["labels"][label] = value
+
+
 def query(scaler: dict, lane: str = "live") -> dict:
     return trigger(scaler, f"group-{lane}-lag")["metadata"]
 
@@ -397,9 +403,7 @@ GROUP_BREAKS: dict[str, tuple[tuple[str, str], Callable[[dict], None], str]] = {
     "--model beside --models": (GROUP, set_arg("--model", "fx_eurusd"), "exactly one of"),
     "no model-group in the selector": (GROUP, lambda d: d["spec"]["selector"]["matchLabels"].pop(
         "model-group"), "model-group"),
-    "name without its group": (GROUP, lambda d: [labels.update({"model-group": "eq"}) for labels in (
-        d["spec"]["selector"]["matchLabels"], d["spec"]["template"]["metadata"]["labels"])],
-        "should end in -eq"),
+    "name without its group": (GROUP, lambda d: relabel(d, "model-group", "eq"), "should end in -eq"),
 }
 
 
