@@ -15,6 +15,9 @@
 (g) Fleet down: Redis memory while every worker is stopped under load, against its
     bound, and how long the returning fleet takes to empty the stream
     (``lab/bench_fleetdown.py``).
+(h) Multi-model: twenty small models served by one process each versus one multi-model
+    fleet: memory (PSS), latency per model under a Zipf load, fairness and cold starts
+    (``lab/bench_multimodel.py``).
 Ratios (b)/(a) are the numbers to watch; absolute times on a shared box are noisy.
 """
 
@@ -39,7 +42,7 @@ from redis import Redis
 from rich.console import Console
 from rich.table import Table
 
-from lab import bench_bulk, bench_cluster, bench_deadlines, bench_fleetdown, bench_overload
+from lab import bench_bulk, bench_cluster, bench_deadlines, bench_fleetdown, bench_multimodel, bench_overload
 from lab.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadSpec, run_load
@@ -52,7 +55,8 @@ from registry.rollout import wait_for_fleet
 from worker.loader import make_golden
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-SERVED_SECTIONS = ("overload", "cluster", "bulk", "deadlines", "fleetdown")  # each names its server
+# Each names its server.
+SERVED_SECTIONS = ("overload", "cluster", "bulk", "deadlines", "fleetdown", "multimodel")
 
 
 def _session(path: Path):
@@ -288,6 +292,8 @@ def run(settings: Settings, args: argparse.Namespace, progress=print) -> dict:
                                                              args.redis_server, progress)
         if not args.skip_fleetdown:
             doc["fleetdown"] = _fleetdown(settings, args, Path(tmp), progress)
+        if not args.skip_multimodel:
+            doc["multimodel"] = _multimodel(settings, args, path, Path(tmp), progress)
     servers = [doc.pop("server", None), *(doc.get(k, {}).get("server") for k in SERVED_SECTIONS)]
     doc["machine"]["server"] = next((s for s in servers if s), "none")
     if "overload" in doc or "cluster" in doc:
@@ -380,6 +386,17 @@ def _fleetdown(settings: Settings, args: argparse.Namespace, tmp: Path, progress
         return section | {"server": server.version()}
 
 
+def _multimodel(settings: Settings, args: argparse.Namespace, path: Path, tmp: Path, progress) -> dict:
+    """The multi-model scenario on a Redis of its own; the reference model joins its cold start."""
+    ref = bench_multimodel.ReferenceModel(path, reference.input_spec(), [reference.OUTPUT_NAME],
+                                          list(reference.LABELS))
+    with EmbeddedRedis(binary=args.redis_server) as server:
+        s = settings.with_overrides(redis_url=server.url, artifact_dir=tmp / "artifacts-multimodel")
+        section = bench_multimodel.run_multimodel(s, bench_multimodel.MultiModelConfig.from_args(args), tmp,
+                                                  _fleet_args(args), ref, progress)
+        return section | {"server": server.version()}
+
+
 def _cluster(settings: Settings, args: argparse.Namespace, tmp: Path, progress) -> dict:
     """The cluster scenario on a 3-master cluster of its own, serving the reference model."""
     with EmbeddedCluster(3, binary=args.redis_server) as cluster:
@@ -410,6 +427,8 @@ def print_table(doc: dict) -> None:
         bench_deadlines.print_deadlines(doc["deadlines"])
     if "fleetdown" in doc:
         bench_fleetdown.print_fleetdown(doc["fleetdown"])
+    if "multimodel" in doc:
+        bench_multimodel.print_multimodel(doc["multimodel"])
 
 
 def _print_base(doc: dict) -> None:

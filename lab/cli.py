@@ -102,7 +102,25 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     _add_cluster_flags(p)
     _add_bulk_flags(p)
     _add_failure_flags(p)
+    _add_multimodel_flags(p)
     p.set_defaults(func=_bench)
+
+
+def _add_multimodel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-model scenario (small models: one worker process each vs one multi-model "
+                             "fleet; memory, latency under a Zipf load, fairness, cold start)")
+    g.add_argument("--skip-multimodel", action="store_true")
+    g.add_argument("--mm-models", type=int, default=20, help="models mm_00, mm_01, ...")
+    g.add_argument("--mm-processes", type=int, default=2, help="the multi-model fleet's worker processes")
+    g.add_argument("--mm-memory-mb", type=int, default=512,
+                   help="the multi-model fleet's --model-memory-mb (holds every model)")
+    g.add_argument("--mm-rate", type=float, default=200.0,
+                   help="requests per second offered to each layout, all models together")
+    g.add_argument("--mm-seconds", type=float, default=20.0, help="each layout's load run")
+    g.add_argument("--mm-senders", type=int, default=2, help="open-loop sender processes")
+    g.add_argument("--mm-fairness-seconds", type=float, default=10.0,
+                   help="the trickle's run, alone and beside the flood")
+    g.add_argument("--mm-trickle-rps", type=float, default=15.0, help="the trickled model's rate")
 
 
 def _add_failure_flags(p: argparse.ArgumentParser) -> None:
