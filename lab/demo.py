@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 from rich.console import Console
 from rich.progress import (
@@ -33,13 +34,18 @@ from rich.table import Table
 from lab.embedded_redis import EmbeddedRedis
 from lab.fleet import Fleet
 from lab.loadgen import LoadResult, LoadSpec, run_load
-from producer import Client
+from modeltools.synthetic import synthetic_dataset
+from producer import Client, ReplyError
 from protocol import keys
+from protocol.errors import StreamserveError
 from protocol.settings import Settings
 from registry import Registry
 from registry.rollout import wait_for_fleet
 
 LABEL_HORIZON_S = 1.0  # the bots report each outcome at once; a short horizon keeps the demo short
+# The fleet's second model: a small MLP on (30, 16) windows (lab.mm_models), loaded on its first request.
+SECOND_MODEL = "fx_eurusd"
+TWO_MODEL_REQUESTS = 150  # per model in the two-model phase: a second or two, interleaved
 LOOKS_DURING_LOAD = (1 / 3, 2 / 3)  # analyses while the experiment's load runs; one more after it
 
 
@@ -124,19 +130,24 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
         _train(timeline, s, size, seed=0, stage="Production")
         _train(timeline, s, size, seed=1, stage="Staging")
         n = args.processes
-        with timeline.phase("workers", f"Start {n} worker processes (1 ONNX Runtime thread each)"):
-            with timeline.spinner(f"starting {n} workers: load v1, check its golden outputs"):
-                fleet = Fleet(s, s.model, n, "--intra-op-threads", "1")
+        models = [s.model, SECOND_MODEL]
+        title = f"Start {n} worker processes serving two models (1 ONNX Runtime thread each)"
+        with timeline.phase("workers", title):
+            _register_second_model(console, s, tmp / "mlp")
+            with timeline.spinner(f"starting {n} workers: load v1 (pinned), check its golden outputs"):
+                fleet = Fleet(s, s.model, n, "--intra-op-threads", "1", "--pin", s.model, models=models)
                 fleet.start(log_path=str(tmp / "workers.log"))
-            stack.callback(fleet.stop)  # whatever fails later, no worker outlives the demo
-            _show_workers(console, s)
+                stack.callback(fleet.stop)  # whatever fails later, no worker outlives the demo
+                _wait_loaded(s, s.model, n)
+            _show_workers(console, s, models)
         result = _promotion_under_load(timeline, s, size)
+        tallies = _two_models(timeline, s, models)
         exp_result = _experiment(timeline, s, size, Path(args.report_dir))
         with timeline.phase("shutdown", "Stop the workers (SIGTERM: finish the batch, ack, exit)"):
             code = fleet.stop()
             console.print(f"worker fleet exited with {code}")
     timeline.finish()
-    failures = set(result.errors) | set(exp_result.errors)
+    failures = set(result.errors) | set(exp_result.errors) | {c for t in tallies.values() for c in t.errors}
     return 0 if code == 0 and not failures - {"INVALID_INPUT"} else 1
 
 
@@ -155,11 +166,36 @@ def _train(timeline: Timeline, settings: Settings, size: Size, *, seed: int, sta
                                progress=bars.step, status=bars.status)
 
 
-def _show_workers(console: Console, settings: Settings) -> None:
+def _register_second_model(console: Console, settings: Settings, directory: Path) -> None:
+    """Fit, register and promote the fleet's second model (milliseconds: no torch, no download)."""
+    from lab.mm_models import register_models
+
+    with redis.Redis.from_url(settings.redis_url) as client:
+        registry = Registry(client, settings.artifact_dir, control_secret=settings.control_secret)
+        accuracy = register_models(registry, [SECOND_MODEL], directory)[SECOND_MODEL]
+    console.print(f"registered {SECOND_MODEL} v1 → Production: a small MLP on (30, 16) windows "
+                  f"(training accuracy {accuracy:.2f})")
+
+
+def _wait_loaded(settings: Settings, model: str, processes: int, timeout_s: float = 60.0) -> None:
+    """Wait until ``processes`` workers have ``model`` in memory (the pinned model loads at start)."""
+    deadline = time.monotonic() + timeout_s
     with Client.from_url(settings.redis_url) as client:
-        health = client.health(settings.model)
-    for w in health.workers:
-        console.print(f"worker {w.worker_id} (pid {w.pid}) serving v{w.version} on {w.backend}")
+        while len(client.health(model).loaded_workers) < processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} not loaded by {processes} workers within {timeout_s:g} s")
+            time.sleep(0.05)
+
+
+def _show_workers(console: Console, settings: Settings, models: list[str]) -> None:
+    with Client.from_url(settings.redis_url) as client:
+        health = {model: client.health(model) for model in models}
+    for model, h in health.items():
+        for w in sorted(h.workers, key=lambda w: w.worker_id):
+            state = f"v{w.version} on {w.backend}" if w.version is not None else "loads on its first request"
+            pinned = ", pinned" if w.pinned else ""
+            console.print(f"worker {w.worker_id} (pid {w.pid}) {model}: {w.cache}{pinned}, {state}",
+                          soft_wrap=True)
 
 
 def _promotion_under_load(timeline: Timeline, settings: Settings, size: Size) -> LoadResult:
@@ -209,6 +245,69 @@ def _load(timeline: Timeline, spec: LoadSpec, bots: int, what: str, at: dict[flo
     with timeline.bar() as bar:
         task = bar.add_task(what, total=total)
         return run_load(spec, bots, on_progress=advance)
+
+
+@dataclass
+class Tally:
+    """One model's requests in the two-model phase."""
+
+    latencies_ms: list[float]
+    errors: dict[str, int]
+    versions: set[int]
+    workers: set[str]
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile of the answered requests, in ms (NaN when none was answered)."""
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def _two_models(timeline: Timeline, settings: Settings, models: list[str]) -> dict[str, Tally]:
+    """Requests to both models at once, from one bot each; per-model counts and latency, and what
+    the workers hold afterwards (the second model loaded on its first request)."""
+    title = f"One fleet, two models: {TWO_MODEL_REQUESTS} requests each to {' and '.join(models)}, at once"
+    with timeline.phase("two models", title):
+        tallies = {model: Tally([], {}, set(), set()) for model in models}
+        bots = [threading.Thread(target=_send, args=(settings, model, tallies[model])) for model in models]
+        for bot in bots:
+            bot.start()
+        for bot in bots:
+            bot.join()
+        for model, t in tallies.items():
+            versions = ", ".join(f"v{v}" for v in sorted(t.versions))
+            timeline.console.print(
+                f"served {model}: {len(t.latencies_ms)}/{TWO_MODEL_REQUESTS} ok, "
+                f"p50 {t.percentile(50):.2f} ms, p99 {t.percentile(99):.2f} ms, {versions}, "
+                f"by {len(t.workers)} workers; errors: {t.errors or 'none'}", soft_wrap=True)
+        first_ms = tallies[SECOND_MODEL].latencies_ms[:1]
+        if first_ms:
+            timeline.console.print(f"{SECOND_MODEL}'s first request took {first_ms[0]:.1f} ms: it waited for "
+                                   "the model to load in the worker that read it (each worker process reads "
+                                   "every model's stream, so each loads it on the first request it reads)",
+                                   soft_wrap=True)
+        _show_workers(timeline.console, settings, models)
+    return tallies
+
+
+def _send(settings: Settings, model: str, tally: Tally) -> None:
+    """One bot: ``TWO_MODEL_REQUESTS`` predictions to ``model``, one at a time, outside any experiment."""
+    if model == SECOND_MODEL:
+        from lab.mm_models import synthetic_data
+
+        windows = synthetic_data(seed=7, n=64)[0]
+    else:
+        windows = synthetic_dataset(64, seed=7)[0]
+    with Client.from_url(settings.redis_url, timeout_s=5.0) as client:
+        for i in range(TWO_MODEL_REQUESTS):
+            started = time.perf_counter()
+            try:
+                p = client.predict(model, windows[i % len(windows)], route=f"r{i % 3}", experiment=False)
+            except StreamserveError as e:  # a reply's code, or Unavailable: counted, never fatal here
+                code = e.code if isinstance(e, ReplyError) else type(e).__name__
+                tally.errors[code] = tally.errors.get(code, 0) + 1
+                continue
+            tally.latencies_ms.append((time.perf_counter() - started) * 1000)
+            tally.versions.add(p.model_version)
+            tally.workers.add(p.worker)
 
 
 def _experiment(timeline: Timeline, settings: Settings, size: Size, report_dir: Path) -> LoadResult:

@@ -71,9 +71,14 @@ def test_the_whole_demo_piped_to_a_file_prints_each_phase_and_its_duration(tmp_p
     assert done.returncode == 0, out + done.stderr
     phases = re.findall(r"^phase (\d) \((.+)\) done in \d+\.\d s$", out, re.MULTILINE)
     assert phases == [("1", "redis"), ("2", "train v1"), ("3", "train v2"), ("4", "workers"),
-                      ("5", "load + promotion"), ("6", "experiment"), ("7", "shutdown")]
+                      ("5", "load + promotion"), ("6", "two models"), ("7", "experiment"), ("8", "shutdown")]
     assert re.search(r"^demo total: \d+\.\d s \(redis ", out, re.MULTILINE)
     assert out.count("held-out accuracy") == 2 and "fleet switched" in out
+    # One fleet serves both models: every request of each answered, by a version of its own.
+    served = dict(re.findall(r"^served (\S+): (\d+)/\d+ ok, .* v\d+, by [12] workers; errors: none$",
+                             out, re.MULTILINE))
+    assert served == {"hybrid_cnn_lstm": str(demo.TWO_MODEL_REQUESTS),
+                      demo.SECOND_MODEL: str(demo.TWO_MODEL_REQUESTS)}, out
     report = json.loads(next(line for line in out.splitlines() if line.startswith('{"experiment"')))
     assert report["analyses"] >= 2, "the report plots a time series: analyses during and after the load"
     assert (tmp_path / "experiment-report.png").stat().st_size > 0
