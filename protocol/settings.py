@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="cuda: fail unless a CUDA backend is available; auto: CUDA when present")
 
+    model_memory_mb: float = Field(
+        0.0, ge=0, le=1_048_576, description="a multi-model worker's cache budget (MiB): the least "
+        "recently used unpinned model is evicted when the measured sizes of the loaded ones exceed it "
+        "(0: no limit)")
+    max_loaded_models: int = Field(
+        0, ge=0, le=10_000, description="a multi-model worker keeps at most this many models loaded, "
+        "evicting the least recently used unpinned one (0: no limit)")
+
     reclaim_min_idle_ms: int = Field(30_000, ge=0, description="pending idle time before reclaim")
     reclaim_interval_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1, description="deliveries before dead-lettering")

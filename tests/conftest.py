@@ -242,9 +242,10 @@ class ThreadedWorker:
         return self.worker
 
     def _heartbeated(self) -> bool:
+        served = list(self.worker.served)  # a worker serving several models beats for each
         try:  # with the worker's own connection (and role): the command its takeover uses
-            return not self.thread.is_alive() or self.worker.worker_id in presence.live_ids(
-                self.worker.redis, self.worker.model, self.worker.settings.heartbeat_ttl_s)
+            return not self.thread.is_alive() or bool(served) and self.worker.worker_id in presence.live_ids(
+                self.worker.redis, served[0], self.worker.settings.heartbeat_ttl_s)
         except redis.RedisError:
             return True  # cannot tell: go on
 

@@ -136,7 +136,7 @@ def test_a_shard_no_longer_read_gives_its_kept_connection_back(r, settings, prod
     dropped.read_ahead(8)  # the link opens its connection
     dropped.settle()
     assert dropped.link.conn is not None and not dropped.busy
-    worker._set_shards([0])
+    worker._set_shards(worker.served[MODEL], [0])
     assert 1 not in worker.consumers and dropped.link.conn is None, "the connection went back to the pool"
     worker.redis.close()
 

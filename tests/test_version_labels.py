@@ -143,12 +143,13 @@ def test_status_and_experiment_commands_take_and_show_labels(r, settings, regist
 
 
 def test_the_model_info_metric_carries_the_served_versions_label():
-    metrics = WorkerMetrics(MODEL, "w1")
+    process = WorkerMetrics("w1")
+    metrics = process.model(MODEL)
     metrics.serving(3, 3, label="1.1.0")
-    text = generate_latest(metrics.registry).decode()
+    text = generate_latest(process.registry).decode()
     assert f'streamserve_model_info{{label="1.1.0",model="{MODEL}",version="3"}} 1.0' in text
     metrics.serving(4, 4, label="")
-    text = generate_latest(metrics.registry).decode()
+    text = generate_latest(process.registry).decode()
     assert f'streamserve_model_info{{label="",model="{MODEL}",version="4"}} 1.0' in text
     assert 'version="3"' not in text.split("streamserve_model_info", 1)[1].split("# HELP", 1)[0]
 

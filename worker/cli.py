@@ -1,4 +1,4 @@
-"""``streamserve worker``: serve a model, in this process or in N supervised ones."""
+"""``streamserve worker``: serve a model, or a set of models, in this process or in N supervised ones."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import redis
 
 from protocol import connection, keys
 from protocol.settings import Settings
+from worker.selection import ModelSelector
 from worker.supervisor import Supervisor
 from worker.worker import Worker
 
@@ -18,8 +19,18 @@ REFUSED = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``worker``."""
-    p = subparsers.add_parser("worker", help="serve a model from its request stream")
-    p.add_argument("--model", help="default: the `model` setting (hybrid_cnn_lstm)")
+    p = subparsers.add_parser("worker", help="serve a model (or a set of models) from its request stream")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="default: the `model` setting (hybrid_cnn_lstm)")
+    which.add_argument("--models", help="serve several models from each process: names and patterns, "
+                       "comma-separated (e.g. fx_eur,fx_gbp or 'fx_*': every matching model in Production)")
+    which.add_argument("--all-models", action="store_true",
+                       help="serve every model with a Production version (followed as models are promoted "
+                       "and retired)")
+    p.add_argument("--pin", default="", help="models loaded at start-up and never evicted (comma-separated)")
+    p.add_argument("--model-memory-mb", type=float, help="cache budget: evict the least recently used "
+                   "model when the loaded models' measured sizes exceed it (default 0: no limit)")
+    p.add_argument("--max-loaded-models", type=int, help="keep at most this many models loaded (0: no limit)")
     p.add_argument("--processes", type=int, default=1, help="worker processes (one per core)")
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-wait-ms", type=float)
@@ -43,12 +54,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_overrides(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                        intra_op_threads=args.intra_op_threads, device=args.device,
                                        spin_ms=args.spin_ms, shards=args.shards, overlap_io=args.overlap_io,
-                                       metrics_port=args.metrics_port)
-    model = args.model or settings.model
-    check_access(settings, model)
+                                       metrics_port=args.metrics_port, model_memory_mb=args.model_memory_mb,
+                                       max_loaded_models=args.max_loaded_models)
+    spec = "*" if args.all_models else args.models or args.model or settings.model
+    selector = ModelSelector.parse(spec)  # a ConfigError (one line) for a bad name
+    pins = ModelSelector.parse(args.pin).names if args.pin else ()
+    check_access(settings, selector.names[0] if selector.names else settings.model)
     if args.processes > 1 and not args.burst:
-        return Supervisor(settings, model, args.processes, max_queue_ms=args.max_queue_ms).run()
-    worker = Worker(settings, model, burst=args.burst, max_queue_ms=args.max_queue_ms)
+        return Supervisor(settings, spec, args.processes, max_queue_ms=args.max_queue_ms,
+                          pins=",".join(pins)).run()
+    worker = Worker(settings, selector, burst=args.burst, max_queue_ms=args.max_queue_ms, pins=pins)
     worker.install_signal_handlers()
     worker.run()
     return 0

@@ -279,6 +279,17 @@ class StreamConsumer:
         self.link_error = e
 
     @property
+    def buffered(self) -> list[Entry]:
+        """Entries read and not yet handed out (held, then read ahead), pending on this consumer."""
+        return self.held + (self.prefetched or [])
+
+    def deliver(self, fresh: list[Entry]) -> None:
+        """Entries a read for several consumers brought (:func:`read_many`): the next :meth:`read`
+        hands them out without a round trip."""
+        if fresh:
+            self.prefetched = (self.prefetched or []) + fresh
+
+    @property
     def busy(self) -> bool:
         """Entries read and not handed out, or sends not answered: not to be dropped yet."""
         return bool(self.held or self.prefetched or self.unwritten
@@ -635,6 +646,34 @@ class StreamConsumer:
         for stream in self.streams.values():
             if not self.redis.xpending_range(stream, self.group, "-", "+", 1, self.name):
                 self.redis.xgroup_delconsumer(stream, self.group, self.name)
+
+
+def read_many(consumers: Sequence[StreamConsumer], count: int, wait_ms: float) -> int:
+    """One XREADGROUP over the streams of several consumers of one node (every model's group is
+    ``workers``, and the consumer name is the worker's), blocking up to ``wait_ms`` (none below
+    1 ms); what it brings goes to each consumer's buffer (:meth:`StreamConsumer.deliver`).
+    Returns how many entries came. A stream or group deleted under the read (NOGROUP,
+    UNBLOCKED) fails the whole call: every consumer's groups are recreated and nothing is read.
+    """
+    first, owners = consumers[0], {}
+    for c in consumers:
+        assert (c.group, c.name, c.redis) == (first.group, first.name, first.redis), "one group, one node"
+        owners.update(dict.fromkeys(c._read_streams(count), c))
+    block = int(wait_ms) if wait_ms >= 1 else None
+    try:
+        response = first.redis.xreadgroup(first.group, first.name, dict.fromkeys(owners, ">"),
+                                          count=count, block=block)
+    except redis.ResponseError as e:
+        for c in consumers:
+            c._vanished(e)
+        return 0
+    n = 0
+    for stream, rows in cast("list[tuple[bytes, StreamRows]]", response or []):
+        owner = owners[text(stream)]
+        fresh = owner._entries([(stream, rows)])
+        owner.deliver(fresh)
+        n += len(fresh)
+    return n
 
 
 def _log_refused(answers: list[Any], out: Outbox) -> None:

@@ -33,18 +33,23 @@ REJECTION_REASONS = ("malformed", "unauthenticated", "error")
 class ControlListener:
     """A daemon thread subscribed to ``ss:control``; commands for ``model`` go to ``on_command``.
 
+    ``model`` is a name, or a test of a name (a worker serving several models passes
+    its selector's ``matches``).
+
     ``rejected`` counts dropped messages by reason (``REJECTION_REASONS``) and
     ``last_rejection`` says why the latest was dropped, for the worker's heartbeat.
     """
 
-    def __init__(self, redis_url: str, model: str, on_command: Callable[[Command | None], object], *,
+    def __init__(self, redis_url: str, model: str | Callable[[str], bool],
+                 on_command: Callable[[Command | None], object], *,
                  secret: Secret | None = None, max_age_ms: int = control.DEFAULT_MAX_AGE_MS) -> None:
-        self.redis_url, self.model, self.on_command = redis_url, model, on_command
+        self.redis_url, self.on_command = redis_url, on_command
+        self.accepts: Callable[[str], bool] = model.__eq__ if isinstance(model, str) else model
         self.verifier = control.Verifier(secret, max_age_ms=max_age_ms)
         self.rejected: Counter[str] = Counter()
         self.last_rejection = ""
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"control-{model}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     def start(self) -> ControlListener:
         """Start listening."""
@@ -92,11 +97,11 @@ class ControlListener:
             self._reject("error", e)
 
     def _accept(self, raw: object) -> Command | None:
-        """The command if it is for our model and acceptable; None if it is for another model."""
+        """The command if it is for one of our models and acceptable; None if it is for another model."""
         if not isinstance(raw, bytes | str):
             raise InvalidInput(f"malformed control message: {type(raw).__name__} payload")
         command = control.decode(raw)
-        if command.model != self.model:
+        if not self.accepts(command.model):
             return None  # checked before verifying: replay memory holds only our own commands
         return self.verifier.check(command)
 

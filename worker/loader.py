@@ -14,10 +14,14 @@ from protocol.errors import ConfigError, StreamserveError
 from protocol.settings import Settings
 from registry import PRIMARY, ModelVersion, Registry
 from worker.backend import Backend, OnnxBackend, TorchExportBackend
+from worker.cache import measure_load
 from worker.inputs import InputSpec
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3
+# One load at a time in a process: a model's size is the RSS its load added, which only means
+# something when no other load grows the process meanwhile (Ray Serve's multiplexer does the same).
+LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class Reloader:
         self._ready: LoadedModel | None = None
         self.loading: tuple[int, str] | None = None  # (version, serving variant)
         self.failures: dict[int, str] = {}
+        self.last_size_bytes, self.last_load_ms = 0, 0.0  # of the last load that worked (measure_load)
 
     def request(self, target: ModelVersion) -> None:
         """Start loading ``target`` unless it is loading already."""
@@ -172,7 +177,7 @@ class Reloader:
 
     def _run(self, target: ModelVersion) -> None:
         try:
-            loaded = self._load(target)
+            loaded, size_bytes, load_ms = measured(lambda: self._load(target))
         except Exception as e:  # any load failure must leave the old version serving
             log.error("cannot load %s v%s: %s", target.name, target.version, e)
             with self._lock:
@@ -181,10 +186,23 @@ class Reloader:
             return
         with self._lock:
             self._ready, self.loading = loaded, None
+            self.last_size_bytes, self.last_load_ms = size_bytes, load_ms
             self.failures.pop(target.version, None)
+
+    def discard(self) -> None:
+        """Drop a loaded model not yet taken (the model was evicted meanwhile)."""
+        with self._lock:
+            self._ready = None
+
 
     def take_ready(self) -> LoadedModel | None:
         """The loaded model waiting to be swapped in, if any (only once)."""
         with self._lock:
             ready, self._ready = self._ready, None
             return ready
+
+
+def measured(load: Callable[[], LoadedModel]) -> tuple[LoadedModel, int, float]:
+    """``load()`` under :data:`LOAD_LOCK`, with the RSS it added (bytes) and its duration (ms)."""
+    with LOAD_LOCK:
+        return measure_load(load)

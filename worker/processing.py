@@ -47,6 +47,9 @@ class BatchProcessor:
         # The quickest recent model call (ms): a request whose deadline falls sooner than this
         # cannot be answered in time, so it is shed before the call instead of failing after it.
         self.fastest_call_ms = RecentMinimum()
+        # Set while the model loads on a first request: a request that cannot wait for it is
+        # answered OVERLOADED at once, with the load's expected remaining time (ms).
+        self.loading_eta_ms: float | None = None
 
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
                 markers: Markers | None = None) -> Outbox:
@@ -136,6 +139,8 @@ class BatchProcessor:
                              f"less than the quickest recent model call ({fastest_ms:.1f} ms)")
         if self.max_queue_ms and queue_ms > self.max_queue_ms:
             raise Overloaded(f"queued {queue_ms:.1f} ms > {self.max_queue_ms} ms; shed")
+        if self.slot.loaded is None and self.loading_eta_ms is not None:
+            raise Overloaded(f"model {self.model!r} loading (~{self.loading_eta_ms:.0f} ms); retry")
         if self.slot.loaded is None:
             raise ModelNotFound(f"model {self.model!r} has no servable version ({self.slot.load_error})")
         self.slot.loaded.spec.check(request.inputs, self.settings.max_request_rows)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from protocol.settings import Settings
 from worker.logs import configure_logging
+from worker.selection import ModelSelector
 from worker.worker import Worker
 
 if TYPE_CHECKING:
@@ -47,12 +48,13 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_DIED = signal.SIGUSR1  # a supervised worker drains and exits on it
 
 
-def _child(settings_json: str, secret: str | None, model: str, max_queue_ms: float, verbose: bool,
-           parent_pid: int) -> None:
+def _child(settings_json: str, secret: str | None, models: str, pins: str, max_queue_ms: float,
+           verbose: bool, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # first: a Ctrl-C while it starts is the supervisor's
     configure_logging(verbose)
     settings = Settings.model_validate_json(settings_json).with_overrides(control_secret=secret)
-    worker = Worker(settings, model, max_queue_ms=max_queue_ms)
+    worker = Worker(settings, ModelSelector.parse(models), max_queue_ms=max_queue_ms,
+                    pins=[p for p in pins.split(",") if p])
     drain = drain_once(worker)
     for signum in (signal.SIGTERM, PARENT_DIED):
         signal.signal(signum, drain)
@@ -92,14 +94,15 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class Supervisor:
-    """Start ``processes`` workers for ``model``; ``run`` returns when all have exited.
+    """Start ``processes`` workers for ``model`` (a name, or ``--models``' names and patterns,
+    comma-separated; each child serves them all); ``run`` returns when all have exited.
 
     ``metrics_port`` (default: the setting; 0: off) serves every child's metrics on one port.
     """
 
     def __init__(self, settings: Settings, model: str, processes: int, *, max_queue_ms: float = 0.0,
-                 metrics_port: int | None = None) -> None:
-        self.settings, self.model, self.processes = settings, model, processes
+                 metrics_port: int | None = None, pins: str = "") -> None:
+        self.settings, self.model, self.processes, self.pins = settings, model, processes, pins
         self.max_queue_ms = max_queue_ms
         # The children get the same settings, port included: in multiprocess mode they never bind it.
         self.metrics_port = settings.metrics_port if metrics_port is None else metrics_port
@@ -114,7 +117,7 @@ class Supervisor:
         # Plain strings only cross to the child; the JSON masks the control secret, so it goes apart.
         secret = self.settings.control_secret
         args = (self.settings.model_dump_json(exclude={"control_secret"}),
-                secret.get_secret_value() if secret else None, self.model, self.max_queue_ms,
+                secret.get_secret_value() if secret else None, self.model, self.pins, self.max_queue_ms,
                 logging.getLogger("worker").isEnabledFor(logging.DEBUG), os.getpid())
         child = self._ctx.Process(target=_child, args=args, daemon=False)
         child.start()

@@ -1,6 +1,7 @@
-"""The worker: read a model's stream through its consumer group, micro-batch, infer, reply, ack.
+"""The worker: read models' streams through their consumer groups, micro-batch, infer, reply, ack.
 
-One process serves one model. The loop is single-threaded on purpose: a batch
+One process serves a set of models (one, with ``--model``; :mod:`worker.selection`),
+each a :class:`~worker.served.ServedModel`. The loop is single-threaded on purpose: a batch
 is read, computed and answered in order, so "finish the in-flight batch" on
 SIGTERM is "finish this iteration, then read the answers still owed". Under load
 (``overlap_io``) the next batch's read is sent before the model call and each reply
@@ -12,8 +13,16 @@ replies and acks), :class:`~worker.slot.ModelSlot` (the served version and its
 background reload), :class:`~worker.arms.ExperimentArms` (the experiment's
 treatment) and :class:`~worker.processing.BatchProcessor` (entries → replies).
 
-A worker reading several shards (on a cluster, on several nodes) contains a node's
-failure to the shards it holds: a Redis error on one shard puts that shard on a
+Between models: one XREADGROUP reads every model's streams that have room in hand (one
+per node: a cluster puts each model in hash slots of its own); the schedule
+(:class:`~worker.scheduler.DeficitScheduler`) picks whose entries go next, live lane
+before backfill, in rows; a batch is always one (model, shard)'s. Models load on their
+first request (a pinned one at start-up) into an LRU cache under a budget of measured
+sizes (:class:`~worker.cache.ModelCache`); a request that cannot wait for the load is
+answered OVERLOADED at once.
+
+A worker reading several shards or models (on a cluster, on several nodes) contains a
+node's failure to the shards it holds: a Redis error on one shard puts that shard on a
 backoff of its own, its reads skipped and its unwritten reply transactions kept on
 its consumer and written first when it is tried again, while the other shards are
 served; the model's own slot (heartbeat, take-over, reconcile) failing is reported
@@ -37,21 +46,29 @@ from collections.abc import Callable, Iterator, Sequence
 
 import redis
 
-from protocol import connection, keys, presence, sharding
+from protocol import connection, keys, presence
 from protocol.connection import REDIS_ERRORS
-from protocol.errors import InvalidInput, StreamserveError
+from protocol.control import Command
+from protocol.errors import StreamserveError
 from protocol.settings import Settings
 from registry import Registry
 from worker.arms import ExperimentArms
-from worker.batcher import Batcher
-from worker.consumer import Entry, Outbox, StreamConsumer
+from worker.cache import ModelCache, release_memory
+from worker.consumer import Entry, Outbox, StreamConsumer, read_many
 from worker.control import ControlListener
 from worker.load import LoadMeter
 from worker.processing import BatchProcessor
+from worker.scheduler import DeficitScheduler
+from worker.selection import ModelSelector
+from worker.served import ServedModel, hopeless
 from worker.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 RELOAD_POLL_MS = 20
+MIB = 1 << 20
+# A model never loaded in this process, and none other measured yet: how long its first load is
+# expected to take (a request with less time to its deadline is answered OVERLOADED at once).
+DEFAULT_LOAD_MS = 1000.0
 # Reading several shards: each idle wait blocks on one shard for at most this long, then the next,
 # so an idle worker answers a request on any of its shards within about this delay.
 MULTI_SHARD_BLOCK_MS = 5
@@ -144,12 +161,15 @@ class Pulse:
 
 
 class Worker:
-    """Serve one model from its request stream until stopped (or drained, with ``burst``)."""
+    """Serve a set of models (one, with ``--model``) from their request streams until stopped (or
+    drained, with ``burst``)."""
 
-    def __init__(self, settings: Settings, model: str, *, burst: bool = False,
+    def __init__(self, settings: Settings, model: str | ModelSelector, *, burst: bool = False,
                  max_queue_ms: float = 0.0, worker_id: str | None = None,
-                 shards: Sequence[int] | None = None) -> None:
-        self.settings, self.model, self.burst = settings, keys.check_model_name(model), burst
+                 shards: Sequence[int] | None = None, pins: Sequence[str] = ()) -> None:
+        self.settings, self.burst, self.max_queue_ms = settings, burst, max_queue_ms
+        self.selector = model if isinstance(model, ModelSelector) \
+            else ModelSelector((keys.check_model_name(model),))
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # The client name lets an operator find (and tests cut) a worker's connections in CLIENT LIST.
         # TCP keepalive notices a peer gone silent on an idle connection; a Unix socket (unix://,
@@ -160,33 +180,34 @@ class Worker:
         self.redis = connection.connect(settings.redis_url, **keepalive,
                                         fail_fast_s=settings.block_ms / 1000 + FAIL_FAST_MARGIN_S,
                                         client_name=f"ss-worker:{self.worker_id}"[:120])
-        registry = Registry(self.redis, settings.artifact_dir)
+        self.registry = Registry(self.redis, settings.artifact_dir)
         # Pinned shards (``--shards``) are read whatever the layout says; otherwise the layout decides.
         shards = shards or settings.shard_list
         self.pinned = tuple(keys.check_shard(k) for k in shards) if shards else None
-        self.consumers: dict[int, StreamConsumer] = {}
-        self.batchers: dict[int, Batcher[Entry]] = {}
-        self._set_shards(self.pinned or (0,))
-        self.slot = ModelSlot(registry, model, settings)
-        self.arms = ExperimentArms(self.redis, registry, settings)
-        self.processor = BatchProcessor(model, self.worker_id, self.slot, self.arms, settings,
-                                        max_queue_ms=max_queue_ms)
-        self.load = LoadMeter(self.redis, model, settings)
+        # One model (``--model``) is pinned: loaded at start-up, never evicted, as a one-model worker was.
+        one = self.selector.names if self.selector.is_static and len(self.selector.names) == 1 else ()
+        self.pins = frozenset(keys.check_model_name(m) for m in (*pins, *one))
+        self.cache = ModelCache(int(settings.model_memory_mb * MIB), settings.max_loaded_models, self.pins)
+        self.scheduler = DeficitScheduler(settings.max_batch)
         # Imported here: prometheus-client comes with the worker extra, not with every CLI install.
         from worker.metrics import start_metrics
-        self.metrics = start_metrics(settings, model, self.worker_id)
-        self._load_reported: int | None = None  # the last version whose load (or failure) was counted
+        self.metrics = start_metrics(settings, self.worker_id)
+        self.served: dict[str, ServedModel] = {}
+        self._template: StreamConsumer | None = None  # the first consumer: the server's features
+        for name in self.selector.names:
+            self._add_model(name)
         self.reload_requested, self.stopping = threading.Event(), threading.Event()
         self.batches = self.requests = 0
         self.computed = self.replayed = 0  # entries that went into a model call; answered from a marker
-        self._turn = 0  # which shard an idle multi-shard worker blocks on next
+        self._turn = 0  # which read group an idle worker on a cluster blocks on next
         self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0, "load": 0.0}
-        # What is wrong right now, by area ("redis", "experiment", "loop"); goes out in the heartbeat.
+        # What is wrong right now in the whole process, by area ("redis", "loop", …); each model's
+        # own problems are its ServedModel's. Both go out in its heartbeat.
         self.problems: dict[str, str] = {}
         self._step_backoff, self._write_backoff = Backoff(), Backoff()
-        # Reading several shards: each shard's failures in a row (a shard not listed has none), and
+        # Several consumers: each (model, shard)'s failures in a row (one not listed has none), and
         # each maintenance area's (``_maintenance``).
-        self._shard_backoff: dict[int, Backoff] = {}
+        self._shard_backoff: dict[tuple[str, int], Backoff] = {}
         self._area_backoff: dict[str, Backoff] = {}
         self.listener: ControlListener | None = None
         self.pulse = Pulse(self._beat_if_due, settings.heartbeat_interval_s)
@@ -194,44 +215,119 @@ class Worker:
         # Monotonic: no take-over or reclaim before this (after Redis was out of reach, _landed).
         self.takeover_after_s = 0.0
 
+    # ---- the one-model view (``--model``): what a one-model worker's callers and tests use ----
+
+    def _only(self) -> ServedModel:
+        if len(self.served) != 1:
+            raise AttributeError(f"{len(self.served)} models served: use worker.served[model]")
+        return next(iter(self.served.values()))
+
+    @property
+    def model(self) -> str:
+        """The model served (one-model workers only)."""
+        return self._only().model
+
+    @property
+    def consumers(self) -> dict[int, StreamConsumer]:
+        """The model's consumers by shard (one-model workers only)."""
+        return self._only().consumers
+
     @property
     def consumer(self) -> StreamConsumer:
-        """The consumer of the lowest shard this worker reads (the only one, unsharded)."""
-        return self.consumers[min(self.consumers)]
+        """The consumer of the lowest shard read (one-model workers only)."""
+        return self._only().consumer
 
-    def _set_shards(self, shards: Sequence[int]) -> None:
-        """Read exactly ``shards``: consumers are added (their groups created) or dropped."""
-        for k in sorted(set(shards) - set(self.consumers)):
-            consumer = StreamConsumer(self.redis, self.model, self.worker_id, self.settings, k)
-            if self.consumers:  # the first is set up by _start_up, with Redis checks and backoff
-                consumer.ensure_group()
-                consumer.has_xackdel = self.consumer.has_xackdel
-                consumer.has_markers = self.consumer.has_markers
-            self.consumers[k] = consumer
-            self.batchers[k] = Batcher(consumer.read, max_batch=self.settings.max_batch,
-                                       max_wait_ms=self.settings.max_wait_ms)
-        for k in set(self.consumers) - set(shards):
-            dropped = self.consumers[k]
-            if not dropped.busy:  # what it read is ours to answer first
-                dropped.flush_stats()
-                if dropped.link is not None:
-                    dropped.link.release()  # its kept connection back to the pool
-                del self.consumers[k], self.batchers[k]
-                self._shard_backoff.pop(k, None)
-                self._resolved(f"shard {k}")
+    @property
+    def slot(self) -> ModelSlot:
+        """The model's slot (one-model workers only)."""
+        return self._only().slot
+
+    @property
+    def arms(self) -> ExperimentArms:
+        """The model's experiment arms (one-model workers only)."""
+        return self._only().arms
+
+    @property
+    def processor(self) -> BatchProcessor:
+        """The model's batch processor (one-model workers only)."""
+        return self._only().processor
+
+    @property
+    def load(self) -> LoadMeter:
+        """The model's load meter (one-model workers only)."""
+        return self._only().load
+
+    # ---- membership ----
+
+    def _all_consumers(self) -> list[StreamConsumer]:
+        return [c for s in list(self.served.values()) for c in list(s.consumers.values())]
+
+    def _add_model(self, model: str) -> ServedModel:
+        served = ServedModel(model, self.redis, self.registry, self.settings, self.worker_id,
+                             self.metrics.model(model), max_queue_ms=self.max_queue_ms)
+        self.served[model] = served
+        self.cache.add(model)
+        self._set_shards(served, self.pinned or (0,))
+        return served
+
+    def _drop_model(self, served: ServedModel) -> bool:
+        """Stop serving a model the selector no longer selects, once nothing of it is in hand."""
+        if served.busy:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(keys.workers_zset(served.model), self.worker_id)
+        pipe.delete(keys.worker_hash(served.model, self.worker_id))
+        pipe.execute()
+        for shard in list(served.consumers):
+            served.consumers[shard].leave()
+            self._drop_shard(served, shard)
+        served.unload("no longer served")
+        del self.served[served.model]
+        self.cache.remove(served.model)
+        self.scheduler.forget(served.model)
+        log.info("%s is no longer served here (no Production version matches)", served.model)
+        return True
+
+    def _reconcile_membership(self) -> None:
+        """A pattern or ``--all-models``: serve the models now selected; drop the others once idle."""
+        if self.selector.is_static:
+            return
+        wanted = self.selector.resolve(self.redis)
+        for model in wanted:
+            if model not in self.served:
+                self._add_model(model)
+                self._due["heartbeat"] = 0.0  # bots fail fast until it is heard of: beat now
+                log.info("serving %s too (%d models)", model, len(self.served))
+        for model in [m for m in self.served if m not in wanted]:
+            self._drop_model(self.served[model])
+
+    def _set_shards(self, served: ServedModel, shards: Sequence[int]) -> None:
+        """Read exactly ``shards`` of ``served``: consumers are added (their groups created) or dropped."""
+        for k in sorted(set(shards) - set(served.consumers)):
+            consumer = served.add_shard(k, self._template)
+            self._template = self._template or consumer
+        for k in set(served.consumers) - set(shards):
+            self._drop_shard(served, k)
+
+    def _drop_shard(self, served: ServedModel, shard: int) -> None:
+        if served.drop_shard(shard):
+            self._shard_backoff.pop((served.model, shard), None)
+
+    # ---- the loop ----
 
     def run(self) -> None:
-        """Serve until ``stop()`` (or a signal); in burst mode, until the stream is drained."""
+        """Serve until ``stop()`` (or a signal); in burst mode, until the streams are drained."""
         while not self._start_up():
             self.metrics.tick()
             if self.stopping.is_set():
                 self.metrics.close()
                 return
         self.reconcile()
-        log.info("worker %s serving %s, shards %s (%s)", self.worker_id, self.model,
-                 sorted(self.consumers), self.slot.describe())
+        log.info("worker %s serving %s, shards %s (%s)", self.worker_id, self.selector.describe(),
+                 sorted({c.shard for c in self._all_consumers()}),
+                 ", ".join(f"{m} {s.slot.describe()}" for m, s in self.served.items()))
         self.listener = None if self.burst else ControlListener(
-            self.settings.redis_url, self.model, lambda _command: self.reload_requested.set(),
+            self.settings.redis_url, self.selector.matches, self._on_command,
             secret=self.settings.control_secret).start()
         self.pulse.start()
         try:
@@ -245,17 +341,29 @@ class Worker:
             self._sign_off()
             self.metrics.close()
 
+    def _on_command(self, command: Command | None) -> None:
+        """From the listener's thread: reconcile the model named (every model on reconnect; the
+        membership too, for a model this worker does not serve yet)."""
+        served = None if command is None else self.served.get(command.model)
+        if served is None:
+            self.reload_requested.set()
+        else:
+            served.reload_requested = True
+
     def _answer_held(self) -> None:
         """Stopping: answer the entries read but not yet batched (held, or read ahead), then make
-        sure every reply transaction sent has landed."""
-        for consumer in self.consumers.values():
+        sure every reply transaction sent has landed. Entries of a model not loaded stay pending:
+        the fleet takes them over once this worker has signed off."""
+        for consumer in self._all_consumers():
             self.settle(consumer)
             n, entries = self.settings.max_batch, consumer.take_unanswered()
+            if self.served[consumer.model].slot.loaded is None:
+                continue
             for i in range(0, len(entries), n):
                 self.process(entries[i:i + n], consumer=consumer)  # its write retries until it lands
             self.settle(consumer)
         self._write_all_unwritten()
-        for consumer in self.consumers.values():
+        for consumer in self._all_consumers():
             if consumer.link is not None:
                 consumer.link.release()
 
@@ -263,7 +371,7 @@ class Worker:
         """Stopping: every reply transaction kept to be written again is written, each shard retried
         on its backoff until all have landed (a stopping worker owes them; the grace period bounds
         the wait)."""
-        while owing := [c for c in self.consumers.values() if c.unwritten]:
+        while owing := [c for c in self._all_consumers() if c.unwritten]:
             for consumer in owing:
                 self._write_unwritten(consumer)
             retry_at_s = min((self._retry_at_s(c) for c in owing if c.unwritten), default=0.0)
@@ -272,12 +380,15 @@ class Worker:
     def _start_up(self) -> bool:
         """Group and server checks; False (after a backoff) while Redis refuses them."""
         try:
-            for consumer in self.consumers.values():
+            self._reconcile_membership()
+            consumers = self._all_consumers()
+            for consumer in consumers:
                 consumer.ensure_group()
-            self.consumer.detect_server()
-            for consumer in self.consumers.values():
-                consumer.has_xackdel = self.consumer.has_xackdel
-                consumer.has_markers = self.consumer.has_markers
+            if consumers:
+                consumers[0].detect_server()
+            for consumer in consumers:
+                consumer.has_xackdel = consumers[0].has_xackdel
+                consumer.has_markers = consumers[0].has_markers
         except REDIS_ERRORS as e:  # down, OOM, READONLY: wait for it, never crash-loop
             self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
             return False
@@ -318,12 +429,12 @@ class Worker:
 
     @property
     def isolating(self) -> bool:
-        """Several shards are read: a Redis failure on one shard's node backs off that shard only."""
-        return len(self.consumers) > 1
+        """Several consumers (shards, models): a Redis failure on one's node backs off that one only."""
+        return sum(len(s.consumers) for s in self.served.values()) > 1
 
     def _retry_at_s(self, consumer: StreamConsumer) -> float:
         """When ``consumer``'s shard may be tried again (monotonic; 0 when it is not failing)."""
-        backoff = self._shard_backoff.get(consumer.shard)
+        backoff = self._shard_backoff.get((consumer.model, consumer.shard))
         return 0.0 if backoff is None else backoff.retry_at_s
 
     def _up(self, consumer: StreamConsumer) -> bool:
@@ -331,18 +442,18 @@ class Worker:
         return not consumer.unwritten and time.monotonic() >= self._retry_at_s(consumer)
 
     def _up_consumers(self) -> list[StreamConsumer]:
-        return [c for c in list(self.consumers.values()) if self._up(c)]
+        return [c for c in self._all_consumers() if self._up(c)]
 
     def _failing(self) -> bool:
         """Some shard is waiting out a failure, or holds replies still to be written."""
-        return any(c.unwritten or self._retry_at_s(c) for c in self.consumers.values())
+        return any(c.unwritten or self._retry_at_s(c) for c in self._all_consumers())
 
     @contextlib.contextmanager
     def _on_shard(self, consumer: StreamConsumer, *, isolate: bool | None = None) -> Iterator[None]:
-        """The block's Redis work on ``consumer``'s shard. Several shards (``isolate``): a Redis error
-        puts that shard on a backoff of its own and ends the block, and the loop goes on with the
-        others; success ends the shard's backoff once no reply of it is left to write. One shard:
-        the error is the step's, as before (the worker waits)."""
+        """The block's Redis work on ``consumer``'s shard. Several consumers (``isolate``): a Redis
+        error puts that shard on a backoff of its own and ends the block, and the loop goes on with
+        the others; success ends the shard's backoff once no reply of it is left to write. One
+        consumer: the error is the step's, as before (the worker waits)."""
         if not (self.isolating if isolate is None else isolate):
             yield
             return
@@ -352,38 +463,41 @@ class Worker:
         except REDIS_ERRORS as e:
             self._shard_failed(consumer, e, time.monotonic() - started_s)
             return
-        backoff = self._shard_backoff.get(consumer.shard)
+        backoff = self._shard_backoff.get((consumer.model, consumer.shard))
         if backoff is not None and backoff.failures and not consumer.unwritten:
-            log.info("shard %d is served again after %d failures", consumer.shard, backoff.failures)
+            log.info("%s shard %d is served again after %d failures", consumer.model, consumer.shard,
+                     backoff.failures)
             backoff.reset()
-            self._resolved(f"shard {consumer.shard}")
+            self.served[consumer.model].problems.pop(f"shard {consumer.shard}", None)
 
     def _shard_failed(self, consumer: StreamConsumer, e: Exception, took_s: float) -> None:
         """Back ``consumer``'s shard off (after a timeout, a few times as long as the attempt took);
         what it holds stays in hand, and its lost reads are recovered when it is tried again."""
-        backoff = self._shard_backoff.setdefault(consumer.shard, Backoff(SHARD_BACKOFF_MAX_S))
+        backoff = self._shard_backoff.setdefault((consumer.model, consumer.shard),
+                                                 Backoff(SHARD_BACKOFF_MAX_S))
         slow_s = took_s * SHARD_BACKOFF_TIME_RATIO if isinstance(e, redis.TimeoutError) else 0.0
         delay_s = backoff.fail(min(BACKOFF_MAX_S, slow_s))
         problem = f"Redis unavailable: {type(e).__name__}: {e}"
-        _log_failure(backoff.failures, "shard %d: %s; serving the other shards, retrying it in %.2f s",
-                     consumer.shard, problem, delay_s)
-        self.problems[f"shard {consumer.shard}"] = problem[:300]
+        _log_failure(backoff.failures, "%s shard %d: %s; serving the others, retrying it in %.2f s",
+                     consumer.model, consumer.shard, problem, delay_s)
+        self.served[consumer.model].problems[f"shard {consumer.shard}"] = problem[:300]
         # A read may have been lost with the connection: recover it as soon as the shard is tried.
         self._due["reclaim"] = min(self._due["reclaim"], backoff.retry_at_s)
 
     def _step(self) -> bool:
-        """False when a burst worker has drained the stream."""
+        """False when a burst worker has drained the streams."""
         self._maintain()
-        for c in list(self.consumers.values()):
+        consumers = self._all_consumers()
+        for c in consumers:
             if c.unwritten and time.monotonic() >= self._retry_at_s(c):
                 self._write_unwritten(c)
-        for c in list(self.consumers.values()):
+        for c in consumers:
             if not c.prefetched:  # the next read may wait: the last write lands, and is counted, first
                 self.settle(c)
         consumer, batch = self._next_batch(0 if self.burst else self._idle_wait_ms())
-        for c in list(self.consumers.values()):  # a read may have settled the last write (overlap_io)
+        for c in consumers:  # a read may have settled the last write (overlap_io)
             self._collect(c)
-        if batch:
+        if batch and consumer is not None:
             # A full batch, or entries held back (backfill beyond its cap), says more is waiting: the
             # write brings back the next entries (one round trip per batch). Otherwise the next read
             # blocks anyway, and an empty read in the reply transaction only delays the reply.
@@ -394,37 +508,159 @@ class Worker:
                 prefetch = 0
             self.process(batch, consumer=consumer, prefetch=prefetch)
             return True
-        # A burst worker has not drained a shard it cannot read: it goes on (as it does on a failed step).
-        return not self.burst or self.reclaim() > 0 or self._failing()
+        # A burst worker has not drained a shard it cannot read (as on a failed step), nor entries
+        # waiting for their model's load.
+        return not self.burst or self.reclaim() > 0 or self._failing() or any(
+            s.waiting for s in self.served.values())
 
-    def _next_batch(self, wait_ms: float) -> tuple[StreamConsumer, list[Entry]]:
-        """The next batch of one shard: without waiting from any shard, else wait on one in turn.
-        Shards backing off are skipped; while every shard is, this waits (up to ``wait_ms``)."""
-        shards = [k for k in sorted(self.consumers) if self._up(self.consumers[k])]
-        if not shards:
-            retry_at_s = min(self._retry_at_s(c) for c in self.consumers.values())
+    def _next_batch(self, wait_ms: float) -> tuple[StreamConsumer | None, list[Entry]]:
+        """The next batch, of one (model, shard). One consumer: its read, waiting up to ``wait_ms``.
+        Several: the consumers with nothing in hand are read first without waiting (one command
+        per node: :meth:`_read_fresh`), so every model's head is seen before the schedule picks
+        whose buffer to serve; with nothing in hand anywhere, the read waits. Shards backing off
+        are skipped; while every shard is, this waits (up to ``wait_ms``)."""
+        consumers = self._all_consumers()
+        up = [c for c in consumers if self._up(c)]
+        if not up:
+            retry_at_s = min((self._retry_at_s(c) for c in consumers), default=math.inf)
             self.stopping.wait(max(0.0, min(wait_ms / 1000, retry_at_s - time.monotonic())))
-            return self.consumer, []
-        if len(self.consumers) == 1:
-            return self.consumer, self.batchers[shards[0]].next_batch(wait_ms)
-        for i in range(len(shards)):
-            k = shards[(self._turn + i) % len(shards)]
-            if batch := self._read_shard(k, 0):
-                self._turn = (self._turn + i + 1) % len(shards)  # the next shard goes first next time
-                return self.consumers[k], batch
-        shards = [k for k in shards if self._up(self.consumers[k])]  # a read may have failed
-        if not shards:
-            return self.consumer, []
-        k = shards[self._turn % len(shards)]
-        self._turn = (self._turn + 1) % len(shards)
-        return self.consumers[k], self._read_shard(k, min(wait_ms, MULTI_SHARD_BLOCK_MS))
+            return None, []
+        if len(consumers) == 1:
+            batcher = self.served[up[0].model].batchers[up[0].shard]
+            return up[0], batcher.next_batch(wait_ms)
+        if self._ready(up):
+            self._read_fresh(up, 0)
+        elif not self._read_fresh(up, wait_ms):
+            return None, []
+        self._prepare_cold(up)
+        ready = self._ready([c for c in up if self._up(c)])  # a read may have failed
+        model = self.scheduler.pick({m: cls for m, (cls, _) in ready.items()})
+        if model is None:
+            return None, []
+        self.cache.touch(model)
+        consumer = ready[model][1]
+        return consumer, self._read_shard(consumer, 0)
 
-    def _read_shard(self, shard: int, wait_ms: float) -> list[Entry]:
-        """A batch from ``shard``, waiting up to ``wait_ms``; none when its Redis fails (it backs off;
-        entries a failed read delivered stay pending on its consumer, recovered by :meth:`reclaim`)."""
+    def _ready(self, up: Sequence[StreamConsumer]) -> dict[str, tuple[int, StreamConsumer]]:
+        """Per model with entries in hand that it can answer now (loaded, or unable to load: its
+        errors are answers too): the lane class of its best entries (0 live, 1 backfill only) and
+        the consumer to serve, its shards taken in turn."""
+        ready: dict[str, tuple[int, StreamConsumer]] = {}
+        for c in up:
+            buffered, served = c.buffered, self.served[c.model]
+            if not buffered or served.slot.loading and served.slot.loaded is None:
+                continue
+            if served.slot.loaded is None and served.slot.can_load:
+                continue  # a load on request starts first (_prepare_cold)
+            cls = 0 if any(e.lane == keys.LANES[0] for e in buffered) else 1
+            best = ready.get(c.model)
+            if best is None or cls < best[0] or (cls == best[0] and c.shard == served.turn):
+                ready[c.model] = (cls, c)
+        for model, (_, c) in ready.items():
+            shards = sorted(self.served[model].consumers)
+            self.served[model].turn = shards[(shards.index(c.shard) + 1) % len(shards)]
+        return ready
+
+    def _read_fresh(self, up: Sequence[StreamConsumer], wait_ms: float) -> int:
+        """Read, for the consumers with room in hand, what is new: one XREADGROUP for all of them on
+        one server (they share the group ``workers``); on a cluster, where every (model, shard) is
+        a hash slot of its own, one read per consumer, and a wait on one of them in turn (at most
+        ``MULTI_SHARD_BLOCK_MS``). Returns how many entries came."""
+        wanting = [c for c in up if len(c.buffered) < self.settings.max_batch]
+        if not wanting:
+            return 0
+        if isinstance(self.redis, redis.Redis):  # one node: the whole set in one command
+            return read_many(wanting, self.settings.max_batch, wait_ms)
+        got = 0
+        for c in wanting:
+            with self._on_shard(c):
+                got += read_many([c], self.settings.max_batch, 0)
+        if got or not wait_ms:
+            return got
+        c = wanting[self._turn % len(wanting)]
+        self._turn += 1
+        with self._on_shard(c):
+            got = read_many([c], self.settings.max_batch, min(wait_ms, MULTI_SHARD_BLOCK_MS))
+        return got
+
+    def _prepare_cold(self, up: Sequence[StreamConsumer]) -> None:
+        """Models with entries in hand and nothing loaded: start their loads (evicting the least
+        recently used as the cache requires) and answer at once, OVERLOADED, the entries whose
+        deadline comes before the load is expected to end."""
+        for model in {c.model for c in up if c.buffered}:
+            served = self.served[model]
+            if served.slot.loaded is not None:
+                continue
+            if served.slot.can_load and not served.slot.loading:
+                # Shed first: the load's thread may hold the interpreter while it opens the session.
+                served.load_started_s = time.monotonic()
+                self._shed_loading(served)
+                self._start_load(served)
+            elif served.slot.loading:
+                self._shed_loading(served)
+
+    def _start_load(self, served: ServedModel) -> None:
+        """Load ``served`` on request: in the background (in line for a burst worker), after
+        evicting what the budget needs for the size it last measured."""
+        busy = {s.model for s in self.served.values() if s.busy or s.slot.loading}
+        size_bytes = self.cache.expected_size_bytes(served.model)
+        for victim in self.cache.victims(served.model, size_bytes, busy.__contains__):
+            self._evict(self.served[victim])
+        self.cache.loading(served.model)
+        if self.burst:
+            served.slot.reconcile(in_line=True)
+            self._loaded(served)
+            return
+        served.slot.request_load()
+
+    def _shed_loading(self, served: ServedModel) -> None:
+        """Answer, OVERLOADED "loading", the entries of ``served`` that cannot wait for its load."""
+        expected_ms = self.cache.expected_load_ms(served.model, self._default_load_ms())
+        started_s = served.load_started_s if served.load_started_s is not None else time.monotonic()
+        eta_ms = max(0.0, expected_ms - (time.monotonic() - started_s) * 1000)
+        served.processor.loading_eta_ms = eta_ms
+        for consumer in served.consumers.values():
+            late = {e.id for e in hopeless(consumer.buffered, eta_ms)}
+            if late and self._up(consumer):
+                entries = consumer.take_unanswered()
+                consumer.deliver([e for e in entries if e.id not in late])  # they wait for the load
+                self.process([e for e in entries if e.id in late], consumer=consumer)
+
+    def _default_load_ms(self) -> float:
+        """A never-loaded model's expected load time: the longest load measured in this process so
+        far (models served together tend to be alike), else ``DEFAULT_LOAD_MS``."""
+        measured = [s.slot.load_ms for s in self.served.values() if s.slot.load_ms]
+        return max(measured, default=DEFAULT_LOAD_MS)
+
+    def _evict(self, served: ServedModel) -> None:
+        served.unload("evicted (least recently used)")
+        self.cache.evicted(served.model)
+        served.metrics.evicted()
+        release_memory()
+        log.info("evicted %s (cache %.0f MB used)", served.model, self.cache.used_bytes() / MIB)
+
+    def _loaded(self, served: ServedModel) -> None:
+        """A load on request ended: record it in the cache (size, duration) or its failure."""
+        slot, served.processor.loading_eta_ms = served.slot, None
+        if slot.loaded is not None:
+            self._cached(served)
+            # Its experiment's treatment next (in the background; in line for a burst worker).
+            self._maintenance("reconcile", lambda: self._reconcile_model(served))
+        elif slot.target_failed() or slot.load_error:
+            self.cache.failed(served.model, slot.problem())
+        served.load_started_s = None
+
+    def _cached(self, served: ServedModel) -> None:
+        slot = served.slot
+        self.cache.loaded(served.model, slot.size_bytes, slot.load_ms, presence.now_in_ms())
+        served.metrics.load_seconds(slot.load_ms / 1000)
+
+    def _read_shard(self, consumer: StreamConsumer, wait_ms: float) -> list[Entry]:
+        """A batch from ``consumer``, waiting up to ``wait_ms``; none when its Redis fails (it backs
+        off; entries a failed read delivered stay pending on it, recovered by :meth:`reclaim`)."""
         batch: list[Entry] = []
-        with self._on_shard(self.consumers[shard]):
-            batch = self.batchers[shard].next_batch(wait_ms)
+        with self._on_shard(consumer):
+            batch = self.served[consumer.model].batchers[consumer.shard].next_batch(wait_ms)
         return batch
 
     def process(self, entries: list[Entry], dead_letter: Sequence[Entry] = (),
@@ -432,12 +668,14 @@ class Worker:
         """Answer ``entries`` (all from ``consumer``'s shard) and ack them together with the replies;
         the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
         consumer = consumer or self.consumer
+        served = self.served[consumer.model]
         with self.pulse.busy():
-            out = self.processor.process(entries, dead_letter,
-                                         markers=consumer.markers if consumer.has_markers else None)
+            out = served.processor.process(entries, dead_letter,
+                                           markers=consumer.markers if consumer.has_markers else None)
         self.batches += 1
         self.requests += len(out.ack_ids)
         self.computed, self.replayed = self.computed + out.computed, self.replayed + out.replayed
+        self.scheduler.charge(served.model, sum(rows for _, rows, _ in out.calls))
         if consumer.link is None:
             self._write(out, consumer, prefetch)
         else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
@@ -446,7 +684,7 @@ class Worker:
 
     def settle(self, consumer: StreamConsumer | None = None) -> None:
         """Wait until every reply transaction sent on ``consumer``'s link (all, by default) has landed."""
-        for c in [consumer] if consumer is not None else list(self.consumers.values()):
+        for c in [consumer] if consumer is not None else self._all_consumers():
             c.settle()
             self._collect(c)
 
@@ -454,7 +692,7 @@ class Worker:
         """Count the writes whose answers came back; write again, until they land, those that failed."""
         confirmed, consumer.confirmed = consumer.confirmed, []
         for out in confirmed:
-            self._count(out)
+            self._count(out, consumer)
         failed, consumer.unconfirmed = consumer.unconfirmed, []
         if failed:
             log.error("%d reply transactions not confirmed (%s); writing them again",
@@ -462,18 +700,20 @@ class Worker:
         for out in failed:
             self._write(out, consumer)
 
-    def _count(self, out: Outbox) -> None:
-        """The batch in the metrics, once its transaction has landed."""
+    def _count(self, out: Outbox, consumer: StreamConsumer) -> None:
+        """The batch in its model's metrics, once its transaction has landed."""
+        metrics = self.served[consumer.model].metrics if consumer.model in self.served \
+            else self.metrics.model(consumer.model)
         for (version, variant, code), n in Counter(out.codes).items():
-            self.metrics.requests(version, variant, code, n)
+            metrics.requests(version, variant, code, n)
         for lane, seconds in out.waits:
-            self.metrics.queue_wait(lane, seconds)
+            metrics.queue_wait(lane, seconds)
         for version, rows, seconds in out.calls:
-            self.metrics.inference(version, rows, seconds)
+            metrics.inference(version, rows, seconds)
         if out.dead:
-            self.metrics.dead_lettered(len(out.dead))
+            metrics.dead_lettered(len(out.dead))
         if out.replayed:
-            self.metrics.replayed(out.replayed)
+            metrics.replayed(out.replayed)
 
     def _write(self, out: Outbox, consumer: StreamConsumer, prefetch: int = 0) -> None:
         """The batch's one transaction, retried with backoff until it lands (and then counted).
@@ -484,9 +724,9 @@ class Worker:
         During a long outage the heartbeat lapses, a live worker takes the entries
         over, and whichever transaction lands first answers.
 
-        Reading several shards, the retries do not hold the loop: a write that fails is kept on
-        its consumer and written again when its shard's backoff is over, while the other
-        shards are served (:meth:`_write_unwritten`).
+        Reading several consumers, the retries do not hold the loop: a write that fails is kept on
+        its consumer and written again when its shard's backoff is over, while the others are
+        served (:meth:`_write_unwritten`).
         """
         if self.isolating:
             consumer.unwritten.append(out)
@@ -508,7 +748,7 @@ class Worker:
             if self._write_backoff.failures:
                 self._write_backoff.reset()
                 self._resolved("redis_write")
-            self._count(out)
+            self._count(out, consumer)
             return
 
     def _write_unwritten(self, consumer: StreamConsumer, prefetch: int = 0) -> None:
@@ -517,7 +757,7 @@ class Worker:
         while consumer.unwritten and time.monotonic() >= self._retry_at_s(consumer):
             with self._on_shard(consumer, isolate=True):
                 consumer.write(consumer.unwritten[0], prefetch)
-                self._count(consumer.unwritten.pop(0))
+                self._count(consumer.unwritten.pop(0), consumer)
             prefetch = 0
 
     def _try_heartbeat(self) -> None:
@@ -532,14 +772,17 @@ class Worker:
         for c in self._up_consumers():  # a shard backing off is recovered when it is tried again
             with self._on_shard(c):
                 self.settle(c)  # nothing in flight: what is pending on it and not held was lost
-                reclaimed += c.recover(self._handler(c))
+                reclaimed += self._counted(c, c.recover(self._handler(c)))
         if time.monotonic() >= self.takeover_after_s:
             for c in self._up_consumers():
                 with self._on_shard(c):
-                    reclaimed += c.reclaim(self._handler(c))
-        if reclaimed:
-            self.metrics.reclaimed(reclaimed)
+                    reclaimed += self._counted(c, c.reclaim(self._handler(c)))
         return reclaimed
+
+    def _counted(self, consumer: StreamConsumer, taken: int) -> int:
+        if taken and consumer.model in self.served:
+            self.served[consumer.model].metrics.reclaimed(taken)
+        return taken
 
     def take_over(self) -> int:
         """Answer what is pending on workers whose heartbeat expired; remove their empty consumers.
@@ -549,44 +792,49 @@ class Worker:
         """
         if time.monotonic() < self.takeover_after_s:
             return 0
-        live = presence.live_ids(self.redis, self.model, self.settings.heartbeat_ttl_s)
+        live = presence.live_ids_many(self.redis, list(self.served), self.settings.heartbeat_ttl_s)
         taken = 0
         for c in self._up_consumers():  # a consumer never takes from itself
             with self._on_shard(c):
-                taken += c.take_over(live, self._handler(c))
-        if taken:
-            self.metrics.reclaimed(taken)
+                taken += self._counted(c, c.take_over(live.get(c.model, set()), self._handler(c)))
         return taken
 
     def _handler(self, consumer: StreamConsumer) -> Callable[[list[Entry], list[Entry]], None]:
-        """Answers claimed entries (fresh, and over-delivered to dead-letter) on ``consumer``'s shard."""
-        return lambda fresh, over: self.process(fresh, over, consumer)
+        """Answers claimed entries (fresh, and over-delivered to dead-letter) on ``consumer``'s shard.
+        A model that is not loaded but can be keeps the fresh ones in hand, to answer once loaded."""
+        def handle(fresh: list[Entry], over: list[Entry]) -> None:
+            slot = self.served[consumer.model].slot
+            if slot.loaded is None and slot.can_load:
+                consumer.deliver(fresh)
+                fresh = []
+            if fresh or over:
+                self.process(fresh, over, consumer)
+        return handle
 
     def reconcile(self) -> None:
-        """Converge on the registry's Production version, the shard layout and the model's experiment."""
-        self._reconcile_shards()
-        self.slot.reconcile()
+        """Converge on the selected models, and for each on the registry's Production version, the
+        shard layout and the model's experiment."""
+        self._reconcile_membership()
+        for served in list(self.served.values()):
+            self._reconcile_model(served)
+
+    def _reconcile_model(self, served: ServedModel) -> None:
+        if self.pinned is None and (shards := served.layout_shards()) is not None:
+            self._set_shards(served, shards)
+        # A pinned model loads in line at start-up; the others when a request comes (_start_load).
+        unloaded = served.slot.loaded is None
+        served.slot.reconcile(in_line=served.model in self.pins)
+        if unloaded and served.slot.loaded is not None:
+            self._cached(served)
+        if served.slot.loaded is None:
+            return  # its experiment's treatment loads with it
         try:
             # In line before the first batch (and in burst mode); in the background while serving.
-            self.arms.reconcile(self.model, in_line=self.burst or self.batches == 0)
-            self._resolved("experiment")
+            served.arms.reconcile(served.model, in_line=self.burst or self.batches == 0)
+            served.problems.pop("experiment", None)
         except StreamserveError as e:
-            log.error("experiment state unusable, serving Production only: %s", e)
-            self.problems["experiment"] = str(e)[:300]
-
-    def _reconcile_shards(self) -> None:
-        """Read the shards the layout serves, and retired ones while they still hold entries."""
-        if self.pinned is not None:
-            return
-        try:
-            layout = sharding.read_layout(self.redis, self.model)
-            self._resolved("shards")
-        except InvalidInput as e:  # keep reading what we read; an operator must fix the hash
-            self.problems["shards"] = str(e)[:300]
-            return
-        retired = [k for k in range(layout.serve, layout.highest)
-                   if sharding.holds_entries(self.redis, self.model, k)]
-        self._set_shards([*range(layout.serve), *retired])
+            log.error("%s: experiment state unusable, serving Production only: %s", served.model, e)
+            served.problems["experiment"] = str(e)[:300]
 
     def _maintain(self) -> None:
         now, s = time.monotonic(), self.settings
@@ -600,33 +848,51 @@ class Worker:
             self.reload_requested.clear()
             self._due["reconcile"] = now + s.reconcile_interval_s
             self._maintenance("reconcile", self.reconcile)
-        if self.slot.swap_if_ready():
+        for served in [v for v in self.served.values() if v.reload_requested]:
+            served.reload_requested = False
+            self._maintenance("reconcile", lambda v=served: self._reconcile_model(v))  # type: ignore[misc]
+        changed = False
+        for served in list(self.served.values()):
+            changed |= self._swap(served)
+            served.arms.swap_if_ready()
+        if changed:
             self._maintenance("heartbeat", self.heartbeat)  # tell the fleet at once, not at the next interval
-        self._count_loads()
-        self.arms.swap_if_ready()
         if now >= self._due["reclaim"]:
             self._due["reclaim"] = now + s.reclaim_interval_s
             self.reclaim()
 
+    def _swap(self, served: ServedModel) -> bool:
+        """Swap in what ``served`` loaded in the background; True when what to report changed."""
+        was_loaded = served.slot.loaded is not None
+        changed = served.slot.swap_if_ready()
+        if served.load_started_s is not None and not served.slot.loading:
+            self._loaded(served)  # a load on request ended, loaded or failed
+            changed = True
+        elif changed and was_loaded and served.slot.loaded is not None:
+            self.cache.loaded(served.model, served.slot.size_bytes, served.slot.load_ms, presence.now_in_ms())
+        return served.count_loads() or changed
+
     def _publish_load(self) -> None:
-        """Every readable shard's load; a shard whose node is out of reach backs off (several shards;
-        an error the server answered, e.g. NOPERM on the load hash, leaves serving alone)."""
-        failed = self.load.publish({c.shard: c for c in self._up_consumers()})
-        for shard, e in failed.items():
-            if self.isolating and not isinstance(e, redis.ResponseError):
-                self._shard_failed(self.consumers[shard], e, 0.0)
-        for lane in self.load.lanes:
-            self.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
+        """Every readable shard's load; a shard whose node is out of reach backs off (several
+        consumers; an error the server answered, e.g. NOPERM on the load hash, leaves serving alone)."""
+        for served in list(self.served.values()):
+            up = {c.shard: c for c in served.consumers.values() if self._up(c)}
+            failed = served.load.publish(up)
+            for shard, e in failed.items():
+                if self.isolating and not isinstance(e, redis.ResponseError):
+                    self._shard_failed(served.consumers[shard], e, 0.0)
+            for lane in served.load.lanes:
+                served.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
 
     def _beat_and_take_over(self) -> None:
         self.heartbeat()
         self.take_over()
 
     def _maintenance(self, area: str, task: Callable[[], object]) -> None:
-        """A task on the model's own slot (heartbeat, take-over, reconcile). Several shards: a Redis
-        error is reported in the heartbeat's problems under ``area`` (a ``_due`` key) and the task
-        tried again on a short backoff, while the shards are served. One shard: the error is the
-        step's (its shard most likely fails with it), as before."""
+        """A task on the models' own slots (heartbeat, take-over, reconcile). Several consumers: a
+        Redis error is reported in the heartbeat's problems under ``area`` (a ``_due`` key) and the
+        task tried again on a short backoff, while the shards are served. One consumer: the error is
+        the step's (its shard most likely fails with it), as before."""
         if not self.isolating:
             task()
             return
@@ -646,23 +912,11 @@ class Worker:
             backoff.reset()
         self._resolved(area)
 
-    def _count_loads(self) -> None:
-        """Count each target version's load once: served, or failed."""
-        target, loaded = self.slot.target_version, self.slot.loaded
-        if target is None or target == self._load_reported:
-            return
-        if loaded is not None and loaded.version.version == target:
-            self.metrics.model_load(str(target), True)
-        elif self.slot.target_failed():
-            self.metrics.model_load(str(target), False)
-        else:
-            return  # still loading
-        self._load_reported = target
-
     def _idle_wait_ms(self) -> float:
         next_due = min(self._due.values())
-        # While a new version loads, wake often so it is swapped in soon after it is ready.
-        block_ms = RELOAD_POLL_MS if self.slot.loading else self.settings.block_ms
+        # While a version loads, wake often so it is swapped in soon after it is ready.
+        loading = any(s.slot.loading or s.arms.loader.loading for s in self.served.values())
+        block_ms = RELOAD_POLL_MS if loading else self.settings.block_ms
         return max(1.0, min(block_ms, (next_due - time.monotonic()) * 1000))
 
     def stop(self) -> None:
@@ -685,34 +939,53 @@ class Worker:
         signal.signal(signal.SIGINT, handle if sigint else signal.SIG_IGN)
 
     def heartbeat(self) -> None:
-        """Publish what this worker serves (``protocol.presence``); prune members past the TTL."""
-        beat = self.presence()
-        loaded = self.slot.loaded
-        self.metrics.serving(beat.version, self.slot.target_version,
-                             label=loaded.version.label if loaded else "")
-        self.metrics.ready(beat.version is not None and "redis" not in self.problems)
+        """Publish, for every model served, what this worker serves of it (``protocol.presence``);
+        prune members past the TTL. One round trip per node: for each model its hash, then its
+        member, in order, so a reader never finds the member without the hash."""
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        key, members = keys.worker_hash(self.model, self.worker_id), keys.workers_zset(self.model)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping=beat.to_hash())
-        pipe.pexpire(key, ttl_ms)
-        pipe.zadd(members, {self.worker_id: beat.heartbeat_ms})
-        pipe.zremrangebyscore(members, "-inf", beat.heartbeat_ms - ttl_ms)
+        pipe = self.redis.pipeline(transaction=False)
+        for served in list(self.served.values()):
+            beat = self.presence(served)
+            loaded = served.slot.loaded
+            served.metrics.serving(beat.version, served.slot.target_version,
+                                   label=loaded.version.label if loaded else "")
+            served.metrics.ready(beat.version is not None and "redis" not in self.problems)
+            self._cache_metrics(served)
+            key, members = keys.worker_hash(served.model, self.worker_id), keys.workers_zset(served.model)
+            pipe.hset(key, mapping=beat.to_hash())
+            pipe.pexpire(key, ttl_ms)
+            pipe.zadd(members, {self.worker_id: beat.heartbeat_ms})
+            pipe.zremrangebyscore(members, "-inf", beat.heartbeat_ms - ttl_ms)
+        self.metrics.ready(self._can_serve() and "redis" not in self.problems)
+        self.metrics.cache_totals(self.cache.used_bytes(), self.cache.budget_bytes)
         pipe.execute()
         self._landed()
-        for consumer in list(self.consumers.values()):
+        for consumer in self._all_consumers():
             if time.monotonic() >= self._retry_at_s(consumer):  # a shard backing off waits its turn
                 with self._on_shard(consumer):
                     consumer.flush_stats()
                     consumer.touch()  # what it holds (held, read ahead, unwritten) is not idle: no reclaim
 
+    def _can_serve(self) -> bool:
+        """The process can serve: every pinned model is loaded, and (none pinned) some model is
+        loaded or can be loaded on request."""
+        pinned = [s for s in self.served.values() if s.model in self.pins]
+        if pinned:
+            return all(s.slot.loaded is not None for s in pinned)
+        return any(s.slot.loaded is not None or s.slot.can_load for s in self.served.values())
+
+    def _cache_metrics(self, served: ServedModel) -> None:
+        entry = self.cache.entry(served.model)
+        served.metrics.cache(entry.state, entry.size_bytes,
+                             entry.loaded_at_ms / 1000 if entry.loaded_at_ms else None)
+
     def _beat_if_due(self) -> None:
         """The pulse's beat, during a batch: renew the heartbeat and the idle time of what is in hand."""
         if time.monotonic() - self._beat_landed_s < self.settings.heartbeat_interval_s:
             return
-        presence.refresh(self.redis, self.model, self.worker_id, self.settings.heartbeat_ttl_s)
+        presence.refresh_many(self.redis, list(self.served), self.worker_id, self.settings.heartbeat_ttl_s)
         self._landed()
-        for consumer in list(self.consumers.values()):
+        for consumer in self._all_consumers():
             with contextlib.suppress(*REDIS_ERRORS):  # one shard's node down: touch the others
                 consumer.touch()
 
@@ -734,41 +1007,44 @@ class Worker:
                         s.heartbeat_interval_s + s.heartbeat_ttl_s)
         self._beat_landed_s = now_s
 
-    def presence(self) -> presence.Heartbeat:
-        """This worker's heartbeat as of now."""
-        loaded, slot = self.slot.loaded, self.slot
-        return presence.Heartbeat(
-            worker_id=self.worker_id, model=self.model, version=loaded.version.version if loaded else None,
-            target_version=slot.target_version,
-            failed_version=slot.target_version if slot.target_failed() else None,
-            backend=loaded.backend.name if loaded else "", variant=loaded.variant if loaded else "",
-            fallback=loaded.fallback_reason if loaded else "", error=self.problem(), state=self._state(),
-            host=socket.gethostname(), pid=os.getpid(), batches=self.batches, requests=self.requests,
-            computed=self.computed, replayed=self.replayed,
-            heartbeat_ms=presence.now_in_ms(), shards=",".join(map(str, sorted(self.consumers))))
+    def presence(self, served: ServedModel | None = None) -> presence.Heartbeat:
+        """This worker's heartbeat for ``served`` (the only model, by default) as of now."""
+        served = served or self._only()
+        entry = self.cache.entry(served.model)
+        counts = {"batches": self.batches, "requests": self.requests, "computed": self.computed,
+                  "replayed": self.replayed}
+        cache = {"cache": entry.state, "loaded_at_ms": entry.loaded_at_ms, "load_ms": round(entry.load_ms, 1),
+                 "size_mb": round(entry.size_bytes / MIB, 1), "load_error": entry.load_error[:300],
+                 "models": len(self.served), "pinned": served.model in self.pins}
+        return served.heartbeat(state=self._state(served), error=self.problem(served), counts=counts,
+                                cache=cache)
 
-    def problem(self) -> str:
-        """Everything wrong right now, for the heartbeat's ``error`` (empty when healthy)."""
-        parts = [self.slot.problem(), *(f"{area}: {p}" for area, p in sorted(self.problems.items()))]
+    def problem(self, served: ServedModel | None = None) -> str:
+        """Everything wrong right now for ``served`` (the only model, by default), for its
+        heartbeat's ``error`` (empty when healthy)."""
+        served = served or self._only()
+        problems = sorted({**self.problems, **served.problems}.items())
+        parts = [served.slot.problem(), *(f"{area}: {p}" for area, p in problems)]
         if self.listener is not None and self.listener.rejected:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.listener.rejected.items()))
             parts.append(f"control messages rejected: {counts} (last: {self.listener.last_rejection})")
         return "; ".join(p for p in parts if p)
 
-    def _state(self) -> str:
+    def _state(self, served: ServedModel) -> str:
         if self.stopping.is_set():
             return "stopping"
-        return "loading" if self.slot.loading else "serving"
+        return "loading" if served.slot.loading else "serving"
 
     def _sign_off(self) -> None:
         try:
-            for consumer in self.consumers.values():
+            for consumer in self._all_consumers():
                 consumer.flush_stats()
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.zrem(keys.workers_zset(self.model), self.worker_id)
-            pipe.delete(keys.worker_hash(self.model, self.worker_id))
+            pipe = self.redis.pipeline(transaction=False)
+            for model in self.served:
+                pipe.zrem(keys.workers_zset(model), self.worker_id)
+                pipe.delete(keys.worker_hash(model, self.worker_id))
             pipe.execute()
-            for consumer in self.consumers.values():
+            for consumer in self._all_consumers():
                 consumer.leave()
         except REDIS_ERRORS as e:
             log.warning("sign-off failed: %s", e)
