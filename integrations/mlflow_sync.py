@@ -92,7 +92,7 @@ def promote_checked(registry: Registry, mv: ModelVersion, stage: str, *, reason:
     promoted = registry.promote(mv.name, mv.version, "Production", reason=reason, allow_archived=True)
     report = wait_for_fleet(registry.redis, mv.name, mv.version, timeout_s=fleet_timeout_s, ttl_s=ttl_s,
                             variant=promoted.serving_variant or PRIMARY, label=promoted.label)
-    if not (report.switched or report.failed or report.pending or report.fallback):
+    if not (report.switched or report.failed or report.pending or report.fallback or report.unloaded):
         return f"{mv.name} {mv.title} promoted to Production", "no live worker: nothing to acknowledge yet"
     if report.ok:
         return f"{mv.name} {mv.title} promoted to Production", report.lines()[-1]

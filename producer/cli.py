@@ -233,6 +233,7 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     with Client.from_url(settings.redis_url) as client:
         health = client.health(args.model)
     for w in health.workers:
-        print(f"{w.worker_id:<40} v{w.version} {w.backend:<12} {w.state:<9} age={w.age_ms()}ms {w.error}")
+        version = f"v{w.version}" if w.version is not None else w.cache or "none"  # cold, evicted, …
+        print(f"{w.worker_id:<40} {version:<8} {w.backend:<12} {w.state:<9} age={w.age_ms()}ms {w.error}")
     print(repr(health))
     return 0 if health.ok else 1

@@ -33,6 +33,9 @@ class FleetReport:
     fallback: dict[str, str] = field(default_factory=dict)
     fallback_allowed: bool = False
     label: str = ""  # the version's label, shown beside its number
+    # workers serving the model without it in memory (a multi-model worker's cache): they load the
+    # version on their first request, so they are neither waited for nor counted as serving it
+    unloaded: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:
@@ -44,7 +47,7 @@ class FleetReport:
         """Every live worker serves ``version``, as asked (or through a fallback, when allowed)."""
         if self.failed or self.pending or (self.fallback and not self.fallback_allowed):
             return False
-        return bool(self.switched or self.fallback)
+        return bool(self.switched or self.fallback or self.unloaded)
 
     def lines(self) -> list[str]:
         """One line per worker, then the summary."""
@@ -53,9 +56,12 @@ class FleetReport:
         out += [f"  {w:<40} {mark}: {why}" for w, why in self.fallback.items()]
         out += [f"  {w:<40} FAILED: {error}" for w, error in self.failed.items()]
         out += [f"  {w:<40} not switched after {self.elapsed_s:.1f} s" for w in self.pending]
+        out += [f"  {w:<40} not loaded: loads {self.title} on its first request" for w in self.unloaded]
         state = "switched" if self.ok else "NOT switched"
         counts = (f"{len(self.switched)} switched, {len(self.fallback)} on a fallback, "
                   f"{len(self.failed)} failed, {len(self.pending)} pending")
+        if self.unloaded:
+            counts += f", {len(self.unloaded)} not loaded"
         return [*out, f"{self.model}: fleet {state} to {self.title} in {self.elapsed_s:.2f} s ({counts})"]
 
 
@@ -72,7 +78,8 @@ def publish_reload(client, model: str, version: int | None = None, *,
 def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s: float = 0.05,
                    ttl_s: float = DEFAULT_TTL_S, variant: str | None = None,
                    allow_fallback: bool = False, label: str = "") -> FleetReport:
-    """Poll heartbeats until every live worker serves ``version`` or reports it failed.
+    """Poll heartbeats until every live worker serves ``version`` or reports it failed (a worker
+    that does not hold the model in memory loads the version when a request comes: not waited for).
 
     ``variant``: the artifact asked for (the version's ``serving_variant``, or ``"primary"``); a
     worker serving another one is on a fallback. Without it, a worker is on a fallback when its
@@ -82,6 +89,8 @@ def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s
     started = time.monotonic()
     while True:
         workers = presence.read_live(client, model, ttl_s)
+        unloaded = [w.worker_id for w in workers if w.loads_on_demand]
+        workers = [w for w in workers if not w.loads_on_demand]
         on_version = [w for w in workers if w.version == version]
         fallback = {w.worker_id: fallback_reason(w, variant) for w in on_version
                     if fallback_reason(w, variant)}
@@ -92,7 +101,7 @@ def wait_for_fleet(client, model: str, version: int, *, timeout_s: float, poll_s
         elapsed_s = time.monotonic() - started
         if not pending or elapsed_s >= timeout_s:
             return FleetReport(model, version, switched, failed, pending, elapsed_s, fallback, allow_fallback,
-                               label)
+                               label, unloaded)
         time.sleep(poll_s)
 
 

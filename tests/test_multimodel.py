@@ -16,10 +16,12 @@ from conftest import FAST_ENV, ThreadedWorker, wait_until
 from experiments.store import ExperimentStore
 from producer import Client
 from producer.health import read_health
-from protocol import codec, keys, messages, presence
+from protocol import codec, connection, keys, messages, presence
 from protocol.errors import ConfigError
+from protocol.settings import Settings
 from protocol.values import text as codec_text
-from registry.rollout import publish_reload
+from registry import Registry
+from registry.rollout import publish_reload, wait_for_fleet
 from worker.consumer import Entry
 from worker.selection import ModelSelector
 from worker.worker import Worker
@@ -301,3 +303,54 @@ def test_entries_of_an_unloaded_model_stay_pending_when_the_worker_stops(r, sett
     served.consumer.deliver([Entry(entry_id.decode(), r.xrange(keys.request_stream(B))[0][1])])
     worker._answer_held()
     assert r.llen(keys.reply_key(B, "held")) == 0
+
+
+def test_a_promotion_does_not_wait_for_workers_that_do_not_hold_the_model(r, settings, registry, tmp_path,
+                                                                           three):
+    worker = Worker(settings, ModelSelector.parse(f"{A},{B}"))
+    with ThreadedWorker(worker), Client.from_url(settings.redis_url, timeout_s=10) as client:
+        assert client.predict(A, X).model_version == 1  # A loaded here, B not
+        promote(registry, tmp_path, B, seed=5)
+        report = wait_for_fleet(r, B, 2, timeout_s=5)
+        assert report.ok and report.unloaded == [worker.worker_id] and not report.pending
+        assert report.elapsed_s < 2, "not waited for"
+        promote(registry, tmp_path, A, seed=6)
+        report = wait_for_fleet(r, A, 2, timeout_s=10)
+        assert report.ok and report.switched == [worker.worker_id] and not report.unloaded
+        assert client.predict(B, X).model_version == 2, "B loads its new Production version on request"
+
+
+def test_a_multi_model_worker_serves_models_on_every_node_of_a_cluster(redis_cluster, tmp_path):
+    client = connection.connect(redis_cluster.url)
+    client.flushall()
+    settings = Settings(redis_url=redis_cluster.url, artifact_dir=tmp_path / "artifacts",
+                        heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0, block_ms=50, reconcile_interval_s=0.5)
+    registry = Registry(client, settings.artifact_dir)
+    names = [f"mm_{i}" for i in range(6)]
+    for i, m in enumerate(names):
+        promote(registry, tmp_path, m, seed=i)
+    nodes = {client.get_node_from_key(keys.request_stream(m)).name for m in names}
+    assert len(nodes) > 1, "the models' slots fall on several nodes"
+    with ThreadedWorker(Worker(settings, ModelSelector.parse("mm_*"))), \
+            Client.from_url(redis_cluster.url, timeout_s=10) as bot:
+        for _ in range(2):
+            for m in names:
+                assert bot.predict(m, X).model_version == 1
+    client.close()
+
+
+def test_an_evicted_experiment_model_brings_both_arms_back(r, settings, registry, tmp_path, three):
+    path2 = models.linear_softmax(tmp_path / "b2.onnx", seed=8)
+    registry.register(B, path2, input_spec=models.SPEC, output_names=["probs"], labels=models.LABELS)
+    ExperimentStore(r, registry).create(B, 1, 2, treatment_share=0.5, unit="request_id")
+    worker = Worker(settings.with_overrides(max_loaded_models=1), ModelSelector.parse(f"{A},{B}"))
+    arms = worker.served[B].arms
+    with ThreadedWorker(worker), Client.from_url(settings.redis_url, timeout_s=10) as client:
+        client.predict(B, X)
+        wait_until(lambda: arms.treatment is not None, 10, message="the treatment did not load with B")
+        client.predict(A, X)
+        assert arms.treatment is None and worker.served[B].slot.loaded is None, "both arms evicted"
+        client.predict(B, X)
+        wait_until(lambda: arms.treatment is not None, 10, message="the treatment did not come back")
+        variants = {p.variant for p in client.predict_many(B, [X] * 40)}
+        assert variants == {"control", "treatment"}, variants

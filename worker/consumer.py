@@ -676,6 +676,30 @@ def read_many(consumers: Sequence[StreamConsumer], count: int, wait_ms: float) -
     return n
 
 
+def read_on_node(node: redis.Redis, consumers: Sequence[StreamConsumer], count: int) -> list[StreamConsumer]:
+    """Non-blocking reads of consumers whose hash slots one cluster node serves, pipelined: one
+    round trip for all (a cluster refuses one command across slots). What each read brings goes
+    to its consumer's buffer. Returns the consumers the node redirected (MOVED, ASK: the slot
+    moved), to read through the cluster client. An error other than NOGROUP (the group is
+    recreated) is raised once every answer has been taken."""
+    pipe = node.pipeline(transaction=False)
+    for c in consumers:
+        pipe.xreadgroup(c.group, c.name, dict.fromkeys(c._read_streams(count), ">"), count=count)
+    moved, failure = [], None
+    for c, answer in zip(consumers, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(answer, redis.exceptions.AskError):  # MovedError is one too
+            moved.append(c)
+        elif isinstance(answer, redis.ResponseError) and str(answer).startswith(("NOGROUP", "UNBLOCKED")):
+            c._vanished(answer)
+        elif isinstance(answer, Exception):
+            failure = failure or answer
+        else:
+            c.deliver(c._entries(answer))
+    if failure is not None:
+        raise failure
+    return moved
+
+
 def _log_refused(answers: list[Any], out: Outbox) -> None:
     """Commands refused inside a transaction that ran (a reply key or dead-letter stream of the wrong
     type): the rest of it, acks included, did apply. The same write would be refused again, so it

@@ -56,6 +56,8 @@ class ServedModel:
         self.load_started_s: float | None = None  # monotonic: a load on request is under way since
         self.load_reported: int | None = None  # the last version whose load (or failure) was counted
         self.turn = 0  # which of its shards goes first next
+        self.batches = self.requests = 0  # of this model, for its heartbeat (the worker counts all)
+        self.computed = self.replayed = 0
 
     @property
     def consumer(self) -> StreamConsumer:

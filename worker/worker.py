@@ -43,6 +43,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import redis
 
@@ -54,7 +55,7 @@ from protocol.settings import Settings
 from registry import Registry
 from worker.arms import ExperimentArms
 from worker.cache import ModelCache, release_memory
-from worker.consumer import Entry, Outbox, StreamConsumer, read_many
+from worker.consumer import Entry, Outbox, StreamConsumer, read_many, read_on_node
 from worker.control import ControlListener
 from worker.load import LoadMeter
 from worker.processing import BatchProcessor
@@ -463,6 +464,10 @@ class Worker:
         except REDIS_ERRORS as e:
             self._shard_failed(consumer, e, time.monotonic() - started_s)
             return
+        self._shard_ok(consumer)
+
+    def _shard_ok(self, consumer: StreamConsumer) -> None:
+        """Redis work on ``consumer``'s shard succeeded: its backoff ends, once nothing is left to write."""
         backoff = self._shard_backoff.get((consumer.model, consumer.shard))
         if backoff is not None and backoff.failures and not consumer.unwritten:
             log.info("%s shard %d is served again after %d failures", consumer.model, consumer.shard,
@@ -539,6 +544,8 @@ class Worker:
             return None, []
         self.cache.touch(model)
         consumer = ready[model][1]
+        shards = sorted(self.served[model].consumers)  # its next shard goes first next time
+        self.served[model].turn = shards[(shards.index(consumer.shard) + 1) % len(shards)]
         return consumer, self._read_shard(consumer, 0)
 
     def _ready(self, up: Sequence[StreamConsumer]) -> dict[str, tuple[int, StreamConsumer]]:
@@ -553,12 +560,9 @@ class Worker:
             if served.slot.loaded is None and served.slot.can_load:
                 continue  # a load on request starts first (_prepare_cold)
             cls = 0 if any(e.lane == keys.LANES[0] for e in buffered) else 1
-            best = ready.get(c.model)
-            if best is None or cls < best[0] or (cls == best[0] and c.shard == served.turn):
+            rank, best = (cls, _behind(c.shard, served.turn)), ready.get(c.model)
+            if best is None or rank < (best[0], _behind(best[1].shard, served.turn)):
                 ready[c.model] = (cls, c)
-        for model, (_, c) in ready.items():
-            shards = sorted(self.served[model].consumers)
-            self.served[model].turn = shards[(shards.index(c.shard) + 1) % len(shards)]
         return ready
 
     def _read_fresh(self, up: Sequence[StreamConsumer], wait_ms: float) -> int:
@@ -571,10 +575,10 @@ class Worker:
             return 0
         if isinstance(self.redis, redis.Redis):  # one node: the whole set in one command
             return read_many(wanting, self.settings.max_batch, wait_ms)
-        got = 0
-        for c in wanting:
-            with self._on_shard(c):
-                got += read_many([c], self.settings.max_batch, 0)
+        before = sum(len(c.buffered) for c in wanting)
+        for node, consumers in self._by_node(wanting).items():
+            self._read_node(node, consumers)
+        got = sum(len(c.buffered) for c in wanting) - before
         if got or not wait_ms:
             return got
         c = wanting[self._turn % len(wanting)]
@@ -582,6 +586,39 @@ class Worker:
         with self._on_shard(c):
             got = read_many([c], self.settings.max_batch, min(wait_ms, MULTI_SHARD_BLOCK_MS))
         return got
+
+    def _by_node(self, consumers: Sequence[StreamConsumer]) -> dict[str, list[StreamConsumer]]:
+        """A cluster's consumers by the node serving their slot ("" where that is unknown now)."""
+        nodes: dict[str, list[StreamConsumer]] = {}
+        cluster: Any = self.redis  # a RedisCluster here (typed as the standalone client it mimics)
+        for c in consumers:
+            try:
+                name = str(cluster.get_node_from_key(c.stream).name)
+            except redis.RedisError:  # the slot is uncovered (a failover): read it on its own
+                name = ""
+            nodes.setdefault(name, []).append(c)
+        return nodes
+
+    def _read_node(self, node: str, consumers: list[StreamConsumer]) -> None:
+        """The non-blocking reads of ``consumers`` on cluster node ``node``, pipelined; a failure
+        backs every one of them off (they share the node); a read the node redirected, or one
+        whose node is unknown, goes through the cluster client."""
+        redirected = consumers
+        if node:
+            started_s = time.monotonic()
+            try:
+                cluster: Any = self.redis
+                client = cluster.get_node(node_name=node).redis_connection
+                redirected = read_on_node(client, consumers, self.settings.max_batch)
+            except REDIS_ERRORS as e:
+                for c in consumers:
+                    self._shard_failed(c, e, time.monotonic() - started_s)
+                return
+            for c in consumers:
+                self._shard_ok(c)
+        for c in redirected:
+            with self._on_shard(c):
+                read_many([c], self.settings.max_batch, 0)
 
     def _prepare_cold(self, up: Sequence[StreamConsumer]) -> None:
         """Models with entries in hand and nothing loaded: start their loads (evicting the least
@@ -672,9 +709,10 @@ class Worker:
         with self.pulse.busy():
             out = served.processor.process(entries, dead_letter,
                                            markers=consumer.markers if consumer.has_markers else None)
-        self.batches += 1
-        self.requests += len(out.ack_ids)
-        self.computed, self.replayed = self.computed + out.computed, self.replayed + out.replayed
+        for counts in (self, served):
+            counts.batches += 1
+            counts.requests += len(out.ack_ids)
+            counts.computed, counts.replayed = counts.computed + out.computed, counts.replayed + out.replayed
         self.scheduler.charge(served.model, sum(rows for _, rows, _ in out.calls))
         if consumer.link is None:
             self._write(out, consumer, prefetch)
@@ -949,7 +987,9 @@ class Worker:
             loaded = served.slot.loaded
             served.metrics.serving(beat.version, served.slot.target_version,
                                    label=loaded.version.label if loaded else "")
-            served.metrics.ready(beat.version is not None and "redis" not in self.problems)
+            # Ready for the model: it is loaded here, or loads on its first request.
+            servable = beat.version is not None or served.slot.can_load
+            served.metrics.ready(servable and "redis" not in self.problems)
             self._cache_metrics(served)
             key, members = keys.worker_hash(served.model, self.worker_id), keys.workers_zset(served.model)
             pipe.hset(key, mapping=beat.to_hash())
@@ -1011,8 +1051,8 @@ class Worker:
         """This worker's heartbeat for ``served`` (the only model, by default) as of now."""
         served = served or self._only()
         entry = self.cache.entry(served.model)
-        counts = {"batches": self.batches, "requests": self.requests, "computed": self.computed,
-                  "replayed": self.replayed}
+        counts = {"batches": served.batches, "requests": served.requests, "computed": served.computed,
+                  "replayed": served.replayed}
         cache = {"cache": entry.state, "loaded_at_ms": entry.loaded_at_ms, "load_ms": round(entry.load_ms, 1),
                  "size_mb": round(entry.size_bytes / MIB, 1), "load_error": entry.load_error[:300],
                  "models": len(self.served), "pinned": served.model in self.pins}
@@ -1051,6 +1091,11 @@ class Worker:
         self.redis.close()  # the pool reconnects if run() is called again
         log.info("worker %s stopped after %d batches, %d entries", self.worker_id,
                  self.batches, self.requests)
+
+
+def _behind(shard: int, turn: int) -> int:
+    """How far ``shard`` comes after the shard whose turn it is (shards served in a ring)."""
+    return (shard - turn) % (1 << 16)
 
 
 def _log_failure(failures: int, message: str, *args: object) -> None:
