@@ -15,9 +15,11 @@ is rank 1). Meanwhile the memory of each layout's process trees is sampled from
 Latency is from a request's issue to its reply; p50 and p99 per model, pooled over the ``hot``
 top ranks and the ``cold`` bottom ones. Targets: PSS_B / PSS_A <= 0.2, hot p99 B / A <= 1.2.
 
-Then, on layout B's fleet, **fairness**: one model trickles at ``trickle_rps`` (sequential,
-paced) alone, then while another is flooded by closed-loop threads in other processes; the
-trickle's p99 flooded / alone should stay within 2. Last, **cold start**: one worker with
+Then, on each layout, **fairness**: the coldest model trickles at ``trickle_rps`` (sequential,
+paced) alone, then while the hottest is flooded by closed-loop threads in other processes; in
+layout B the trickle's p99 flooded / alone should stay within 2. Layout A's ratio (separate
+processes: the OS shares the cores) shows what the flood's CPU alone costs the trickle on
+this box. Last, **cold start**: one worker with
 ``--max-loaded-models 1`` serving two mm models and the reference model; the time from send
 to reply of the first request to a model never loaded there and to one that was evicted, each
 followed by a warm request for comparison.
@@ -103,10 +105,11 @@ class ReferenceModel:
 
 
 class Outcome(NamedTuple):
-    """One request of the load run: its model's rank index, how late it was issued, its latency
-    from issue to reply (s) and its code (``OK`` or the error's)."""
+    """One request of the load run: its model's rank index, when it was due (s from the start), how
+    late it was issued, its latency from issue to reply (s) and its code (``OK`` or the error's)."""
 
     model: int
+    at_s: float
     lag_s: float
     latency_s: float
     code: str
@@ -245,14 +248,14 @@ async def _send(url: str, names: list[str], plan: list[tuple[float, int]], timeo
         t0, tasks = start_at.value, set()
         for offset_s, m in plan:
             await asyncio.sleep(max(0.0, t0 + offset_s - time.time()))
-            task = asyncio.create_task(_call(client, names[m], m, inputs[m], t0 + offset_s, outcomes))
+            task = asyncio.create_task(_call(client, names[m], m, inputs[m], t0, offset_s, outcomes))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*list(tasks))
     return outcomes
 
 
-async def _call(client: AsyncClient, model: str, index: int, x: np.ndarray, due: float,
+async def _call(client: AsyncClient, model: str, index: int, x: np.ndarray, t0: float, offset_s: float,
                 outcomes: list[tuple]) -> None:
     issued = time.time()
     try:
@@ -260,7 +263,7 @@ async def _call(client: AsyncClient, model: str, index: int, x: np.ndarray, due:
         code = "OK"
     except StreamserveError as e:  # a reply's error, shed before sending, Redis unreachable
         code = getattr(e, "code", type(e).__name__)
-    outcomes.append((index, issued - due, time.time() - issued, code))
+    outcomes.append((index, offset_s, issued - t0 - offset_s, time.time() - issued, code))
 
 
 # --- latency summaries ----------------------------------------------------------------------------
@@ -341,7 +344,10 @@ def measure_layout(url: str, fleets: Sequence[Fleet], names: Sequence[str], cfg:
     progress(f"multi-model: {cfg.rate_rps:g} requests/s over {len(names)} models for {cfg.seconds:g} s …")
     with MemorySampler(roots, cfg.sample_s) as sampler:
         outcomes = offer(url, names, plan, cfg.senders, cfg.timeout_s)
-    return {"warmup": warm, "memory": sampler.median(), "latency": latency_summary(outcomes, names, cfg)}
+    progress(f"multi-model: fairness, {names[-1]} at {cfg.trickle_rps:g}/s alone, then beside a flood "
+             f"of {names[0]} …")
+    return {"warmup": warm, "memory": sampler.median(), "latency": latency_summary(outcomes, names, cfg),
+            "fairness": fairness(url, names[0], names[-1], len(names) - 1, cfg)}
 
 
 def layout_a(settings: Settings, names: Sequence[str], cfg: MultiModelConfig, fleet_args: Sequence[str],
@@ -366,7 +372,7 @@ def multi_fleet(settings: Settings, names: Sequence[str], processes: int, *extra
 
 def layout_b(settings: Settings, names: Sequence[str], cfg: MultiModelConfig, fleet_args: Sequence[str],
              plan: Sequence[tuple[float, int]], progress: Progress) -> dict[str, Any]:
-    """One multi-model fleet; fairness is measured on it too before it stops."""
+    """One multi-model fleet serving every model."""
     progress(f"multi-model: layout B, one fleet of {cfg.processes} processes serving {len(names)} models …")
     fleet = multi_fleet(settings, names, cfg.processes, *fleet_args,
                         "--model-memory-mb", str(cfg.memory_budget_mb))
@@ -374,14 +380,10 @@ def layout_b(settings: Settings, names: Sequence[str], cfg: MultiModelConfig, fl
     fleet.start(cfg.start_timeout_s)
     try:
         ready_s = time.monotonic() - started
-        section = {"workers": cfg.processes, "ready_s": ready_s} | measure_layout(
+        return {"workers": cfg.processes, "ready_s": ready_s} | measure_layout(
             settings.redis_url, [fleet], names, cfg, plan, progress)
-        progress(f"multi-model: fairness, {names[-1]} at {cfg.trickle_rps:g}/s alone, then beside a flood "
-                 f"of {names[0]} …")
-        section["fairness"] = fairness(settings.redis_url, names[0], names[-1], len(names) - 1, cfg)
     finally:
         fleet.stop()
-    return section
 
 
 # --- fairness -------------------------------------------------------------------------------------
@@ -487,15 +489,37 @@ def cold_start(settings: Settings, models: dict[str, tuple[str, np.ndarray]], re
             for round_ in range(repeats + 1):
                 for name, (kind, x) in models.items():
                     state = "never_loaded" if round_ == 0 else "evicted"
+                    before_ms = _last_load(client, name)[0]
                     for what in (state, "warm"):
                         ms, code = timed_call(client, name, x)
                         codes[code] += 1
                         times.setdefault(kind, {}).setdefault(what, []).append(ms)
+                    load_ms = _reported_load_ms(client, name, before_ms)
+                    times[kind].setdefault("worker_load", []).extend([load_ms] if load_ms == load_ms else [])
     finally:
         fleet.stop()
-    summary = {kind: {what: {"median_ms": float(np.median(v)), "max_ms": float(max(v)), "n": len(v)}
+    summary = {kind: {what: {"median_ms": float(np.median(v)) if v else float("nan"),
+                             "max_ms": max(v, default=float("nan")), "n": len(v)}
                       for what, v in by.items()} for kind, by in times.items()}
     return summary | {"codes": dict(codes), "models": {n: k for n, (k, _) in models.items()}}
+
+
+def _last_load(client: Client, model: str) -> tuple[int, float]:
+    """The worker's last load of ``model`` as its heartbeat reports it: (wall-clock ms, load ms)."""
+    workers = client.health(model).workers
+    return (workers[0].loaded_at_ms, workers[0].load_ms) if workers else (0, float("nan"))
+
+
+def _reported_load_ms(client: Client, model: str, before_ms: int, wait_s: float = 2.0) -> float:
+    """How long the worker says the load after ``before_ms`` took (its heartbeat follows a load at
+    once; NaN if none is reported within ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        loaded_at_ms, load_ms = _last_load(client, model)
+        if loaded_at_ms > before_ms:
+            return load_ms
+        time.sleep(0.02)
+    return float("nan")
 
 
 # --- the scenario ---------------------------------------------------------------------------------
@@ -534,19 +558,23 @@ def run_multimodel(settings: Settings, cfg: MultiModelConfig, tmp: Path, fleet_a
     if ref_x is not None:
         cold_models[REFERENCE_NAME] = ("reference", ref_x)
     cold = cold_start(settings, cold_models, cfg.cold_repeats, progress, cfg.start_timeout_s)
-    return {"config": asdict(cfg), "models": names, "train_accuracy": accuracy,
-            "zipf_shares": dict(zip(names, zipf_weights(cfg.models, cfg.zipf_s).tolist(), strict=True)),
-            "layout_a": a, "layout_b": b, "fairness": b.pop("fairness"), "cold_start": cold,
-            "ratios": ratios(a, b), "targets": TARGETS}
+    shares = dict(zip(names, zipf_weights(cfg.models, cfg.zipf_s).tolist(), strict=True))
+    both = ratios(a, b)
+    fair = {"layout_a": a.pop("fairness"), "layout_b": b.pop("fairness")}
+    return {"config": asdict(cfg), "models": names, "train_accuracy": accuracy, "zipf_shares": shares,
+            "ratios": both, "fairness": fair, "layout_a": a, "layout_b": b, "cold_start": cold,
+            "targets": TARGETS}
 
 
 def ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """Layout B over layout A: memory and latency."""
+    """Layout B over layout A (memory, latency); each layout's trickle p99 flooded over alone."""
     out = {f"{m}_b_vs_a": ratio(b["memory"][f"{m}_mb"], a["memory"][f"{m}_mb"])
            for m in ("pss", "rss", "uss")}
     for pool in ("hot", "cold", "all"):
         for q in ("p50", "p99"):
             out[f"{pool}_{q}_b_vs_a"] = ratio(b["latency"][pool][f"{q}_ms"], a["latency"][pool][f"{q}_ms"])
+    out["trickle_p99_flooded_vs_alone"] = b["fairness"]["trickle_p99_flooded_vs_alone"]
+    out["trickle_p99_flooded_vs_alone_layout_a"] = a["fairness"]["trickle_p99_flooded_vs_alone"]
     return out
 
 
@@ -573,11 +601,12 @@ def print_multimodel(section: dict[str, Any]) -> None:
     Console(width=120).print(table)
     print(f"PSS B / A = {r['pss_b_vs_a']:.3f} (target <= 0.2); hot p99 B / A = {r['hot_p99_b_vs_a']:.2f} "
           "(target <= 1.2)")
-    f = section["fairness"]
-    print(f"fairness: {f['trickle_model']} at {f['trickle_rps']:g}/s p99 {f['alone']['p99_ms']:.2f} ms "
-          "alone, "
-          f"{f['flooded']['p99_ms']:.2f} ms beside a flood of {f['flooded_model']} ({f['flood_rps']:.0f}/s, "
-          f"{f['flood_threads']} threads): x{f['trickle_p99_flooded_vs_alone']:.2f} (target <= 2)")
+    for layout, f in section["fairness"].items():
+        target = " (target <= 2)" if layout == "layout_b" else ""
+        print(f"fairness, {layout}: {f['trickle_model']} at {f['trickle_rps']:g}/s p99 "
+              f"{f['alone']['p99_ms']:.2f} ms alone, {f['flooded']['p99_ms']:.2f} ms beside a flood of "
+              f"{f['flooded_model']} ({f['flood_rps']:.0f}/s, {f['flood_threads']} threads): "
+              f"x{f['trickle_p99_flooded_vs_alone']:.2f}{target}")
     _print_cold(section["cold_start"])
 
 
@@ -588,4 +617,5 @@ def _print_cold(cold: dict[str, Any]) -> None:
             print(f"cold start ({kind}, --max-loaded-models 1): never loaded "
                   f"{c['never_loaded']['median_ms']:.1f} ms, "
                   f"evicted {c['evicted']['median_ms']:.1f} ms (max {c['evicted']['max_ms']:.1f}), "
-                  f"warm {c['warm']['median_ms']:.2f} ms")
+                  f"warm {c['warm']['median_ms']:.2f} ms; the load itself (worker-reported) "
+                  f"{c['worker_load']['median_ms']:.1f} ms")

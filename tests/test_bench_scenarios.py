@@ -1,4 +1,4 @@
-"""Smoke runs of the bench's overload and cluster scenarios (lab/bench_overload.py, lab/bench_cluster.py).
+"""Smoke runs of the bench's scenarios (lab/bench_overload.py, lab/bench_cluster.py and the others).
 
 Tiny durations against the test model; only what holds on any machine is checked (counts,
 ordering of shedding, where the stream work lands), never a timing.
@@ -6,11 +6,15 @@ ordering of shedding, where the stream work lands), never a timing.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import replace
+
 import models
 import pytest
 import redis
 from conftest import MODEL
 
+from lab import bench_multimodel as mm
 from lab.bench_bulk import BulkConfig, print_bulk, run_bulk
 from lab.bench_cluster import ClusterConfig, capacity_model, print_cluster, run_cluster, spread_model_name
 from lab.bench_deadlines import DeadlineConfig, print_deadlines, run_deadlines
@@ -191,3 +195,45 @@ def test_fleet_down_scenario_keeps_the_stream_within_max_timeout_and_drains_when
     assert doc["back"]["entries_left"] == 0 and doc["back"]["empty_s"] is not None
     print_fleetdown(doc)
     assert "fleet back: up in" in capsys.readouterr().out
+
+
+def test_multimodel_schedule_is_seeded_and_follows_the_zipf_ranks():
+    cfg = mm.MultiModelConfig(models=5, rate_rps=1000.0, seconds=2.0)
+    plan = mm.schedule(cfg)
+    assert plan == mm.schedule(cfg) and len(plan) == 2000 and plan[1][0] == pytest.approx(0.001)
+    counts = Counter(m for _, m in plan)
+    assert [m for m, _ in counts.most_common()][:2] == [0, 1], "rank 1 (mm_00) is the most requested"
+    assert mm.zipf_weights(5, 1.1).sum() == pytest.approx(1.0)
+    assert mm.schedule(replace(cfg, seed=1)) != plan
+
+
+# lab/bench_multimodel's own bounds: each fleet's start 60 s (four starts) and stop 30 s, each load run's
+# senders 60 s to connect and report, the flood's connect 60 s: far more than the test's 300 s, which
+# only a hung step reaches; the run takes about 40 s on 2 cores.
+@pytest.mark.timeout(300)
+def test_multimodel_scenario_serves_every_model_in_both_layouts(settings, tmp_path, capsys):
+    # The test model stands in for the reference model in the cold start (same role, no torch export).
+    ref = mm.ReferenceModel(models.linear_softmax(tmp_path / "ref.onnx"), models.SPEC, ["probs"],
+                            models.LABELS)
+    cfg = mm.MultiModelConfig(models=4, processes=1, rate_rps=40.0, seconds=2.0, senders=1, hot=1, cold=2,
+                              warmup_requests=1, sample_s=0.5, fairness_seconds=1.5, trickle_rps=20.0,
+                              flood_processes=1, flood_threads=2, cold_repeats=1, start_timeout_s=60.0)
+    doc = mm.run_multimodel(settings, cfg, tmp_path, ("--max-batch", "8"), ref, progress=lambda _: None)
+    a, b = doc["layout_a"], doc["layout_b"]
+    for layout in (a, b):
+        lat = layout["latency"]
+        assert lat["issued"] == 80 and not lat["errors"] and not layout["warmup"]["errors"], lat["errors"]
+        assert sum(m["n"] for m in lat["per_model"].values()) == 80 and lat["per_model"]["mm_00"]["n"] > 0
+        assert layout["memory"]["pss_mb"] > 0 and layout["memory"]["samples"] >= 1
+    assert a["memory"]["processes"] == 4 and b["memory"]["processes"] == 1
+    assert doc["ratios"]["pss_b_vs_a"] < 1, "one process serving four models outweighed four processes"
+    for f in doc["fairness"].values():
+        assert f["alone"]["n"] > 0 and f["flooded"]["n"] > 0 and f["flood_rps"] > 0
+        assert not f["alone"]["errors"] and not f["flooded"]["errors"]
+    cold = doc["cold_start"]
+    assert cold["codes"] == {"OK": 12}, cold["codes"]  # 3 models x (never loaded + evicted) x (cold + warm)
+    assert cold["mm"]["never_loaded"]["n"] == 2 and cold["mm"]["evicted"]["n"] == 2
+    assert cold["reference"]["never_loaded"]["n"] == 1 and cold["reference"]["evicted"]["n"] == 1
+    assert cold["mm"]["worker_load"]["n"] == 4, "each cold request's load is reported by the worker"
+    mm.print_multimodel(doc)
+    assert "PSS B / A" in capsys.readouterr().out
