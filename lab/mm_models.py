@@ -54,41 +54,39 @@ class Mlp:
     train_accuracy: float
 
 
-def fit(seed: int) -> Mlp:
-    """Random hidden features, then the output layer by ridge least squares on one-hot labels."""
-    x, y = synthetic_data(seed)
-    rng = np.random.default_rng(seed + 10_000)  # the hidden layer's own stream: not the data's
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    # Hidden units that look at the time-mean (what the labels depend on), plus per-step noise.
+def hidden_layer(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random ReLU features that look at the time-mean (what the labels depend on), plus
+    a little per-step noise: weights (480, 64) and biases (64,)."""
     per_feature = rng.standard_normal((FEATURES, HIDDEN)) * np.sqrt(TIMESTEPS / FEATURES)
-    noise = 0.02 * rng.standard_normal((flat.shape[1], HIDDEN))
-    w1 = np.tile(per_feature / TIMESTEPS, (TIMESTEPS, 1)) + noise
-    b1 = 0.1 * rng.standard_normal(HIDDEN)
-    h = np.maximum(flat @ w1 + b1, 0.0)
+    noise = 0.02 * rng.standard_normal((TIMESTEPS * FEATURES, HIDDEN))
+    return np.tile(per_feature / TIMESTEPS, (TIMESTEPS, 1)) + noise, 0.1 * rng.standard_normal(HIDDEN)
+
+
+def ridge(h: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The output layer (weights, biases) fitted by ridge least squares to one-hot labels ``y``."""
     design = np.hstack([h, np.ones((len(h), 1))])
     target = np.eye(len(LABELS))[y] * 4.0 - 2.0  # logits of about ±2: a softmax that is not flat
     solution = np.linalg.solve(design.T @ design + RIDGE * np.eye(design.shape[1]), design.T @ target)
-    w2, b2 = solution[:-1], solution[-1]
+    return solution[:-1], solution[-1]
+
+
+def fit(seed: int) -> Mlp:
+    """Random hidden features, then the output layer by ridge least squares on the model's own data."""
+    x, y = synthetic_data(seed)
+    w1, b1 = hidden_layer(np.random.default_rng(seed + 10_000))  # a stream of its own: not the data's
+    h = np.maximum(x.reshape(len(x), -1).astype(np.float64) @ w1 + b1, 0.0)
+    w2, b2 = ridge(h, y)
     accuracy = float(((h @ w2 + b2).argmax(axis=1) == y).mean())
-    return Mlp(w1.astype(np.float32), b1.astype(np.float32), w2.astype(np.float32), b2.astype(np.float32),
-               accuracy)
+    f32 = np.float32
+    return Mlp(w1.astype(f32), b1.astype(f32), w2.astype(f32), b2.astype(f32), accuracy)
 
 
 def to_onnx(mlp: Mlp, path: Path) -> Path:
     """(B, 30, 16) → Reshape (B, 480) → MatMul + Add → Relu → MatMul + Add → Softmax ``probs``."""
     arrays = {"w1": mlp.w1, "b1": mlp.b1, "w2": mlp.w2, "b2": mlp.b2,
               "flat_shape": np.array([-1, TIMESTEPS * FEATURES], dtype=np.int64)}
-    nodes = [
-        helper.make_node("Reshape", ["features", "flat_shape"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w1"], ["h_lin"]),
-        helper.make_node("Add", ["h_lin", "b1"], ["h_pre"]),
-        helper.make_node("Relu", ["h_pre"], ["h"]),
-        helper.make_node("MatMul", ["h", "w2"], ["logits_lin"]),
-        helper.make_node("Add", ["logits_lin", "b2"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
-    ]
     graph = helper.make_graph(
-        nodes, "mm_mlp",
+        _nodes(), "mm_mlp",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", TIMESTEPS, FEATURES])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(LABELS)])],
         [numpy_helper.from_array(a, name) for name, a in arrays.items()],
@@ -98,6 +96,18 @@ def to_onnx(mlp: Mlp, path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def _nodes() -> list[onnx.NodeProto]:
+    return [
+        helper.make_node("Reshape", ["features", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w1"], ["h_lin"]),
+        helper.make_node("Add", ["h_lin", "b1"], ["h_pre"]),
+        helper.make_node("Relu", ["h_pre"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["logits_lin"]),
+        helper.make_node("Add", ["logits_lin", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=-1),
+    ]
 
 
 def register_models(registry: Registry, names: list[str], directory: Path, seed: int = 0) -> dict[str, float]:
