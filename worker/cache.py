@@ -193,14 +193,17 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _malloc_trim()
 
 
-def release_memory() -> None:
+def release_memory(*, collect: bool = True) -> None:
     """Hand freed memory back to the system, so that RSS falls after an eviction.
 
-    Collects reference cycles (a model's graph often holds some), then asks glibc to return the
-    free pages of its heaps, which it otherwise keeps for later allocations. No-op past the
-    collection where there is no ``malloc_trim``.
+    Collects reference cycles (``collect``; a model's graph often holds some), then asks glibc to
+    return the free pages of its heaps, which it otherwise keeps for later allocations. No-op past
+    the collection where there is no ``malloc_trim``. A full collection takes tens of
+    milliseconds in a serving process and holds the interpreter meanwhile; the trim alone takes
+    a fraction of one and releases it.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -211,9 +214,10 @@ def measure_load(
     """Run ``load`` and return ``(its result, the RSS it added in bytes, the time it took in ms)``.
 
     The size is ``max(0, RSS after - RSS before)``; memory freed earlier is returned to the
-    system first, or the load could reuse it unseen.
+    system first, or the load could reuse it unseen (not the cycles a collection would find:
+    collecting would stall every thread of a serving process for tens of milliseconds).
     """
-    release_memory()
+    release_memory(collect=False)
     before = rss_bytes()
     started = clock()
     result = load()

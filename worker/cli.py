@@ -8,6 +8,7 @@ import logging
 import redis
 
 from protocol import connection, keys
+from protocol.errors import ConfigError
 from protocol.settings import Settings
 from worker.selection import ModelSelector
 from worker.supervisor import Supervisor
@@ -58,8 +59,11 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
                                        max_loaded_models=args.max_loaded_models)
     spec = "*" if args.all_models else args.models or args.model or settings.model
     selector = ModelSelector.parse(spec)  # a ConfigError (one line) for a bad name
+    if not args.models and not args.all_models and not selector.is_static:
+        raise ConfigError(f"--model takes a model name, not a pattern ({spec!r}): use --models")
     pins = ModelSelector.parse(args.pin).names if args.pin else ()
-    check_access(settings, selector.names[0] if selector.names else settings.model)
+    if selector.names:  # a pattern's models are not known yet: the worker reads them once Redis answers
+        check_access(settings, selector.names[0])
     if args.processes > 1 and not args.burst:
         return Supervisor(settings, spec, args.processes, max_queue_ms=args.max_queue_ms,
                           pins=",".join(pins)).run()

@@ -625,11 +625,19 @@ class StreamConsumer:
         counts every entry answered (or shed, or dead-lettered) since the stream began.
         """
         pipe = self.redis.pipeline(transaction=False)  # every key in the shard's slot: one round trip
+        self.queue_group_state(pipe)
+        return self.parse_group_state(pipe.execute(raise_on_error=False))
+
+    def queue_group_state(self, pipe: Any) -> int:
+        """Queue :meth:`group_state`'s reads on ``pipe`` (several shards' in one round trip); how many."""
         for stream in self.streams.values():
             pipe.xinfo_stream(stream)
             pipe.xinfo_groups(stream)
         pipe.get(keys.discarded_counter(self.model, self.shard))
-        answers = pipe.execute(raise_on_error=False)
+        return 2 * len(self.streams) + 1
+
+    def parse_group_state(self, answers: list[Any]) -> tuple[dict[str, LaneCounts], int]:
+        """:meth:`group_state` from the answers of :meth:`queue_group_state`'s reads."""
         state = {}
         for i, lane in enumerate(self.streams):
             info, groups = answers[2 * i], answers[2 * i + 1]

@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 
@@ -25,10 +25,10 @@ from protocol.connection import REDIS_ERRORS
 from protocol.sharding import ShardLoad
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from protocol.settings import Settings
-    from worker.consumer import StreamConsumer
+    from worker.consumer import LaneCounts, StreamConsumer
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 1.0  # the drain rate is measured over at least this long
@@ -80,16 +80,21 @@ class LoadMeter:
         return failed
 
     def _publish_shard(self, shard: int, consumer: StreamConsumer) -> list[LaneState]:
-        state, discarded = consumer.group_state()
+        pipe = self.redis.pipeline(transaction=True)  # one slot: the shard's
+        lanes = self._queue_load(pipe, shard, *consumer.group_state())
+        pipe.execute()
+        return lanes
+
+    def _queue_load(self, pipe: Any, shard: int, state: dict[str, LaneCounts],
+                    discarded: int) -> list[LaneState]:
+        """Queue the shard's load hash write, from its group state; the lanes, for the metrics."""
         sample = Sample(time.monotonic(), sum(c.answered for c in state.values()) - discarded,
                         {lane: c.added for lane, c in state.items()}, sum(c.backlog for c in state.values()))
         drain_per_s, arrive_per_s = self._rates(shard, sample)
         load = ShardLoad(backlog={lane: c.backlog for lane, c in state.items()}, drain_per_s=drain_per_s,
                          at_ms=int(time.time() * 1000), arrive_per_s=arrive_per_s)
-        pipe = self.redis.pipeline(transaction=True)  # one slot: the shard's
-        pipe.hset(keys.load_hash(self.model, shard), mapping=load.to_hash())  # type: ignore[arg-type]
+        pipe.hset(keys.load_hash(self.model, shard), mapping=load.to_hash())
         pipe.pexpire(keys.load_hash(self.model, shard), self.ttl_ms)
-        pipe.execute()
         return [LaneState(shard, lane, c.backlog, c.pending) for lane, c in state.items()]
 
     def _rates(self, shard: int, sample: Sample) -> tuple[float, dict[str, float]]:
@@ -117,3 +122,29 @@ class LoadMeter:
             self._busy_rate[shard] = (sample.computed - first.computed) / span_s
         arrive = {lane: (n - first.added.get(lane, n)) / span_s for lane, n in sample.added.items()}
         return self._busy_rate.get(shard, 0.0), arrive
+
+
+def publish_many(client: redis.Redis,
+                 meters: Sequence[tuple[LoadMeter, Mapping[int, StreamConsumer]]]) -> bool:
+    """Every model's load on one server in two round trips (all group states read, then all load
+    hashes written), where :meth:`LoadMeter.publish` takes two per shard: a worker serving many
+    models would otherwise spend a round trip per shard every interval between its batches. False
+    (logged, retried next interval) when Redis failed; the readings then stay as they were."""
+    pipe = client.pipeline(transaction=False)
+    spans = [(meter, shard, consumer, consumer.queue_group_state(pipe))
+             for meter, consumers in meters for shard, consumer in consumers.items()]
+    try:
+        answers = pipe.execute(raise_on_error=False)
+        writes = client.pipeline(transaction=False)  # each hash and its expiry in order, on one node
+        start, lanes = 0, {id(meter): list[LaneState]() for meter, _ in meters}
+        for meter, shard, consumer, n in spans:
+            state, discarded = consumer.parse_group_state(answers[start:start + n])
+            lanes[id(meter)] += meter._queue_load(writes, shard, state, discarded)
+            start += n
+        writes.execute()
+    except REDIS_ERRORS as e:
+        log.debug("load not published: %s", e)
+        return False
+    for meter, _ in meters:
+        meter.lanes = lanes[id(meter)]
+    return True

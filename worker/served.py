@@ -55,6 +55,8 @@ class ServedModel:
         self.reload_requested = False  # a control command for this model: reconcile it next
         self.load_started_s: float | None = None  # monotonic: a load on request is under way since
         self.load_reported: int | None = None  # the last version whose load (or failure) was counted
+        self.failed_target: int | None = None  # the version whose load (on request, or pinned) failed
+        self.retry_load_at_s = 0.0  # monotonic: when that load may be tried again
         self.turn = 0  # which of its shards goes first next
         self.batches = self.requests = 0  # of this model, for its heartbeat (the worker counts all)
         self.computed = self.replayed = 0
@@ -109,7 +111,7 @@ class ServedModel:
     @property
     def waiting(self) -> bool:
         """Entries wait for this model's load: it is not loaded, and a load is under way."""
-        return self.slot.loaded is None and self.slot.loading and any(
+        return self.slot.loaded is None and self.load_started_s is not None and any(
             c.buffered for c in self.consumers.values())
 
     def count_loads(self) -> bool:
@@ -130,6 +132,7 @@ class ServedModel:
         """Drop both arms' loaded versions (evicted): the next request loads them again."""
         self.slot.unload(why)
         self.arms.treatment = None
+        self.arms.loader.discard()
         self.processor.loading_eta_ms = None
 
     def heartbeat(self, *, state: str, error: str, counts: dict[str, int], cache: dict[str, object]

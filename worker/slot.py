@@ -81,6 +81,11 @@ class ModelSlot:
         if self.can_load and not self.loading and self.target is not None:
             self.reloader.request(self.target)
 
+    def forget_failure(self) -> None:
+        """Let :meth:`request_load` try the target again after its load failed."""
+        if self.target_version is not None:
+            self.reloader.failures.pop(self.target_version, None)
+
     def unload(self, why: str) -> None:
         """Drop the loaded version (evicted); the next :meth:`request_load` loads it again."""
         self.reloader.discard()

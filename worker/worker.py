@@ -57,7 +57,7 @@ from worker.arms import ExperimentArms
 from worker.cache import ModelCache, release_memory
 from worker.consumer import Entry, Outbox, StreamConsumer, read_many, read_on_node
 from worker.control import ControlListener
-from worker.load import LoadMeter
+from worker.load import LoadMeter, publish_many
 from worker.processing import BatchProcessor
 from worker.scheduler import DeficitScheduler
 from worker.selection import ModelSelector
@@ -70,6 +70,11 @@ MIB = 1 << 20
 # A model never loaded in this process, and none other measured yet: how long its first load is
 # expected to take (a request with less time to its deadline is answered OVERLOADED at once).
 DEFAULT_LOAD_MS = 1000.0
+# While a model loads on request, an idle worker looks for new entries (and the load's end) this
+# often: the load's first request should not wait a whole block_ms more.
+LOAD_POLL_MS = 2
+# A model whose load on request failed answers MODEL_NOT_FOUND; it is tried again after this long.
+LOAD_RETRY_S = 10.0
 # Reading several shards: each idle wait blocks on one shard for at most this long, then the next,
 # so an idle worker answers a request on any of its shards within about this delay.
 MULTI_SHARD_BLOCK_MS = 5
@@ -195,9 +200,11 @@ class Worker:
         self.metrics = start_metrics(settings, self.worker_id)
         self.served: dict[str, ServedModel] = {}
         self._template: StreamConsumer | None = None  # the first consumer: the server's features
+        self._started = False  # _start_up has checked the server
         for name in self.selector.names:
             self._add_model(name)
         self.reload_requested, self.stopping = threading.Event(), threading.Event()
+        self.membership_changed = False  # a control command named a served model (a pattern's set)
         self.batches = self.requests = 0
         self.computed = self.replayed = 0  # entries that went into a model call; answered from a marker
         self._turn = 0  # which read group an idle worker on a cluster blocks on next
@@ -273,7 +280,7 @@ class Worker:
 
     def _drop_model(self, served: ServedModel) -> bool:
         """Stop serving a model the selector no longer selects, once nothing of it is in hand."""
-        if served.busy:
+        if served.busy or served.load_started_s is not None:
             return False
         pipe = self.redis.pipeline(transaction=False)
         pipe.zrem(keys.workers_zset(served.model), self.worker_id)
@@ -300,13 +307,18 @@ class Worker:
                 self._due["heartbeat"] = 0.0  # bots fail fast until it is heard of: beat now
                 log.info("serving %s too (%d models)", model, len(self.served))
         for model in [m for m in self.served if m not in wanted]:
-            self._drop_model(self.served[model])
+            if not self._drop_model(self.served[model]):
+                self.membership_changed = True  # entries still in hand: try again next step
 
     def _set_shards(self, served: ServedModel, shards: Sequence[int]) -> None:
         """Read exactly ``shards`` of ``served``: consumers are added (their groups created) or dropped."""
         for k in sorted(set(shards) - set(served.consumers)):
             consumer = served.add_shard(k, self._template)
-            self._template = self._template or consumer
+            if self._template is None:
+                if self._started:  # the first after start-up (a pattern that matched nothing then)
+                    consumer.ensure_group()
+                    consumer.detect_server()
+                self._template = consumer
         for k in set(served.consumers) - set(shards):
             self._drop_shard(served, k)
 
@@ -348,8 +360,9 @@ class Worker:
         served = None if command is None else self.served.get(command.model)
         if served is None:
             self.reload_requested.set()
-        else:
-            served.reload_requested = True
+            return
+        served.reload_requested = True
+        self.membership_changed = not self.selector.is_static  # promoted or retired: in the set or out
 
     def _answer_held(self) -> None:
         """Stopping: answer the entries read but not yet batched (held, or read ahead), then make
@@ -394,6 +407,7 @@ class Worker:
             self._failed("redis", f"start-up: {type(e).__name__}: {e}", log_traceback=False)
             return False
         self._resolved("redis")
+        self._started = True
         return True
 
     def _step_or_wait(self) -> bool:
@@ -519,26 +533,34 @@ class Worker:
             s.waiting for s in self.served.values())
 
     def _next_batch(self, wait_ms: float) -> tuple[StreamConsumer | None, list[Entry]]:
-        """The next batch, of one (model, shard). One consumer: its read, waiting up to ``wait_ms``.
-        Several: the consumers with nothing in hand are read first without waiting (one command
-        per node: :meth:`_read_fresh`), so every model's head is seen before the schedule picks
-        whose buffer to serve; with nothing in hand anywhere, the read waits. Shards backing off
-        are skipped; while every shard is, this waits (up to ``wait_ms``)."""
+        """The next batch, of one (model, shard). One consumer of a loaded model: its read, waiting
+        up to ``wait_ms``. Otherwise the consumers with room in hand are read first (one command per
+        node: :meth:`_read_fresh`; without waiting while some model has entries it can answer), so
+        every model's head is seen before the schedule picks whose buffer to serve. Shards backing
+        off are skipped; while every shard is, this waits (up to ``wait_ms``)."""
         consumers = self._all_consumers()
         up = [c for c in consumers if self._up(c)]
         if not up:
             retry_at_s = min((self._retry_at_s(c) for c in consumers), default=math.inf)
             self.stopping.wait(max(0.0, min(wait_ms / 1000, retry_at_s - time.monotonic())))
             return None, []
-        if len(consumers) == 1:
+        self._prepare_cold(up)  # what a take-over brought, or a load that ended, is acted on now
+        if len(consumers) == 1 and self.served[up[0].model].slot.loaded is not None:
             batcher = self.served[up[0].model].batchers[up[0].shard]
             return up[0], batcher.next_batch(wait_ms)
         if self._ready(up):
             self._read_fresh(up, 0)
+        elif any(s.load_started_s is not None for s in self.served.values()):
+            # A load ends between two looks: poll, since a server times a short blocking read out
+            # on its own timer (up to 100 ms late at the default hz), and wait a little between.
+            if not self._read_fresh(up, 0):
+                self.stopping.wait(LOAD_POLL_MS / 1000)
+                return None, []
         elif not self._read_fresh(up, wait_ms):
             return None, []
+        up = [c for c in up if self._up(c)]  # a read may have failed
         self._prepare_cold(up)
-        ready = self._ready([c for c in up if self._up(c)])  # a read may have failed
+        ready = self._ready(up)
         model = self.scheduler.pick({m: cls for m, (cls, _) in ready.items()})
         if model is None:
             return None, []
@@ -555,26 +577,41 @@ class Worker:
         ready: dict[str, tuple[int, StreamConsumer]] = {}
         for c in up:
             buffered, served = c.buffered, self.served[c.model]
-            if not buffered or served.slot.loading and served.slot.loaded is None:
+            if not buffered or self._waits_for_load(served):
                 continue
-            if served.slot.loaded is None and served.slot.can_load:
-                continue  # a load on request starts first (_prepare_cold)
             cls = 0 if any(e.lane == keys.LANES[0] for e in buffered) else 1
             rank, best = (cls, _behind(c.shard, served.turn)), ready.get(c.model)
             if best is None or rank < (best[0], _behind(best[1].shard, served.turn)):
                 ready[c.model] = (cls, c)
         return ready
 
+    def _waits_for_load(self, served: ServedModel) -> bool:
+        """Not loaded, and a load on request is under way (or may start): its entries wait for it."""
+        return served.slot.loaded is None and (served.load_started_s is not None or self._loadable(served))
+
+    def _loadable(self, served: ServedModel) -> bool:
+        """Not loaded, and a load on request may start: a target known, and no failure of that
+        target in the last ``LOAD_RETRY_S``."""
+        slot = served.slot
+        if slot.loaded is not None or slot.target_version is None or slot.registry_error:
+            return False
+        return served.failed_target != slot.target_version or time.monotonic() >= served.retry_load_at_s
+
     def _read_fresh(self, up: Sequence[StreamConsumer], wait_ms: float) -> int:
         """Read, for the consumers with room in hand, what is new: one XREADGROUP for all of them on
         one server (they share the group ``workers``); on a cluster, where every (model, shard) is
-        a hash slot of its own, one read per consumer, and a wait on one of them in turn (at most
-        ``MULTI_SHARD_BLOCK_MS``). Returns how many entries came."""
+        a hash slot of its own, one pipelined round trip per node, then a wait on one of them in
+        turn (at most ``MULTI_SHARD_BLOCK_MS``). Returns how many entries came; with no room
+        anywhere, it waits ``wait_ms`` instead (the entries in hand wait for their loads)."""
         wanting = [c for c in up if len(c.buffered) < self.settings.max_batch]
         if not wanting:
+            self.stopping.wait(wait_ms / 1000)
             return 0
         if isinstance(self.redis, redis.Redis):  # one node: the whole set in one command
-            return read_many(wanting, self.settings.max_batch, wait_ms)
+            try:
+                return read_many(wanting, self.settings.max_batch, wait_ms)
+            except redis.ResponseError:  # one stream refused (WRONGTYPE, NOPERM): read each on its own
+                return self._read_each(wanting)
         before = sum(len(c.buffered) for c in wanting)
         for node, consumers in self._by_node(wanting).items():
             self._read_node(node, consumers)
@@ -586,6 +623,15 @@ class Worker:
         with self._on_shard(c):
             got = read_many([c], self.settings.max_batch, min(wait_ms, MULTI_SHARD_BLOCK_MS))
         return got
+
+    def _read_each(self, consumers: Sequence[StreamConsumer]) -> int:
+        """One non-blocking read per consumer, each on its own backoff: the one whose stream the
+        server refuses backs off, the others are read."""
+        before = sum(len(c.buffered) for c in consumers)
+        for c in consumers:
+            with self._on_shard(c, isolate=True):
+                read_many([c], self.settings.max_batch, 0)
+        return sum(len(c.buffered) for c in consumers) - before
 
     def _by_node(self, consumers: Sequence[StreamConsumer]) -> dict[str, list[StreamConsumer]]:
         """A cluster's consumers by the node serving their slot ("" where that is unknown now)."""
@@ -628,27 +674,43 @@ class Worker:
             served = self.served[model]
             if served.slot.loaded is not None:
                 continue
-            if served.slot.can_load and not served.slot.loading:
+            if served.load_started_s is None and self._loadable(served):
+                if served.failed_target == served.slot.target_version:
+                    served.slot.forget_failure()  # a failed load is tried again after LOAD_RETRY_S
                 # Shed first: the load's thread may hold the interpreter while it opens the session.
                 served.load_started_s = time.monotonic()
                 self._shed_loading(served)
                 self._start_load(served)
-            elif served.slot.loading:
+            elif served.load_started_s is not None:
                 self._shed_loading(served)
 
     def _start_load(self, served: ServedModel) -> None:
         """Load ``served`` on request: in the background (in line for a burst worker), after
         evicting what the budget needs for the size it last measured."""
-        busy = {s.model for s in self.served.values() if s.busy or s.slot.loading}
-        size_bytes = self.cache.expected_size_bytes(served.model)
-        for victim in self.cache.victims(served.model, size_bytes, busy.__contains__):
-            self._evict(self.served[victim])
+        self._fit_budget(served, self.cache.expected_size_bytes(served.model))
         self.cache.loading(served.model)
-        if self.burst:
-            served.slot.reconcile(in_line=True)
-            self._loaded(served)
+        if not self.burst:
+            served.slot.request_load()
             return
-        served.slot.request_load()
+        with self.pulse.busy():
+            served.slot.reconcile(in_line=True)
+        served.load_started_s = served.processor.loading_eta_ms = None
+        if served.slot.loaded is None:
+            self._load_failed(served)
+        else:
+            self._after_load(served)
+
+    def _fit_budget(self, incoming: ServedModel, incoming_bytes: int = 0) -> None:
+        """Evict the least recently used models the budget needs for ``incoming`` (never one with
+        entries or replies in hand, or a load under way, nor ``incoming`` itself)."""
+        busy = {s.model for s in self.served.values()
+                if s.busy or s.slot.loading or s.arms.loader.loading or s.load_started_s is not None}
+        busy.add(incoming.model)
+        victims = self.cache.victims(incoming.model, incoming_bytes, busy.__contains__)
+        for victim in victims:
+            self._evict(self.served[victim])
+        if victims:
+            release_memory(collect=False)  # what the victims held, back to the system (cheap)
 
     def _shed_loading(self, served: ServedModel) -> None:
         """Answer, OVERLOADED "loading", the entries of ``served`` that cannot wait for its load."""
@@ -673,23 +735,38 @@ class Worker:
         served.unload("evicted (least recently used)")
         self.cache.evicted(served.model)
         served.metrics.evicted()
-        release_memory()
         log.info("evicted %s (cache %.0f MB used)", served.model, self.cache.used_bytes() / MIB)
 
-    def _loaded(self, served: ServedModel) -> None:
-        """A load on request ended: record it in the cache (size, duration) or its failure."""
-        slot, served.processor.loading_eta_ms = served.slot, None
-        if slot.loaded is not None:
-            self._cached(served)
-            # Its experiment's treatment next (in the background; in line for a burst worker).
-            self._maintenance("reconcile", lambda: self._reconcile_model(served))
-        elif slot.target_failed() or slot.load_error:
-            self.cache.failed(served.model, slot.problem())
-        served.load_started_s = None
+    def _load_ended(self, served: ServedModel) -> None:
+        """A load on request ended: loaded (recorded), failed (retried after ``LOAD_RETRY_S``), or
+        dropped because the target changed meanwhile (the next request loads the new one)."""
+        served.load_started_s = served.processor.loading_eta_ms = None
+        if served.slot.loaded is not None:
+            self._after_load(served)
+        elif served.slot.target_failed():
+            self._load_failed(served)
+        else:
+            self.cache.evicted(served.model)
+
+    def _after_load(self, served: ServedModel) -> None:
+        served.failed_target = None
+        self._cached(served)
+        self._fit_budget(served)  # its size is measured now: the budget may need more room
+        # Its experiment's treatment next (in the background; in line for a burst worker).
+        self._maintenance("reconcile", lambda: self._reconcile_model(served))
+
+    def _load_failed(self, served: ServedModel) -> None:
+        """Report the failure (heartbeat ``cache: failed``); its entries are answered MODEL_NOT_FOUND
+        until a retry after ``LOAD_RETRY_S`` or a new Production version."""
+        served.failed_target = served.slot.target_version
+        served.retry_load_at_s = time.monotonic() + LOAD_RETRY_S
+        self.cache.failed(served.model, served.slot.problem())
 
     def _cached(self, served: ServedModel) -> None:
-        slot = served.slot
-        self.cache.loaded(served.model, slot.size_bytes, slot.load_ms, presence.now_in_ms())
+        """Record ``served`` loaded, its size that of both arms when an experiment runs."""
+        slot, arms = served.slot, served.arms
+        size_bytes = slot.size_bytes + (arms.loader.last_size_bytes if arms.treatment is not None else 0)
+        self.cache.loaded(served.model, size_bytes, slot.load_ms, presence.now_in_ms())
         served.metrics.load_seconds(slot.load_ms / 1000)
 
     def _read_shard(self, consumer: StreamConsumer, wait_ms: float) -> list[Entry]:
@@ -713,7 +790,9 @@ class Worker:
             counts.batches += 1
             counts.requests += len(out.ack_ids)
             counts.computed, counts.replayed = counts.computed + out.computed, counts.replayed + out.replayed
-        self.scheduler.charge(served.model, sum(rows for _, rows, _ in out.calls))
+        # At least one per entry answered: a model whose entries all fail (not loadable, expired,
+        # invalid) still pays for its turn, or it would keep it.
+        self.scheduler.charge(served.model, max(sum(rows for _, rows, _ in out.calls), len(out.ack_ids)))
         if consumer.link is None:
             self._write(out, consumer, prefetch)
         else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
@@ -841,8 +920,7 @@ class Worker:
         """Answers claimed entries (fresh, and over-delivered to dead-letter) on ``consumer``'s shard.
         A model that is not loaded but can be keeps the fresh ones in hand, to answer once loaded."""
         def handle(fresh: list[Entry], over: list[Entry]) -> None:
-            slot = self.served[consumer.model].slot
-            if slot.loaded is None and slot.can_load:
+            if self._waits_for_load(self.served[consumer.model]):
                 consumer.deliver(fresh)
                 fresh = []
             if fresh or over:
@@ -860,15 +938,19 @@ class Worker:
         if self.pinned is None and (shards := served.layout_shards()) is not None:
             self._set_shards(served, shards)
         # A pinned model loads in line at start-up; the others when a request comes (_start_load).
-        unloaded = served.slot.loaded is None
-        served.slot.reconcile(in_line=served.model in self.pins)
+        unloaded, pinned = served.slot.loaded is None, served.model in self.pins
+        with self.pulse.busy():  # an in-line load may take longer than the heartbeat's TTL
+            served.slot.reconcile(in_line=pinned)
         if unloaded and served.slot.loaded is not None:
             self._cached(served)
+        elif unloaded and pinned and served.slot.target_version is not None:
+            self._load_failed(served)  # tried again at every reconcile, as a one-model worker does
         if served.slot.loaded is None:
             return  # its experiment's treatment loads with it
         try:
             # In line before the first batch (and in burst mode); in the background while serving.
-            served.arms.reconcile(served.model, in_line=self.burst or self.batches == 0)
+            with self.pulse.busy():
+                served.arms.reconcile(served.model, in_line=self.burst or self.batches == 0)
             served.problems.pop("experiment", None)
         except StreamserveError as e:
             log.error("%s: experiment state unusable, serving Production only: %s", served.model, e)
@@ -886,13 +968,15 @@ class Worker:
             self.reload_requested.clear()
             self._due["reconcile"] = now + s.reconcile_interval_s
             self._maintenance("reconcile", self.reconcile)
+        if self.membership_changed:
+            self.membership_changed = False
+            self._maintenance("reconcile", self._reconcile_membership)
         for served in [v for v in self.served.values() if v.reload_requested]:
             served.reload_requested = False
             self._maintenance("reconcile", lambda v=served: self._reconcile_model(v))  # type: ignore[misc]
         changed = False
         for served in list(self.served.values()):
             changed |= self._swap(served)
-            served.arms.swap_if_ready()
         if changed:
             self._maintenance("heartbeat", self.heartbeat)  # tell the fleet at once, not at the next interval
         if now >= self._due["reclaim"]:
@@ -902,17 +986,33 @@ class Worker:
     def _swap(self, served: ServedModel) -> bool:
         """Swap in what ``served`` loaded in the background; True when what to report changed."""
         was_loaded = served.slot.loaded is not None
+        # Read before the swap: a load that ends between the two is taken at the next step.
+        ended = served.load_started_s is not None and not served.slot.loading
         changed = served.slot.swap_if_ready()
-        if served.load_started_s is not None and not served.slot.loading:
-            self._loaded(served)  # a load on request ended, loaded or failed
+        if ended:
+            self._load_ended(served)  # a load on request ended: loaded, failed or dropped
             changed = True
         elif changed and was_loaded and served.slot.loaded is not None:
-            self.cache.loaded(served.model, served.slot.size_bytes, served.slot.load_ms, presence.now_in_ms())
+            self._cached(served)  # a reload: the new version's size
+        if served.slot.loaded is None:
+            served.arms.loader.discard()  # a treatment loaded while the model was evicted
+        else:
+            treatment = served.arms.treatment
+            served.arms.swap_if_ready()
+            if served.arms.treatment is not treatment:
+                self._cached(served)  # both arms count
         return served.count_loads() or changed
 
     def _publish_load(self) -> None:
         """Every readable shard's load; a shard whose node is out of reach backs off (several
         consumers; an error the server answered, e.g. NOPERM on the load hash, leaves serving alone)."""
+        if isinstance(self.redis, redis.Redis) and len(self.served) > 1:  # one server: every model at once
+            publish_many(self.redis, [(s.load, {c.shard: c for c in s.consumers.values() if self._up(c)})
+                                      for s in self.served.values()])
+            for served in list(self.served.values()):
+                for lane in served.load.lanes:
+                    served.metrics.stream(lane.shard, lane.lane, lane.backlog, lane.pending)
+            return
         for served in list(self.served.values()):
             up = {c.shard: c for c in served.consumers.values() if self._up(c)}
             failed = served.load.publish(up)
@@ -988,7 +1088,7 @@ class Worker:
             served.metrics.serving(beat.version, served.slot.target_version,
                                    label=loaded.version.label if loaded else "")
             # Ready for the model: it is loaded here, or loads on its first request.
-            servable = beat.version is not None or served.slot.can_load
+            servable = beat.version is not None or self._loadable(served)
             served.metrics.ready(servable and "redis" not in self.problems)
             self._cache_metrics(served)
             key, members = keys.worker_hash(served.model, self.worker_id), keys.workers_zset(served.model)
@@ -1012,7 +1112,7 @@ class Worker:
         pinned = [s for s in self.served.values() if s.model in self.pins]
         if pinned:
             return all(s.slot.loaded is not None for s in pinned)
-        return any(s.slot.loaded is not None or s.slot.can_load for s in self.served.values())
+        return any(s.slot.loaded is not None or self._loadable(s) for s in self.served.values())
 
     def _cache_metrics(self, served: ServedModel) -> None:
         entry = self.cache.entry(served.model)
