@@ -354,3 +354,42 @@ def test_an_evicted_experiment_model_brings_both_arms_back(r, settings, registry
         wait_until(lambda: arms.treatment is not None, 10, message="the treatment did not come back")
         variants = {p.variant for p in client.predict_many(B, [X] * 40)}
         assert variants == {"control", "treatment"}, variants
+
+
+def test_a_cold_models_entries_taken_over_from_a_dead_worker_load_it_and_are_answered(r, settings, three):
+    """No new traffic: what the take-over brings is enough to start the load."""
+    for i in range(3):
+        send(r, A, f"a{i}")
+    group = keys.consumer_group(A)
+    r.xgroup_create(keys.request_stream(A), group, id="0")
+    r.xreadgroup(group, "dead-worker", {keys.request_stream(A): ">"}, count=10)  # it never heartbeats
+    with ThreadedWorker(Worker(settings, ModelSelector.parse(f"{A},{B}"))):
+        assert all(reply(r, A, f"a{i}", timeout_s=10)["ok"] for i in range(3))
+
+
+def test_a_pattern_that_selects_one_model_loads_it_on_request(r, settings, registry, tmp_path):
+    promote(registry, tmp_path, A, 1)
+    with ThreadedWorker(Worker(settings, ModelSelector.parse("mm_*"))):
+        send(r, A, "only")
+        assert reply(r, A, "only", timeout_s=10)["ok"]
+
+
+def test_a_pinned_model_that_cannot_load_is_not_reported_servable(r, settings, registry, three):
+    target = settings.artifact_dir / registry.production(A).artifact
+    target.chmod(0o644)
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    for worker in (Worker(settings, A), Worker(settings, ModelSelector.parse(f"{A},{B}"), pins=[A])):
+        assert worker._start_up()
+        worker.reconcile()
+        beat = worker.presence(worker.served[A])
+        assert beat.cache == "failed" and not beat.can_serve, beat
+
+
+def test_a_burst_worker_answers_a_model_whose_load_fails(r, settings, registry, three):
+    target = settings.artifact_dir / registry.production(B).artifact
+    target.chmod(0o644)
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    send(r, B, "b0")
+    send(r, A, "a0")
+    Worker(settings, ModelSelector.parse(f"{A},{B}"), burst=True).run()
+    assert reply(r, B, "b0")["error"]["code"] == "MODEL_NOT_FOUND" and reply(r, A, "a0")["ok"]
