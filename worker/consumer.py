@@ -416,6 +416,21 @@ class StreamConsumer:
                 handle(*self._split_over_delivered(lane, claimed))
         return recovered
 
+    def queue_pending(self, pipe: Any) -> None:
+        """Queue each lane's pending summary (XPENDING) on ``pipe``: :meth:`quiet` reads the answers."""
+        for stream in self.streams.values():
+            pipe.xpending(stream, self.group)
+
+    def quiet(self, answers: Sequence[Any]) -> bool:
+        """From :meth:`queue_pending`'s answers: nothing is pending in the shard's group but what this
+        consumer holds, so there is nothing to recover, reclaim or take over (a malformed or failed
+        answer is not quiet: the full pass finds out)."""
+        try:
+            pending = sum(int(a["pending"]) for a in answers)
+        except (TypeError, KeyError, ValueError):
+            return False
+        return pending <= len(self.holding())
+
     def _own_pending(self, lane: str) -> list[str]:
         """Every id pending on this consumer in ``lane`` (a few batches at most: what it read)."""
         ids: list[str] = []

@@ -73,6 +73,9 @@ DEFAULT_LOAD_MS = 1000.0
 # While a model loads on request, an idle worker looks for new entries (and the load's end) this
 # often: the load's first request should not wait a whole block_ms more.
 LOAD_POLL_MS = 2
+# Take-over passes look only at groups with entries pending beyond this worker's own, but every
+# this many passes at all of them: a dead worker's consumers without entries are removed then.
+TAKEOVER_FULL_EVERY = 10
 # A model whose load on request failed answers MODEL_NOT_FOUND; it is tried again after this long.
 LOAD_RETRY_S = 10.0
 # Reading several shards: each idle wait blocks on one shard for at most this long, then the next,
@@ -208,6 +211,7 @@ class Worker:
         self.batches = self.requests = 0
         self.computed = self.replayed = 0  # entries that went into a model call; answered from a marker
         self._turn = 0  # which read group an idle worker on a cluster blocks on next
+        self._takeovers = 0  # take-over passes so far
         self._due = {"heartbeat": 0.0, "reclaim": 0.0, "reconcile": 0.0, "load": 0.0}
         # What is wrong right now in the whole process, by area ("redis", "loop", …); each model's
         # own problems are its ServedModel's. Both go out in its heartbeat.
@@ -887,14 +891,33 @@ class Worker:
         entries idle past ``reclaim_min_idle_ms`` in any consumer's pending list."""
         reclaimed = 0
         for c in self._up_consumers():  # a shard backing off is recovered when it is tried again
+            self.settle(c)  # nothing in flight: what is pending on it and not held was lost
+        consumers = self._not_quiet(self._up_consumers())
+        for c in consumers:
             with self._on_shard(c):
-                self.settle(c)  # nothing in flight: what is pending on it and not held was lost
                 reclaimed += self._counted(c, c.recover(self._handler(c)))
         if time.monotonic() >= self.takeover_after_s:
-            for c in self._up_consumers():
+            for c in consumers:
                 with self._on_shard(c):
                     reclaimed += self._counted(c, c.reclaim(self._handler(c)))
         return reclaimed
+
+    def _not_quiet(self, consumers: list[StreamConsumer]) -> list[StreamConsumer]:
+        """Of ``consumers``, those whose group holds pending entries beyond their own: the others
+        need no recover, reclaim or take-over pass. One round trip for all on one server (a worker
+        serving many models would otherwise pay several per model, in line with serving); every
+        consumer, unchecked, on a cluster or when the check fails."""
+        if not isinstance(self.redis, redis.Redis) or len(consumers) < 2:
+            return consumers
+        pipe = self.redis.pipeline(transaction=False)
+        for c in consumers:
+            c.queue_pending(pipe)
+        try:
+            answers = pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS:
+            return consumers
+        lanes = len(keys.LANES)
+        return [c for i, c in enumerate(consumers) if not c.quiet(answers[i * lanes:(i + 1) * lanes])]
 
     def _counted(self, consumer: StreamConsumer, taken: int) -> int:
         if taken and consumer.model in self.served:
@@ -910,8 +933,11 @@ class Worker:
         if time.monotonic() < self.takeover_after_s:
             return 0
         live = presence.live_ids_many(self.redis, list(self.served), self.settings.heartbeat_ttl_s)
-        taken = 0
-        for c in self._up_consumers():  # a consumer never takes from itself
+        taken, consumers = 0, self._up_consumers()
+        self._takeovers += 1
+        if self._takeovers % TAKEOVER_FULL_EVERY:  # the others: a dead worker's empty consumers removed
+            consumers = self._not_quiet(consumers)
+        for c in consumers:  # a consumer never takes from itself
             with self._on_shard(c):
                 taken += self._counted(c, c.take_over(live.get(c.model, set()), self._handler(c)))
         return taken
@@ -1101,7 +1127,8 @@ class Worker:
         pipe.execute()
         self._landed()
         for consumer in self._all_consumers():
-            if time.monotonic() >= self._retry_at_s(consumer):  # a shard backing off waits its turn
+            # A shard backing off waits its turn; one holding nothing has nothing to keep from idling.
+            if time.monotonic() >= self._retry_at_s(consumer) and (consumer.busy or consumer.batch_sizes):
                 with self._on_shard(consumer):
                     consumer.flush_stats()
                     consumer.touch()  # what it holds (held, read ahead, unwritten) is not idle: no reclaim
