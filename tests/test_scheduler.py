@@ -30,10 +30,11 @@ def test_quantum_must_be_positive():
         DeficitScheduler(0)
 
 
-def test_a_model_keeps_its_turn_while_it_has_credit():
+def test_one_batch_a_turn_even_with_credit_left():
     sched = DeficitScheduler(Q)
-    # Batches of 3 rows: 8 of credit lasts three batches (8 → 5 → 2 → -1), then b goes.
-    assert serve(sched, {"a": 0, "b": 0}, {"a": 3, "b": 3}, 6) == ["a", "a", "a", "b", "b", "b"]
+    # Batches of 3 rows leave credit, but small batches must not hold the others back a quantum.
+    assert serve(sched, {"a": 0, "b": 0}, {"a": 3, "b": 3}, 6) == ["a", "b", "a", "b", "a", "b"]
+    assert sched.deficit("a") <= Q, "credit never piles up beyond one quantum"
 
 
 def test_round_robin_in_join_order_with_full_batches():
@@ -60,22 +61,28 @@ def test_a_trickle_waits_at_most_one_batch_of_the_flooder():
     assert sum(waits) > 0  # it did arrive mid-turn of the flooder sometimes: the bound was exercised
 
 
-def test_a_trickle_arriving_mid_turn_waits_only_for_the_rest_of_that_quantum():
+def test_a_trickle_waits_for_one_small_batch_of_the_flooder_not_a_quantum_of_them():
     sched = DeficitScheduler(Q)
-    assert serve(sched, {"flood": 0}, {"flood": 2}, 2) == ["flood", "flood"]  # 4 rows of credit left
+    assert serve(sched, {"flood": 0}, {"flood": 2}, 2) == ["flood", "flood"]  # credit left over
     picked = serve(sched, {"flood": 0, "trickle": 0}, {"flood": 2, "trickle": 2}, 3)
-    assert picked == ["flood", "flood", "trickle"]  # 4 more rows of the flooder, not a whole backlog
+    assert picked == ["flood", "trickle", "flood"]
 
 
 def test_rows_converge_to_equal_shares_when_one_model_batches_ten_times_more_rows():
     sched = DeficitScheduler(Q)
-    ready = {"big": 0, "small": 0, "mid": 0}
-    rows = {"big": 10 * Q, "small": Q, "mid": Q // 2}
+    ready = {"big": 0, "small": 0, "other": 0}
+    rows = {"big": 10 * Q, "small": Q, "other": Q}  # full batches; big's entries have 10 rows each
     served = Counter[str]()
     for model in serve(sched, ready, rows, 3000):
         served[model] += rows[model]
     shares = [served[m] / sum(served.values()) for m in ready]
     assert all(abs(share - 1 / 3) < 0.01 for share in shares), served
+
+
+def test_a_model_with_half_batches_gets_one_batch_a_turn():
+    sched = DeficitScheduler(Q)
+    picked = serve(sched, {"full": 0, "half": 0}, {"full": Q, "half": Q // 2}, 100)
+    assert Counter(picked) == {"full": 50, "half": 50}
 
 
 def test_a_model_in_debt_skips_turns():
@@ -119,8 +126,9 @@ def test_credit_resets_when_a_model_leaves_ready():
     assert sched.pick({"b": 0}) == "b"  # a's buffer ran dry
     assert sched.deficit("a") == 0
     sched.charge("b", Q)
-    # b's quantum is spent; a, back with work, gets one quantum, not that plus its unused credit.
-    assert serve(sched, {"a": 0, "b": 0}, {"a": 1, "b": Q}, Q + 1) == ["a"] * Q + ["b"]
+    # a, back with work, gets one quantum (one batch), not that plus its unused credit.
+    assert serve(sched, {"a": 0, "b": 0}, {"a": 1, "b": Q}, 2) == ["b", "a"]
+    assert sched.deficit("a") == Q - 1
 
 
 def test_a_debt_survives_leaving_ready():

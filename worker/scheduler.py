@@ -2,10 +2,12 @@
 
 One worker process serves several models and a batch never mixes models, so before each batch
 the loop asks :class:`DeficitScheduler` which model goes. Models are visited in a ring; a model
-visited gets a quantum of rows (``max_batch``) as credit and keeps the turn while its credit is
-positive; each batch is charged the rows it actually computed. A model whose batches are larger
-than its credit runs into debt and skips turns until it has paid it off, so rows served, not
-batches, come out equal between models that all have work.
+visited gets a quantum of rows (``max_batch``) as credit, capped at one quantum, and, while its
+credit is positive, one batch: the turn then passes. Each batch is charged the rows it actually
+computed. A model whose batches are larger than its credit runs into debt and skips turns until
+it has paid it off, so rows served, not batches, come out equal between models whose batches are
+full; a model whose batches are small (a closed loop of a few bots) still gets one batch a turn,
+not a quantum's worth of small batches while the others wait.
 
 Lane classes are strict: a model with live entries buffered (class 0) always goes before one
 that has only backfill (class 1); backfill is served when no live work is buffered anywhere.
@@ -18,7 +20,8 @@ Why deficit round-robin and not earliest-deadline-first:
 - Under overload EDF misses every deadline together: it spends the machine on requests that are
   already nearly late, and the ones behind them become late in turn.
 - Deadlines are the clients' numbers; a client that asks for shorter ones would take the machine.
-- DRR bounds a cold request's wait to one batch per other active model, whatever the others send.
+- Round-robin with one batch a turn bounds a quiet model's wait to one batch per other active
+  model, whatever the others send.
 
 Pure bookkeeping: no Redis, no clock. Each pick costs a pass over ``ready`` (dict look-ups, no
 sorting) plus ring steps that are amortised O(1).
@@ -64,9 +67,15 @@ class DeficitScheduler:
         return self._next_in(lane, self._rings[lane])
 
     def charge(self, model: str, rows: int) -> None:
-        """Subtract the rows a batch of ``model`` actually computed from its credit."""
-        if model in self._deficit:
-            self._deficit[model] -= rows
+        """Subtract the rows a batch of ``model`` actually computed from its credit; if it was
+        ``model``'s turn, the turn passes to the next model with work."""
+        if model not in self._deficit:
+            return
+        self._deficit[model] -= rows
+        lane = self._class.get(model)
+        if lane is not None and self._turn.get(lane) == model:
+            self._rings[lane].move_to_end(model)
+            del self._turn[lane]
 
     def forget(self, model: str) -> None:
         """Drop every trace of ``model``: it is no longer served."""
@@ -112,7 +121,7 @@ class DeficitScheduler:
             model = next(iter(ring))
             if self._turn.get(lane) != model:
                 self._turn[lane] = model
-                self._deficit[model] += self.quantum_rows
+                self._deficit[model] = min(self._deficit[model] + self.quantum_rows, self.quantum_rows)
             if self._deficit[model] > 0:
                 return model
             ring.move_to_end(model)
