@@ -1,4 +1,5 @@
-"""``streamserve bench-peers``: streamserve, FastAPI (raw body) and Celery side by side, in one run.
+"""``streamserve bench-peers``: streamserve, FastAPI (raw body), Celery and the reference loop side by
+side, in one run.
 
 Every system serves the same ONNX file on the same machine, from ``processes``
 server processes (one per core), against the same Redis server where it uses one,
@@ -12,7 +13,9 @@ Each is run for the reference model and for a trivial one of the same input shap
 (flatten → linear → softmax: microseconds), which isolates the serving overhead.
 CPU per request is read from ``/proc`` for the server processes, Redis and the
 clients over the saturated phase. Peers are in ``lab/peers.py``; they need the
-``peers`` extra (FastAPI, uvicorn, Celery).
+``peers`` extra (FastAPI, uvicorn, Celery). The ``loop`` (``lab/reference_loop.py``)
+is our own design with none of our features, on the same Redis: the ratios to it are
+what those features and our code cost.
 """
 
 from __future__ import annotations
@@ -34,21 +37,22 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from redis import Redis
+from redis import Redis, ResponseError
 from rich.console import Console
 from rich.table import Table
 
-from lab import peers
+from lab import peers, reference_loop
 from lab.bench import cpu_seconds, reference_artifact
 from lab.embedded_redis import EmbeddedRedis, free_port
 from lab.fleet import Fleet, tree_pids
 from modeltools import reference
 from producer import Client
+from protocol import keys
 from protocol.errors import ConfigError
 from protocol.settings import Settings
 from registry import Registry
 
-SYSTEMS = ("streamserve", "fastapi", "celery")
+SYSTEMS = ("streamserve", "fastapi", "celery", "loop")
 MODELS = ("reference", "trivial")
 START_TIMEOUT_S = 60.0
 WARM_CALLS = 20
@@ -76,7 +80,7 @@ class Target:
 
     system: str
     redis_url: str
-    model: str = ""  # streamserve's model name
+    model: str = ""  # streamserve's (and the loop's) model name
     ports: tuple[int, ...] = ()  # FastAPI's: one single-process server each
     sockets: tuple[str, ...] = ()  # FastAPI's over Unix sockets (replacing ports)
 
@@ -120,6 +124,12 @@ def make_caller(target: Target, timeout_s: float, index: int = 0) -> Caller:
         def predict(x: np.ndarray) -> None:
             client.predict(target.model, x)
         return Caller(predict, client.close)
+    if target.system == "loop":
+        loop = reference_loop.LoopClient(target.redis_url, target.model, timeout_s)
+
+        def call(x: np.ndarray) -> None:
+            loop.predict({reference.INPUT_NAME: x[np.newaxis]})
+        return Caller(call, loop.close)
     if target.system == "fastapi" and target.sockets:
         return _http_caller(_UnixHTTPConnection(target.sockets[index % len(target.sockets)], timeout_s))
     if target.system == "fastapi":
@@ -234,6 +244,10 @@ def serving(system: str, model_path: Path, server: EmbeddedRedis, processes: int
         with _streamserve(model_path, server, processes, tmp, unix_url or server.url) as served:
             yield served
         return
+    if system == "loop":
+        with _loop(model_path, processes, unix_url or server.url) as served:
+            yield served
+        return
     env = {**os.environ, peers.MODEL_ENV: str(model_path), peers.REDIS_ENV: server.url}
     ports = tuple(free_port() for _ in range(processes))
     sockets = tuple(str(tmp / f"fastapi-{port}.sock") for port in ports) if unix_url else ()
@@ -289,6 +303,38 @@ def _streamserve(model_path: Path, server: EmbeddedRedis, processes: int,
         yield Target("streamserve", url, model=model), pids
 
 
+@contextmanager
+def _loop(model_path: Path, processes: int, url: str) -> Iterator[tuple[Target, list[int]]]:
+    """``processes`` loop workers on one stream; yielded once each has joined the group and one
+    call was answered."""
+    model = f"loop_{model_path.stem}".replace("-", "_")
+    procs = [subprocess.Popen([sys.executable, "-m", "lab.reference_loop", url, model, str(model_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(processes)]
+    target = Target("loop", url, model=model)
+    try:
+        with Redis.from_url(url) as r:
+            _wait_for_consumers(r, model, procs)
+        _wait_until_serving(target, procs[0], 0)
+        yield target, [pid for proc in procs for pid in tree_pids(proc.pid)]
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def _wait_for_consumers(r: Redis, model: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(proc.poll() is not None for proc in procs):
+            raise ConfigError("a loop worker exited before it served")
+        try:  # each worker adds its consumer once its model is loaded
+            if len(r.xinfo_consumers(keys.request_stream(model), keys.consumer_group(model))) == len(procs):
+                return
+        except ResponseError:  # no stream or group yet
+            pass
+        time.sleep(0.1)
+    raise ConfigError(f"the loop workers did not all read within {START_TIMEOUT_S} s")
+
+
 def _wait_until_serving(target: Target, proc: subprocess.Popen[bytes], index: int) -> None:
     x = np.zeros((reference.TIMESTEPS, reference.N_FEATURES), dtype=np.float32)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -315,7 +361,7 @@ def _wait_until_serving(target: Target, proc: subprocess.Popen[bytes], index: in
 def run_peers(cfg: PeersConfig, tmp: Path, redis_binary: Path | None = None,
               systems: tuple[str, ...] = SYSTEMS, models: tuple[str, ...] = MODELS,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every system × model: sequential and saturated; then the ratios to FastAPI and Celery."""
+    """Every system × model: sequential and saturated; then streamserve's ratios to each other system."""
     make = {"reference": lambda: reference_artifact(tmp),
             "trivial": lambda: trivial_onnx(tmp / "trivial.onnx")}
     paths = {model: make[model]() for model in models}

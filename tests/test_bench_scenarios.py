@@ -148,7 +148,7 @@ def _check_peers(doc, capsys):
         assert r["sequential"]["n"] == 20 and r["saturated"]["n"] == 20
         assert r["saturated"]["rps"] > 0 and r["sequential"]["p50_ms"] > 0
     assert set(doc["ratios"]) == {f"trivial_{m}_vs_{p}" for m in ("sequential_p50", "saturated_rps")
-                                  for p in ("fastapi", "celery")}
+                                  for p in ("fastapi", "celery", "loop")}
     print_peers(doc)
     assert "streamserve trivial saturated rps vs celery" in capsys.readouterr().out
 
