@@ -19,15 +19,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_peers(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("bench-peers", help="streamserve, FastAPI (raw body) and Celery on one model, "
-                              "one machine, one client budget: the ratios from one run")
+    p = subparsers.add_parser("bench-peers", help="streamserve, FastAPI (raw body), Celery and the reference "
+                              "loop on one model, one machine, one client budget: the ratios from one run")
     p.add_argument("--out", type=Path, default=Path("bench-peers-results.json"))
     p.add_argument("--processes", type=int, default=2, help="server processes per system")
     p.add_argument("--requests", type=int, default=1000, help="sequential requests per system and model")
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--client-threads", type=int, default=8, help="calls in flight per client process")
     p.add_argument("--saturation-requests", type=int, default=200, help="per client thread")
-    p.add_argument("--systems", default="streamserve,fastapi,celery")
+    p.add_argument("--systems", default="streamserve,fastapi,celery,loop",
+                   help="comma-separated; loop: the simplest correct Redis-streams loop "
+                   "(lab/reference_loop.py)")
     p.add_argument("--unix-socket", action="store_true", help="same host over Unix sockets: streamserve to "
                    "Redis, FastAPI's clients to its servers (Celery stays on TCP)")
     p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
