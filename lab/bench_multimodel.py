@@ -77,8 +77,8 @@ class MultiModelConfig:
     warmup_requests: int = 3  # per model, before memory and latency are measured
     sample_s: float = 1.0  # between memory samples during the load run
     timeout_s: float = 5.0  # each call of the load run
-    fairness_seconds: float = 10.0  # the trickle alone, then flooded
-    trickle_rps: float = 15.0
+    fairness_seconds: float = 20.0  # the trickle alone, then flooded (500 calls: a p99 that means something)
+    trickle_rps: float = 25.0
     flood_processes: int = 2
     flood_threads: int = 4  # per flood process, closed loop
     cold_repeats: int = 3  # evictions measured per cold-start model

@@ -120,9 +120,9 @@ def _add_multimodel_flags(p: argparse.ArgumentParser) -> None:
                    help="requests per second offered to each layout, all models together")
     g.add_argument("--mm-seconds", type=float, default=20.0, help="each layout's load run")
     g.add_argument("--mm-senders", type=int, default=2, help="open-loop sender processes")
-    g.add_argument("--mm-fairness-seconds", type=float, default=10.0,
+    g.add_argument("--mm-fairness-seconds", type=float, default=20.0,
                    help="the trickle's run, alone and beside the flood")
-    g.add_argument("--mm-trickle-rps", type=float, default=15.0, help="the trickled model's rate")
+    g.add_argument("--mm-trickle-rps", type=float, default=25.0, help="the trickled model's rate")
 
 
 def _add_failure_flags(p: argparse.ArgumentParser) -> None:
