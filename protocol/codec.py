@@ -194,6 +194,52 @@ class _BodyReader:
             raise InvalidInput("trailing bytes after the msgpack body")
 
 
+# A payload this small builds little whatever it describes (at most one Python object per byte:
+# a few MB for a hostile one), so msgpack's C code unpacks it whole and the schema is checked on
+# the result: a few microseconds where the walk takes tens. Anything larger, and anything the
+# check refuses, is walked (:class:`_BodyReader`), which also words every error.
+FAST_MAX_BYTES = 64 * 1024
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A map from msgpack, refusing a repeated key (the walk refuses it too, with its message)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a map repeats a key")
+    return found
+
+
+def _unpack_small(payload: bytes, max_str_chars: int) -> Any:
+    """``payload`` unpacked whole if it is small and plain msgpack; None otherwise (walk it)."""
+    if len(payload) > FAST_MAX_BYTES:
+        return None
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True, ext_hook=_no_ext, timestamp=0,
+                               object_pairs_hook=_pairs, max_str_len=max_str_chars,
+                               max_bin_len=FAST_MAX_BYTES, max_ext_len=0)
+    except Exception:  # anything at all: the walk decides, and says why
+        return None
+
+
+def _is_atom(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float)  # bool is an int
+
+
+def _plain_tensor(tensor: Any, max_bytes: int) -> bool:
+    """A tensor map the walk would return as is: known keys, a str dtype, ints for the shape."""
+    if not isinstance(tensor, dict) or not set(tensor) <= {"dtype", "shape", "data"}:
+        return False
+    dtype, shape, data = tensor.get("dtype", ""), tensor.get("shape", []), tensor.get("data", b"")
+    return (isinstance(dtype, str) and isinstance(data, bytes) and len(data) <= max_bytes
+            and isinstance(shape, list) and len(shape) <= MAX_NDIM
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in shape))
+
+
+def _plain_tensors(body: Any, max_bytes: int, max_tensors: int) -> bool:
+    return isinstance(body, dict) and len(body) <= max_tensors and all(
+        isinstance(name, str) and _plain_tensor(t, max_bytes) for name, t in body.items())
+
+
 def unpack_tensors(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[str, dict[str, Any]]:
     """A request's ``inputs`` body: ``{name: {dtype, shape, data}}``, decoded under the schema only.
 
@@ -202,6 +248,9 @@ def unpack_tensors(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[
     """
     if len(payload) > max_bytes:
         raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    body = _unpack_small(payload, MAX_NAME_CHARS)
+    if _plain_tensors(body, max_bytes, max_tensors):
+        return body  # type: ignore[no-any-return]
     reader = _BodyReader(payload, max_bytes)
     try:
         body = {}
@@ -247,6 +296,9 @@ def unpack_reply(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[st
     """
     if len(payload) > max_bytes:
         raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    plain = _plain_reply(_unpack_small(payload, MAX_MESSAGE_CHARS), max_bytes, max_tensors)
+    if plain is not None:
+        return plain
     reader = _BodyReader(payload, max_bytes, MAX_MESSAGE_CHARS)
     try:
         reply: dict[str, Any] = {}
@@ -264,6 +316,27 @@ def unpack_reply(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[st
 
 _REPLY_ATOMS = frozenset({"v", "id", "ok", "model", "version", "worker", "variant"})
 _REPLY_KEYS = _REPLY_ATOMS | {"outputs", "timings", "error", "label", "confidence"}
+
+
+def _plain_reply(obj: Any, max_bytes: int, max_tensors: int) -> dict[str, Any] | None:
+    """The reply the walk would return for ``obj`` when every known key holds what the schema
+    says; None when anything does not (the walk then decides, and words the error)."""
+    if not isinstance(obj, dict) or len(obj) > MAX_REPLY_KEYS or not all(isinstance(k, str) for k in obj):
+        return None
+    reply = {k: v for k, v in obj.items() if k in _REPLY_KEYS}
+    for key, value in reply.items():
+        if key in _REPLY_ATOMS:
+            ok = _is_atom(value)
+        elif key == "outputs":
+            ok = _plain_tensors(value, max_bytes, max_tensors)
+        elif key in ("timings", "error"):
+            ok = isinstance(value, dict) and len(value) <= 32 and all(
+                isinstance(k, str) and _is_atom(v) for k, v in value.items())
+        else:  # label, confidence: one atom per row
+            ok = isinstance(value, list) and len(value) <= MAX_REPLY_ROWS and all(map(_is_atom, value))
+        if not ok:
+            return None
+    return reply
 
 
 class Unread:

@@ -117,3 +117,76 @@ def test_resend_field_is_written_only_when_true_and_read_as_exactly_1(resend, ra
     if raw is not None:
         fields[b"resend"] = raw
     assert messages.decode_request("5-0", fields, max_bytes=LIMIT).resend is expected
+
+
+def _walked(fn, payload, **kwargs):
+    """``fn`` with the small-payload path off: the schema walk alone."""
+    saved, codec.FAST_MAX_BYTES = codec.FAST_MAX_BYTES, 0
+    try:
+        return fn(payload, **kwargs)
+    except InvalidInput as e:
+        return type(e), str(e)
+    finally:
+        codec.FAST_MAX_BYTES = saved
+
+
+def _fast(fn, payload, **kwargs):
+    try:
+        return fn(payload, **kwargs)
+    except InvalidInput as e:
+        return type(e), str(e)
+
+
+def _bytes_data(value):
+    """Tensor data as bytes (the walk leaves a view into the payload, the C unpacker a copy)."""
+    if isinstance(value, dict):
+        return {k: _bytes_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bytes_data(v) for v in value]
+    if isinstance(value, codec.Unread):
+        return "<unread>"
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+REPLY = {"v": 1, "id": "r1", "ok": True, "model": "m", "version": 3, "worker": "w", "variant": None,
+         "outputs": {"probs": codec.encode_tensor(np.array([[0.1, 0.9]], dtype=np.float32))},
+         "timings": {"queue_ms": 0.5}, "label": ["up"], "confidence": [0.9], "future_key": [1, 2]}
+
+
+@pytest.mark.parametrize("reply", [
+    REPLY,
+    {**REPLY, "label": "not a list"},  # a wrong kind: the walk keeps the atom
+    {**REPLY, "outputs": [1, 2]},  # a wrong container: the walk marks it unread
+    {**REPLY, "version": b"bin"},
+    {**REPLY, "timings": {"queue_ms": [1]}},
+    {**REPLY, "outputs": {"probs": {"dtype": "<f4", "shape": [True], "data": b""}}},
+    {"ok": False, "error": {"code": "INTERNAL", "message": "x" * 70_000}},  # over the string bound
+    {1: 2},
+])
+def test_a_small_reply_decodes_exactly_as_the_schema_walk_decodes_it(reply):
+    payload = msgpack.packb(reply, use_bin_type=True)
+    kwargs = {"max_bytes": 1 << 20, "max_tensors": 16}
+    assert _bytes_data(_fast(codec.unpack_reply, payload, **kwargs)) == \
+        _bytes_data(_walked(codec.unpack_reply, payload, **kwargs))
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb({"x": codec.encode_tensor(np.ones((2, 3), dtype=np.float32))}, use_bin_type=True),
+    msgpack.packb({"x": {"dtype": "<f4", "shape": [1], "data": b"abcd", "extra": 1}}, use_bin_type=True),
+    msgpack.packb({"x": {"dtype": 5}}, use_bin_type=True),
+    b"\x82\xa1x\x80\xa1x\x80",  # a map repeating its key "x": the walk refuses it
+    msgpack.packb([[[]] * 8] * 8, use_bin_type=True),
+])
+def test_small_request_inputs_decode_exactly_as_the_schema_walk_decodes_them(payload):
+    kwargs = {"max_bytes": 1 << 20, "max_tensors": 16}
+    assert _bytes_data(_fast(codec.unpack_tensors, payload, **kwargs)) == \
+        _bytes_data(_walked(codec.unpack_tensors, payload, **kwargs))
+
+
+def test_small_payloads_take_the_c_unpacker_and_large_ones_the_walk():
+    small = msgpack.packb(REPLY, use_bin_type=True)
+    big = msgpack.packb({**REPLY, "outputs": {"x": codec.encode_tensor(np.zeros(20_000, np.float32))}},
+                        use_bin_type=True)
+    kwargs = {"max_bytes": 1 << 20, "max_tensors": 16}
+    assert isinstance(codec.unpack_reply(small, **kwargs)["outputs"]["probs"]["data"], bytes)  # C unpacker
+    assert isinstance(codec.unpack_reply(big, **kwargs)["outputs"]["x"]["data"], memoryview)  # walked
