@@ -339,7 +339,8 @@ class Exchange:
     """One call's conversation with Redis, without the I/O.
 
     First round trip: ``UNLINK`` of finished calls' reply keys, the ``XADD``\\ s, the shard's
-    load (``HGETALL``, when due), then ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``.
+    load (``HGETALL``, when due), then ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``
+    (not on a one-reply call's first trip: the wait's answer is the reply).
     Moving a list onto itself removes nothing (it rotates), so the wait is non-destructive,
     and so is LRANGE: a round trip lost with its connection is simply repeated, no reply is
     ever lost in flight, and the XADDs are never sent twice. Later round trips start with
@@ -362,6 +363,7 @@ class Exchange:
         self.queued = False  # the XADDs were sent (they may have been executed)
         self.entry_ids: list[str] = []  # the XADDs' answers, once read
         self.read = 0  # replies the last LRANGE returned, to trim on the next round trip
+        self._listed = True  # the last trip listed the reply list (LRANGE) after its wait
         self.failures = 0  # consecutive lost round trips
         self.error: Exception | None = None  # why the last round trip was lost, until one succeeds
         self.expired = False  # a read reached the deadline
@@ -382,7 +384,11 @@ class Exchange:
             head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
         self._head = len(head)
         wait = ("BLMOVE", key, key, "RIGHT", "LEFT", block_s(self.gatherer.deadline_s))
-        return Trip([*head, wait, ("LRANGE", key, 0, -1)], self.gatherer.deadline_s, key, len(head), check)
+        # One reply expected, on the first trip: the wait's answer is that reply; listing the list
+        # too would only cost a command. A trip after that lists it (duplicates, strays, the rest).
+        self._listed = self.queued or self.gatherer.remaining != 1
+        tail = [("LRANGE", key, 0, -1)] if self._listed else []
+        return Trip([*head, wait, *tail], self.gatherer.deadline_s, key, len(head), check)
 
     def sent(self, answers: list[Any]) -> None:
         """The first trip's answers before the wait: UNLINKs', then one per XADD (entry id or error).
@@ -406,8 +412,13 @@ class Exchange:
         """The answers to :meth:`trip`'s commands, in order (errors as exception values)."""
         if not self.queued:  # a transport that did not call ``check``
             self.sent(answers[:self._head])
-        moved, listed = answers[self._head:self._head + 2]
+        moved = answers[self._head]
         _raise_for(moved, "BLMOVE", queued=True)
+        if not self._listed:  # the wait's answer alone; nothing is trimmed on a later trip
+            self.gatherer.take([] if moved is None else [moved])
+            self.read, self.failures, self.error = 0, 0, None
+            return
+        listed = answers[self._head + 1]
         _raise_for(listed, "LRANGE", queued=True)
         if not isinstance(listed, list):
             raise redis.ConnectionError(f"LRANGE answered {type(listed).__name__}, not a list")

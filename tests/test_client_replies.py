@@ -115,3 +115,14 @@ def test_a_loss_that_outlasts_the_deadline_is_unavailable_not_a_timeout():
     ex.gatherer.deadline_s = 0.0  # the deadline has passed while reconnecting
     with pytest.raises(Unavailable, match="lost the connection"):
         ex.outcome()
+
+
+def test_a_one_reply_call_waits_without_listing_on_its_first_trip_and_lists_after():
+    x = np.zeros((60, 110), np.float32)
+    single = _core.Exchange(_core.prepare_many(_core.Target("m"), [x], route="", timeout_s=5.0), 5.0)
+    first = [c[0] for c in single.trip().commands]
+    assert first[-1] == "BLMOVE" and "LRANGE" not in first
+    single.receive([b"1-0", None])  # the XADD's id, then a wait that timed out: nothing yet
+    assert [c[0] for c in single.trip().commands][-2:] == ["BLMOVE", "LRANGE"]
+    many = _core.Exchange(_core.prepare_many(_core.Target("m"), [x, x], route="", timeout_s=5.0), 5.0)
+    assert [c[0] for c in many.trip().commands][-2:] == ["BLMOVE", "LRANGE"]

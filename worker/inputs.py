@@ -54,15 +54,13 @@ class InputSpec:
         except ValidationError as e:
             raise ConfigError(f"input_spec is malformed: {' '.join(str(e).splitlines()[:3])[:300]}") from e
         self.fields = {name: (np.dtype(s.dtype), tuple(s.shape)) for name, s in parsed.items()}
+        # Input bytes of one sample (one row of every input), what a batch grows by per row; computed
+        # once: np.prod on every batch cost more than the rest of the check.
+        self.sample_bytes = sum(dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+                                for dtype, shape in self.fields.values())
         # Only float inputs can hold NaN/Inf; integer and bool arrays never need the scan.
         self.finite_only = [name for name, s in parsed.items()
                             if not s.allow_non_finite and np.dtype(s.dtype).kind == "f"]
-
-    @property
-    def sample_bytes(self) -> int:
-        """Input bytes of one sample (one row of every input), what a batch's memory grows by per row."""
-        return sum(dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-                   for dtype, shape in self.fields.values())
 
     def max_rows(self, budget_mb: float) -> int:
         """The rows whose stacked inputs fit ``budget_mb`` MiB (at least 1)."""
