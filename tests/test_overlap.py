@@ -60,10 +60,10 @@ def test_a_write_whose_answer_is_lost_is_written_again_and_the_link_recovers(r, 
     send(r, "second")
     batch = consumer.read(32, 0)
     assert len(batch) == 1, "the read settles the link (lost) and reads anew"
-    assert len(consumer.unconfirmed) == 1 and consumer.link.conn is None
+    assert len(consumer.unconfirmed) == 1 and consumer.link_error is not None
     worker._collect(consumer)  # written again, synchronously: a second copy of the reply is tolerated
     assert reply(r, "first")["ok"]
-    worker.process(batch, consumer=consumer)  # the link opens a new connection
+    worker.process(batch, consumer=consumer)  # on the link's new connection
     worker.run()
     assert reply(r, "second")["ok"] and pending_count(r) == 0 and r.xlen(keys.request_stream(MODEL)) == 0
 
