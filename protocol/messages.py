@@ -183,6 +183,50 @@ def encode_ok(
     return codec.pack(reply)
 
 
+def encode_ok_many(
+    requests: list[Request], *, model: str, version: int, outputs: dict[str, np.ndarray],
+    labels: list[str] | None, timings: list[dict[str, float]], worker: str, variants: list[str | None],
+) -> list[bytes]:
+    """:func:`encode_ok` for each request of a batch from the batch's ``outputs`` (every request's
+    rows, in order): the same bytes, with the wire dtypes, labels and confidences worked out once
+    for the batch instead of once per request."""
+    if any(a.ndim < 1 for a in outputs.values()) or (labels and next(iter(outputs.values())).ndim != 2):
+        return [encode_ok(r, model=model, version=version, labels=labels, timings=t, worker=worker,
+                          variant=v, outputs={k: a[o:o + r.n_rows] for k, a in outputs.items()})
+                for r, t, v, o in zip(requests, timings, variants, _offsets(requests), strict=True)]
+    wire = {name: codec.encode_tensor(a) for name, a in outputs.items()}  # one conversion per output
+    width = {name: a[0].nbytes if len(a) else 0 for name, a in outputs.items()}
+    if labels:
+        probs = next(iter(outputs.values()))
+        label_rows = [labels[i] for i in probs.argmax(axis=-1).tolist()]
+        confidence_rows = probs.max(axis=-1).astype(float).tolist()
+    payloads = []
+    for r, t, v, o in zip(requests, timings, variants, _offsets(requests), strict=True):
+        n = r.n_rows
+        reply: dict[str, Any] = {
+            "v": PROTOCOL_VERSION, "id": r.request_id, "ok": True, "model": model, "version": version,
+            "worker": worker, "timings": t,
+            "outputs": {name: {"dtype": w["dtype"], "shape": [n, *w["shape"][1:]],
+                               "data": w["data"][o * width[name]:(o + n) * width[name]]}
+                        for name, w in wire.items()},
+        }
+        if v:
+            reply["variant"] = v
+        if labels:
+            reply["label"], reply["confidence"] = label_rows[o:o + n], confidence_rows[o:o + n]
+        payloads.append(codec.pack(reply))
+    return payloads
+
+
+def _offsets(requests: list[Request]) -> list[int]:
+    """Each request's first row in the batch."""
+    offsets, row = [], 0
+    for r in requests:
+        offsets.append(row)
+        row += r.n_rows
+    return offsets
+
+
 def encode_error(
     request_id: str, error: ReplyError, *, model: str, version: int | None,
     timings: dict[str, float] | None = None, worker: str = "",

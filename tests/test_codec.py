@@ -190,3 +190,26 @@ def test_small_payloads_take_the_c_unpacker_and_large_ones_the_walk():
     kwargs = {"max_bytes": 1 << 20, "max_tensors": 16}
     assert isinstance(codec.unpack_reply(small, **kwargs)["outputs"]["probs"]["data"], bytes)  # C unpacker
     assert isinstance(codec.unpack_reply(big, **kwargs)["outputs"]["x"]["data"], memoryview)  # walked
+
+
+@pytest.mark.parametrize("outputs, labels", [
+    ({"probs": np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]], np.float32)}, ["down", "up"]),
+    ({"probs": np.random.default_rng(1).random((4, 3)).astype(">f4"),  # big-endian: sent little-endian
+      "ret": np.arange(4, dtype=np.float64), "raw": np.ones((4, 2, 2), np.int16)}, ["a", "b", "c"]),
+    ({"ret": np.arange(4, dtype=np.float32)}, None),
+])
+def test_a_batchs_replies_are_the_bytes_each_request_would_get_alone(outputs, labels):
+    x = np.zeros((1, 2), np.float32)
+    requests = [messages.Request(f"{i}-0", f"r{i}", f"r{i}", 0, "", {"x": np.repeat(x, n, axis=0)})
+                for i, n in enumerate((1, 2, 1))]
+    timings = [{"queue_ms": float(i), "infer_ms": 0.5} for i in range(3)]
+    variants = [None, "control", "treatment"]
+    batch = messages.encode_ok_many(requests, model="m", version=2, outputs=outputs, labels=labels,
+                                    timings=timings, worker="w", variants=variants)
+    alone, row = [], 0
+    for r, t, v in zip(requests, timings, variants, strict=True):
+        part = {k: a[row:row + r.n_rows] for k, a in outputs.items()}
+        alone.append(messages.encode_ok(r, model="m", version=2, outputs=part, labels=labels, timings=t,
+                                        worker="w", variant=v))
+        row += r.n_rows
+    assert batch == alone

@@ -174,18 +174,20 @@ class BatchProcessor:
         self.fastest_call_ms.add(infer_ms)
         out.calls.append((str(loaded.version.version), sum(r.n_rows for r in batch), infer_ms / 1000))
         mv = loaded.version
-        for r, part in zip(batch, split_rows(outputs, batch), strict=True):
-            timings = {"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms}
-            variant = reply_variant(r, arm)
-            payload = messages.encode_ok(r, model=self.model, version=mv.version, outputs=part,
-                                         labels=mv.labels, timings=timings, worker=self.worker_id,
-                                         variant=variant)
-            out.codes.append((str(mv.version), variant or "", "OK"))
+        timings = [{"queue_ms": started_ms - id_ms(r.entry_id), "infer_ms": infer_ms} for r in batch]
+        variants = [reply_variant(r, arm) for r in batch]
+        payloads = messages.encode_ok_many(batch, model=self.model, version=mv.version, outputs=outputs,
+                                           labels=mv.labels, timings=timings, worker=self.worker_id,
+                                           variants=variants)
+        version = str(mv.version)
+        for r, payload, variant in zip(batch, payloads, variants, strict=True):
+            out.codes.append((version, variant or "", "OK"))
             out.reply(r.reply_to, payload)
             out.markers.append((r.request_id, payload))
-            if arm:
+        if arm:
+            for r, part, t in zip(batch, split_rows(outputs, batch), timings, strict=True):
                 out.experiment.served(arm, r, mv.version, labels_of(mv.labels, part),
-                                      timings["queue_ms"] + infer_ms)
+                                      t["queue_ms"] + infer_ms)
 
     def _fail(self, out: Outbox, loaded: LoadedModel, batch: list[messages.Request], started_ms: float,
               infer_ms: float, arm: str | None, e: Exception) -> None:
