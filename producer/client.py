@@ -333,15 +333,35 @@ def _await_answer(conn: Any, trip: _core.Trip) -> None:
     kept to about 0.1 ms.
     """
     left_s = trip.deadline_s - time.time()
-    if left_s > PRECISE_WAIT_S and conn.can_read(timeout=left_s - PRECISE_WAIT_S):
+    if left_s > PRECISE_WAIT_S and _readable(conn, left_s - PRECISE_WAIT_S):
         return
-    if conn.can_read(timeout=0):  # buffered already (or TLS bytes the socket no longer shows)
+    if _readable(conn, 0):  # buffered already (or TLS bytes the socket no longer shows)
         return
     sock = getattr(conn, "_sock", None)
     if sock is None or sock.fileno() >= SELECT_MAX_FD:
         return  # no socket (read_response reports it), or one select() cannot take: poll, to the ms
     if not select.select([sock], [], [], max(0.0, trip.deadline_s - time.time()))[0]:
         raise _core.DeadlineReached("no answer from Redis by the call's deadline")
+
+
+def _readable(conn: Any, timeout_s: float) -> bool:
+    """An answer is buffered, or the socket turns readable within ``timeout_s``: one ``poll``.
+
+    redis-py's ``can_read`` also peeks at a readable socket to tell a closed one apart (a
+    non-blocking switch and a peek: three more system calls per wait); here the read that
+    follows finds the end of the stream and raises the same ``ConnectionError``. Without
+    hiredis's reader, a socket not connected yet, or TLS (bytes buffered in the TLS layer),
+    redis-py's own check decides.
+    """
+    reader: Any = getattr(getattr(conn, "_parser", None), "_reader", None)
+    sock = getattr(conn, "_sock", None)
+    if sock is None or not hasattr(reader, "has_data") or hasattr(sock, "pending"):
+        return bool(conn.can_read(timeout=timeout_s))
+    if reader.has_data():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
