@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lab import reference_loop
+from lab import overhead, reference_loop
 from lab.bench_peers import PeersConfig, run_peers, serving, trivial_onnx
 from modeltools import reference
 from protocol import codec, keys, messages
@@ -52,3 +52,11 @@ def test_the_bench_serves_the_loop_from_its_own_processes(redis_server, tmp_path
     assert doc["results"]["loop/trivial"]["sequential"]["n"] == 5
     assert doc["results"]["loop/trivial"]["saturated"]["n"] == 10
 
+
+
+def test_the_overhead_profile_measures_both_systems_per_call():
+    doc = overhead.run(calls=20, rounds=1)
+    assert set(doc["median"]) == {"loop", "streamserve"}
+    for m in doc["median"].values():
+        assert m["p50_ms"] > 0 and m["client_cpu_us"] > 0 and m["server_cpu_us"] >= 0
+    assert doc["p50_ratio"] > 0
