@@ -393,3 +393,11 @@ def test_a_burst_worker_answers_a_model_whose_load_fails(r, settings, registry, 
     send(r, A, "a0")
     Worker(settings, ModelSelector.parse(f"{A},{B}"), burst=True).run()
     assert reply(r, B, "b0")["error"]["code"] == "MODEL_NOT_FOUND" and reply(r, A, "a0")["ok"]
+
+
+def test_pins_beyond_the_budget_are_loaded_and_reported(r, settings, three):
+    worker = Worker(settings.with_overrides(max_loaded_models=1), ModelSelector.parse("mm_*"), pins=[A, B])
+    assert worker._start_up()
+    worker.reconcile()
+    assert loaded(worker) == {A, B}, "a pin is loaded whatever the budget"
+    assert "cache: 2 models loaded, over the limit of 1" in worker.problem(worker.served[A])

@@ -1192,10 +1192,20 @@ class Worker:
         served = served or self._only()
         problems = sorted({**self.problems, **served.problems}.items())
         parts = [served.slot.problem(), *(f"{area}: {p}" for area, p in problems)]
+        parts.append(self._over_budget())
         if self.listener is not None and self.listener.rejected:
             counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.listener.rejected.items()))
             parts.append(f"control messages rejected: {counts} (last: {self.listener.last_rejection})")
         return "; ".join(p for p in parts if p)
+
+    def _over_budget(self) -> str:
+        """What exceeds the cache's limits: pinned or busy models alone can (never evicted)."""
+        loaded = sum(s.slot.loaded is not None for s in self.served.values())
+        over_bytes, limit = self.cache.over_budget_bytes(), self.settings.max_loaded_models
+        parts = [f"{over_bytes / MIB:.0f} MB over the model memory budget"] if over_bytes else []
+        if limit and loaded > limit:
+            parts.append(f"{loaded} models loaded, over the limit of {limit}")
+        return f"cache: {', '.join(parts)}" if parts else ""
 
     def _state(self, served: ServedModel) -> str:
         if self.stopping.is_set():
