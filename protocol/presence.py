@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from protocol import keys
 from protocol.settings import Settings
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from protocol.values import Fields, RawHash
 
+T = TypeVar("T", int, float)
 DEFAULT_TTL_S = Settings.model_fields["heartbeat_ttl_s"].default
 MAX_TEXT_CHARS = 2000  # a text field as read: enough for an error chain, not a hostile megabyte
 MAX_NUMBER_CHARS = 32  # longer is not a number a worker writes (and int() of a huge string is slow)
@@ -132,24 +133,24 @@ def _parse_text(value: str) -> str:
 
 def _parse_int(value: str) -> int | None:
     """An integer that fits in 64 bits; None for empty or malformed."""
-    if not value or len(value) > MAX_NUMBER_CHARS:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        return None
-    return number if -(2**63) <= number < 2**63 else None
+    number = _parse_number(value, int)
+    return number if number is not None and -(2**63) <= number < 2**63 else None
 
 
 def _parse_float(value: str) -> float | None:
     """A finite number (NaN would make ``status --json`` invalid JSON); None for malformed."""
+    number = _parse_number(value, float)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _parse_number(value: str, kind: Callable[[str], T]) -> T | None:
+    """``kind(value)`` for a short value; None for an empty, long or malformed one."""
     if not value or len(value) > MAX_NUMBER_CHARS:
         return None
     try:
-        number = float(value)
+        return kind(value)
     except ValueError:
         return None
-    return number if math.isfinite(number) else None
 
 
 def _parse_flag(value: str) -> bool:
