@@ -28,17 +28,17 @@ def test_a_new_model_is_cold_and_loading_then_loaded_records_the_load():
     assert cache.entry("a") == CacheEntry(state="cold")
     assert cache.entry("p").pinned
     cache.loading("a")
-    assert cache.entry("a").state == "loading" and not cache.is_loaded("a")
+    assert cache.entry("a").state == "loading" and cache.entry("a").state != "loaded"
     cache.loaded("a", 5 * MB, load_ms=250.0, now_ms=1_700_000_000_000)
     assert cache.entry("a") == CacheEntry("loaded", 5 * MB, 1_700_000_000_000, 250.0, False, "")
-    assert cache.is_loaded("a") and cache.used_bytes() == 5 * MB
+    assert cache.entry("a").state == "loaded" and cache.used_bytes() == 5 * MB
 
 
 def test_failed_and_evicted_keep_what_a_reload_needs():
     cache = loaded_cache({"a": 5})
     cache.evicted("a")
     assert cache.entry("a").state == "evicted" and cache.entry("a").size_bytes == 0
-    assert cache.used_bytes() == 0 and not cache.is_loaded("a")
+    assert cache.used_bytes() == 0 and cache.entry("a").state != "loaded"
     assert cache.expected_size_bytes("a") == 5 * MB
     cache.loading("a")
     cache.failed("a", "FileNotFoundError: model.onnx")
@@ -50,7 +50,7 @@ def test_failed_and_evicted_keep_what_a_reload_needs():
 def test_entry_is_a_copy():
     cache = loaded_cache({"a": 5})
     cache.entry("a").state = "cold"
-    assert cache.is_loaded("a")
+    assert cache.entry("a").state == "loaded"
 
 
 def test_victims_least_recently_used_first_and_touch_reorders():

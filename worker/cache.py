@@ -147,11 +147,6 @@ class ModelCache:
         """What loading ``model`` should add: its last measured size, ``default_bytes`` before any."""
         return self._last_size.get(model, default_bytes)
 
-    def is_loaded(self, model: str) -> bool:
-        """Whether ``model`` is loaded in this process now."""
-        entry = self._entries.get(model)
-        return entry is not None and entry.state == "loaded"
-
     def _entry(self, model: str) -> CacheEntry:
         """``model``'s entry, added (cold) first if it was not served yet."""
         self.add(model)
