@@ -790,13 +790,14 @@ class Worker:
         with self.pulse.busy():
             out = served.processor.process(entries, dead_letter,
                                            markers=consumer.markers if consumer.has_markers else None)
+        answered = len(out.ack_ids)
         for counts in (self, served):
             counts.batches += 1
-            counts.requests += len(out.ack_ids)
+            counts.requests += answered
             counts.computed, counts.replayed = counts.computed + out.computed, counts.replayed + out.replayed
         # At least one per entry answered: a model whose entries all fail (not loadable, expired,
         # invalid) still pays for its turn, or it would keep it.
-        self.scheduler.charge(served.model, max(sum(rows for _, rows, _ in out.calls), len(out.ack_ids)))
+        self.scheduler.charge(served.model, max(sum(rows for _, rows, _ in out.calls), answered))
         if consumer.link is None:
             self._write(out, consumer, prefetch)
         else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
