@@ -401,3 +401,23 @@ def test_pins_beyond_the_budget_are_loaded_and_reported(r, settings, three):
     worker.reconcile()
     assert loaded(worker) == {A, B}, "a pin is loaded whatever the budget"
     assert "cache: 2 models loaded, over the limit of 1" in worker.problem(worker.served[A])
+
+
+def test_the_cli_refuses_a_pattern_for_model_in_one_line(capsys):
+    from streamserve.cli import main
+    assert main(["worker", "--model", "fx_*"]) != 0
+    err = capsys.readouterr().err
+    assert "use --models" in err and "Traceback" not in err
+
+
+def test_one_models_stream_refused_by_the_server_does_not_stop_the_others(r, settings, three):
+    """A's request stream made a string: the one read for both models fails with WRONGTYPE, so each
+    is read on its own: B's entry comes, A's shard backs off."""
+    worker = Worker(settings, ModelSelector.parse(f"{A},{B}"))
+    assert worker._start_up()
+    r.delete(keys.request_stream(A))
+    r.set(keys.request_stream(A), "not a stream")
+    send(r, B, "b1")
+    assert worker._read_fresh(worker._up_consumers(), 0) == 1
+    assert len(worker.served[B].consumer.buffered) == 1
+    assert not worker._up(worker.served[A].consumer) and "shard 0: " in worker.problem(worker.served[A])
