@@ -263,7 +263,7 @@ class Client:
         # answer lost in flight to be waited for until the deadline.
         conn = lease.conn
         try:
-            stale = conn.can_read(timeout=0)  # connects first if closed
+            stale = _readable(conn, 0)  # one poll; redis-py's can_read when not connected (connects)
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             stale = True
         if stale:

@@ -11,6 +11,7 @@ reply+ack transaction stays in one slot while the shards spread over the nodes.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from protocol.errors import InvalidInput
@@ -56,6 +57,14 @@ def check_lane(lane: str) -> str:
 
 
 def _tag(model: str, shard: int = 0) -> str:
+    if type(model) is str and type(shard) is int:  # noqa: E721 (exact types: hashable, and no bool)
+        return _checked_tag(model, shard)
+    return _checked_tag.__wrapped__(model, shard)  # refused with the checks' own error
+
+
+# Cached: every key of every request starts with it, and its checks are regular expressions.
+@functools.lru_cache(maxsize=4096)
+def _checked_tag(model: str, shard: int) -> str:
     name = check_model_name(model)
     return f"{PREFIX}:{{{name}}}" if check_shard(shard) == 0 else f"{PREFIX}:{{{name}:{shard}}}"
 

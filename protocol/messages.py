@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -197,9 +197,7 @@ def encode_ok_many(
     wire = {name: codec.encode_tensor(a) for name, a in outputs.items()}  # one conversion per output
     width = {name: a[0].nbytes if len(a) else 0 for name, a in outputs.items()}
     if labels:
-        probs = next(iter(outputs.values()))
-        label_rows = [labels[i] for i in probs.argmax(axis=-1).tolist()]
-        confidence_rows = probs.max(axis=-1).astype(float).tolist()
+        label_rows, confidence_rows = _top_classes(next(iter(outputs.values())), labels)
     payloads = []
     for r, t, v, o in zip(requests, timings, variants, _offsets(requests), strict=True):
         n = r.n_rows
@@ -216,6 +214,22 @@ def encode_ok_many(
             reply["label"], reply["confidence"] = label_rows[o:o + n], confidence_rows[o:o + n]
         payloads.append(codec.pack(reply))
     return payloads
+
+
+SMALL_TOP_ELEMENTS = 32  # up to here Python's max is quicker than two numpy reductions
+
+
+def _top_classes(probs: np.ndarray, labels: list[str]) -> tuple[list[str], list[float]]:
+    """Per row of a 2-d ``probs``: the label of its largest value and that value, as numpy's
+    ``argmax`` and ``max`` give them (the first maximum; a row with NaN goes to numpy, which picks
+    the NaN)."""
+    if probs.size <= SMALL_TOP_ELEMENTS:
+        rows = probs.tolist()
+        if all(sum(row) == sum(row) for row in rows):  # no NaN (nor +Inf with -Inf): max is numpy's
+            tops = [max(row) for row in rows]
+            return [labels[row.index(top)] for row, top in zip(rows, tops, strict=True)], \
+                [float(top) for top in tops]
+    return [labels[i] for i in probs.argmax(axis=-1).tolist()], probs.max(axis=-1).astype(float).tolist()
 
 
 def _offsets(requests: list[Request]) -> list[int]:
@@ -357,7 +371,10 @@ def shaped(prediction: Prediction, rows: int, *, single: bool) -> Prediction:
     if not single:
         return prediction
     # a[0, ...]: a 0-d array for a scalar output, never a numpy scalar (outputs hold arrays).
-    return replace(prediction, outputs={n: a[0, ...] for n, a in prediction.outputs.items()}, single=True)
+    # Built field by field: dataclasses.replace looks the fields up again on every call.
+    p = prediction
+    return Prediction(p.request_id, p.model, p.model_version, {n: a[0, ...] for n, a in p.outputs.items()},
+                      p.labels, p.confidences, p.queue_ms, p.infer_ms, p.worker, p.variant, single=True)
 
 
 def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:

@@ -1,3 +1,5 @@
+import math
+
 import msgpack
 import numpy as np
 import pytest
@@ -213,3 +215,24 @@ def test_a_batchs_replies_are_the_bytes_each_request_would_get_alone(outputs, la
                                         worker="w", variant=v))
         row += r.n_rows
     assert batch == alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, -0.0, 0.25, 0.5, 1.0, math.inf, -math.inf, math.nan]),
+                         min_size=3, max_size=3), min_size=1, max_size=12),
+       st.sampled_from(["<f4", "<f8", "<f2"]))
+def test_labels_and_confidences_are_numpys_argmax_and_max_for_any_rows(rows, dtype):
+    probs = np.array(rows, dtype=dtype)
+    labels, confidences = messages._top_classes(probs, ["a", "b", "c"])
+    assert labels == [["a", "b", "c"][i] for i in probs.argmax(axis=-1).tolist()]
+    assert np.array_equal(np.array(confidences), probs.max(axis=-1).astype(float), equal_nan=True)
+
+
+def test_a_single_sample_prediction_keeps_every_field_but_the_batch_axis():
+    full = messages.Prediction("r1", "m", 3, {"probs": np.array([[0.2, 0.8]], np.float32)}, ["up"], [0.8],
+                               1.5, 0.25, "w1", "treatment")
+    single = messages.shaped(full, 1, single=True)
+    assert single.outputs["probs"].shape == (2,) and single.single
+    kept = {k: v for k, v in vars(full).items() if k not in ("outputs", "single")}
+    assert {k: v for k, v in vars(single).items() if k not in ("outputs", "single")} == kept
+    assert all(v != getattr(messages.Prediction, k, None) for k, v in kept.items())  # none at its default

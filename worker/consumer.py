@@ -20,7 +20,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
@@ -77,22 +76,26 @@ def _counter(raw: object) -> int:
 ClaimHandler = Callable[[list[Entry], list[Entry]], None]
 
 
-@dataclass
 class Outbox:
     """What one batch writes back: replies, entries to ack (per lane), entries to dead-letter."""
 
-    replies: dict[str, list[bytes]] = field(default_factory=dict)  # reply token → payloads
-    acks: dict[str, list[str]] = field(default_factory=dict)  # lane → entry ids
-    dead: list[tuple[Entry, str]] = field(default_factory=list)
-    calls: list[tuple[str, int, float]] = field(default_factory=list)  # (version, rows, seconds) per call
-    experiment: ExperimentLog = field(default_factory=ExperimentLog)
-    # (version, variant, code) of every reply, for the metrics; version "" when none served it
-    codes: list[tuple[str, str, str]] = field(default_factory=list)
-    waits: list[tuple[str, float]] = field(default_factory=list)  # (lane, seconds queued) per entry read
-    computed: int = 0  # entries that went into a model call; the rest of the acks were discarded
-    # (request id, reply payload) of every computed reply: its marker (keys.done_key), for re-sends
-    markers: list[tuple[str, bytes]] = field(default_factory=list)
-    replayed: int = 0  # re-sent entries answered from their marker, without a model call
+    # Slots and a plain __init__: one is made per batch, on the path from the read to the replies.
+    __slots__ = ("replies", "acks", "dead", "calls", "experiment", "codes", "waits", "computed",
+                 "markers", "replayed")
+
+    def __init__(self) -> None:
+        self.replies: dict[str, list[bytes]] = {}  # reply token → payloads
+        self.acks: dict[str, list[str]] = {}  # lane → entry ids
+        self.dead: list[tuple[Entry, str]] = []
+        self.calls: list[tuple[str, int, float]] = []  # (version, rows, seconds) per model call
+        self.experiment = ExperimentLog()
+        # (version, variant, code) of every reply, for the metrics; version "" when none served it
+        self.codes: list[tuple[str, str, str]] = []
+        self.waits: list[tuple[str, float]] = []  # (lane, seconds queued) per entry read
+        self.computed = 0  # entries that went into a model call; the rest of the acks were discarded
+        # (request id, reply payload) of every computed reply: its marker (keys.done_key), for re-sends
+        self.markers: list[tuple[str, bytes]] = []
+        self.replayed = 0  # re-sent entries answered from their marker, without a model call
 
     @property
     def discarded(self) -> int:

@@ -68,7 +68,7 @@ class InputSpec:
 
     def check(self, inputs: dict[str, np.ndarray], max_rows: int) -> None:
         """Raise ``InvalidInput`` naming the first mismatch."""
-        if set(inputs) != set(self.fields):
+        if inputs.keys() != self.fields.keys():
             raise InvalidInput(f"inputs {sorted(inputs)} do not match the model's {sorted(self.fields)}")
         for name, array in inputs.items():
             dtype, shape = self.fields[name]

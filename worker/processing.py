@@ -114,22 +114,23 @@ class BatchProcessor:
 
     def _admit(self, out: Outbox, entry: Entry, now_ms: float) -> messages.Request | None:
         out.ack(entry)
-        out.waits.append((entry.lane, max(0.0, now_ms - id_ms(entry.id)) / 1000))
+        queue_ms = now_ms - id_ms(entry.id)
+        out.waits.append((entry.lane, max(0.0, queue_ms) / 1000))
         try:
             return self._check(messages.decode_request(entry.id, entry.fields,
-                                                       max_bytes=self.settings.max_message_bytes), now_ms)
+                                                       max_bytes=self.settings.max_message_bytes),
+                               now_ms, queue_ms)
         except ReplyError as e:
             address = messages.reply_address(entry.fields)
             if address is None:
                 self._dead_letter(out, entry, f"unanswerable: {e}")
             else:
-                timings = {"queue_ms": now_ms - id_ms(entry.id), "infer_ms": 0.0}
+                timings = {"queue_ms": queue_ms, "infer_ms": 0.0}
                 out.reply(address[1], self._error(address[0], e, timings))
                 out.codes.append(("", "", e.code))
             return None
 
-    def _check(self, request: messages.Request, now_ms: float) -> messages.Request:
-        queue_ms = now_ms - id_ms(request.entry_id)
+    def _check(self, request: messages.Request, now_ms: float, queue_ms: float) -> messages.Request:
         if request.deadline_ms and request.deadline_ms < now_ms:
             raise DeadlineExceeded(f"deadline passed {now_ms - request.deadline_ms:.1f} ms "
                                    f"before compute (queued {queue_ms:.1f} ms)")

@@ -133,7 +133,10 @@ class Pulse:
 
     def __init__(self, beat: Callable[[], None], interval_s: float) -> None:
         self.beat, self.interval_s = beat, interval_s
-        self._busy, self._stopped = threading.Event(), threading.Event()
+        # A plain flag, set and read whole under the GIL: entering a block costs an assignment,
+        # not an Event's lock and notify (this brackets every batch).
+        self._busy = False
+        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -148,18 +151,19 @@ class Pulse:
         if self._thread is not None:
             self._thread.join()
 
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """Beat while the block runs."""
-        self._busy.set()
-        try:
-            yield
-        finally:
-            self._busy.clear()
+    def busy(self) -> Pulse:
+        """Beat while the ``with`` block runs."""
+        return self
+
+    def __enter__(self) -> None:
+        self._busy = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._busy = False
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval_s / 4):
-            if not self._busy.is_set():
+            if not self._busy:
                 continue
             try:
                 self.beat()
@@ -787,9 +791,14 @@ class Worker:
         the write reads up to ``prefetch`` next entries per lane (``StreamConsumer.write``)."""
         consumer = consumer or self.consumer
         served = self.served[consumer.model]
-        with self.pulse.busy():
+        with self.pulse:
             out = served.processor.process(entries, dead_letter,
                                            markers=consumer.markers if consumer.has_markers else None)
+        if consumer.link is None:
+            self._write(out, consumer, prefetch)
+        else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
+            consumer.send_write(out)
+        # The bookkeeping after the send: the bot waits for the replies, not for the counts.
         answered = len(out.ack_ids)
         for counts in (self, served):
             counts.batches += 1
@@ -798,10 +807,7 @@ class Worker:
         # At least one per entry answered: a model whose entries all fail (not loadable, expired,
         # invalid) still pays for its turn, or it would keep it.
         self.scheduler.charge(served.model, max(sum(rows for _, rows, _ in out.calls), answered))
-        if consumer.link is None:
-            self._write(out, consumer, prefetch)
-        else:  # overlap_io: sent now, confirmed (and counted) once its answer is read
-            consumer.send_write(out)
+        if consumer.link is not None:
             self._collect(consumer)
 
     def settle(self, consumer: StreamConsumer | None = None) -> None:
