@@ -6,6 +6,7 @@ rejected, and every size is bounded before any memory is allocated.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -22,6 +23,7 @@ DTYPES = frozenset(
 MAX_NDIM = 8
 
 
+@functools.lru_cache(maxsize=256)  # every tensor of every call asks; dtypes are few (errors are not cached)
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype (``float32`` → ``<f4``)."""
     dt = np.dtype(dtype)
@@ -209,8 +211,9 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return found
 
 
-def _unpack_small(payload: bytes, max_str_chars: int) -> Any:
-    """``payload`` unpacked whole if it is small and plain msgpack; None otherwise (walk it)."""
+def unpack_small(payload: bytes, max_str_chars: int = MAX_NAME_CHARS) -> Any:
+    """``payload`` unpacked whole if it is small and plain msgpack; None otherwise (walk it). Nothing
+    in it is checked against a schema: the caller does that."""
     if len(payload) > FAST_MAX_BYTES:
         return None
     try:
@@ -221,7 +224,8 @@ def _unpack_small(payload: bytes, max_str_chars: int) -> Any:
         return None
 
 
-def _is_atom(value: Any) -> bool:
+def is_atom(value: Any) -> bool:
+    """A msgpack scalar: nil, a string or a number."""
     return value is None or isinstance(value, str | int | float)  # bool is an int
 
 
@@ -248,7 +252,7 @@ def unpack_tensors(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[
     """
     if len(payload) > max_bytes:
         raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
-    body = _unpack_small(payload, MAX_NAME_CHARS)
+    body = unpack_small(payload, MAX_NAME_CHARS)
     if _plain_tensors(body, max_bytes, max_tensors):
         return body  # type: ignore[no-any-return]
     reader = _BodyReader(payload, max_bytes)
@@ -284,6 +288,7 @@ def _tensor_map(reader: _BodyReader, name: str, max_bytes: int) -> dict[str, Any
 MAX_REPLY_KEYS = 64
 MAX_REPLY_ROWS = 1 << 16  # labels / confidences: one per row of the request
 MAX_MESSAGE_CHARS = 1 << 16  # an error message
+MAX_REPLY_TIMINGS = 32  # entries of a reply's timings (or error) map
 
 
 def unpack_reply(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[str, Any]:
@@ -296,7 +301,7 @@ def unpack_reply(payload: bytes, *, max_bytes: int, max_tensors: int) -> dict[st
     """
     if len(payload) > max_bytes:
         raise InvalidInput(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
-    plain = _plain_reply(_unpack_small(payload, MAX_MESSAGE_CHARS), max_bytes, max_tensors)
+    plain = _plain_reply(unpack_small(payload, MAX_MESSAGE_CHARS), max_bytes, max_tensors)
     if plain is not None:
         return plain
     reader = _BodyReader(payload, max_bytes, MAX_MESSAGE_CHARS)
@@ -326,14 +331,14 @@ def _plain_reply(obj: Any, max_bytes: int, max_tensors: int) -> dict[str, Any] |
     reply = {k: v for k, v in obj.items() if k in _REPLY_KEYS}
     for key, value in reply.items():
         if key in _REPLY_ATOMS:
-            ok = _is_atom(value)
+            ok = is_atom(value)
         elif key == "outputs":
             ok = _plain_tensors(value, max_bytes, max_tensors)
         elif key in ("timings", "error"):
-            ok = isinstance(value, dict) and len(value) <= 32 and all(
-                isinstance(k, str) and _is_atom(v) for k, v in value.items())
+            ok = isinstance(value, dict) and len(value) <= MAX_REPLY_TIMINGS and all(
+                isinstance(k, str) and is_atom(v) for k, v in value.items())
         else:  # label, confidence: one atom per row
-            ok = isinstance(value, list) and len(value) <= MAX_REPLY_ROWS and all(map(_is_atom, value))
+            ok = isinstance(value, list) and len(value) <= MAX_REPLY_ROWS and all(map(is_atom, value))
         if not ok:
             return None
     return reply
@@ -364,7 +369,7 @@ def _reply_value(reader: _BodyReader, key: str, max_bytes: int, max_tensors: int
             outputs[name] = _tensor_map(reader, name, max_bytes)
         return outputs
     if key in ("timings", "error"):
-        n = reader.header("map", key, 32)
+        n = reader.header("map", key, MAX_REPLY_TIMINGS)
         return {reader.scalar("str", f"a key of {key}"): reader.atom(f"a value of {key}") for _ in range(n)}
     if key in ("label", "confidence"):
         return [reader.atom(f"a {key}") for _ in range(reader.header("array", key, MAX_REPLY_ROWS))]

@@ -384,6 +384,12 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
     wrong types) raises ``InvalidInput``, never ``KeyError`` or ``TypeError``. Unknown
     keys are ignored (replies may gain keys within version 1).
     """
+    quick = _quick_prediction(payload, max_bytes)
+    return quick if quick is not None else _decode_reply(payload, max_bytes)
+
+
+def _decode_reply(payload: bytes, max_bytes: int) -> Prediction:
+    """:func:`decode_reply` for every reply: the schema walk's checks, each with its message."""
     try:
         # Walked under the schema before anything is built (a crafted reply costs no memory).
         reply = codec.unpack_reply(payload, max_bytes=max_bytes, max_tensors=MAX_INPUTS)
@@ -396,6 +402,41 @@ def decode_reply(payload: bytes, *, max_bytes: int) -> Prediction:
 
 
 _REQUIRED: Any = object()
+# The keys of a success reply as workers write it; a reply with any other key takes the general path.
+_QUICK_KEYS = frozenset({"v", "id", "ok", "model", "version", "worker", "timings", "outputs", "variant",
+                         "label", "confidence"})
+_NUMBERS = (int, float)
+
+
+def _quick_prediction(payload: bytes, max_bytes: int) -> Prediction | None:
+    """A small success reply of the usual shape, checked and built in one pass: what the general
+    path (:func:`decode_reply`) would build from it; None for anything else, which that path then
+    decodes or refuses with its own message. One reply is read per call: this is its latency."""
+    reply = codec.unpack_small(payload, codec.MAX_MESSAGE_CHARS) if len(payload) <= max_bytes else None
+    if type(reply) is not dict or reply.get("ok") is not True or not reply.keys() <= _QUICK_KEYS:
+        return None
+    get = reply.get
+    rid, model, version, worker, variant = get("id"), get("model"), get("version"), get("worker", ""), \
+        get("variant", "")
+    timings, outputs, labels, confidences = get("timings", {}), get("outputs"), get("label", []), \
+        get("confidence", [])
+    if not (type(rid) is str and type(model) is str and type(version) is int and type(worker) is str
+            and type(variant) is str and type(timings) is dict and type(outputs) is dict
+            and type(labels) is list and type(confidences) is list and codec.is_atom(get("v"))
+            and len(timings) <= codec.MAX_REPLY_TIMINGS and len(outputs) <= MAX_INPUTS
+            and len(labels) <= codec.MAX_REPLY_ROWS and len(confidences) <= codec.MAX_REPLY_ROWS
+            and all(type(k) is str and type(v) in _NUMBERS for k, v in timings.items())
+            and all(type(v) is str for v in labels) and all(type(v) in _NUMBERS for v in confidences)
+            and all(type(k) is str for k in outputs)):
+        return None
+    try:
+        check_request_id(rid)
+        arrays = {k: codec.decode_tensor(v, max_bytes=max_bytes) for k, v in outputs.items()}
+    except InvalidInput:
+        return None
+    return Prediction(rid, model, version, arrays, labels, [float(c) for c in confidences],
+                      float(timings.get("queue_ms", 0.0)), float(timings.get("infer_ms", 0.0)), worker,
+                      variant)
 
 
 def _reply_id(reply: dict[str, Any]) -> str:

@@ -236,3 +236,37 @@ def test_a_single_sample_prediction_keeps_every_field_but_the_batch_axis():
     kept = {k: v for k, v in vars(full).items() if k not in ("outputs", "single")}
     assert {k: v for k, v in vars(single).items() if k not in ("outputs", "single")} == kept
     assert all(v != getattr(messages.Prediction, k, None) for k, v in kept.items())  # none at its default
+
+
+def _outcome(decode, payload):
+    try:
+        p = decode(payload)
+    except Exception as e:  # noqa: BLE001 (the error is what is compared)
+        return type(e).__name__, str(e)
+    return {**vars(p), "outputs": {k: (a.dtype.str, a.shape, a.tobytes()) for k, a in p.outputs.items()}}
+
+
+QUICK = {k: v for k, v in REPLY.items() if k not in ("future_key", "variant")}
+TAKEN = [QUICK, {**QUICK, "variant": "control"}, {**QUICK, "confidence": [1]}, {**QUICK, "timings": {}},
+         {k: v for k, v in QUICK.items() if k not in ("label", "confidence", "timings", "worker", "v")}]
+LEFT = [REPLY,  # an unknown key, and nil for the variant
+        {**QUICK, "version": True}, {**QUICK, "version": 3.0}, {**QUICK, "label": [1]}, {**QUICK, "ok": 1},
+        {**QUICK, "confidence": [True]}, {**QUICK, "timings": {"queue_ms": True}}, {**QUICK, "id": "a b"},
+        {**QUICK, "timings": {str(i): 0 for i in range(33)}}, {**QUICK, "outputs": {"p": {"dtype": "<f4"}}},
+        {**QUICK, "outputs": {f"o{i}": QUICK["outputs"]["probs"] for i in range(17)}},
+        {**QUICK, "worker": None}, {**QUICK, "v": [1]},
+        {**QUICK, "ok": False, "error": {"code": "INTERNAL", "message": "m"}}]
+
+
+@pytest.mark.parametrize("reply, taken", [(r, True) for r in TAKEN] + [(r, False) for r in LEFT])
+def test_a_usual_reply_decodes_in_one_pass_exactly_as_the_general_path_decodes_it(reply, taken):
+    payload = msgpack.packb(reply, use_bin_type=True)
+    assert (messages._quick_prediction(payload, LIMIT) is not None) == taken
+    assert _outcome(lambda b: messages.decode_reply(b, max_bytes=LIMIT), payload) == \
+        _outcome(lambda b: messages._decode_reply(b, LIMIT), payload)
+
+
+def test_a_reply_over_the_callers_limit_is_refused_on_the_one_pass_path_too():
+    payload = msgpack.packb(QUICK, use_bin_type=True)
+    with pytest.raises(InvalidInput, match="exceeds"):
+        messages.decode_reply(payload, max_bytes=len(payload) - 1)
