@@ -11,6 +11,10 @@ with the same client budget:
 
 Each is run for the reference model and for a trivial one of the same input shape
 (flatten → linear → softmax: microseconds), which isolates the serving overhead.
+Every system of a model serves at once and is measured in ``rounds`` alternating rounds
+(A, B, B, A, …), each taking its share of the calls: a busy spell on a shared machine
+then weighs on every system alike instead of on whichever ran during it. A system's
+figures pool its rounds; the ratios of each round are kept too, to show the spread.
 CPU per request is read from ``/proc`` for the server processes, Redis and the
 clients over the saturated phase. Peers are in ``lab/peers.py``; they need the
 ``peers`` extra (FastAPI, uvicorn, Celery). The ``loop`` (``lab/reference_loop.py``)
@@ -29,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,7 @@ class PeersConfig:
     client_threads: int = 8
     saturated_requests: int = 200  # per client thread
     timeout_s: float = 10.0
+    rounds: int = 3  # alternating rounds the calls are split over (at least one call each)
     # Same host over Unix sockets: streamserve's bots and workers reach Redis, FastAPI's clients its
     # servers, through a socket file (Celery stays on TCP: its broker transport is another matter).
     unix_socket: bool = False
@@ -207,9 +212,19 @@ def _client_main(target: Target, threads: int, requests: int, timeout_s: float, 
              "cpu_s": time.process_time() - cpu0})
 
 
+@dataclass(slots=True)
+class Measured:
+    """One measurement: every call's latency (ms), the wall time it took and the CPU it cost."""
+
+    ms: list[float]
+    elapsed_s: float
+    server_cpu_s: float
+    client_cpu_s: float
+
+
 def drive(target: Target, processes: int, threads: int, requests: int, timeout_s: float,
-          server_pids: list[int]) -> dict[str, Any]:
-    """``processes`` × ``threads`` closed-loop callers, ``requests`` calls each; latency, rate, CPU."""
+          server_pids: list[int]) -> Measured:
+    """``processes`` × ``threads`` closed-loop callers, ``requests`` calls each."""
     ctx = mp.get_context("spawn")
     ready, gate, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client_main, args=(target, threads, requests, timeout_s, ready, gate, out))
@@ -225,11 +240,24 @@ def drive(target: Target, processes: int, threads: int, requests: int, timeout_s
     used_s = sum(cpu_seconds(pid) - t for pid, t in before.items() if Path(f"/proc/{pid}").exists())
     for p in procs:
         p.join()
-    ms = [v for r in reports for v in r["ms"]]
-    elapsed_s = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
-    return {"n": len(ms), "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-            "rps": len(ms) / elapsed_s, "server_cpu_us": used_s / len(ms) * 1e6,
-            "client_cpu_us": sum(r["cpu_s"] for r in reports) / len(ms) * 1e6}
+    return Measured([v for r in reports for v in r["ms"]],
+                    max(r["t1"] for r in reports) - min(r["t0"] for r in reports), used_s,
+                    sum(r["cpu_s"] for r in reports))
+
+
+def summary(runs: list[Measured]) -> dict[str, Any]:
+    """Latency, rate and CPU per request over ``runs`` pooled (rate: every call over the time of all)."""
+    ms = [v for r in runs for v in r.ms]
+    n = len(ms)
+    return {"n": n, "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "rps": n / sum(r.elapsed_s for r in runs),
+            "server_cpu_us": sum(r.server_cpu_s for r in runs) / n * 1e6,
+            "client_cpu_us": sum(r.client_cpu_s for r in runs) / n * 1e6}
+
+
+def shares(total: int, rounds: int) -> list[int]:
+    """``total`` split over ``rounds`` (≤ ``total``) as evenly as whole calls allow."""
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -369,20 +397,46 @@ def run_peers(cfg: PeersConfig, tmp: Path, redis_binary: Path | None = None,
     sock = tmp / "redis.sock"
     unix_args = ("--unixsocket", str(sock), "--unixsocketperm", "700") if cfg.unix_socket else ()
     unix_url = f"unix://{sock}?db=0" if cfg.unix_socket else None
+    round_ratios: dict[str, list[float]] = {}
     with EmbeddedRedis(binary=redis_binary, extra_args=unix_args) as server:
-        assert server.process is not None  # started by __enter__
         for model, path in paths.items():
-            for system in systems:
-                progress(f"peers: {system} serving the {model} model …")
-                with serving(system, path, server, cfg.processes, tmp, unix_url) as (target, pids):
-                    seq = drive(target, 1, 1, cfg.sequential_requests, cfg.timeout_s, pids)
-                    sat = drive(target, cfg.client_processes, cfg.client_threads, cfg.saturated_requests,
-                                cfg.timeout_s, pids + [server.process.pid])
-                address = list(target.sockets or target.ports) or [target.redis_url]
-                results[f"{system}/{model}"] = {"sequential": seq, "saturated": sat, "address": address}
+            with ExitStack() as stack:
+                live = {}
+                for system in systems:
+                    progress(f"peers: {system} serving the {model} model …")
+                    live[system] = stack.enter_context(
+                        serving(system, path, server, cfg.processes, tmp, unix_url))
+                runs = _rounds(cfg, live, server, model, progress)
+            for system, (target, _) in live.items():
+                results[f"{system}/{model}"] = {
+                    "sequential": summary(runs[system]["sequential"]),
+                    "saturated": summary(runs[system]["saturated"]),
+                    "address": list(target.sockets or target.ports) or [target.redis_url]}
+            for i in range(len(runs[systems[0]]["sequential"])):
+                one = {f"{s}/{model}": {k: summary([m[i]]) for k, m in runs[s].items()} for s in systems}
+                for name, value in peer_ratios(one, systems).items():
+                    round_ratios.setdefault(name, []).append(value)
         server_version = server.version()
     return {"config": asdict(cfg), "server": server_version, "results": results,
-            "ratios": peer_ratios(results, systems)}
+            "ratios": peer_ratios(results, systems), "round_ratios": round_ratios}
+
+
+def _rounds(cfg: PeersConfig, live: dict[str, tuple[Target, list[int]]], server: EmbeddedRedis, model: str,
+            progress: Callable[[str], None]) -> dict[str, dict[str, list[Measured]]]:
+    """Each system's sequential and saturated measurements, round by round, the order reversed every
+    other round so that no system always goes first."""
+    assert server.process is not None  # started by its __enter__
+    runs: dict[str, dict[str, list[Measured]]] = {s: {"sequential": [], "saturated": []} for s in live}
+    rounds = min(cfg.rounds, cfg.sequential_requests, cfg.saturated_requests)
+    sequential, saturated = shares(cfg.sequential_requests, rounds), shares(cfg.saturated_requests, rounds)
+    for i in range(rounds):
+        for system in list(live) if i % 2 == 0 else list(live)[::-1]:
+            progress(f"peers: {system}, {model} model, round {i + 1} …")
+            target, pids = live[system]
+            runs[system]["sequential"].append(drive(target, 1, 1, sequential[i], cfg.timeout_s, pids))
+            runs[system]["saturated"].append(drive(target, cfg.client_processes, cfg.client_threads,
+                                                   saturated[i], cfg.timeout_s, pids + [server.process.pid]))
+    return runs
 
 
 def peer_ratios(results: dict[str, dict[str, Any]], systems: tuple[str, ...]) -> dict[str, float]:
@@ -415,5 +469,8 @@ def print_peers(doc: dict[str, Any]) -> None:
         table.add_row(name, f"{seq['p50_ms']:.3f}", f"{seq['p99_ms']:.3f}", f"{sat['rps']:.0f}",
                       f"{sat['p99_ms']:.2f}", f"{sat['server_cpu_us']:.0f}", f"{sat['client_cpu_us']:.0f}")
     Console(width=max(Console().width, 150)).print(table)
+    spread = doc.get("round_ratios", {})
     for name, value in doc["ratios"].items():
-        print(f"streamserve {name.replace('_', ' ')} = {value:.2f}")
+        rounds = spread.get(name, [])
+        by_round = f" (rounds {min(rounds):.2f}–{max(rounds):.2f})" if len(rounds) > 1 else ""
+        print(f"streamserve {name.replace('_', ' ')} = {value:.2f}{by_round}")

@@ -30,6 +30,8 @@ def _add_bench_peers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--systems", default="streamserve,fastapi,celery,loop",
                    help="comma-separated; loop: the simplest correct Redis-streams loop "
                    "(lab/reference_loop.py)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds the calls are split over "
+                   "(every system serves throughout; a busy spell then weighs on all alike)")
     p.add_argument("--unix-socket", action="store_true", help="same host over Unix sockets: streamserve to "
                    "Redis, FastAPI's clients to its servers (Celery stays on TCP)")
     p.add_argument("--redis-server", type=Path, help="server binary (default: redis-server on PATH, "
@@ -45,7 +47,8 @@ def _bench_peers(args: argparse.Namespace, settings: Settings) -> int:
 
     cfg = bench_peers.PeersConfig(processes=args.processes, sequential_requests=args.requests,
                                   client_processes=args.client_processes, client_threads=args.client_threads,
-                                  saturated_requests=args.saturation_requests, unix_socket=args.unix_socket)
+                                  saturated_requests=args.saturation_requests, unix_socket=args.unix_socket,
+                                  rounds=args.rounds)
     with tempfile.TemporaryDirectory(prefix="streamserve-peers-") as tmp:
         doc = bench_peers.run_peers(cfg, Path(tmp), args.redis_server, tuple(args.systems.split(",")))
     args.out.write_text(json.dumps(doc, indent=2))

@@ -121,7 +121,7 @@ def test_cluster_scenario_one_shard_on_one_node_three_shards_on_every_node(redis
 def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsys):
     pytest.importorskip("fastapi", reason="the peers extra")  # `make install` brings it
     cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
-                      saturated_requests=10)
+                      saturated_requests=10, rounds=1)  # rounds: see the Unix-socket test
     doc = run_peers(cfg, tmp_path, models=("trivial",), progress=lambda _: None)
     _check_peers(doc, capsys)
 
@@ -130,9 +130,14 @@ def test_peers_scenario_serves_the_same_model_behind_each_system(tmp_path, capsy
 def test_peers_scenario_over_unix_sockets(tmp_path, capsys):
     pytest.importorskip("fastapi", reason="the peers extra")
     cfg = PeersConfig(processes=1, sequential_requests=20, client_processes=1, client_threads=2,
-                      saturated_requests=10, unix_socket=True)
+                      saturated_requests=10, unix_socket=True, rounds=2)
+    seen: list[str] = []
     doc = run_peers(cfg, tmp_path, systems=("streamserve", "fastapi"), models=("trivial",),
-                    progress=lambda _: None)
+                    progress=seen.append)
+    # Both serve throughout, measured in alternating rounds (the order reversed every other round).
+    measured = [m.split(",")[0].removeprefix("peers: ") for m in seen if "round" in m]
+    assert measured == ["streamserve", "fastapi", "fastapi", "streamserve"]
+    assert {k: len(v) for k, v in doc["round_ratios"].items()} == {k: 2 for k in doc["ratios"]}
     assert set(doc["results"]) == {"streamserve/trivial", "fastapi/trivial"}
     assert doc["results"]["streamserve/trivial"]["address"] == [f"unix://{tmp_path / 'redis.sock'}?db=0"]
     assert all(a.endswith(".sock") for a in doc["results"]["fastapi/trivial"]["address"])

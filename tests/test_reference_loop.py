@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lab import overhead, reference_loop
-from lab.bench_peers import PeersConfig, run_peers, serving, trivial_onnx
+from lab.bench_peers import PeersConfig, run_peers, serving, shares, trivial_onnx
 from modeltools import reference
 from protocol import codec, keys, messages
 
@@ -47,7 +47,7 @@ def test_the_bench_serves_the_loop_from_its_own_processes(redis_server, tmp_path
         client.close()
     np.testing.assert_allclose(outputs[reference.OUTPUT_NAME], _expected(path, x), rtol=1e-5, atol=1e-6)
     cfg = PeersConfig(processes=1, sequential_requests=5, client_processes=1, client_threads=2,
-                      saturated_requests=5)
+                      saturated_requests=5, rounds=2)  # 3 + 2 calls, each thread 3 + 2
     doc = run_peers(cfg, tmp_path, systems=("loop",), models=("trivial",), progress=lambda _: None)
     assert doc["results"]["loop/trivial"]["sequential"]["n"] == 5
     assert doc["results"]["loop/trivial"]["saturated"]["n"] == 10
@@ -60,3 +60,7 @@ def test_the_overhead_profile_measures_both_systems_per_call():
     for m in doc["median"].values():
         assert m["p50_ms"] > 0 and m["client_cpu_us"] > 0 and m["server_cpu_us"] >= 0
     assert doc["p50_ratio"] > 0
+
+
+def test_calls_are_split_over_rounds_as_evenly_as_whole_calls_allow():
+    assert shares(1000, 3) == [334, 333, 333] and shares(5, 2) == [3, 2] and shares(4, 4) == [1] * 4
