@@ -338,7 +338,7 @@ class ServerClock:
 class Exchange:
     """One call's conversation with Redis, without the I/O.
 
-    First round trip: ``UNLINK`` of finished calls' reply keys, the ``XADD``\\ s, the shard's
+    First round trip: the ``XADD``\\ s, ``UNLINK`` of finished calls' reply keys, the shard's
     load (``HGETALL``, when due), then ``BLMOVE key key RIGHT LEFT t`` and ``LRANGE key 0 -1``
     (not on a one-reply call's first trip: the wait's answer is the reply).
     Moving a list onto itself removes nothing (it rotates), so the wait is non-destructive,
@@ -376,9 +376,10 @@ class Exchange:
         if not self.queued:
             minid = self.clock.minid_ms(self.stream, self.horizon_s) if self.clock else None
             # The extra reads go before the wait: their answers come even if the wait is cut short.
-            head = [*(("UNLINK", k) for k in self.finished),
-                    *(xadd_command(self.stream, p.fields, minid) for p in self.gatherer.pendings),
-                    *self.extra]
+            # The UNLINKs go after the XADDs: Redis answers a large XADD only once it has read all of
+            # it, and a small command before it would be answered alone first (one more wake-up).
+            head = [*(xadd_command(self.stream, p.fields, minid) for p in self.gatherer.pendings),
+                    *(("UNLINK", k) for k in self.finished), *self.extra]
             check = self.sent
         else:
             head = [("LTRIM", key, 0, -self.read - 1)] if self.read else []
@@ -391,12 +392,13 @@ class Exchange:
         return Trip([*head, wait, *tail], self.gatherer.deadline_s, key, len(head), check)
 
     def sent(self, answers: list[Any]) -> None:
-        """The first trip's answers before the wait: UNLINKs', then one per XADD (entry id or error).
+        """The first trip's answers before the wait: one per XADD (entry id or error), then the UNLINKs'
+        and the extra reads'.
 
         A refused XADD raises at once (the caller closes the connection the wait blocks on);
         a "not now" refusal of every XADD raises ``NotQueued``: nothing was queued.
         """
-        xadds = answers[len(self.finished):len(answers) - len(self.extra)]
+        xadds = answers[:len(answers) - len(self.finished) - len(self.extra)]
         self.extra_answers = answers[len(answers) - len(self.extra):]
         refused = [a for a in xadds if isinstance(a, Exception)]
         if refused and len(refused) == len(xadds) and _busy(refused[0]):

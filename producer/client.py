@@ -364,6 +364,21 @@ def _readable(conn: Any, timeout_s: float) -> bool:
     return bool(poller.poll(timeout_s * 1000))
 
 
+def _buffered_answer(conn: Any) -> Any:
+    """The next answer if it has arrived already (with an earlier one, in the same read), as
+    :func:`_answer` gives it; :data:`protocol.connection.NOT_IN` otherwise. No wait and no socket
+    timeout to set: the first trip's answers to ``UNLINK`` and ``XADD`` usually come together."""
+    take = connection.buffered_reader(conn)
+    answer = take() if take is not None else connection.NOT_IN
+    if isinstance(answer, _core.ERROR_ANSWERS):
+        return answer
+    if isinstance(answer, redis.ConnectionError):  # as redis-py's parser raises it
+        raise answer
+    if isinstance(answer, list) and answer and isinstance(answer[0], redis.ConnectionError):
+        raise answer[0]
+    return answer
+
+
 def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine).
 
@@ -371,6 +386,9 @@ def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     than slept on, so a reply arriving by then finds this thread running. No read waits
     past the trip's deadline (``DeadlineReached``; the caller closes the connection).
     """
+    buffered = _buffered_answer(conn)
+    if buffered is not connection.NOT_IN:
+        return buffered
     while time.monotonic() < spin_until_s and not conn.can_read(timeout=0):
         pass
     _await_answer(conn, trip)

@@ -9,12 +9,14 @@ both; only a client built here knows which it talks to.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis._parsers import hiredis as hiredis_parser
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
@@ -104,3 +106,22 @@ def pack(commands: Iterable[Sequence[Any]]) -> bytes:
     """
     return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
 
+
+# redis-py's hiredis parser and the value its reader gives for "not in yet" (private names, so looked
+# up: where either is missing, :func:`buffered_reader` offers nothing and redis-py reads everything).
+_PARSER: type | None = getattr(hiredis_parser, "_HiredisParser", None)
+NOT_IN: object = getattr(hiredis_parser, "NOT_ENOUGH_DATA", None)
+
+
+def buffered_reader(conn: Any) -> Callable[[], Any] | None:
+    """The undecoded ``gets`` of ``conn``'s hiredis reader, when reading it directly is safe: it
+    returns the next answer already received (an error answer as an exception value), or
+    :data:`NOT_IN`. redis-py's wrapper around each read (a socket timeout set and restored, its
+    checks) costs more than the parse when answers arrive together. None on RESP3 (its pushes
+    are the parser's to handle) or without redis-py's hiredis parser."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if reader is None or _PARSER is None or NOT_IN is None or type(parser) is not _PARSER \
+            or str(getattr(conn, "protocol", 2)) != "2":
+        return None
+    return functools.partial(reader.gets, False)

@@ -24,7 +24,9 @@ OUTSIDE = "none"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and a worker makes one
+# per entry it reads. Nothing changes a Request once decoded.
+@dataclass(slots=True)
 class Request:
     """One decoded stream entry: ``inputs`` each have a leading batch axis of ``n_rows``."""
 

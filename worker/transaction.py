@@ -16,14 +16,12 @@ the slot's node.
 
 from __future__ import annotations
 
-import functools
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
 import redis
-from redis._parsers import hiredis as hiredis_parser
 
 from protocol import connection
 
@@ -141,10 +139,10 @@ def _answers(conn: Any, n: int) -> list[Any]:
     costs more than the parse (a batch's transaction has 7 answers). What is not in yet, or a
     connection not on RESP2 with hiredis, goes through redis-py."""
     answers = [_answer(conn)]
-    take = _buffered_reader(conn) if n > 1 else None
+    take = connection.buffered_reader(conn) if n > 1 else None
     while len(answers) < n:
-        answer = take() if take is not None else _NOT_IN
-        if answer is _NOT_IN:
+        answer = take() if take is not None else connection.NOT_IN
+        if answer is connection.NOT_IN:
             answers.append(_answer(conn))
             continue
         # As redis-py's parser: an answer that is a connection error (LOADING) is raised.
@@ -154,22 +152,6 @@ def _answers(conn: Any, n: int) -> list[Any]:
             raise answer[0]
         answers.append(answer)
     return answers
-
-
-# redis-py's hiredis parser and the value its reader gives for "not in yet" (private names, so looked
-# up: where either is missing, every answer goes through redis-py).
-_PARSER: type | None = getattr(hiredis_parser, "_HiredisParser", None)
-_NOT_IN: object = getattr(hiredis_parser, "NOT_ENOUGH_DATA", None)
-
-
-def _buffered_reader(conn: Any) -> Callable[[], Any] | None:
-    """The undecoded ``gets`` of ``conn``'s hiredis reader, when reading it directly is safe."""
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    if reader is None or _PARSER is None or _NOT_IN is None or type(parser) is not _PARSER \
-            or str(getattr(conn, "protocol", 2)) != "2":  # RESP3 pushes are the parser's to handle
-        return None
-    return functools.partial(reader.gets, False)
 
 
 def _raise_first(answers: list[Any]) -> None:
