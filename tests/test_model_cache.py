@@ -1,6 +1,9 @@
 """Which models stay loaded: LRU under a byte budget and a count, pins, busy models; RSS measurement."""
 
 import gc
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +193,41 @@ def test_release_memory_hands_freed_heap_pages_back():
     release_memory()
     assert before - rss_bytes() >= 30 * MB
     del kept
+
+
+ALLOCATING_BATCHES = """
+import resource, sys
+import numpy as np
+from worker.cache import keep_batch_memory
+if sys.argv[1] == "kept":
+    assert keep_batch_memory(16 << 20)
+
+def batch():  # a batch's stacked inputs and its entries' tensor bytes, freed after the batch
+    stacked = np.ones(512 * 1024 // 8)
+    entries = [np.ones(26 * 1024 // 8) for _ in range(100)]
+    del stacked, entries
+
+batch()  # the first batch maps its pages either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    batch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(cache_module._MALLOPT is None, reason="no glibc mallopt here")
+def test_kept_batch_memory_is_reused_without_page_faults():
+    def page_faults(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        done = subprocess.run([sys.executable, "-c", ALLOCATING_BATCHES, mode], env=env, check=True,
+                              capture_output=True, text=True, timeout=60)
+        return int(done.stdout)
+
+    # glibc's defaults hand the freed heap top back after each batch and fault it in again
+    assert page_faults("default") > 1000
+    assert page_faults("kept") < 50
+
+
+def test_keep_batch_memory_leaves_an_operators_tunables_alone(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    assert not cache_module.keep_batch_memory(16 << 20)

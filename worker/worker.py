@@ -54,7 +54,7 @@ from protocol.errors import StreamserveError
 from protocol.settings import Settings
 from registry import Registry
 from worker.arms import ExperimentArms
-from worker.cache import ModelCache, release_memory
+from worker.cache import ModelCache, keep_batch_memory, release_memory
 from worker.consumer import Entry, Outbox, StreamConsumer, read_many, read_on_node
 from worker.control import ControlListener
 from worker.load import LoadMeter, publish_many
@@ -338,6 +338,7 @@ class Worker:
 
     def run(self) -> None:
         """Serve until ``stop()`` (or a signal); in burst mode, until the streams are drained."""
+        keep_batch_memory(int(self.settings.batch_memory_mb * (1 << 20)))
         while not self._start_up():
             self.metrics.tick()
             if self.stopping.is_set():
