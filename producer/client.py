@@ -324,8 +324,11 @@ class _Lease:
                 self.pool.release(self.conn)
 
 
-def _await_answer(conn: Any, trip: _core.Trip) -> None:
-    """Sleep until an answer can be read, or raise ``DeadlineReached`` at the trip's deadline.
+def _await_answer(conn: Any, trip: _core.Trip, *, buffered: bool = True) -> bool:
+    """Sleep until an answer can be read, or raise ``DeadlineReached`` at the trip's deadline;
+    whether it can (False: no socket, or one ``select`` cannot take, left to a read with a
+    socket timeout, which ``poll`` keeps to the millisecond). Without ``buffered``, bytes in
+    the parser do not count (they are part of an answer): only the socket's.
 
     A socket timeout (``poll``) is rounded up to the next whole millisecond, so the wait is an
     ordinary one until ``PRECISE_WAIT_S`` before the deadline (where almost every answer has
@@ -333,19 +336,21 @@ def _await_answer(conn: Any, trip: _core.Trip) -> None:
     kept to about 0.1 ms.
     """
     left_s = trip.deadline_s - time.time()
-    if left_s > PRECISE_WAIT_S and _readable(conn, left_s - PRECISE_WAIT_S):
-        return
-    if _readable(conn, 0):  # buffered already (or TLS bytes the socket no longer shows)
-        return
+    if left_s > PRECISE_WAIT_S and _readable(conn, left_s - PRECISE_WAIT_S, buffered=buffered):
+        return True
+    if _readable(conn, 0, buffered=buffered):  # buffered already (or TLS bytes the socket no longer shows)
+        return True
     sock = getattr(conn, "_sock", None)
     if sock is None or sock.fileno() >= SELECT_MAX_FD:
-        return  # no socket (read_response reports it), or one select() cannot take: poll, to the ms
+        return False
     if not select.select([sock], [], [], max(0.0, trip.deadline_s - time.time()))[0]:
         raise _core.DeadlineReached("no answer from Redis by the call's deadline")
+    return True
 
 
-def _readable(conn: Any, timeout_s: float) -> bool:
-    """An answer is buffered, or the socket turns readable within ``timeout_s``: one ``poll``.
+def _readable(conn: Any, timeout_s: float, *, buffered: bool = True) -> bool:
+    """An answer is buffered (``buffered``), or the socket turns readable within ``timeout_s``:
+    one ``poll``.
 
     redis-py's ``can_read`` also peeks at a readable socket to tell a closed one apart (a
     non-blocking switch and a peek: three more system calls per wait); here the read that
@@ -357,7 +362,7 @@ def _readable(conn: Any, timeout_s: float) -> bool:
     sock = getattr(conn, "_sock", None)
     if sock is None or not hasattr(reader, "has_data") or hasattr(sock, "pending"):
         return bool(conn.can_read(timeout=timeout_s))
-    if reader.has_data():
+    if buffered and reader.has_data():
         return True
     poller = select.poll()
     poller.register(sock, select.POLLIN)
@@ -391,7 +396,25 @@ def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
         return buffered
     while time.monotonic() < spin_until_s and not conn.can_read(timeout=0):
         pass
+    if _plain(conn):
+        return _read_directly(conn, trip)
     _await_answer(conn, trip)
+    return _timed_read(conn, trip)
+
+
+def _read_directly(conn: Any, trip: _core.Trip) -> Any:
+    """The answer read straight into the parser: each receive follows a wait for the socket (to
+    the deadline), so it cannot block, and the next comes only when the answer is not complete.
+    redis-py's timed read sets and restores a socket timeout around each (two system calls)."""
+    while _await_answer(conn, trip, buffered=False):
+        answer = _received(conn)
+        if answer is not connection.NOT_IN:
+            return answer
+    return _timed_read(conn, trip)  # a descriptor beyond select's reach: the wait ends by poll
+
+
+def _timed_read(conn: Any, trip: _core.Trip) -> Any:
+    """The answer by redis-py's read, under a socket timeout at the trip's deadline."""
     try:
         # disconnect_on_error=False: an error answer (even LOADING, which redis-py raises as a
         # ConnectionError) leaves the rest readable; on anything else _round_trip closes it.
@@ -401,3 +424,19 @@ def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
         return e
     except redis.TimeoutError as e:
         raise _core.DeadlineReached(f"no answer from Redis by the call's deadline: {e}") from e
+
+
+def _plain(conn: Any) -> bool:
+    """A connection whose hiredis reader is read directly (:func:`protocol.connection.buffered_reader`)
+    on a plain socket, where "readable" means bytes to receive (with TLS it may mean a partial
+    record, and a read could block)."""
+    sock = getattr(conn, "_sock", None)
+    return sock is not None and not hasattr(sock, "pending") and connection.buffered_reader(conn) is not None
+
+
+def _received(conn: Any) -> Any:
+    """One receive into the parser (the socket is readable: it does not block), then the next
+    answer if it is complete, as :func:`_buffered_answer` gives it, else
+    :data:`protocol.connection.NOT_IN`; a closed connection raises redis-py's ``ConnectionError``."""
+    conn._parser.read_from_socket()
+    return _buffered_answer(conn)

@@ -117,11 +117,22 @@ def buffered_reader(conn: Any) -> Callable[[], Any] | None:
     """The undecoded ``gets`` of ``conn``'s hiredis reader, when reading it directly is safe: it
     returns the next answer already received (an error answer as an exception value), or
     :data:`NOT_IN`. redis-py's wrapper around each read (a socket timeout set and restored, its
-    checks) costs more than the parse when answers arrive together. None on RESP3 (its pushes
-    are the parser's to handle) or without redis-py's hiredis parser."""
+    checks) costs more than the parse when answers arrive together. On RESP3 (redis-py's
+    default) a push that comes between answers goes to the parser's push handler, as redis-py's
+    own read does. None without redis-py's hiredis parser, or on RESP3 where the reader cannot
+    tell a push from an answer (hiredis before 3.2)."""
     parser = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
-    if reader is None or _PARSER is None or NOT_IN is None or type(parser) is not _PARSER \
-            or str(getattr(conn, "protocol", 2)) != "2":
+    if reader is None or _PARSER is None or NOT_IN is None or type(parser) is not _PARSER:
         return None
-    return functools.partial(reader.gets, False)
+    if str(getattr(conn, "protocol", 2)) == "2":
+        return functools.partial(reader.gets, False)
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    if push is None or not hasattr(parser, "handle_push_response"):
+        return None
+
+    def take() -> Any:
+        while isinstance(answer := reader.gets(False), push):
+            parser.handle_push_response(answer)
+        return answer
+    return take

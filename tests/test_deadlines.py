@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from conftest import MODEL, wait_until
 from test_client_reliability import answer, entries, request_of
 
 from producer import AsyncClient, Client, DeadlineExceeded, Unavailable
+from producer import client as client_module
+from producer._core import DeadlineReached, Trip
 from protocol import keys
 
 X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
@@ -130,3 +134,72 @@ def test_a_refused_xadd_closes_the_blocked_connection_and_the_next_call_works(r,
             client.predict(MODEL, X, timeout_s=0.01)
     assert r.xlen(stream) == 1
 
+
+
+# ---- the client's own read: straight into hiredis's parser, each receive after a wait -----------
+
+
+def socket_pair_connection(protocol: int) -> tuple[redis.Connection, socket.socket]:
+    """A redis-py connection with hiredis's parser on one end of a socket pair; the other end
+    plays the server."""
+    ours, server = socket.socketpair()
+    conn = redis.Connection(protocol=protocol)
+    conn._sock = ours
+    conn._parser.on_connect(conn)
+    return conn, server
+
+
+@pytest.fixture(params=[2, 3])
+def parsed_connection(request: pytest.FixtureRequest) -> Iterator[tuple[redis.Connection, socket.socket]]:
+    """:func:`socket_pair_connection` on RESP2 and on RESP3 (redis-py's default)."""
+    conn, server = socket_pair_connection(request.param)
+    yield conn, server
+    conn._sock.close()
+    server.close()
+
+
+def test_an_answer_longer_than_one_receive_is_read_whole(parsed_connection):
+    conn, server = parsed_connection
+    value = np.random.default_rng(1).bytes(1 << 20)  # sixteen times the parser's receive buffer
+    answer = b"$%d\r\n%s\r\n" % (len(value), value)
+
+    def send_slowly() -> None:
+        for at in range(0, len(answer), 100_000):
+            server.sendall(answer[at:at + 100_000])
+            time.sleep(0.002)
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_slowly)
+        got = client_module._answer(conn, Trip([("GET", "k")], deadline_s=time.time() + 5))
+        sent.result()
+    assert client_module._plain(conn)  # the direct read was the one taken
+    assert got == value
+
+
+def test_a_partial_answer_never_holds_the_read_past_the_deadline(parsed_connection):
+    conn, server = parsed_connection
+    server.sendall(b"$10\r\nabc")  # and nothing more
+    deadline_s = time.time() + 0.05
+    with pytest.raises(DeadlineReached):
+        client_module._answer(conn, Trip([("GET", "k")], deadline_s=deadline_s))
+    assert abs(time.time() - deadline_s) < SLACK_S
+
+
+def test_a_connection_closed_mid_answer_is_a_connection_error(parsed_connection):
+    conn, server = parsed_connection
+    server.sendall(b"$10\r\nabc")
+    server.close()
+    with pytest.raises(redis.ConnectionError):
+        client_module._answer(conn, Trip([("GET", "k")], deadline_s=time.time() + 5))
+
+
+def test_a_push_between_answers_goes_to_the_parsers_handler_and_the_answer_is_read():
+    conn, server = socket_pair_connection(3)  # pushes are RESP3's
+    pushed: list[Any] = []
+    conn._parser.set_invalidation_push_handler(pushed.append)
+    server.sendall(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n+OK\r\n")
+    try:
+        assert client_module._answer(conn, Trip([("SET", "k", "v")], deadline_s=time.time() + 5)) == b"OK"
+    finally:
+        conn._sock.close()
+        server.close()
+    assert pushed == [[b"invalidate", [b"k"]]]
