@@ -25,7 +25,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/streamserve bench --out bench-results.json
 
-# streamserve, FastAPI (raw body) and Celery on one model and one machine: the ratios from one run.
+# streamserve, FastAPI (raw body), Celery and the reference loop (lab/reference_loop.py) on one
+# model and one machine: the ratios from one run, measured in alternating rounds.
 bench-peers: $(STAMP)
 	$(BIN)/streamserve bench-peers --out bench-peers-results.json
 
