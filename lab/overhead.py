@@ -52,21 +52,23 @@ def measure(call: Callable[[np.ndarray], None], x: np.ndarray, calls: int, pids:
             "redis_cpu_us": (cpu_seconds(redis_pid) - redis0) * per_call_us}
 
 
-def saturated(target: Target, pids: list[int], redis_pid: int, requests: int) -> dict[str, float]:
-    """``bench-peers``'s saturated budget, ``requests`` calls per thread: the rate and the CPU per
-    request of the clients, the server process and Redis."""
+def saturated(target: Target, pids: list[int], redis_pid: int, requests: int,
+              clients: tuple[int, int] = (SATURATED_PROCESSES, SATURATED_THREADS)) -> dict[str, float]:
+    """``clients`` (processes, threads each: ``bench-peers``'s saturated budget by default),
+    ``requests`` calls per thread: the rate and the CPU per request of the clients, the server
+    process and Redis."""
     redis0 = cpu_seconds(redis_pid)
-    m = drive(target, SATURATED_PROCESSES, SATURATED_THREADS, requests, TIMEOUT_S, pids)
+    m = drive(target, *clients, requests, TIMEOUT_S, pids)
     per_request_us = 1e6 / len(m.ms)
     return {"rps": len(m.ms) / m.elapsed_s, "client_cpu_us": m.client_cpu_s * per_request_us,
             "server_cpu_us": m.server_cpu_s * per_request_us,
             "redis_cpu_us": (cpu_seconds(redis_pid) - redis0) * per_request_us}
 
 
-def run(calls: int, rounds: int, redis_binary: Path | None = None,
-        saturated_requests: int = 0) -> dict[str, Any]:
+def run(calls: int, rounds: int, redis_binary: Path | None = None, saturated_requests: int = 0,
+        saturated_clients: tuple[int, int] = (SATURATED_PROCESSES, SATURATED_THREADS)) -> dict[str, Any]:
     """``rounds`` alternating rounds of ``calls`` sequential calls per system (and, with
-    ``saturated_requests``, a saturated phase each)."""
+    ``saturated_requests``, a saturated phase each, driven by ``saturated_clients``)."""
     shape = (reference.TIMESTEPS, reference.N_FEATURES)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     results: dict[str, list[dict[str, float]]] = {s: [] for s in SYSTEMS}
@@ -86,7 +88,8 @@ def run(calls: int, rounds: int, redis_binary: Path | None = None,
                     finally:
                         caller.close()
                     if saturated_requests:
-                        loaded[system].append(saturated(target, pids, server.process.pid, saturated_requests))
+                        loaded[system].append(saturated(target, pids, server.process.pid, saturated_requests,
+                                                        saturated_clients))
         version = server.version()
     medians = _medians(results)
     doc = {"server": version, "calls": calls, "rounds": results, "median": medians,

@@ -53,9 +53,8 @@ def test_the_bench_serves_the_loop_from_its_own_processes(redis_server, tmp_path
     assert doc["results"]["loop/trivial"]["saturated"]["n"] == 10
 
 
-
 def test_the_overhead_profile_measures_both_systems_per_call_and_under_load():
-    doc = overhead.run(calls=20, rounds=1, saturated_requests=2)
+    doc = overhead.run(calls=20, rounds=1, saturated_requests=2, saturated_clients=(1, 2))
     assert set(doc["median"]) == set(doc["saturated"]["median"]) == {"loop", "streamserve"}
     for m in doc["median"].values():
         assert m["p50_ms"] > 0 and m["client_cpu_us"] > 0 and m["server_cpu_us"] >= 0
