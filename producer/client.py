@@ -7,7 +7,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -369,11 +369,11 @@ def _readable(conn: Any, timeout_s: float, *, buffered: bool = True) -> bool:
     return bool(poller.poll(timeout_s * 1000))
 
 
-def _buffered_answer(conn: Any) -> Any:
+def _buffered_answer(take: Callable[[], Any] | None) -> Any:
     """The next answer if it has arrived already (with an earlier one, in the same read), as
-    :func:`_answer` gives it; :data:`protocol.connection.NOT_IN` otherwise. No wait and no socket
-    timeout to set: the first trip's answers to ``UNLINK`` and ``XADD`` usually come together."""
-    take = connection.buffered_reader(conn)
+    :func:`_answer` gives it; :data:`protocol.connection.NOT_IN` otherwise (or without ``take``,
+    the connection's :func:`protocol.connection.buffered_reader`). No wait and no socket timeout
+    to set: the first trip's answers to ``UNLINK`` and ``XADD`` usually come together."""
     answer = take() if take is not None else connection.NOT_IN
     if isinstance(answer, _core.ERROR_ANSWERS):
         return answer
@@ -391,23 +391,25 @@ def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:
     than slept on, so a reply arriving by then finds this thread running. No read waits
     past the trip's deadline (``DeadlineReached``; the caller closes the connection).
     """
-    buffered = _buffered_answer(conn)
+    take = connection.buffered_reader(conn)
+    buffered = _buffered_answer(take)
     if buffered is not connection.NOT_IN:
         return buffered
     while time.monotonic() < spin_until_s and not conn.can_read(timeout=0):
         pass
-    if _plain(conn):
-        return _read_directly(conn, trip)
+    if take is not None and _plain_socket(conn):
+        return _read_directly(conn, trip, take)
     _await_answer(conn, trip)
     return _timed_read(conn, trip)
 
 
-def _read_directly(conn: Any, trip: _core.Trip) -> Any:
+def _read_directly(conn: Any, trip: _core.Trip, take: Callable[[], Any]) -> Any:
     """The answer read straight into the parser: each receive follows a wait for the socket (to
     the deadline), so it cannot block, and the next comes only when the answer is not complete.
     redis-py's timed read sets and restores a socket timeout around each (two system calls)."""
     while _await_answer(conn, trip, buffered=False):
-        answer = _received(conn)
+        conn._parser.read_from_socket()  # one receive; a closed connection raises ConnectionError
+        answer = _buffered_answer(take)
         if answer is not connection.NOT_IN:
             return answer
     return _timed_read(conn, trip)  # a descriptor beyond select's reach: the wait ends by poll
@@ -426,17 +428,8 @@ def _timed_read(conn: Any, trip: _core.Trip) -> Any:
         raise _core.DeadlineReached(f"no answer from Redis by the call's deadline: {e}") from e
 
 
-def _plain(conn: Any) -> bool:
-    """A connection whose hiredis reader is read directly (:func:`protocol.connection.buffered_reader`)
-    on a plain socket, where "readable" means bytes to receive (with TLS it may mean a partial
+def _plain_socket(conn: Any) -> bool:
+    """A plain socket, where "readable" means bytes to receive (with TLS it may mean a partial
     record, and a read could block)."""
     sock = getattr(conn, "_sock", None)
-    return sock is not None and not hasattr(sock, "pending") and connection.buffered_reader(conn) is not None
-
-
-def _received(conn: Any) -> Any:
-    """One receive into the parser (the socket is readable: it does not block), then the next
-    answer if it is complete, as :func:`_buffered_answer` gives it, else
-    :data:`protocol.connection.NOT_IN`; a closed connection raises redis-py's ``ConnectionError``."""
-    conn._parser.read_from_socket()
-    return _buffered_answer(conn)
+    return sock is not None and not hasattr(sock, "pending")

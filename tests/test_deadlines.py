@@ -20,7 +20,7 @@ from test_client_reliability import answer, entries, request_of
 from producer import AsyncClient, Client, DeadlineExceeded, Unavailable
 from producer import client as client_module
 from producer._core import DeadlineReached, Trip
-from protocol import keys
+from protocol import connection, keys
 
 X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
 TIMEOUTS_S = (0.002, 0.005, 0.02, 0.05, 0.2)
@@ -135,7 +135,6 @@ def test_a_refused_xadd_closes_the_blocked_connection_and_the_next_call_works(r,
     assert r.xlen(stream) == 1
 
 
-
 # ---- the client's own read: straight into hiredis's parser, each receive after a wait -----------
 
 
@@ -171,7 +170,8 @@ def test_an_answer_longer_than_one_receive_is_read_whole(parsed_connection):
         sent = pool.submit(send_slowly)
         got = client_module._answer(conn, Trip([("GET", "k")], deadline_s=time.time() + 5))
         sent.result()
-    assert client_module._plain(conn)  # the direct read was the one taken
+    # the direct read was the one taken
+    assert connection.buffered_reader(conn) is not None and client_module._plain_socket(conn)
     assert got == value
 
 
