@@ -197,9 +197,9 @@ def keep_batch_memory(batch_bytes: int) -> bool:
     bytes, the read's answer. With glibc's defaults a block over 128 KiB is mapped and unmapped
     around each use, and free memory at the top of the heap is handed back, so the next batch
     faults every page in again: about five page faults per request in a live worker. This keeps
-    them mapped: blocks
-    up to ``batch_bytes`` come from the heap, and up to twice that of free heap stays. Returns
-    whether it applied; an operator's own ``GLIBC_TUNABLES``, or another C library, is left alone.
+    them mapped: blocks up to ``batch_bytes`` come from the heap, and up to twice that of free
+    heap stays. Returns whether it applied; an operator's own ``GLIBC_TUNABLES``, or another C
+    library, is left alone.
     """
     if _MALLOPT is None or "GLIBC_TUNABLES" in os.environ or batch_bytes <= 0:
         return False
