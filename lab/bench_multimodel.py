@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -45,7 +44,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from lab import mm_models
+from lab import children, mm_models
 from lab.fleet import Fleet, tree_pids
 from producer import AsyncClient, Client
 from protocol.errors import ConfigError, StreamserveError
@@ -199,7 +198,7 @@ def offer(url: str, names: Sequence[str], plan: Sequence[tuple[float, int]], sen
           timeout_s: float, start_timeout_s: float = 60.0) -> list[Outcome]:
     """Run ``plan`` from ``senders`` processes (request j from sender j mod senders), each call its
     own asyncio task whatever the replies; every request's outcome."""
-    ctx = mp.get_context("spawn")
+    ctx = children.context("lab.bench_multimodel")
     ready, gate, out, start_at = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Value("d", 0.0)
     procs = [ctx.Process(target=_sender_main, args=(url, list(names), list(plan[i::senders]), timeout_s,
                                                     ready, gate, start_at, out)) for i in range(senders)]
@@ -434,7 +433,7 @@ def fairness(url: str, flooded: str, trickled: str, trickled_index: int,
              cfg: MultiModelConfig) -> dict[str, Any]:
     """The trickle's latency alone, then while ``flooded`` is driven closed loop from other processes."""
     alone = trickle(url, trickled, trickled_index, cfg.trickle_rps, cfg.fairness_seconds)
-    ctx = mp.get_context("spawn")
+    ctx = children.context("lab.bench_multimodel")
     ready, stop, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_flood_main, args=(url, flooded, 0, cfg.flood_threads, ready, stop, out))
              for _ in range(cfg.flood_processes)]

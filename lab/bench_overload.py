@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
 import os
 import queue
 import threading
@@ -61,6 +60,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from lab import children
 from lab.bench_cluster import per_request, read_counters
 from lab.fleet import Fleet, pin
 from lab.loadgen import LoadSpec, run_load
@@ -165,7 +165,7 @@ def offer(o: Offer, start_timeout_s: float = 60.0,
 
     They have ``start_timeout_s`` together to connect, and must all report within ``report_slack_s``
     of the last deadline of the last call they make: else a ConfigError says which step failed."""
-    ctx = mp.get_context("spawn")
+    ctx = children.context("lab.bench_overload")
     ready, gate, out, start_at = ctx.Semaphore(0), ctx.Event(), ctx.Queue(), ctx.Value("d", 0.0)
     senders = [ctx.Process(target=_sender_main, args=(o, flow, i, ready, gate, start_at, out))
                for flow in o.flows for i in range(o.senders)]

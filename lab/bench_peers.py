@@ -25,7 +25,6 @@ what those features and our code cost.
 from __future__ import annotations
 
 import http.client
-import multiprocessing as mp
 import os
 import socket
 import subprocess
@@ -45,7 +44,7 @@ from redis import Redis, ResponseError
 from rich.console import Console
 from rich.table import Table
 
-from lab import peers, reference_loop
+from lab import children, peers, reference_loop
 from lab.bench import cpu_seconds, reference_artifact
 from lab.embedded_redis import EmbeddedRedis, free_port
 from lab.fleet import Fleet, tree_pids
@@ -225,7 +224,7 @@ class Measured:
 def drive(target: Target, processes: int, threads: int, requests: int, timeout_s: float,
           server_pids: list[int]) -> Measured:
     """``processes`` × ``threads`` closed-loop callers, ``requests`` calls each."""
-    ctx = mp.get_context("spawn")
+    ctx = children.context("lab.bench_peers")
     ready, gate, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_client_main, args=(target, threads, requests, timeout_s, ready, gate, out))
              for _ in range(processes)]

@@ -7,6 +7,7 @@ protocol-compatible with Redis 7 for everything we use).
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.retry import Retry
 
 from protocol.errors import ConfigError
 
@@ -34,22 +37,58 @@ def server_binary() -> Path:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago and not handed out before in this process.
+
+    It is drawn below the kernel's ephemeral range: ports from that range are also given to
+    outgoing connections (every client socket of a busy test run), which could take the port
+    between this pick and the server's ``bind``."""
+    low = _ephemeral_low()
+    while True:
+        port = random.randrange(_LOWEST_PORT, low) if low > _LOWEST_PORT + 1000 else _any_port()
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+
+
+_LOWEST_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: let the OS pick
+
+
+def _any_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 class EmbeddedRedis:
-    """A server process on 127.0.0.1 with persistence off; use as a context manager."""
+    """A server process on 127.0.0.1 with persistence off; use as a context manager.
+
+    With ``cluster_bus`` the node runs in cluster mode's network layout: it also listens on
+    ``bus_port`` for the cluster bus (the default, port + 10000, does not exist above 55535)."""
 
     def __init__(self, port: int | None = None, *, binary: Path | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), cluster_bus: bool = False) -> None:
+        self._port_given = port is not None
         self.port = port or free_port()
+        self.bus_port = free_port() if cluster_bus else None
         self.binary = binary or server_binary()
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="streamserve-redis-")
+        self._log = Path(self._dir.name) / "server.log"
 
     @property
     def url(self) -> str:
@@ -63,23 +102,58 @@ class EmbeddedRedis:
         return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
-        args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir.name, *self.extra_args]
+        """Start the server and wait until it answers PING.
+
+        Where a port picked here was taken by another process before the server bound it, new
+        ports are picked and the server started again (up to 3 tries); a port given is not."""
+        tries_left = 3
+        while True:
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken as e:
+                tries_left -= 1
+                if self._port_given or not tries_left:
+                    self.stop()
+                    raise ConfigError(str(e)) from None
+                self.port = free_port()
+                self.bus_port = self.bus_port and free_port()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_once(self, timeout_s: float) -> EmbeddedRedis:
+        self._log.unlink(missing_ok=True)  # what an earlier try logged is not this try's reason
+        bus = ("--cluster-port", str(self.bus_port)) if self.bus_port else ()
+        args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self._dir.name, "--logfile", str(self._log),
+                *bus, *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        # A read timeout too: while the port is another listener's, PING may reach it and hang.
+        # No retries inside PING: this loop is the retry, and it looks at the process in between.
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5,
+                             retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read() if self.process.stderr else b""  # a PIPE: never None
-                raise ConfigError(f"{self.binary} exited: {stderr.decode()[-500:]}")
+                self._exited()
             try:
                 client.ping()
                 return self
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 time.sleep(0.02)
-        self.stop()
+            finally:
+                client.close()
         raise ConfigError(f"{self.binary} did not answer PING within {timeout_s} s")
+
+    def _exited(self) -> None:
+        """Raise with why the server exited: its stderr (bad arguments) or the tail of its log."""
+        assert self.process is not None and self.process.stderr is not None  # a PIPE: never None
+        said = self.process.stderr.read().decode(errors="replace")
+        self.process.stderr.close()
+        if self._log.exists():
+            said += self._log.read_text(errors="replace")
+        message = f"{self.binary} exited: {said[-500:]}"
+        raise _PortTaken(message) if "Address already in use" in said else ConfigError(message)
 
     def stop(self) -> None:
         """Terminate the server and remove its directory."""
@@ -99,6 +173,10 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _PortTaken(Exception):
+    """The server could not bind its port: another process holds it."""
 
 
 class EmbeddedCluster:
@@ -121,16 +199,14 @@ class EmbeddedCluster:
                  extra_args: tuple[str, ...] = ()) -> None:
         self.masters, self.replicas, self.full_coverage = masters, replicas, full_coverage
         total = masters * (1 + replicas)
-        # The bus port is given: the default (port + 10000) does not exist for ports above 55535.
-        self.bus_ports = [free_port() for _ in range(total)]
-        self.nodes = [EmbeddedRedis(binary=binary, extra_args=(
+        self.nodes = [EmbeddedRedis(binary=binary, cluster_bus=True, extra_args=(
             "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{i}.conf",
-            "--cluster-port", str(bus), "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-node-timeout", str(node_timeout_ms),
             # A replica's first sync starts at once, not after the default 5 s wait for more replicas.
             "--repl-diskless-sync-delay", "0",
             # "no": while a master is down (until its replica is promoted) the others keep serving.
             "--cluster-require-full-coverage", "yes" if full_coverage else "no", *extra_args))
-            for i, bus in enumerate(self.bus_ports)]
+            for i in range(total)]
         self.killed: set[int] = set()
         self._lost_slots: dict[int, list[int]] = {}  # killed node → first slot of each range it served
 
@@ -158,8 +234,8 @@ class EmbeddedCluster:
                 node.start()
             clients = self.node_clients()
             self._assign_slots(clients[:self.masters])
-            for node, bus in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
-                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, bus)
+            for node in self.nodes[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, node.bus_port)
             self._wait(lambda: all(_known_nodes(c) == len(clients) for c in clients), timeout_s,
                        "every node to know every other")
             self._attach_replicas(clients)

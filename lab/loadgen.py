@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from lab import children
 from modeltools.synthetic import LABELS, synthetic_dataset
 from producer import Client, Prediction, ReplyError
 
@@ -207,7 +208,7 @@ def run_load(spec: LoadSpec, processes: int, on_progress=None) -> LoadResult:
 
     A bot process that dies before it is ready or before it reports raises ``RuntimeError``
     instead of leaving the caller waiting forever."""
-    ctx = mp.get_context("spawn")
+    ctx = children.context("lab.loadgen")
     progress, results = ctx.Queue(), ctx.Queue()
     ready, gate = ctx.Semaphore(0), ctx.Event()
     bots = [ctx.Process(target=_bot_process, args=(spec, seed, progress, results, ready, gate))

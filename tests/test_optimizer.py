@@ -33,10 +33,9 @@ def damaged_copy(source, out, scale=0.8):
 @pytest.mark.timeout(300)
 def test_optimize_gates_benchmarks_registers_and_serves_int8(settings, registry, tmp_path, capsys):
     base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir)]
-    assert main([*base, "train", "--epochs", "2", "--n-train", "1200"]) == 0
+    assert main([*base, "train", "--epochs", "2", "--n-train", "1200", "--n-test", "600"]) == 0
     mv = registry.get(NAME, 1)
     data = reference_data(mv)
-    data.x_test, data.y_test = data.x_test[:600], data.y_test[:600]
     damaged = damaged_copy(registry.artifact_path(mv), tmp_path / "damaged.onnx")
     report = optimize(registry, mv, data, tmp_path / "work", seconds=0.05, extra={"damaged": damaged})
 
@@ -88,7 +87,7 @@ def test_parity_numbers():
 @pytest.mark.timeout(240)  # trains, then optimizes: 27-36 s measured on 2 cores, 53 s on 2 busy ones
 def test_optimize_cli_writes_json(settings, registry, tmp_path):
     base = ["--redis-url", settings.redis_url, "--artifact-dir", str(settings.artifact_dir)]
-    assert main([*base, "train", "--epochs", "1", "--n-train", "600"]) == 0
+    assert main([*base, "train", "--epochs", "1", "--n-train", "600", "--n-test", "400"]) == 0
     out = tmp_path / "opt.json"
     assert main([*base, "optimize", NAME, "1", "--seconds", "0.01", "--batch-sizes", "1",
                  "--min-agreement", "0.9", "--max-accuracy-drop-pp", "5", "--variant", "recommended",
