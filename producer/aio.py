@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 import redis
@@ -167,10 +167,11 @@ class AsyncClient:
             return await self._cluster_round_trip(trip)
         pool: Any = self.redis.connection_pool  # Any: redis-py leaves these methods untyped
         try:
-            conn: Any = await pool.get_connection()
-        except _core.RETRYABLE as e:
+            conn: Any = pool.get_available_connection()  # opened below, by the trip's deadline
+        except _core.RETRYABLE as e:  # the pool's max_connections
             raise _core.NotConnected(str(e)) from e
         try:
+            await _open(conn, trip, pool.ensure_connection(conn))
             return await _send(conn, trip)
         finally:
             await pool.release(conn)
@@ -185,6 +186,7 @@ class AsyncClient:
         except redis.RedisError as e:
             raise _core.NotConnected(str(e)) from e
         try:
+            await _open(conn, trip, conn.connect())
             return await _send(conn, trip)
         finally:
             node.release(conn)
@@ -225,6 +227,25 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+
+
+async def _open(conn: Any, trip: _core.Trip, opening: Awaitable[None]) -> None:
+    """Await ``opening`` (connect and handshake, if ``conn`` is not open) by the trip's deadline:
+    redis-py's own timeouts (5 s each by default) would hold a call to a server that accepts
+    connections but never answers. Not open in time, or refused: ``NotConnected`` (nothing was
+    sent), the half-open connection closed."""
+    try:
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + trip.read_timeout_s()):
+            await opening
+    except TimeoutError as e:  # the builtin (asyncio's): the deadline came first
+        await conn.disconnect()
+        raise _core.NotConnected("Redis did not open the connection by the call's deadline") from e
+    except _core.RETRYABLE as e:
+        await conn.disconnect()
+        raise _core.NotConnected(str(e)) from e
+    except BaseException:
+        await conn.disconnect()
+        raise
 
 
 async def _send(conn: Any, trip: _core.Trip) -> list[Any]:

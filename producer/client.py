@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from producer import _core
+from producer import _connect, _core
 from producer.health import Health, read_health
 from protocol import connection, keys, messages
 from protocol.errors import ReplyError
@@ -28,7 +28,9 @@ class Client:
     Thread-safe: each thread keeps a connection of redis-py's pool for its calls (on a
     cluster, each call takes one from the node's pool). ``timeout_s``
     is honoured to the millisecond whatever the connection's ``socket_timeout`` and the
-    server's timer: no read waits past the call's deadline. A connection lost while waiting
+    server's timer: no read waits past the call's deadline, and with :meth:`from_url` no
+    connection takes longer to open (a ``redis.Redis`` passed in opens with its own
+    timeouts). A connection lost while waiting
     is re-opened and the wait repeated (the request is not re-sent) until the deadline.
 
     ``fail_fast`` (default): a model the registry does not know raises ``ModelNotFound``,
@@ -60,6 +62,7 @@ class Client:
         ``spin_ms`` > 0 is the low-latency mode: each call polls its socket for the reply
         for up to that long before it sleeps, trading a busy core for one wake-up fewer.
         """
+        redis_kwargs.setdefault("connection_class", _connect.connection_class(url))
         return cls(connection.connect(url, **redis_kwargs), timeout_s=timeout_s, spin_ms=spin_ms,
                    fail_fast=fail_fast, max_timeout_s=max_timeout_s)
 
@@ -229,10 +232,12 @@ class Client:
             pool = self._pool(trip.key)
         except redis.RedisError as e:
             raise _core.NotConnected(str(e)) from e
+        opening = _connect.CONNECT_BY.set(trip.deadline_s)  # a connection (re)opened here ends by then
         try:
             # Any: redis-py leaves the connection's low-level methods untyped.
             conn: Any = pool.get_connection() if self._cluster else self._kept_connection()
         except _core.RETRYABLE as e:
+            _connect.CONNECT_BY.reset(opening)
             raise _core.NotConnected(str(e)) from e
         try:
             # One buffer, one send: every send on loopback costs a system call and a server wake-up.
@@ -246,6 +251,7 @@ class Client:
             conn.disconnect()  # a kept connection reconnects on its next send
             raise
         finally:
+            _connect.CONNECT_BY.reset(opening)
             if self._cluster:
                 pool.release(conn)
 

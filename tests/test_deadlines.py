@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +18,9 @@ import redis
 from conftest import MODEL, wait_until
 from test_client_reliability import answer, entries, request_of
 
-from producer import AsyncClient, Client, DeadlineExceeded, Unavailable
+from producer import AsyncClient, Client, DeadlineExceeded, ModelNotFound, Unavailable
 from producer import client as client_module
-from producer._core import DeadlineReached, Trip
+from producer._core import CLOSE_MAX_S, DeadlineReached, Trip
 from protocol import connection, keys
 
 X = np.random.default_rng(5).standard_normal((60, 110)).astype(np.float32)
@@ -90,6 +91,66 @@ def test_a_call_abandoned_at_its_deadline_leaves_the_next_call_working_and_its_k
             assert not r.exists(late_key), "deleted by the next call's first round trip"
             answer(r, second)
             assert future.result(timeout=15).request_id == request_of(second).request_id
+
+
+@pytest.fixture
+def mute_url() -> Iterator[str]:
+    """A server that accepts connections and never answers (stopped, wedged, or a proxy in front
+    of a dead one): redis-py's handshake on a new connection waits on it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    listener.close()
+    for s in held:
+        s.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("fail_fast", [True, False])
+def test_a_server_that_never_answers_a_new_connection_ends_the_call_and_close_by_their_deadlines(
+        mute_url, kind, fail_fast):
+    """Opening a connection is part of the call: redis-py's 5 s connect and handshake timeouts
+    (one state read and one send each opened one) used to hold a 0.2 s call for 10 s, and
+    close() for 5 s."""
+    timeout_s = 0.2
+
+    def sync() -> tuple[float, float]:
+        client = Client.from_url(mute_url, fail_fast=fail_fast)
+        started = time.perf_counter()
+        with pytest.raises(Unavailable, match="cannot be reached"):
+            client.predict(MODEL, X, timeout_s=timeout_s)
+        call_s, started = time.perf_counter() - started, time.perf_counter()
+        client.close()
+        return call_s, time.perf_counter() - started
+
+    async def in_loop() -> tuple[float, float]:
+        client = AsyncClient.from_url(mute_url, fail_fast=fail_fast)
+        started = time.perf_counter()
+        with pytest.raises(Unavailable, match="cannot be reached"):
+            await client.predict(MODEL, X, timeout_s=timeout_s)
+        call_s, started = time.perf_counter() - started, time.perf_counter()
+        await client.close()
+        return call_s, time.perf_counter() - started
+
+    call_s, close_s = sync() if kind == "sync" else asyncio.run(in_loop())
+    assert call_s < timeout_s + SLACK_S, f"the call took {call_s * 1000:.0f} ms"
+    assert close_s < CLOSE_MAX_S + SLACK_S, f"close() took {close_s * 1000:.0f} ms"
+
+
+def test_a_connection_opened_within_a_call_keeps_its_own_socket_timeout_for_other_commands(redis_server):
+    with Client.from_url(redis_server.url, socket_timeout=7.0, socket_connect_timeout=3.0) as client:
+        with pytest.raises(ModelNotFound):
+            client.predict("nobody_registered_this", X)  # its state read opens this thread's connection
+        conn = client._leases.lease.conn
+        assert conn.socket_timeout == 7.0 and conn._sock.gettimeout() == 7.0
+        assert conn.socket_connect_timeout == 3.0
 
 
 @pytest.fixture
