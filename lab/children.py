@@ -5,12 +5,33 @@ benchmark module: about 2 s on a busy 2-core box, paid by every client process o
 A ``forkserver`` child is forked from one long-lived, single-threaded process that did those
 imports once, so it starts in milliseconds; like a spawned one it shares no threads, locks or
 connections with the parent.
+
+A forked child would inherit the fork server's CPU affinity, fixed when that server started;
+these children take the cores their parent has when it creates them, as spawned ones do (a
+scenario that pins its bots to some cores pins them by pinning itself).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-from multiprocessing.context import ForkServerContext
+import os
+from multiprocessing.context import ForkServerContext, ForkServerProcess
+from typing import Any
+
+
+class _Process(ForkServerProcess):
+    """A fork-server child that runs on its parent's cores of the moment it was created."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_cores = os.sched_getaffinity(0)
+
+    def run(self) -> None:
+        os.sched_setaffinity(0, self.parent_cores)
+        super().run()
+
+
+class _Context(ForkServerContext):
+    Process = _Process
 
 
 def context(*preload: str) -> ForkServerContext:
@@ -18,6 +39,6 @@ def context(*preload: str) -> ForkServerContext:
 
     The server starts on the first child and then serves the whole parent process: the first
     call's ``preload`` is the one that counts; a later caller's children import what they miss."""
-    ctx = mp.get_context("forkserver")
+    ctx = _Context()
     ctx.set_forkserver_preload(list(preload))
     return ctx

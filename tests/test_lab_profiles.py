@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
+from conftest import wait_until
 
-from lab import client_cpu, overlap
+from lab import children, client_cpu, overlap
 
 
 @pytest.mark.timeout(120)
@@ -30,3 +32,24 @@ def test_the_client_profile_measures_every_row_in_every_round():
     for measured in doc["rounds"]:
         assert set(measured) == set(client_cpu.ROWS)
         assert all(m["cpu_us"] > 0 and m["calls_per_s"] > 0 for m in measured.values())
+
+
+@pytest.mark.skipif(not {0, 1} <= os.sched_getaffinity(0), reason="pins this process to core 1")
+def test_a_fork_server_child_runs_on_the_cores_its_parent_has_when_it_creates_it():
+    ctx = children.context("lab.children")
+    first = ctx.Process(target=time.sleep, args=(0.0,))
+    first.start()  # the fork server now runs, on every core this process had
+    first.join()
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {1})
+    try:
+        child = ctx.Process(target=time.sleep, args=(5.0,))
+        child.start()
+    finally:
+        os.sched_setaffinity(0, own)
+    try:
+        wait_until(lambda: os.sched_getaffinity(child.pid) == {1}, 5,
+                   message="the child kept the fork server's cores")
+    finally:
+        child.kill()
+        child.join()
