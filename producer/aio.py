@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import redis
@@ -171,7 +171,7 @@ class AsyncClient:
         except _core.RETRYABLE as e:  # the pool's max_connections
             raise _core.NotConnected(str(e)) from e
         try:
-            await _open(conn, trip, pool.ensure_connection(conn))
+            await _open(conn, trip, pool.ensure_connection)
             return await _send(conn, trip)
         finally:
             await pool.release(conn)
@@ -186,7 +186,7 @@ class AsyncClient:
         except redis.RedisError as e:
             raise _core.NotConnected(str(e)) from e
         try:
-            await _open(conn, trip, conn.connect())
+            await _open(conn, trip, _connect)
             return await _send(conn, trip)
         finally:
             node.release(conn)
@@ -229,14 +229,18 @@ class AsyncClient:
 
 
 
-async def _open(conn: Any, trip: _core.Trip, opening: Awaitable[None]) -> None:
-    """Await ``opening`` (connect and handshake, if ``conn`` is not open) by the trip's deadline:
-    redis-py's own timeouts (5 s each by default) would hold a call to a server that accepts
-    connections but never answers. Not open in time, or refused: ``NotConnected`` (nothing was
-    sent), the half-open connection closed."""
+async def _open(conn: Any, trip: _core.Trip, ready: Callable[[Any], Awaitable[None]]) -> None:
+    """``ready(conn)`` (open it, or check an open one as the pool's checkout does), a connection
+    not yet open opened by the trip's deadline: redis-py's own timeouts (5 s each by default)
+    would hold a call to a server that accepts connections but never answers. Not open in time,
+    or refused: ``NotConnected`` (nothing was sent), the half-open connection closed. An open
+    one takes no timer (the usual case; one the server has closed is re-opened untimed)."""
     try:
+        if conn.is_connected:
+            await ready(conn)
+            return
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + trip.read_timeout_s()):
-            await opening
+            await ready(conn)
     except TimeoutError as e:  # the builtin (asyncio's): the deadline came first
         await conn.disconnect()
         raise _core.NotConnected("Redis did not open the connection by the call's deadline") from e
@@ -246,6 +250,10 @@ async def _open(conn: Any, trip: _core.Trip, opening: Awaitable[None]) -> None:
     except BaseException:
         await conn.disconnect()
         raise
+
+
+async def _connect(conn: Any) -> None:
+    await conn.connect()  # a cluster node's connection: opened if it is not
 
 
 async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
