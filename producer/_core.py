@@ -114,6 +114,19 @@ class Pending:
     single: bool = True  # one bare sample (the client added the batch axis): its reply is unbatched
 
 
+def settled(answer: Any) -> Any:
+    """One answer as hiredis's reader gives it, as the clients give it on: an error answer is
+    returned (the connection is fine); a connection error reported in its place is raised, as
+    redis-py's parser raises it."""
+    if isinstance(answer, ERROR_ANSWERS):
+        return answer
+    if isinstance(answer, redis.ConnectionError):
+        raise answer
+    if isinstance(answer, list) and answer and isinstance(answer[0], redis.ConnectionError):
+        raise answer[0]
+    return answer
+
+
 def new_token() -> str:
     """A fresh request id or reply token: 32 random hex digits."""
     return uuid.uuid4().hex

@@ -38,6 +38,10 @@ class AsyncClient:
         self._router = _core.Router()
         self._clock = _core.ServerClock()
         self._cluster = connection.is_cluster(client)
+        # One server: connections between calls, most recent last. Taken from the pool once and
+        # kept (as the sync client keeps one per thread): the pool's checkout and release (a lock,
+        # observability records, a task) cost more than the rest of a call's client code.
+        self._idle: list[Any] = []
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0, fail_fast: bool = True,
@@ -167,14 +171,14 @@ class AsyncClient:
             return await self._cluster_round_trip(trip)
         pool: Any = self.redis.connection_pool  # Any: redis-py leaves these methods untyped
         try:
-            conn: Any = pool.get_available_connection()  # opened below, by the trip's deadline
+            conn: Any = self._idle.pop() if self._idle else pool.get_available_connection()
         except _core.RETRYABLE as e:  # the pool's max_connections
             raise _core.NotConnected(str(e)) from e
         try:
             await _open(conn, trip, pool.ensure_connection)
             return await _send(conn, trip)
         finally:
-            await pool.release(conn)
+            self._idle.append(conn)  # closed if the trip failed: opened again on its next use
 
     async def _cluster_round_trip(self, trip: _core.Trip) -> list[Any]:
         """The same on the connection of the node that serves ``trip.key``'s slot."""
@@ -219,6 +223,9 @@ class AsyncClient:
         except redis.RedisError:
             pass  # they expire with the reply TTL
         finally:
+            idle, self._idle = self._idle, []
+            for conn in idle:  # back to the pool, which closes them with the rest
+                await self.redis.connection_pool.release(conn)
             await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -260,11 +267,10 @@ async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
     """Write the trip's commands and read every answer by the call's deadline; a connection left
     mid-answer (an error, a refused XADD, a cancellation, the deadline) is closed, never reused."""
     try:
-        await conn.send_packed_command(connection.pack(trip.commands))  # packed in C, one buffer
-        # One timeout for the whole trip, not one per answer: each of redis-py's per-read timeout
+        # One timeout for the whole trip, not one per read: each of redis-py's per-read timeout
         # contexts costs more than the read of an answer already in the buffer.
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(loop.time() + trip.read_timeout_s()):
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + trip.read_timeout_s()):
+            await _write(conn, connection.pack(trip.commands))  # packed in C, one buffer
             answers = [await _answer(conn) for _ in range(trip.head)]
             if trip.check is not None:
                 trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
@@ -277,8 +283,47 @@ async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
         raise
 
 
+async def _write(conn: Any, data: bytes) -> None:
+    """Hand ``data`` to the connection's transport, waiting only while its buffer is over the
+    high-water mark. redis-py's send runs each write as a task under its socket timeout (the
+    trip's deadline bounds this one)."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None:  # not redis-py's stream connection: its own send
+        await conn.send_packed_command(data, check_health=False)
+        return
+    try:
+        writer.write(data)
+        await writer.drain()  # at once unless the transport is paused
+    except OSError as e:
+        raise redis.ConnectionError(f"Error while writing to Redis: {e}") from e
+
+
 async def _answer(conn: Any) -> Any:
-    """One command's answer, raw bytes; an error answer is returned (the connection is fine)."""
+    """One command's answer, raw bytes; an error answer is returned (the connection is fine).
+
+    Read straight from the connection's hiredis reader, receiving only while the answer is
+    incomplete: redis-py's read wraps each answer in several layers of checks. A push between
+    answers (RESP3) goes to the parser's push handler, as redis-py's own read does."""
+    parser: Any = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    if (type(parser) is not connection.ASYNC_PARSER or reader is None or connection.NOT_IN is None
+            or (push is None and str(conn.protocol) != "2")):
+        return await _read_by_redis_py(conn)
+    try:
+        while True:
+            answer = reader.gets(False)
+            while answer is connection.NOT_IN:
+                await conn._parser.read_from_socket()  # one receive; a closed connection: ConnectionError
+                answer = reader.gets(False)
+            if push is None or not isinstance(answer, push):
+                return _core.settled(answer)
+            await conn._parser.handle_push_response(answer)
+    except OSError as e:
+        raise redis.ConnectionError(f"Error while reading from Redis: {e}") from e
+
+
+async def _read_by_redis_py(conn: Any) -> Any:
     try:
         # inf: no timeout of its own (the trip's deadline covers it); None would mean socket_timeout.
         return await conn.read_response(disable_decoding=True, timeout=math.inf, disconnect_on_error=False)

@@ -380,14 +380,7 @@ def _buffered_answer(take: Callable[[], Any] | None) -> Any:
     :func:`_answer` gives it; :data:`protocol.connection.NOT_IN` otherwise (or without ``take``,
     the connection's :func:`protocol.connection.buffered_reader`). No wait and no socket timeout
     to set: the first trip's answers to ``UNLINK`` and ``XADD`` usually come together."""
-    answer = take() if take is not None else connection.NOT_IN
-    if isinstance(answer, _core.ERROR_ANSWERS):
-        return answer
-    if isinstance(answer, redis.ConnectionError):  # as redis-py's parser raises it
-        raise answer
-    if isinstance(answer, list) and answer and isinstance(answer[0], redis.ConnectionError):
-        raise answer[0]
-    return answer
+    return _core.settled(take() if take is not None else connection.NOT_IN)
 
 
 def _answer(conn: Any, trip: _core.Trip, spin_until_s: float = 0.0) -> Any:

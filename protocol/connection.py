@@ -111,6 +111,8 @@ def pack(commands: Iterable[Sequence[Any]]) -> bytes:
 # up: where either is missing, :func:`buffered_reader` offers nothing and redis-py reads everything).
 _PARSER: type | None = getattr(hiredis_parser, "_HiredisParser", None)
 NOT_IN: object = getattr(hiredis_parser, "NOT_ENOUGH_DATA", None)
+# Its asyncio counterpart: the asyncio client reads its reader directly where it has one.
+ASYNC_PARSER: type | None = getattr(hiredis_parser, "_AsyncHiredisParser", None)
 
 
 def buffered_reader(conn: Any) -> Callable[[], Any] | None:

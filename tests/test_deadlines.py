@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 from conftest import MODEL, wait_until
 from test_client_reliability import answer, entries, request_of
 
 from producer import AsyncClient, Client, DeadlineExceeded, ModelNotFound, Unavailable
+from producer import aio as aio_module
 from producer import client as client_module
 from producer._core import CLOSE_MAX_S, DeadlineReached, Trip
 from protocol import connection, keys
@@ -263,4 +265,82 @@ def test_a_push_between_answers_goes_to_the_parsers_handler_and_the_answer_is_re
     finally:
         conn._sock.close()
         server.close()
+    assert pushed == [[b"invalidate", [b"k"]]]
+
+
+# ---- the asyncio client's direct reads and writes, on a socket pair -------------------------------
+
+
+async def async_pair_connection(protocol: int) -> tuple[Any, socket.socket]:
+    """An asyncio redis-py connection with hiredis's parser on one end of a socket pair."""
+    ours, server = socket.socketpair()
+    conn = aioredis.Connection(protocol=protocol)
+    conn._reader, conn._writer = await asyncio.open_connection(sock=ours)
+    conn._parser.on_connect(conn)
+    return conn, server
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_async_an_answer_longer_than_one_receive_is_read_whole_and_the_trip_sent_in_one_write(protocol):
+    value = np.random.default_rng(2).bytes(1 << 20)
+
+    async def scenario() -> None:
+        conn, server = await async_pair_connection(protocol)
+        try:
+            trip = Trip([("SET", "k", "v"), ("GET", "k")], deadline_s=time.time() + 5)
+            sending = asyncio.create_task(aio_module._send(conn, trip))
+            request = await asyncio.to_thread(server.recv, 1 << 16)
+            assert request == connection.pack(trip.commands)
+            # From another thread: the answer is larger than the socket's buffer.
+            await asyncio.to_thread(server.sendall, b"+OK\r\n$%d\r\n%s\r\n" % (len(value), value))
+            assert await sending == [b"OK", value]
+        finally:
+            await conn.disconnect()
+            server.close()
+    asyncio.run(scenario())
+
+
+def test_async_a_partial_answer_never_holds_the_read_past_the_deadline():
+    async def scenario() -> float:
+        conn, server = await async_pair_connection(3)
+        try:
+            server.sendall(b"$10\r\nabc")  # and nothing more
+            deadline_s = time.time() + 0.05
+            with pytest.raises(DeadlineReached):
+                await aio_module._send(conn, Trip([("GET", "k")], deadline_s=deadline_s))
+            assert not conn.is_connected, "a connection left mid-answer is closed"
+            return time.time() - deadline_s
+        finally:
+            server.close()
+    assert abs(asyncio.run(scenario())) < SLACK_S
+
+
+def test_async_a_connection_closed_mid_answer_is_a_connection_error():
+    async def scenario() -> None:
+        conn, server = await async_pair_connection(2)
+        server.sendall(b"$10\r\nabc")
+        server.close()
+        with pytest.raises(redis.ConnectionError):
+            await aio_module._answer(conn)
+        await conn.disconnect()
+    asyncio.run(scenario())
+
+
+def test_async_a_push_between_answers_goes_to_the_parsers_handler_and_the_answer_is_read():
+    pushed: list[Any] = []
+
+    async def handler(push: Any) -> None:
+        pushed.append(push)
+
+    async def scenario() -> Any:
+        conn, server = await async_pair_connection(3)
+        conn._parser.set_invalidation_push_handler(handler)
+        server.sendall(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n-WRONGTYPE not a string\r\n")
+        try:
+            return await aio_module._answer(conn)
+        finally:
+            await conn.disconnect()
+            server.close()
+    answer = asyncio.run(scenario())
+    assert isinstance(answer, redis.ResponseError) and "WRONGTYPE" in str(answer), "returned, not raised"
     assert pushed == [[b"invalidate", [b"k"]]]
