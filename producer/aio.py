@@ -239,8 +239,9 @@ class AsyncClient:
 async def _open(conn: Any, trip: _core.Trip, ready: Callable[[Any], Awaitable[None]]) -> None:
     """``ready(conn)`` (open it, or check an open one as the pool's checkout does), a connection
     not yet open opened by the trip's deadline: redis-py's own timeouts (5 s each by default)
-    would hold a call to a server that accepts connections but never answers. Not open in time,
-    or refused: ``NotConnected`` (nothing was sent), the half-open connection closed. An open
+    would hold a call to a server that accepts connections but never answers. Not open in time:
+    ``DeadlineReached``; refused: ``NotConnected`` (nothing was sent); the half-open connection
+    closed either way. An open
     one takes no timer (the usual case; one the server has closed is re-opened untimed)."""
     try:
         if conn.is_connected:
@@ -250,7 +251,8 @@ async def _open(conn: Any, trip: _core.Trip, ready: Callable[[Any], Awaitable[No
             await ready(conn)
     except TimeoutError as e:  # the builtin (asyncio's): the deadline came first
         await conn.disconnect()
-        raise _core.NotConnected("Redis did not open the connection by the call's deadline") from e
+        # The caller's time ran out, as on a wedged server's open connection: DeadlineExceeded.
+        raise _core.DeadlineReached("Redis did not open the connection by the call's deadline") from e
     except _core.RETRYABLE as e:
         await conn.disconnect()
         raise _core.NotConnected(str(e)) from e
@@ -266,21 +268,36 @@ async def _connect(conn: Any) -> None:
 async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
     """Write the trip's commands and read every answer by the call's deadline; a connection left
     mid-answer (an error, a refused XADD, a cancellation, the deadline) is closed, never reused."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + trip.read_timeout_s()
+    # The event loop's selector rounds a wait up to whole milliseconds twice (selectors, then
+    # epoll): a long wait can end 2 ms late. Woken by this 2 ms early, the loop waits the rest as
+    # a 1 or 2 ms wait, which both round exactly: the deadline is then kept within the millisecond.
+    nudge = loop.call_at(deadline - NUDGE_S, _nothing)
     try:
-        # One timeout for the whole trip, not one per read: each of redis-py's per-read timeout
+        # One timer for the whole trip, not one per read: each of redis-py's per-read timeout
         # contexts costs more than the read of an answer already in the buffer.
-        async with asyncio.timeout_at(asyncio.get_running_loop().time() + trip.read_timeout_s()):
+        async with asyncio.timeout_at(deadline):
             await _write(conn, connection.pack(trip.commands))  # packed in C, one buffer
             answers = [await _answer(conn) for _ in range(trip.head)]
             if trip.check is not None:
                 trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
             return answers + [await _answer(conn) for _ in trip.commands[trip.head:]]
     except TimeoutError as e:  # the builtin (asyncio's): the call's deadline came first
-        await conn.disconnect()
+        await conn.disconnect(nowait=True)  # not waiting for the close: the caller's time is up
         raise _core.DeadlineReached("no answer from Redis by the call's deadline") from e
     except BaseException:
         await conn.disconnect()
         raise
+    finally:
+        nudge.cancel()
+
+
+NUDGE_S = 0.002  # how long before the deadline the loop is woken to time the rest of the wait
+
+
+def _nothing() -> None:
+    """A timer's callback whose only effect is the loop's wake-up (see :func:`_send`)."""
 
 
 async def _write(conn: Any, data: bytes) -> None:
@@ -304,12 +321,10 @@ async def _answer(conn: Any) -> Any:
     Read straight from the connection's hiredis reader, receiving only while the answer is
     incomplete: redis-py's read wraps each answer in several layers of checks. A push between
     answers (RESP3) goes to the parser's push handler, as redis-py's own read does."""
-    parser: Any = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    push = getattr(parser, "_hiredis_PushNotificationType", None)
-    if (type(parser) is not connection.ASYNC_PARSER or reader is None or connection.NOT_IN is None
-            or (push is None and str(conn.protocol) != "2")):
+    if not _direct(conn):
         return await _read_by_redis_py(conn)
+    reader = conn._parser._reader
+    push = conn._parser._hiredis_PushNotificationType
     try:
         while True:
             answer = reader.gets(False)
@@ -321,6 +336,15 @@ async def _answer(conn: Any) -> Any:
             await conn._parser.handle_push_response(answer)
     except OSError as e:
         raise redis.ConnectionError(f"Error while reading from Redis: {e}") from e
+
+
+def _direct(conn: Any) -> bool:
+    """Whether ``conn``'s answers can be read straight from its hiredis reader: redis-py's asyncio
+    hiredis parser, and on RESP3 a reader that tells pushes from answers (hiredis 3.2 or later)."""
+    parser = getattr(conn, "_parser", None)
+    pushes_told = getattr(parser, "_hiredis_PushNotificationType", None) is not None
+    return (type(parser) is connection.ASYNC_PARSER and getattr(parser, "_reader", None) is not None
+            and connection.NOT_IN is not None and (str(conn.protocol) == "2" or pushes_told))
 
 
 async def _read_by_redis_py(conn: Any) -> Any:

@@ -238,6 +238,10 @@ class Client:
             conn: Any = pool.get_connection() if self._cluster else self._kept_connection()
         except _core.RETRYABLE as e:
             _connect.CONNECT_BY.reset(opening)
+            if isinstance(e, redis.TimeoutError) and time.time() >= trip.deadline_s:
+                # Opening ran out of the caller's time, as a wait on a wedged server does.
+                raise _core.DeadlineReached(f"Redis did not open the connection by the call's deadline: "
+                                            f"{e}") from e
             raise _core.NotConnected(str(e)) from e
         try:
             # One buffer, one send: every send on loopback costs a system call and a server wake-up.

@@ -72,11 +72,17 @@ def _timed(call: Callable[[], Any], check: Callable[[Any], None]) -> float:
 def test_short_timeouts_end_at_the_callers_deadline_not_the_servers_tick(r, redis_server, kind, method):
     assert r.config_get("hz")["hz"] == "10", "the server's default timer: 100 ms between checks"
     n = CALLS if method == "predict" else 5
-    # The second worst of each series: one call may be late by a scheduling hiccup on a busy box.
-    worst = {t: sorted(timed_calls(redis_server.url, kind, method, t, n))[-2] for t in TIMEOUTS_S}
+    stream, worst, sent = keys.request_stream(MODEL), {}, {}
+    for t in TIMEOUTS_S:
+        before = r.xlen(stream)
+        # The second worst of each series: one call may be late by a scheduling hiccup on a busy box.
+        worst[t] = sorted(timed_calls(redis_server.url, kind, method, t, n))[-2]
+        sent[t] = r.xlen(stream) - before
     late = {t: round(w * 1000, 1) for t, w in worst.items() if w > t + SLACK_S}
     assert not late, f"calls ended this late (ms) for these timeouts: {late}"
-    assert r.xlen(keys.request_stream(MODEL)) == n * len(TIMEOUTS_S) * (1 if method == "predict" else 2)
+    # Every call sent its request; with a few ms, opening the connection again (each call's
+    # deadline closed the last one, a wait still blocked on it) may take the whole budget.
+    assert all(sent[t] == n * (1 if method == "predict" else 2) for t in TIMEOUTS_S if t >= 0.02), sent
 
 
 def test_a_call_abandoned_at_its_deadline_leaves_the_next_call_working_and_its_key_deleted(r, redis_server):
@@ -120,13 +126,13 @@ def test_a_server_that_never_answers_a_new_connection_ends_the_call_and_close_by
         mute_url, kind, fail_fast):
     """Opening a connection is part of the call: redis-py's 5 s connect and handshake timeouts
     (one state read and one send each opened one) used to hold a 0.2 s call for 10 s, and
-    close() for 5 s."""
+    close() for 5 s. It ends as a wait on a wedged server's open connection does."""
     timeout_s = 0.2
 
     def sync() -> tuple[float, float]:
         client = Client.from_url(mute_url, fail_fast=fail_fast)
         started = time.perf_counter()
-        with pytest.raises(Unavailable, match="cannot be reached"):
+        with pytest.raises(DeadlineExceeded):
             client.predict(MODEL, X, timeout_s=timeout_s)
         call_s, started = time.perf_counter() - started, time.perf_counter()
         client.close()
@@ -135,7 +141,7 @@ def test_a_server_that_never_answers_a_new_connection_ends_the_call_and_close_by
     async def in_loop() -> tuple[float, float]:
         client = AsyncClient.from_url(mute_url, fail_fast=fail_fast)
         started = time.perf_counter()
-        with pytest.raises(Unavailable, match="cannot be reached"):
+        with pytest.raises(DeadlineExceeded):
             await client.predict(MODEL, X, timeout_s=timeout_s)
         call_s, started = time.perf_counter() - started, time.perf_counter()
         await client.close()
