@@ -271,18 +271,19 @@ async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + trip.read_timeout_s()
     # The event loop's selector rounds a wait up to whole milliseconds twice (selectors, then
-    # epoll): a long wait can end 2 ms late. Woken by this 2 ms early, the loop waits the rest as
-    # a 1 or 2 ms wait, which both round exactly: the deadline is then kept within the millisecond.
-    nudge = loop.call_at(deadline - NUDGE_S, _nothing)
+    # epoll): a long wait can end 2 ms late. So the timer is set NUDGE_S before the deadline, and
+    # from there to the deadline: that last wait of 1 or 2 ms rounds exactly. One timer a trip
+    # (each costs heap work in the loop), and one timer for the whole trip, not one per read.
+    timer = asyncio.timeout(None)
+    arming = loop.call_at(deadline - NUDGE_S, timer.reschedule, deadline)
     try:
-        # One timer for the whole trip, not one per read: each of redis-py's per-read timeout
-        # contexts costs more than the read of an answer already in the buffer.
-        async with asyncio.timeout_at(deadline):
+        async with timer:
             await _write(conn, connection.pack(trip.commands))  # packed in C, one buffer
-            answers = [await _answer(conn) for _ in range(trip.head)]
+            direct = _direct(conn)  # once a trip: the connection is open from here to its end
+            answers = [await _answer(conn, direct) for _ in range(trip.head)]
             if trip.check is not None:
                 trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
-            return answers + [await _answer(conn) for _ in trip.commands[trip.head:]]
+            return answers + [await _answer(conn, direct) for _ in trip.commands[trip.head:]]
     except TimeoutError as e:  # the builtin (asyncio's): the call's deadline came first
         await conn.disconnect(nowait=True)  # not waiting for the close: the caller's time is up
         raise _core.DeadlineReached("no answer from Redis by the call's deadline") from e
@@ -290,14 +291,10 @@ async def _send(conn: Any, trip: _core.Trip) -> list[Any]:
         await conn.disconnect()
         raise
     finally:
-        nudge.cancel()
+        arming.cancel()
 
 
-NUDGE_S = 0.002  # how long before the deadline the loop is woken to time the rest of the wait
-
-
-def _nothing() -> None:
-    """A timer's callback whose only effect is the loop's wake-up (see :func:`_send`)."""
+NUDGE_S = 0.002  # how long before the deadline the trip's timer is set to the deadline itself
 
 
 async def _write(conn: Any, data: bytes) -> None:
@@ -315,13 +312,13 @@ async def _write(conn: Any, data: bytes) -> None:
         raise redis.ConnectionError(f"Error while writing to Redis: {e}") from e
 
 
-async def _answer(conn: Any) -> Any:
+async def _answer(conn: Any, direct: bool) -> Any:
     """One command's answer, raw bytes; an error answer is returned (the connection is fine).
 
     Read straight from the connection's hiredis reader, receiving only while the answer is
     incomplete: redis-py's read wraps each answer in several layers of checks. A push between
     answers (RESP3) goes to the parser's push handler, as redis-py's own read does."""
-    if not _direct(conn):
+    if not direct:  # see _direct
         return await _read_by_redis_py(conn)
     reader = conn._parser._reader
     push = conn._parser._hiredis_PushNotificationType

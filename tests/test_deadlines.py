@@ -283,6 +283,7 @@ async def async_pair_connection(protocol: int) -> tuple[Any, socket.socket]:
     conn = aioredis.Connection(protocol=protocol)
     conn._reader, conn._writer = await asyncio.open_connection(sock=ours)
     conn._parser.on_connect(conn)
+    assert aio_module._direct(conn), "the reads tested are the client's own, not redis-py's"
     return conn, server
 
 
@@ -327,7 +328,7 @@ def test_async_a_connection_closed_mid_answer_is_a_connection_error():
         server.sendall(b"$10\r\nabc")
         server.close()
         with pytest.raises(redis.ConnectionError):
-            await aio_module._answer(conn)
+            await aio_module._answer(conn, aio_module._direct(conn))
         await conn.disconnect()
     asyncio.run(scenario())
 
@@ -343,7 +344,7 @@ def test_async_a_push_between_answers_goes_to_the_parsers_handler_and_the_answer
         conn._parser.set_invalidation_push_handler(handler)
         server.sendall(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n-WRONGTYPE not a string\r\n")
         try:
-            return await aio_module._answer(conn)
+            return await aio_module._answer(conn, aio_module._direct(conn))
         finally:
             await conn.disconnect()
             server.close()
