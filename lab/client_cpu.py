@@ -2,15 +2,17 @@
 
 Two worker processes serve the trivial model (``lab.bench_peers.trivial_onnx``: the serving is all
 the work); this process calls them, and its own CPU clock (``time.process_time``: every thread)
-around each row is the client's cost. Rows, each round in this order: the sync client one call
-at a time; 8 threads sharing one sync client; the asyncio client one call at a time; 16 asyncio
-calls in flight on one loop. The ratio a user asks about is asyncio over sync, one call at a time.
+around each row is the client's cost. Rows: the sync and the asyncio client one call at a time,
+in alternating blocks (so the ratio a user asks about, asyncio over sync, is measured over the
+same spells of a busy box); 8 threads sharing one sync client; 16 asyncio calls in flight on one
+loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import sys
@@ -42,62 +44,81 @@ TIMEOUT_S = 5.0
 ROWS = ("sync", "sync_threads", "asyncio", "asyncio_in_flight")
 
 
-def timed(calls: int, run: Callable[[], None]) -> dict[str, float]:
-    """CPU of this process per call (µs) and calls per second, over ``run`` making ``calls`` calls."""
-    started = _clocks()
-    run()
-    return _per_call(calls, started)
+BLOCKS = 10  # the sequential rows alternate in this many blocks: a busy spell weighs on both
 
 
-def _clocks() -> tuple[float, float]:
-    return time.process_time(), time.perf_counter()
+class _Clock:
+    """CPU (this process, every thread) and wall time summed over the blocks of one row."""
+
+    def __init__(self) -> None:
+        self.cpu_s = self.wall_s = 0.0
+        self.calls = 0
+
+    def time(self, calls: int, run: Callable[[], object]) -> None:
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        run()
+        self.cpu_s += time.process_time() - cpu0
+        self.wall_s += time.perf_counter() - t0
+        self.calls += calls
+
+    def per_call(self) -> dict[str, float]:
+        return {"cpu_us": self.cpu_s / self.calls * 1e6, "calls_per_s": self.calls / self.wall_s}
 
 
-def _per_call(calls: int, started: tuple[float, float]) -> dict[str, float]:
-    cpu0, t0 = started
-    return {"cpu_us": (time.process_time() - cpu0) / calls * 1e6,
-            "calls_per_s": calls / (time.perf_counter() - t0)}
+class _Callers:
+    """The sync and the asyncio client side by side, and each way the rows call them."""
+
+    def __init__(self, sync: Client, aio: AsyncClient, loop: asyncio.Runner, x: np.ndarray) -> None:
+        self.sync, self.aio, self.loop, self.x = sync, aio, loop, x
+
+    def sync_calls(self, n: int) -> None:
+        """``n`` sync calls, one at a time."""
+        for _ in range(n):
+            self.sync.predict(MODEL, self.x)
+
+    def asyncio_calls(self, n: int) -> None:
+        """``n`` asyncio calls, one at a time."""
+        self.loop.run(self._awaited(n))
+
+    async def _awaited(self, n: int) -> None:
+        for _ in range(n):
+            await self.aio.predict(MODEL, self.x)
+
+    def threaded(self, n: int) -> None:
+        """``THREADS`` threads sharing the sync client, ``n`` calls each."""
+        threads = [threading.Thread(target=self.sync_calls, args=(n,)) for _ in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def in_flight(self, n: int) -> None:
+        """``IN_FLIGHT`` asyncio calls at once on one loop, ``n`` each."""
+        self.loop.run(self._gathered(n))
+
+    async def _gathered(self, n: int) -> None:
+        await asyncio.gather(*(self._awaited(n) for _ in range(IN_FLIGHT)))
 
 
-def sync_rows(url: str, x: np.ndarray, calls: int) -> dict[str, dict[str, float]]:
-    """The sync client: sequential, then ``THREADS`` threads sharing it (``calls`` in all)."""
-    with Client.from_url(url, timeout_s=TIMEOUT_S) as client:
-        for _ in range(WARM_CALLS):
-            client.predict(MODEL, x)
-
-        def sequential(n: int = calls) -> None:
-            for _ in range(n):
-                client.predict(MODEL, x)
-
-        def threaded() -> None:
-            threads = [threading.Thread(target=sequential, args=(calls // THREADS,)) for _ in range(THREADS)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-
-        return {"sync": timed(calls, sequential),
-                "sync_threads": timed(calls // THREADS * THREADS, threaded)}
-
-
-def asyncio_rows(url: str, x: np.ndarray, calls: int) -> dict[str, dict[str, float]]:
-    """The asyncio client: sequential, then ``IN_FLIGHT`` tasks at once (``calls`` in all)."""
-    async def main() -> dict[str, dict[str, float]]:
-        async with AsyncClient.from_url(url, timeout_s=TIMEOUT_S) as client:
-            async def sequential(n: int) -> None:
-                for _ in range(n):
-                    await client.predict(MODEL, x)
-
-            await sequential(WARM_CALLS)
-            started = _clocks()
-            await sequential(calls)
-            out = {"asyncio": _per_call(calls, started)}
-            started = _clocks()
-            await asyncio.gather(*(sequential(calls // IN_FLIGHT) for _ in range(IN_FLIGHT)))
-            out["asyncio_in_flight"] = _per_call(calls // IN_FLIGHT * IN_FLIGHT, started)
-            return out
-
-    return asyncio.run(main())
+def round_of_rows(url: str, x: np.ndarray, calls: int) -> dict[str, dict[str, float]]:
+    """Every row once, ``calls`` calls each: the sync and asyncio clients one call at a time in
+    alternating blocks, then ``THREADS`` threads sharing the sync client, then ``IN_FLIGHT``
+    asyncio calls at once."""
+    with Client.from_url(url, timeout_s=TIMEOUT_S) as sync, asyncio.Runner() as loop:
+        callers = _Callers(sync, AsyncClient.from_url(url, timeout_s=TIMEOUT_S), loop, x)
+        callers.sync_calls(WARM_CALLS)
+        callers.asyncio_calls(WARM_CALLS)
+        clocks = {row: _Clock() for row in ROWS}
+        block, pair = calls // BLOCKS, [("sync", callers.sync_calls), ("asyncio", callers.asyncio_calls)]
+        for i in range(BLOCKS):
+            for row, call in pair if i % 2 == 0 else pair[::-1]:
+                clocks[row].time(block, functools.partial(call, block))
+        n = calls // THREADS
+        clocks["sync_threads"].time(n * THREADS, functools.partial(callers.threaded, n))
+        n = calls // IN_FLIGHT
+        clocks["asyncio_in_flight"].time(n * IN_FLIGHT, functools.partial(callers.in_flight, n))
+        loop.run(callers.aio.close())
+    return {row: clock.per_call() for row, clock in clocks.items()}
 
 
 def run(calls: int, rounds: int, redis_binary: Path | None = None) -> dict[str, Any]:
@@ -115,7 +136,7 @@ def run(calls: int, rounds: int, redis_binary: Path | None = None) -> dict[str, 
             registry.promote(MODEL, mv.version)
         with Fleet(settings, MODEL, WORKERS, "--max-batch", "32", "--max-wait-ms", "0"):
             for _ in range(rounds):
-                measured.append({**sync_rows(server.url, x, calls), **asyncio_rows(server.url, x, calls)})
+                measured.append(round_of_rows(server.url, x, calls))
         version = server.version()
     ratios = [m["asyncio"]["cpu_us"] / m["sync"]["cpu_us"] for m in measured]
     return {"server": version, "calls": calls, "workers": WORKERS, "rounds": measured,
