@@ -43,6 +43,8 @@ def free_port() -> int:
     outgoing connections (every client socket of a busy test run), which could take the port
     between this pick and the server's ``bind``."""
     low = _ephemeral_low()
+    if len(_handed_out) > (low - _LOWEST_PORT) // 2:
+        _handed_out.clear()  # a long run has used half the range: old servers are long gone
     while True:
         port = random.randrange(_LOWEST_PORT, low) if low > _LOWEST_PORT + 1000 else _any_port()
         if port in _handed_out:

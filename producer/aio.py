@@ -241,8 +241,8 @@ async def _open(conn: Any, trip: _core.Trip, ready: Callable[[Any], Awaitable[No
     not yet open opened by the trip's deadline: redis-py's own timeouts (5 s each by default)
     would hold a call to a server that accepts connections but never answers. Not open in time:
     ``DeadlineReached``; refused: ``NotConnected`` (nothing was sent); the half-open connection
-    closed either way. An open
-    one takes no timer (the usual case; one the server has closed is re-opened untimed)."""
+    closed either way. An open one takes no timer (the usual case; one the server has closed
+    is re-opened untimed)."""
     try:
         if conn.is_connected:
             await ready(conn)
