@@ -42,8 +42,6 @@ THREADS, IN_FLIGHT = 8, 16
 WARM_CALLS = 200
 TIMEOUT_S = 5.0
 ROWS = ("sync", "sync_threads", "asyncio", "asyncio_in_flight")
-
-
 BLOCKS = 10  # the sequential rows alternate in this many blocks: a busy spell weighs on both
 
 
@@ -109,7 +107,8 @@ def round_of_rows(url: str, x: np.ndarray, calls: int) -> dict[str, dict[str, fl
         callers.sync_calls(WARM_CALLS)
         callers.asyncio_calls(WARM_CALLS)
         clocks = {row: _Clock() for row in ROWS}
-        block, pair = calls // BLOCKS, [("sync", callers.sync_calls), ("asyncio", callers.asyncio_calls)]
+        block = max(1, calls // BLOCKS)
+        pair = [("sync", callers.sync_calls), ("asyncio", callers.asyncio_calls)]
         for i in range(BLOCKS):
             for row, call in pair if i % 2 == 0 else pair[::-1]:
                 clocks[row].time(block, functools.partial(call, block))

@@ -234,30 +234,35 @@ class Client:
             raise _core.NotConnected(str(e)) from e
         opening = _connect.CONNECT_BY.set(trip.deadline_s)  # a connection (re)opened here ends by then
         try:
-            # Any: redis-py leaves the connection's low-level methods untyped.
-            conn: Any = pool.get_connection() if self._cluster else self._kept_connection()
+            conn = self._connection(pool, trip)
+            try:
+                # One buffer, one send: every send on loopback costs a system call and a server wake-up.
+                conn.send_packed_command([connection.pack(trip.commands)])
+                spin_until_s = time.monotonic() + self.spin_s
+                answers = [_answer(conn, trip, spin_until_s) for _ in range(trip.head)]
+                if trip.check is not None:
+                    trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
+                return answers + [_answer(conn, trip, spin_until_s) for _ in trip.commands[trip.head:]]
+            except BaseException:
+                conn.disconnect()  # a kept connection reconnects on its next send
+                raise
+            finally:
+                if self._cluster:
+                    pool.release(conn)
+        finally:
+            _connect.CONNECT_BY.reset(opening)  # whatever ended the trip: later opens are redis-py's
+
+    def _connection(self, pool: Any, trip: _core.Trip) -> Any:
+        """The trip's connection, open (``Any``: redis-py leaves its low-level methods untyped).
+        Not open by the deadline: ``DeadlineReached``, as a wait on a wedged server ends; else
+        unreachable: ``NotConnected`` (nothing was sent)."""
+        try:
+            return pool.get_connection() if self._cluster else self._kept_connection()
         except _core.RETRYABLE as e:
-            _connect.CONNECT_BY.reset(opening)
             if isinstance(e, redis.TimeoutError) and time.time() >= trip.deadline_s:
-                # Opening ran out of the caller's time, as a wait on a wedged server does.
                 raise _core.DeadlineReached(f"Redis did not open the connection by the call's deadline: "
                                             f"{e}") from e
             raise _core.NotConnected(str(e)) from e
-        try:
-            # One buffer, one send: every send on loopback costs a system call and a server wake-up.
-            conn.send_packed_command([connection.pack(trip.commands)])
-            spin_until_s = time.monotonic() + self.spin_s
-            answers = [_answer(conn, trip, spin_until_s) for _ in range(trip.head)]
-            if trip.check is not None:
-                trip.check(answers)  # may raise: a refused XADD, with the wait still blocked
-            return answers + [_answer(conn, trip, spin_until_s) for _ in trip.commands[trip.head:]]
-        except BaseException:
-            conn.disconnect()  # a kept connection reconnects on its next send
-            raise
-        finally:
-            _connect.CONNECT_BY.reset(opening)
-            if self._cluster:
-                pool.release(conn)
 
     def _kept_connection(self) -> Any:
         """This thread's connection, taken from the pool once and kept: redis-py 8's checkout and

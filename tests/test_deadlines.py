@@ -351,3 +351,20 @@ def test_async_a_push_between_answers_goes_to_the_parsers_handler_and_the_answer
     answer = asyncio.run(scenario())
     assert isinstance(answer, redis.ResponseError) and "WRONGTYPE" in str(answer), "returned, not raised"
     assert pushed == [[b"invalidate", [b"k"]]]
+
+
+def test_a_trip_that_fails_to_open_its_connection_leaves_no_deadline_on_the_thread(redis_server, monkeypatch):
+    """The trip's bound on opening is for its own connection: whatever ends the trip (here an error
+    that is not Redis's), a later open on this thread — ``health()``, outcomes — has its own timeouts."""
+    from producer import _connect
+
+    client = Client.from_url(redis_server.url, fail_fast=False)
+
+    def broken() -> None:
+        raise RuntimeError("not a Redis error")
+
+    monkeypatch.setattr(client, "_kept_connection", broken)
+    with pytest.raises(RuntimeError, match="not a Redis error"):
+        client.predict(MODEL, X, timeout_s=0.05)
+    assert _connect.CONNECT_BY.get() is None
+    client.close()

@@ -9,6 +9,7 @@ import pytest
 from conftest import wait_until
 
 from lab import children, client_cpu, overlap
+from protocol import keys
 
 
 @pytest.mark.timeout(120)
@@ -53,3 +54,11 @@ def test_a_fork_server_child_runs_on_the_cores_its_parent_has_when_it_creates_it
     finally:
         child.kill()
         child.join()
+
+
+def test_the_overlap_drain_deletes_its_replies_by_their_keys(r):
+    names = [keys.reply_key("overlap_trivial", f"o{i}") for i in range(1500)]
+    for name in names[::100]:
+        r.rpush(name, b"a reply")
+    overlap._delete_replies(r, "overlap_trivial", 1500)
+    assert not any(r.exists(name) for name in names[::100])
